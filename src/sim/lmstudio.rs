@@ -1,0 +1,1 @@
+//! Simulated LM Studio server (to be written).

@@ -1,0 +1,1 @@
+//! Simulated Ollama server (to be written).
