@@ -1,4 +1,20 @@
-//! llm-warden: a drop-in reverse proxy for local LLM providers.
+//! llm-warden: a drop-in reverse proxy for local LLM providers (Ollama, LM Studio) that
+//! counts, per model, what is in flight and what it cost, and (in later stages) decides which
+//! models are loaded, compacts context, and reacts to memory pressure.
+//!
+//! Layout:
+//! - data plane: [`proxy`] (HTTP in, HTTP out; streams relayed frame by frame);
+//! - adapters: [`providers`] (what differs between upstreams, as data);
+//! - accounting: [`stats`] (per-model in-flight guard and counters);
+//! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`);
+//! - [`sim`]: simulated Ollama and LM Studio servers for tests, benches and `simulate`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod providers;
+pub mod proxy;
 pub mod sim;
+pub mod stats;

@@ -223,10 +223,7 @@ pub fn go_json<T: Serialize>(value: &T) -> Vec<u8> {
 /// Applies Go's HTML-safe escaping to serialized JSON. The escaped characters can only occur
 /// inside strings, so a byte-level replace is exact.
 pub fn go_escape(raw: Vec<u8>) -> Vec<u8> {
-    if !raw
-        .iter()
-        .any(|b| matches!(b, b'<' | b'>' | b'&' | 0xE2))
-    {
+    if !raw.iter().any(|b| matches!(b, b'<' | b'>' | b'&' | 0xE2)) {
         return raw;
     }
     let mut out = Vec::with_capacity(raw.len() + 16);
@@ -236,7 +233,9 @@ pub fn go_escape(raw: Vec<u8>) -> Vec<u8> {
             b'<' => out.extend_from_slice(b"\\u003c"),
             b'>' => out.extend_from_slice(b"\\u003e"),
             b'&' => out.extend_from_slice(b"\\u0026"),
-            0xE2 if raw.get(i + 1) == Some(&0x80) && matches!(raw.get(i + 2), Some(0xA8 | 0xA9)) => {
+            0xE2 if raw.get(i + 1) == Some(&0x80)
+                && matches!(raw.get(i + 2), Some(0xA8 | 0xA9)) =>
+            {
                 out.extend_from_slice(if raw[i + 2] == 0xA8 {
                     b"\\u2028"
                 } else {
@@ -298,19 +297,28 @@ pub fn full(bytes: impl Into<Bytes>) -> SimBody {
 }
 
 /// A complete response with a content type.
-pub fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<SimBody> {
+pub fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<SimBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     if !content_type.is_empty() {
-        resp.headers_mut()
-            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
     }
     resp
 }
 
 /// Reads a whole request body (simulators are not size-limited).
 pub async fn read_body(body: Incoming) -> Bytes {
-    body.collect().await.map(|c| c.to_bytes()).unwrap_or_default()
+    body.collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default()
 }
 
 /// Splits a request into its call-log record (body read whole) and the request parts.
@@ -354,7 +362,9 @@ where
     H: Fn(Arc<S>, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Response<SimBody>> + Send + 'static,
 {
-    let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
     let (stop_tx, mut stop_rx) = watch::channel(());
     let st = state.clone();
     tokio::spawn(async move {
@@ -374,8 +384,9 @@ where
                     let fut = handler(st.clone(), req);
                     async move { Ok::<_, Infallible>(fut.await) }
                 });
-                let builder =
-                    hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
                 let _ = builder
                     .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;

@@ -1,0 +1,298 @@
+//! Wiring: builds [`AppState`] from a [`Config`], binds every listener, runs the accept loops
+//! and the provider health probes, and shuts all of it down on request.
+//!
+//! `start` binds before it returns, so a caller (a test on port 0, the binary) knows the real
+//! addresses; `serve` takes the shutdown signal as a future.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{Config, ProviderConfig};
+use crate::proxy::{self, ProxyError, UpstreamClient};
+use crate::stats::StatsTable;
+
+/// How long shutdown waits for open connections (streams) before closing them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a request handler needs. Shared as `Arc<AppState>`; cloning the `Arc` is the
+/// only per-connection cost.
+pub struct AppState {
+    pub config: Arc<Config>,
+    /// Indexed like `config.providers`.
+    pub providers: Vec<ProviderState>,
+    pub stats: StatsTable,
+    pub client: UpstreamClient,
+}
+
+/// One provider at run time: its config, the address it is served on, and its health.
+pub struct ProviderState {
+    pub config: ProviderConfig,
+    /// The address actually bound (differs from `config.listen` for port 0).
+    pub listen: SocketAddr,
+    reachable: AtomicBool,
+    /// Why the last contact failed; cleared on success. Short critical sections only.
+    last_error: Mutex<Option<String>>,
+}
+
+impl ProviderState {
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Relaxed)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records a successful exchange. Cheap when nothing changes (the hot path).
+    pub fn mark_reachable(&self) {
+        if !self.reachable.swap(true, Relaxed) {
+            tracing::info!(provider = %self.config.name, upstream = %self.config.upstream, "provider is reachable");
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+    }
+
+    fn mark_unreachable(&self, why: String) {
+        if self.reachable.swap(false, Relaxed) || self.last_error().is_none() {
+            tracing::warn!(provider = %self.config.name, upstream = %self.config.upstream, error = %why, "provider is unreachable");
+        }
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// Classifies a failed upstream exchange, and records it when it says the provider is down.
+    pub fn upstream_error(&self, e: &hyper_util::client::legacy::Error) -> ProxyError {
+        let reason = error_chain(e);
+        if e.is_connect() {
+            self.mark_unreachable(reason.clone());
+            ProxyError::UpstreamUnreachable {
+                provider: self.config.name.clone(),
+                upstream: self.config.upstream.to_string(),
+                reason,
+            }
+        } else {
+            ProxyError::UpstreamFailed {
+                provider: self.config.name.clone(),
+                reason,
+            }
+        }
+    }
+}
+
+/// An error and its causes on one line ("client error (Connect): tcp connect error: ...").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Startup failures (a listener that cannot be bound). Separate from per-request errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// A started llm-warden: addresses are bound and requests are being served.
+pub struct Running {
+    pub state: Arc<AppState>,
+    pub admin_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// The bound address of provider `i`'s proxy listener.
+    pub fn proxy_addr(&self, i: usize) -> SocketAddr {
+        self.state.providers[i].listen
+    }
+
+    /// Stops accepting, lets open connections finish (up to a drain timeout), and returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr,
+            what: what.to_string(),
+            source,
+        })
+}
+
+/// Binds every listener, checks every provider once, and starts serving.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let config = Arc::new(config);
+    let admin_listener = bind(config.admin.listen, "admin").await?;
+    let mut listeners = Vec::new();
+    let mut providers = Vec::new();
+    for p in &config.providers {
+        let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
+        providers.push(ProviderState {
+            config: p.clone(),
+            listen: l.local_addr().unwrap_or(p.listen),
+            reachable: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        });
+        listeners.push(l);
+    }
+    let state = Arc::new(AppState {
+        stats: StatsTable::new(config.providers.iter().map(|p| p.name.clone())),
+        client: proxy::build_client(&config.proxy),
+        providers,
+        config: config.clone(),
+    });
+
+    // One round of health checks before serving, so /status is right from the first call
+    // and an unreachable provider is reported at once (not fatal).
+    let checks = (0..state.providers.len()).map(|i| probe(state.clone(), i));
+    futures_util::future::join_all(checks).await;
+
+    let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let st = state.clone();
+        tracing::info!(
+            provider = %state.providers[i].config.name,
+            listen = %state.providers[i].listen,
+            upstream = %state.providers[i].config.upstream,
+            "proxy listening"
+        );
+        tasks.spawn(accept_loop(listener, stop_rx.clone(), move |req| {
+            proxy::handle(st.clone(), i, req)
+        }));
+        tasks.spawn(health_loop(state.clone(), i, stop_rx.clone()));
+    }
+    let st = state.clone();
+    tracing::info!(listen = %admin_addr, "admin listening");
+    tasks.spawn(accept_loop(admin_listener, stop_rx, move |req| {
+        crate::admin::handle(st.clone(), req)
+    }));
+    Ok(Running {
+        state,
+        admin_addr,
+        stop,
+        tasks,
+    })
+}
+
+/// Runs until `shutdown` completes, then drains.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let running = start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Asks the provider's health path once and records the result.
+async fn probe(state: Arc<AppState>, i: usize) {
+    let p = &state.providers[i];
+    let uri = format!("{}{}", p.config.upstream, p.config.kind.facts().health_path);
+    let req = match Request::get(uri).body(http_body_util::Either::Right(
+        http_body_util::Full::new(bytes::Bytes::new()),
+    )) {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    match tokio::time::timeout(Duration::from_secs(3), state.client.request(req)).await {
+        Ok(Ok(resp)) => {
+            // Any HTTP answer means something is listening; drain it so the connection is reused.
+            let _ = resp.into_body().collect().await;
+            p.mark_reachable();
+        }
+        Ok(Err(e)) => {
+            let _ = p.upstream_error(&e);
+        }
+        Err(_) => p.mark_unreachable("no answer within 3s".to_string()),
+    }
+}
+
+/// Re-checks a provider every `poll_interval` so `/status` follows it coming and going.
+async fn health_loop(state: Arc<AppState>, i: usize, mut stop: watch::Receiver<bool>) {
+    let every = state.providers[i].config.poll_interval;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => probe(state.clone(), i).await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Accepts connections and serves `handler` on each (HTTP/1.1 with upgrades, or HTTP/2),
+/// until `stop`; then waits for open connections up to [`DRAIN_TIMEOUT`].
+async fn accept_loop<H, F, B>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: H)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let fut = handler(req);
+            async move { Ok::<_, Infallible>(fut.await) }
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("open connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
+    }
+}

@@ -1,0 +1,211 @@
+//! Provider adapters: what differs between upstreams, kept as data. Each kind has a table of
+//! facts (default ports, health path) and a classifier that says which paths carry a model
+//! in their body, how their clients expect errors, and where the usage counts are.
+//!
+//! The proxy consults these tables; it never matches on provider paths itself.
+
+mod lmstudio;
+mod ollama;
+
+/// The kinds of upstream llm-warden understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProviderKind {
+    Ollama,
+    LmStudio,
+}
+
+/// Fixed facts about a provider kind.
+#[derive(Debug)]
+pub struct ProviderFacts {
+    pub default_listen: &'static str,
+    pub default_upstream: &'static str,
+    /// A cheap GET that answers 200 when the provider is up and does not load a model.
+    pub health_path: &'static str,
+}
+
+impl ProviderKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ollama" => Some(ProviderKind::Ollama),
+            "lmstudio" => Some(ProviderKind::LmStudio),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Ollama => "ollama",
+            ProviderKind::LmStudio => "lmstudio",
+        }
+    }
+
+    pub fn facts(self) -> &'static ProviderFacts {
+        match self {
+            ProviderKind::Ollama => &ollama::FACTS,
+            ProviderKind::LmStudio => &lmstudio::FACTS,
+        }
+    }
+
+    /// The model endpoint a POST to `path` is, if the proxy inspects it.
+    pub fn classify(self, path: &str) -> Option<Endpoint> {
+        match self {
+            ProviderKind::Ollama => ollama::classify(path),
+            ProviderKind::LmStudio => lmstudio::classify(path),
+        }
+    }
+
+    /// How clients of `path` expect an error body written by the proxy itself.
+    pub fn error_style(self, path: &str) -> ErrorStyle {
+        match self {
+            ProviderKind::Ollama => ollama::error_style(path),
+            ProviderKind::LmStudio => ErrorStyle::OpenAi,
+        }
+    }
+}
+
+/// The shape of an error body a client understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorStyle {
+    /// `{"error":"message"}` (Ollama native API).
+    Ollama,
+    /// `{"error":{"message","type","param","code"}}` (OpenAI and LM Studio).
+    OpenAi,
+}
+
+/// Which JSON keys carry the token counts in a response of this endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageKeys {
+    /// `prompt_eval_count` / `eval_count` (Ollama native).
+    OllamaNative,
+    /// `usage.prompt_tokens` / `usage.completion_tokens` (OpenAI, LM Studio v0).
+    OpenAi,
+    /// `stats.input_tokens` / `stats.total_output_tokens` (LM Studio `/api/v1/chat`).
+    LmStudioV1,
+}
+
+/// What kind of work an inspected endpoint does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Chat,
+    Completion,
+    Embedding,
+}
+
+/// An inspected model endpoint: its body names a model, its response carries usage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub operation: Operation,
+    pub usage: UsageKeys,
+    pub errors: ErrorStyle,
+    /// Short stable label for logs and metrics.
+    pub label: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inspected_endpoints_per_kind() {
+        let table = [
+            (
+                ProviderKind::Ollama,
+                "/api/chat",
+                Some(UsageKeys::OllamaNative),
+            ),
+            (
+                ProviderKind::Ollama,
+                "/api/generate",
+                Some(UsageKeys::OllamaNative),
+            ),
+            (
+                ProviderKind::Ollama,
+                "/api/embed",
+                Some(UsageKeys::OllamaNative),
+            ),
+            (
+                ProviderKind::Ollama,
+                "/api/embeddings",
+                Some(UsageKeys::OllamaNative),
+            ),
+            (
+                ProviderKind::Ollama,
+                "/v1/chat/completions",
+                Some(UsageKeys::OpenAi),
+            ),
+            (
+                ProviderKind::Ollama,
+                "/v1/completions",
+                Some(UsageKeys::OpenAi),
+            ),
+            (
+                ProviderKind::Ollama,
+                "/v1/embeddings",
+                Some(UsageKeys::OpenAi),
+            ),
+            (ProviderKind::Ollama, "/api/show", None),
+            (ProviderKind::Ollama, "/api/v0/chat/completions", None),
+            (
+                ProviderKind::LmStudio,
+                "/v1/chat/completions",
+                Some(UsageKeys::OpenAi),
+            ),
+            (
+                ProviderKind::LmStudio,
+                "/v1/completions",
+                Some(UsageKeys::OpenAi),
+            ),
+            (
+                ProviderKind::LmStudio,
+                "/v1/embeddings",
+                Some(UsageKeys::OpenAi),
+            ),
+            (
+                ProviderKind::LmStudio,
+                "/api/v0/chat/completions",
+                Some(UsageKeys::OpenAi),
+            ),
+            (
+                ProviderKind::LmStudio,
+                "/api/v0/completions",
+                Some(UsageKeys::OpenAi),
+            ),
+            (
+                ProviderKind::LmStudio,
+                "/api/v0/embeddings",
+                Some(UsageKeys::OpenAi),
+            ),
+            (
+                ProviderKind::LmStudio,
+                "/api/v1/chat",
+                Some(UsageKeys::LmStudioV1),
+            ),
+            (ProviderKind::LmStudio, "/api/v1/models/load", None),
+            (ProviderKind::LmStudio, "/api/chat", None),
+        ];
+        for (kind, path, usage) in table {
+            assert_eq!(
+                kind.classify(path).map(|e| e.usage),
+                usage,
+                "{kind:?} {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn error_style_follows_the_path() {
+        assert_eq!(
+            ProviderKind::Ollama.error_style("/api/chat"),
+            ErrorStyle::Ollama
+        );
+        assert_eq!(ProviderKind::Ollama.error_style("/"), ErrorStyle::Ollama);
+        assert_eq!(
+            ProviderKind::Ollama.error_style("/v1/models"),
+            ErrorStyle::OpenAi
+        );
+        assert_eq!(
+            ProviderKind::LmStudio.error_style("/api/v0/models"),
+            ErrorStyle::OpenAi
+        );
+    }
+}

@@ -1,0 +1,48 @@
+//! Ollama: native `/api/*` plus the OpenAI-compatible `/v1/*` layer (provider-apis.md §1).
+
+use super::{Endpoint, ErrorStyle, Operation, ProviderFacts, UsageKeys};
+
+pub(super) static FACTS: ProviderFacts = ProviderFacts {
+    default_listen: "127.0.0.1:11435",
+    default_upstream: "http://127.0.0.1:11434",
+    health_path: "/api/version",
+};
+
+const fn native(operation: Operation, label: &'static str) -> Option<Endpoint> {
+    Some(Endpoint {
+        operation,
+        usage: UsageKeys::OllamaNative,
+        errors: ErrorStyle::Ollama,
+        label,
+    })
+}
+
+const fn openai(operation: Operation, label: &'static str) -> Option<Endpoint> {
+    Some(Endpoint {
+        operation,
+        usage: UsageKeys::OpenAi,
+        errors: ErrorStyle::OpenAi,
+        label,
+    })
+}
+
+pub(super) fn classify(path: &str) -> Option<Endpoint> {
+    match path {
+        "/api/chat" => native(Operation::Chat, "api_chat"),
+        "/api/generate" => native(Operation::Completion, "api_generate"),
+        "/api/embed" => native(Operation::Embedding, "api_embed"),
+        "/api/embeddings" => native(Operation::Embedding, "api_embeddings"),
+        "/v1/chat/completions" => openai(Operation::Chat, "v1_chat_completions"),
+        "/v1/completions" => openai(Operation::Completion, "v1_completions"),
+        "/v1/embeddings" => openai(Operation::Embedding, "v1_embeddings"),
+        _ => None,
+    }
+}
+
+pub(super) fn error_style(path: &str) -> ErrorStyle {
+    if path.starts_with("/v1/") {
+        ErrorStyle::OpenAi
+    } else {
+        ErrorStyle::Ollama
+    }
+}

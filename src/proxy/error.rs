@@ -1,0 +1,131 @@
+//! Errors the proxy itself answers with, and their bodies in the shape the client expects:
+//! Ollama's `{"error":"..."}` on `/api/*`, the OpenAI error object on `/v1/*` and LM Studio.
+//! Converting an error to a response has no side effects; logging happens at the call site.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::providers::ErrorStyle;
+
+/// Whose fault a failure was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request body is larger than the {limit}-byte limit (proxy.max_request_body)")]
+    BodyTooLarge { limit: u64 },
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("upstream `{provider}` ({upstream}) is unreachable: {reason}")]
+    UpstreamUnreachable {
+        provider: String,
+        upstream: String,
+        reason: String,
+    },
+    #[error("upstream `{provider}` failed before answering: {reason}")]
+    UpstreamFailed { provider: String, reason: String },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::BodyTooLarge { .. } | ProxyError::BodyRead(_) => Fault::Client,
+            _ => Fault::Upstream,
+        }
+    }
+
+    /// Short fixed label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BodyRead(_) => "body_read",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::UpstreamFailed { .. } => "upstream_failed",
+        }
+    }
+
+    /// The OpenAI `type` for this error.
+    fn openai_type(&self) -> &'static str {
+        match self.fault() {
+            Fault::Client => "invalid_request_error",
+            Fault::Upstream => "api_error",
+        }
+    }
+
+    /// Status plus a JSON body in `style`. Body and headers are all the caller needs.
+    pub fn to_parts(&self, style: ErrorStyle) -> (StatusCode, &'static str, Bytes) {
+        let message = self.to_string();
+        match style {
+            ErrorStyle::Ollama => (
+                self.status(),
+                "application/json; charset=utf-8",
+                Bytes::from(serde_json::json!({ "error": message }).to_string()),
+            ),
+            ErrorStyle::OpenAi => {
+                let mut body = serde_json::json!({
+                    "error": {
+                        "message": message,
+                        "type": self.openai_type(),
+                        "param": null,
+                        "code": self.kind(),
+                    }
+                })
+                .to_string();
+                body.push('\n');
+                (self.status(), "application/json", Bytes::from(body))
+            }
+        }
+    }
+
+    pub fn into_response<B: From<Bytes>>(&self, style: ErrorStyle) -> Response<B> {
+        let (status, content_type, body) = self.to_parts(style);
+        let mut resp = Response::new(B::from(body));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_follow_the_clients_style() {
+        let e = ProxyError::BodyTooLarge { limit: 10 };
+        let (status, ct, body) = e.to_parts(ErrorStyle::Ollama);
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(ct, "application/json; charset=utf-8");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("10-byte limit"));
+
+        let e = ProxyError::UpstreamUnreachable {
+            provider: "ollama".into(),
+            upstream: "http://127.0.0.1:1".into(),
+            reason: "connection refused".into(),
+        };
+        let (status, _, body) = e.to_parts(ErrorStyle::OpenAi);
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert!(body.ends_with(b"\n"));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "api_error");
+        assert_eq!(v["error"]["code"], "upstream_unreachable");
+        assert!(v["error"]["param"].is_null());
+    }
+}

@@ -1,0 +1,189 @@
+//! Sending a request upstream and shaping what comes back: the upstream URI, hop-by-hop
+//! header removal (RFC 9110 §7.6.1), and connection upgrades (WebSocket) spliced both ways.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::config::{ProxyConfig, Upstream};
+
+/// Body sent upstream: the client's own stream, or bytes the proxy read.
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
+/// The one pooled HTTP/1.1 client every provider shares.
+pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+pub fn build_client(cfg: &ProxyConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(cfg.connect_timeout));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build(connector)
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers, including those the `Connection` header names. With
+/// `upgrade`, `Upgrade` survives and `Connection: upgrade` is set, so the upgrade reaches
+/// the other side.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if let Some(conn) = headers.remove(header::CONNECTION) {
+        if let Ok(list) = conn.to_str() {
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if upgrade && name.eq_ignore_ascii_case("upgrade") {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Turns a client request into the upstream request: same method, path, query, headers
+/// (less hop-by-hop and `Host`, which the client sets from the upstream authority).
+pub fn upstream_request<B>(
+    upstream: &Upstream,
+    mut parts: http::request::Parts,
+    body: B,
+    upgrade: bool,
+) -> Result<Request<B>, http::Error> {
+    let pq = parts.uri.path_and_query().cloned();
+    let uri = if upstream.path_prefix.is_empty() {
+        let mut b = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone());
+        if let Some(pq) = pq {
+            b = b.path_and_query(pq);
+        } else {
+            b = b.path_and_query("/");
+        }
+        b.build()?
+    } else {
+        let pq = pq.as_ref().map(|p| p.as_str()).unwrap_or("/");
+        Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query(format!("{}{}", upstream.path_prefix, pq))
+            .build()?
+    };
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::HOST);
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Splices an upgraded client connection to the upgraded upstream connection until either
+/// side closes.
+pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+    });
+}
+
+/// Prepares an upstream response for the client: hop-by-hop headers go, except on a 101
+/// where `Upgrade`/`Connection` must reach the client.
+pub fn downstream_headers<B>(resp: &mut Response<B>) {
+    let upgrade = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), upgrade);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_named_ones_too() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["authorization", "content-type"]);
+    }
+
+    #[test]
+    fn upgrade_survives_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn uri_keeps_path_query_and_prefix() {
+        let up = crate::config::parse_upstream("http://127.0.0.1:9/pre").unwrap();
+        let (parts, ()) = Request::get("http://proxy:1/api/tags?x=1")
+            .header(header::HOST, "proxy:1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let r = upstream_request(&up, parts, (), false).unwrap();
+        assert_eq!(r.uri().to_string(), "http://127.0.0.1:9/pre/api/tags?x=1");
+        assert!(r.headers().get(header::HOST).is_none());
+    }
+}

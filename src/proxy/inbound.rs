@@ -1,0 +1,86 @@
+//! Reading an inspected request: the body once, under the size limit, and the few fields the
+//! proxy needs from it. The rest of the JSON is skipped by serde, never copied.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use super::error::ProxyError;
+
+/// The fields of a model request the proxy reads. Everything else stays in the raw bytes.
+#[derive(Debug, Default, Deserialize)]
+pub struct ModelRequest<'a> {
+    #[serde(borrow)]
+    pub model: Option<Cow<'a, str>>,
+    pub stream: Option<bool>,
+}
+
+impl<'a> ModelRequest<'a> {
+    /// Parses what it can; a body that is not a JSON object yields no model (the upstream
+    /// then answers with its own error, byte for byte).
+    pub fn parse(body: &'a [u8]) -> Self {
+        serde_json::from_slice(body).unwrap_or_default()
+    }
+
+    /// The model name, if present and non-empty.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref().filter(|m| !m.is_empty())
+    }
+}
+
+/// Reads the whole body, refusing more than `limit` bytes (checked against `Content-Length`
+/// first, so an honest oversized upload is refused before it is read).
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit: u64,
+) -> Result<Bytes, ProxyError> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(ProxyError::BodyRead(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_model_and_stream_and_skips_the_rest() {
+        let r = ModelRequest::parse(
+            br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#,
+        );
+        assert_eq!(r.model(), Some("llama3.2"));
+        assert_eq!(r.stream, Some(false));
+        let r = ModelRequest::parse(br#"{"model":"a\"b"}"#);
+        assert_eq!(r.model(), Some("a\"b"));
+    }
+
+    #[test]
+    fn bad_or_modelless_bodies_yield_no_model() {
+        for body in [
+            &b"not json"[..],
+            b"",
+            b"{\"model\":\"\"}",
+            b"[1,2]",
+            b"{\"model\":5}",
+        ] {
+            assert_eq!(ModelRequest::parse(body).model(), None);
+        }
+    }
+}

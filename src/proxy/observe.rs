@@ -1,0 +1,307 @@
+//! The response side of an inspected request: bytes pass through untouched while a scanner
+//! picks the provider's token counts out of them, and the [`InFlight`] guard rides along until
+//! the body ends or is dropped (client gone).
+//!
+//! The scanner never parses JSON. It looks for the usage keys with `memchr::memmem` and reads
+//! the number after them. Inside a JSON string every `"` is escaped, so a raw `"eval_count"`
+//! can only be a key. The last value seen wins, which makes re-seeing a key harmless; that is
+//! how keys split across two frames are handled: the tail of the previous frame is searched
+//! again together with the head of the next.
+
+use std::pin::Pin;
+use std::sync::LazyLock;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use memchr::memmem::Finder;
+
+use crate::providers::UsageKeys;
+use crate::stats::InFlight;
+
+/// Bytes of the previous frame kept to catch a key and its number split across frames.
+const TAIL: usize = 64;
+
+struct Patterns {
+    prompt: Finder<'static>,
+    completion: Finder<'static>,
+}
+
+static OLLAMA: LazyLock<Patterns> = LazyLock::new(|| Patterns {
+    prompt: Finder::new(b"\"prompt_eval_count\""),
+    completion: Finder::new(b"\"eval_count\""),
+});
+static OPENAI: LazyLock<Patterns> = LazyLock::new(|| Patterns {
+    prompt: Finder::new(b"\"prompt_tokens\""),
+    completion: Finder::new(b"\"completion_tokens\""),
+});
+static LMSTUDIO_V1: LazyLock<Patterns> = LazyLock::new(|| Patterns {
+    prompt: Finder::new(b"\"input_tokens\""),
+    completion: Finder::new(b"\"total_output_tokens\""),
+});
+/// An error object inside a 200 stream: Ollama's `{"error":"..."}` line, an OpenAI
+/// `data: {"error":{...}}` event.
+static ERROR_OBJECT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"{\"error\""));
+/// LM Studio `/api/v1/chat` named error event.
+static ERROR_EVENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"event: error"));
+
+/// Reads token counts and in-stream errors out of a response as it passes.
+#[derive(Debug)]
+pub struct UsageScanner {
+    keys: UsageKeys,
+    tail: [u8; TAIL],
+    tail_len: usize,
+    pub prompt: Option<u64>,
+    pub completion: Option<u64>,
+    pub error: bool,
+}
+
+impl UsageScanner {
+    pub fn new(keys: UsageKeys) -> Self {
+        UsageScanner {
+            keys,
+            tail: [0; TAIL],
+            tail_len: 0,
+            prompt: None,
+            completion: None,
+            error: false,
+        }
+    }
+
+    fn patterns(&self) -> &'static Patterns {
+        match self.keys {
+            UsageKeys::OllamaNative => &OLLAMA,
+            UsageKeys::OpenAi => &OPENAI,
+            UsageKeys::LmStudioV1 => &LMSTUDIO_V1,
+        }
+    }
+
+    /// Feeds one frame of the body.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if self.tail_len > 0 {
+            // The seam: end of the previous frame + start of this one.
+            let mut seam = [0u8; 2 * TAIL];
+            let head = chunk.len().min(TAIL);
+            seam[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+            seam[self.tail_len..self.tail_len + head].copy_from_slice(&chunk[..head]);
+            let seam_len = self.tail_len + head;
+            // A number running to the end of the seam may go on in the next frame: the
+            // seam is never the end of the body.
+            self.scan(&seam[..seam_len], false);
+        }
+        self.scan(chunk, false);
+        self.keep_tail(chunk);
+    }
+
+    /// The body ended: a number at the very end is complete now.
+    pub fn finish(&mut self) {
+        if self.tail_len > 0 {
+            let tail = self.tail;
+            self.scan(&tail[..self.tail_len], true);
+        }
+    }
+
+    fn keep_tail(&mut self, chunk: &[u8]) {
+        if chunk.len() >= TAIL {
+            self.tail.copy_from_slice(&chunk[chunk.len() - TAIL..]);
+            self.tail_len = TAIL;
+        } else {
+            let keep = (TAIL - chunk.len()).min(self.tail_len);
+            self.tail
+                .copy_within(self.tail_len - keep..self.tail_len, 0);
+            self.tail[keep..keep + chunk.len()].copy_from_slice(chunk);
+            self.tail_len = keep + chunk.len();
+        }
+    }
+
+    fn scan(&mut self, buf: &[u8], at_end: bool) {
+        let p = self.patterns();
+        if let Some(v) = last_number(&p.prompt, buf, at_end) {
+            self.prompt = Some(v);
+        }
+        if let Some(v) = last_number(&p.completion, buf, at_end) {
+            self.completion = Some(v);
+        }
+        if !self.error && (ERROR_OBJECT.find(buf).is_some() || ERROR_EVENT.find(buf).is_some()) {
+            self.error = true;
+        }
+    }
+}
+
+/// The number after the last complete `"key": <digits>` in `buf`. A number that runs to the
+/// end of `buf` counts only when `at_end` (it may go on in the next frame).
+fn last_number(key: &Finder<'_>, buf: &[u8], at_end: bool) -> Option<u64> {
+    let mut found = None;
+    for start in key.find_iter(buf) {
+        let mut i = start + key.needle().len();
+        while i < buf.len() && buf[i] == b' ' {
+            i += 1;
+        }
+        if i >= buf.len() || buf[i] != b':' {
+            continue;
+        }
+        i += 1;
+        while i < buf.len() && buf[i] == b' ' {
+            i += 1;
+        }
+        let digits_start = i;
+        let mut v: u64 = 0;
+        while i < buf.len() && buf[i].is_ascii_digit() {
+            v = v
+                .saturating_mul(10)
+                .saturating_add(u64::from(buf[i] - b'0'));
+            i += 1;
+        }
+        if i == digits_start || (i == buf.len() && !at_end) {
+            continue;
+        }
+        found = Some(v);
+    }
+    found
+}
+
+// === impl ObservedBody ===
+
+/// A response body that holds the request's [`InFlight`] guard and reads usage as it passes.
+pub struct ObservedBody<B> {
+    inner: B,
+    scanner: UsageScanner,
+    guard: Option<InFlight>,
+}
+
+impl<B> ObservedBody<B> {
+    pub fn new(inner: B, keys: UsageKeys, guard: InFlight) -> Self {
+        ObservedBody {
+            inner,
+            scanner: UsageScanner::new(keys),
+            guard: Some(guard),
+        }
+    }
+
+    fn settle(&mut self, ok: bool) {
+        if let Some(mut g) = self.guard.take() {
+            self.scanner.finish();
+            g.set_usage(self.scanner.prompt, self.scanner.completion);
+            if ok && !self.scanner.error {
+                g.complete();
+            } else {
+                g.fail();
+            }
+        }
+    }
+}
+
+impl<B> Drop for ObservedBody<B> {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away. Keep whatever usage was seen.
+        if let Some(mut g) = self.guard.take() {
+            g.set_usage(self.scanner.prompt, self.scanner.completion);
+        }
+    }
+}
+
+impl<B> Body for ObservedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.scanner.feed(data);
+                }
+                if this.inner.is_end_stream() {
+                    this.settle(true);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.settle(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.settle(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_in_pieces(keys: UsageKeys, body: &[u8], piece: usize) -> UsageScanner {
+        let mut s = UsageScanner::new(keys);
+        for c in body.chunks(piece) {
+            s.feed(c);
+        }
+        s.finish();
+        s
+    }
+
+    #[test]
+    fn reads_ollama_final_chunk_however_it_is_split() {
+        let body = br#"{"model":"m","created_at":"x","message":{"role":"assistant","content":"Hi"},"done":false}
+{"model":"m","created_at":"x","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","total_duration":402112000,"load_duration":9875000,"prompt_eval_count":26,"prompt_eval_duration":51000000,"eval_count":1234,"eval_duration":30000000}
+"#;
+        for piece in 1..body.len() {
+            let s = scan_in_pieces(UsageKeys::OllamaNative, body, piece);
+            assert_eq!(
+                (s.prompt, s.completion, s.error),
+                (Some(26), Some(1234), false),
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn escaped_keys_inside_content_are_not_usage() {
+        let body = br#"{"message":{"content":"say \"eval_count\":99"},"done":false}"#;
+        let s = scan_in_pieces(UsageKeys::OllamaNative, body, 7);
+        assert_eq!(s.completion, None);
+    }
+
+    #[test]
+    fn last_openai_usage_wins_and_spaces_are_allowed() {
+        let body = b"data: {\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0}}\n\ndata: {\"usage\": {\"prompt_tokens\": 24, \"completion_tokens\": 3}}\n\ndata: [DONE]\n\n";
+        for piece in 1..body.len() {
+            let s = scan_in_pieces(UsageKeys::OpenAi, body, piece);
+            assert_eq!(
+                (s.prompt, s.completion),
+                (Some(24), Some(3)),
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn number_at_the_very_end_counts_after_finish() {
+        let s = scan_in_pieces(UsageKeys::LmStudioV1, b"{\"input_tokens\":42", 5);
+        assert_eq!(s.prompt, Some(42));
+    }
+
+    #[test]
+    fn error_line_inside_a_stream_is_seen() {
+        let body = b"{\"model\":\"m\",\"done\":false}\n{\"error\":\"runner crashed\"}\n";
+        assert!(scan_in_pieces(UsageKeys::OllamaNative, body, 3).error);
+        let body = b"event: message.delta\ndata: {}\n\nevent: error\ndata: {}\n\n";
+        assert!(scan_in_pieces(UsageKeys::LmStudioV1, body, 4).error);
+    }
+}

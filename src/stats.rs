@@ -1,0 +1,230 @@
+//! Per (provider, model) request accounting: requests in flight, totals, errors, tokens as the
+//! provider reported them, last use.
+//!
+//! The in-flight count is an RAII [`InFlight`] guard: it rises when a request is admitted and
+//! falls exactly once when the guard drops, whether the response ended, failed, or the client
+//! went away (hyper drops the body then; no end-of-stream callback would run). Counters are
+//! atomics so the hot path takes no lock after the first request for a model.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use serde::Serialize;
+
+/// Counters for one model on one provider.
+#[derive(Debug, Default)]
+pub struct ModelStats {
+    active: AtomicU64,
+    total: AtomicU64,
+    errors: AtomicU64,
+    cancelled: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    /// Unix time in milliseconds; 0 = never.
+    last_used_ms: AtomicU64,
+}
+
+/// A copy of one model's counters, for `/status`.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModelSnapshot {
+    pub provider: String,
+    pub model: String,
+    pub active_requests: u64,
+    pub total_requests: u64,
+    pub errors: u64,
+    /// Requests whose client went away before the response ended.
+    pub cancelled: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// RFC 3339, or null when the model was reported but never used through the proxy.
+    pub last_used: Option<String>,
+}
+
+/// All models of all providers. Cloning is an `Arc` bump.
+#[derive(Clone, Debug)]
+pub struct StatsTable {
+    /// One map per provider, indexed like `Config::providers`.
+    providers: Arc<Vec<(String, DashMap<Box<str>, Arc<ModelStats>>)>>,
+}
+
+impl StatsTable {
+    pub fn new(provider_names: impl IntoIterator<Item = String>) -> Self {
+        StatsTable {
+            providers: Arc::new(
+                provider_names
+                    .into_iter()
+                    .map(|n| (n, DashMap::new()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The counters of `model` on provider `provider`, created on first use.
+    pub fn model(&self, provider: usize, model: &str) -> Arc<ModelStats> {
+        let map = &self.providers[provider].1;
+        if let Some(s) = map.get(model) {
+            return s.clone();
+        }
+        map.entry(model.into()).or_default().clone()
+    }
+
+    /// Starts a request: counts it in flight until the guard drops.
+    pub fn begin(&self, provider: usize, model: &str) -> InFlight {
+        InFlight::new(self.model(provider, model))
+    }
+
+    /// Every model, sorted by provider order then name.
+    pub fn snapshot(&self) -> Vec<ModelSnapshot> {
+        let mut out = Vec::new();
+        for (name, map) in self.providers.iter() {
+            let mut models: Vec<ModelSnapshot> = map
+                .iter()
+                .map(|e| e.value().snapshot(name, e.key()))
+                .collect();
+            models.sort_by(|a, b| a.model.cmp(&b.model));
+            out.extend(models);
+        }
+        out
+    }
+}
+
+impl ModelStats {
+    fn snapshot(&self, provider: &str, model: &str) -> ModelSnapshot {
+        let ms = self.last_used_ms.load(Relaxed);
+        ModelSnapshot {
+            provider: provider.to_string(),
+            model: model.to_string(),
+            active_requests: self.active.load(Relaxed),
+            total_requests: self.total.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            cancelled: self.cancelled.load(Relaxed),
+            prompt_tokens: self.prompt_tokens.load(Relaxed),
+            completion_tokens: self.completion_tokens.load(Relaxed),
+            last_used: (ms > 0).then(|| {
+                humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+            }),
+        }
+    }
+
+    fn touch(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.last_used_ms.store(now, Relaxed);
+    }
+}
+
+/// How a request ended, as far as the guard knows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Outcome {
+    /// Still running, or dropped before the end (client gone).
+    #[default]
+    Open,
+    Completed,
+    Failed,
+}
+
+/// A request in flight. Drop it exactly once; dropping records the outcome and tokens.
+#[derive(Debug)]
+pub struct InFlight {
+    stats: Arc<ModelStats>,
+    outcome: Outcome,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+impl InFlight {
+    fn new(stats: Arc<ModelStats>) -> Self {
+        stats.active.fetch_add(1, Relaxed);
+        stats.total.fetch_add(1, Relaxed);
+        stats.touch();
+        InFlight {
+            stats,
+            outcome: Outcome::Open,
+            prompt_tokens: None,
+            completion_tokens: None,
+        }
+    }
+
+    /// The request failed (upstream error, error status, or an error inside the stream).
+    pub fn fail(&mut self) {
+        self.outcome = Outcome::Failed;
+    }
+
+    /// The response ended normally (unless it already failed).
+    pub fn complete(&mut self) {
+        if self.outcome == Outcome::Open {
+            self.outcome = Outcome::Completed;
+        }
+    }
+
+    /// Usage as the provider reported it; the last report wins.
+    pub fn set_usage(&mut self, prompt: Option<u64>, completion: Option<u64>) {
+        if prompt.is_some() {
+            self.prompt_tokens = prompt;
+        }
+        if completion.is_some() {
+            self.completion_tokens = completion;
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let s = &self.stats;
+        match self.outcome {
+            Outcome::Failed => {
+                s.errors.fetch_add(1, Relaxed);
+            }
+            Outcome::Open => {
+                s.cancelled.fetch_add(1, Relaxed);
+            }
+            Outcome::Completed => {}
+        }
+        if let Some(p) = self.prompt_tokens {
+            s.prompt_tokens.fetch_add(p, Relaxed);
+        }
+        if let Some(c) = self.completion_tokens {
+            s.completion_tokens.fetch_add(c, Relaxed);
+        }
+        s.touch();
+        s.active.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_counts_in_flight_until_dropped() {
+        let t = StatsTable::new(["ollama".to_string()]);
+        let a = t.begin(0, "m");
+        let mut b = t.begin(0, "m");
+        assert_eq!(t.snapshot()[0].active_requests, 2);
+        b.set_usage(Some(10), Some(3));
+        b.complete();
+        drop(b);
+        let s = &t.snapshot()[0];
+        assert_eq!((s.active_requests, s.total_requests), (1, 2));
+        assert_eq!((s.prompt_tokens, s.completion_tokens), (10, 3));
+        drop(a);
+        let s = &t.snapshot()[0];
+        assert_eq!((s.active_requests, s.cancelled, s.errors), (0, 1, 0));
+        assert!(s.last_used.is_some());
+    }
+
+    #[test]
+    fn failure_is_counted_once() {
+        let t = StatsTable::new(["p".to_string()]);
+        let mut g = t.begin(0, "m");
+        g.fail();
+        g.complete();
+        drop(g);
+        let s = &t.snapshot()[0];
+        assert_eq!((s.errors, s.cancelled), (1, 0));
+    }
+}
