@@ -1,7 +1,7 @@
 //! Simulated Ollama server (API of 0.13, `provider-apis.md` §1 and §5.1): the native `/api/*`
 //! routes and the OpenAI `/v1/*` layer, byte-faithful framing, load latency, shared loads,
 //! keep-alive expiry on a steppable clock, LRU eviction, reloads on `num_ctx` changes and truncation.
-//! Not simulated: real inference, tool calls, thinking, images (only counted), CORS preflights,
+//! Not simulated: real inference, tool calls, thinking, images (only counted), the machine-hostname Host rule,
 //! `/api/push|create|blobs`, `/v1/responses|messages`, memory-based scheduling and per-model
 //! parallelism limits (a loaded model serves any number of requests at once).
 
@@ -81,6 +81,8 @@ pub struct OllamaConfig {
     /// The server's local UTC offset in seconds, used by `expires_at` and `modified_at`
     /// (0 prints `Z`). Default `-08:00`, so clients must parse offsets.
     pub utc_offset_secs: i32,
+    /// `OLLAMA_ORIGINS`: extra allowed CORS origins (`*` wildcards allowed, e.g. `https://*.example.com`).
+    pub origins: Vec<String>,
 }
 
 impl Default for OllamaConfig {
@@ -104,6 +106,7 @@ impl Default for OllamaConfig {
             version: "0.13.0".to_string(),
             clock: Clock::system(),
             utc_offset_secs: -8 * 3600,
+            origins: Vec::new(),
         }
     }
 }
@@ -1996,13 +1999,14 @@ async fn load_or_unload(
     model: &SimModel,
     label: &str,
     keep_alive: Option<KeepAlive>,
+    num_ctx: Option<u32>,
     chat: bool,
 ) -> Result<Response<SimBody>, ApiError> {
     if keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
         sim.expire_runner(&model.name);
         return Ok(lifecycle_reply(sim, label, chat, "unload"));
     }
-    let num_ctx = sim.effective_num_ctx(model, None);
+    let num_ctx = sim.effective_num_ctx(model, num_ctx);
     let acquired = sim.acquire(model, num_ctx, keep_alive).await?;
     drop(acquired.lease);
     Ok(lifecycle_reply(sim, label, chat, "load"))
@@ -2024,7 +2028,7 @@ async fn chat(sim: &Arc<OllamaSim>, call: &Call) -> Result<Response<SimBody>, Ap
         .lookup(&label)
         .ok_or_else(|| ApiError::not_found(&label))?;
     if messages.is_empty() && keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
-        return load_or_unload(sim, &model, &label, keep_alive, true).await;
+        return load_or_unload(sim, &model, &label, keep_alive, opts.num_ctx, true).await;
     }
     if model.embedding {
         return Err(ApiError::bad(format!(
@@ -2034,7 +2038,7 @@ async fn chat(sim: &Arc<OllamaSim>, call: &Call) -> Result<Response<SimBody>, Ap
     }
     check_think_and_logprobs(&f, &label)?;
     if messages.is_empty() {
-        return load_or_unload(sim, &model, &label, keep_alive, true).await;
+        return load_or_unload(sim, &model, &label, keep_alive, opts.num_ctx, true).await;
     }
     let gen = sim
         .prepare(GenRequest {
@@ -2083,7 +2087,7 @@ async fn generate(sim: &Arc<OllamaSim>, call: &Call) -> Result<Response<SimBody>
         .lookup(&label)
         .ok_or_else(|| ApiError::not_found(&label))?;
     if prompt.is_empty() && keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
-        return load_or_unload(sim, &model, &label, keep_alive, false).await;
+        return load_or_unload(sim, &model, &label, keep_alive, opts.num_ctx, false).await;
     }
     if model.embedding {
         return Err(ApiError::bad(format!(
@@ -2093,7 +2097,7 @@ async fn generate(sim: &Arc<OllamaSim>, call: &Call) -> Result<Response<SimBody>
     }
     check_think_and_logprobs(&f, &label)?;
     if prompt.is_empty() {
-        return load_or_unload(sim, &model, &label, keep_alive, false).await;
+        return load_or_unload(sim, &model, &label, keep_alive, opts.num_ctx, false).await;
     }
     let overhead = if raw { 0 } else { TEMPLATE_OVERHEAD_TOKENS };
     let tokens = common::count_tokens(system) + common::count_tokens(&prompt) + overhead;
@@ -2709,9 +2713,90 @@ async fn handle(sim: Arc<OllamaSim>, req: Request<Incoming>) -> Response<SimBody
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
     let (call, _upgrade) = common::record(req, &sim.log).await;
+    let origin = call
+        .headers
+        .get(http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_string);
+    if let Some(origin) = &origin {
+        if !origin_allowed(origin, &sim.cfg.origins) {
+            return common::respond(StatusCode::FORBIDDEN, "", Bytes::new());
+        }
+        if call.method == Method::OPTIONS {
+            let mut resp = common::respond(StatusCode::NO_CONTENT, "", Bytes::new());
+            cors_headers(&mut resp, origin, true);
+            return resp;
+        }
+    }
     if sim.host_check && !host_allowed(&host) {
         return common::respond(StatusCode::FORBIDDEN, "", Bytes::new());
     }
+    let mut resp = route(&sim, &call).await;
+    if let Some(origin) = &origin {
+        cors_headers(&mut resp, origin, false);
+    }
+    resp
+}
+
+/// The CORS headers gin-contrib/cors writes for an allowed origin.
+fn cors_headers(resp: &mut Response<SimBody>, origin: &str, preflight: bool) {
+    let h = resp.headers_mut();
+    if let Ok(v) = http::HeaderValue::from_str(origin) {
+        h.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    h.insert(http::header::VARY, http::HeaderValue::from_static("Origin"));
+    if preflight {
+        h.insert(
+            http::header::ACCESS_CONTROL_ALLOW_METHODS,
+            http::HeaderValue::from_static("GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"),
+        );
+        h.insert(
+            http::header::ACCESS_CONTROL_ALLOW_HEADERS,
+            http::HeaderValue::from_static(CORS_ALLOW_HEADERS),
+        );
+        h.insert(
+            http::header::ACCESS_CONTROL_MAX_AGE,
+            http::HeaderValue::from_static("43200"),
+        );
+    }
+}
+
+const CORS_ALLOW_HEADERS: &str = "Authorization,Content-Type,User-Agent,Accept,X-Requested-With,OpenAI-Beta,x-stainless-arch,x-stainless-async,x-stainless-custom-poll-interval,x-stainless-helper-method,x-stainless-lang,x-stainless-os,x-stainless-package-version,x-stainless-poll-helper,x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout";
+
+/// Ollama's default allowed origins plus `OLLAMA_ORIGINS` (§1.1).
+fn origin_allowed(origin: &str, extra: &[String]) -> bool {
+    let local = ["localhost", "127.0.0.1", "0.0.0.0"].iter().any(|host| {
+        ["http://", "https://"].iter().any(|scheme| {
+            origin
+                .strip_prefix(scheme)
+                .and_then(|rest| rest.strip_prefix(host))
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+        })
+    });
+    local
+        || [
+            "app://",
+            "file://",
+            "tauri://",
+            "vscode-webview://",
+            "vscode-file://",
+        ]
+        .iter()
+        .any(|p| origin.starts_with(p))
+        || extra.iter().any(|pattern| wildcard_match(pattern, origin))
+}
+
+/// `*` matches any run of characters (gin-contrib/cors allows one wildcard per origin).
+fn wildcard_match(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, tail)) => {
+            text.len() >= head.len() + tail.len() && text.starts_with(head) && text.ends_with(tail)
+        }
+    }
+}
+
+async fn route(sim: &Arc<OllamaSim>, call: &Call) -> Response<SimBody> {
     let Some(methods) = allowed_methods(&call.path) else {
         return not_found_path();
     };
@@ -2729,22 +2814,22 @@ async fn handle(sim: Arc<OllamaSim>, req: Request<Incoming>) -> Response<SimBody
                 version: &sim.cfg.version,
             }),
         ),
-        "/api/tags" => tags(&sim),
-        "/api/ps" => ps(&sim),
-        "/api/generate" => native(generate(&sim, &call).await),
-        "/api/chat" => native(chat(&sim, &call).await),
-        "/api/show" => native(show(&sim, &call)),
-        "/api/embed" => native(embed(&sim, &call).await),
-        "/api/embeddings" => native(embeddings_legacy(&sim, &call).await),
-        "/api/copy" => native(copy(&sim, &call)),
-        "/api/delete" => native(delete(&sim, &call)),
-        "/api/pull" => native(pull(&sim, &call)),
-        "/v1/chat/completions" => openai(oai_chat(&sim, &call).await),
-        "/v1/completions" => openai(oai_completions(&sim, &call).await),
-        "/v1/embeddings" => openai(oai_embeddings(&sim, &call).await),
-        "/v1/models" => oai_models(&sim),
+        "/api/tags" => tags(sim),
+        "/api/ps" => ps(sim),
+        "/api/generate" => native(generate(sim, call).await),
+        "/api/chat" => native(chat(sim, call).await),
+        "/api/show" => native(show(sim, call)),
+        "/api/embed" => native(embed(sim, call).await),
+        "/api/embeddings" => native(embeddings_legacy(sim, call).await),
+        "/api/copy" => native(copy(sim, call)),
+        "/api/delete" => native(delete(sim, call)),
+        "/api/pull" => native(pull(sim, call)),
+        "/v1/chat/completions" => openai(oai_chat(sim, call).await),
+        "/v1/completions" => openai(oai_completions(sim, call).await),
+        "/v1/embeddings" => openai(oai_embeddings(sim, call).await),
+        "/v1/models" => oai_models(sim),
         p => match p.strip_prefix("/v1/models/") {
-            Some(id) => openai(oai_retrieve(&sim, id)),
+            Some(id) => openai(oai_retrieve(sim, id)),
             None => not_found_path(),
         },
     }
@@ -3723,6 +3808,115 @@ mod tests {
             String::from_utf8(common::go_json(&GoFloat(-1.0))).unwrap(),
             "-1"
         );
+    }
+
+    #[tokio::test]
+    async fn cors_head_and_load_options() {
+        let srv = start(manual()).await;
+        let pre = raw(
+            &srv,
+            "OPTIONS /api/chat HTTP/1.1\r\nHost: localhost\r\nOrigin: http://localhost:3000\r\nAccess-Control-Request-Method: POST\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .to_ascii_lowercase();
+        assert!(pre.starts_with("http/1.1 204 no content\r\n"), "{pre}");
+        assert!(pre.contains("access-control-allow-origin: http://localhost:3000\r\n"));
+        assert!(pre.contains("access-control-allow-headers: authorization,content-type"));
+        let bad = raw(
+            &srv,
+            "GET / HTTP/1.1\r\nHost: localhost\r\nOrigin: https://evil.example\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(bad.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{bad}");
+        let ok = raw(
+            &srv,
+            "GET /api/version HTTP/1.1\r\nHost: localhost\r\nOrigin: vscode-webview://abc\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .to_ascii_lowercase();
+        assert!(
+            ok.contains("access-control-allow-origin: vscode-webview://abc\r\n"),
+            "{ok}"
+        );
+        assert!(wildcard_match(
+            "https://*.example.com",
+            "https://a.example.com"
+        ));
+        assert!(!origin_allowed("http://localhost.evil.com", &[]));
+
+        let head = raw(
+            &srv,
+            "HEAD /api/tags HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "HEAD has no body: {head}");
+
+        // A load request's num_ctx is the context the runner gets.
+        let r = post(
+            &srv,
+            "/api/generate",
+            r#"{"model":"llama3.2","options":{"num_ctx":16384}}"#,
+        )
+        .await;
+        assert_eq!(r.json()["done_reason"], "load");
+        assert_eq!(srv.state.loaded_num_ctx("llama3.2"), Some(16384));
+        // Without options the effective default (4096) differs: a reload.
+        post(
+            &srv,
+            "/api/generate",
+            r#"{"model":"llama3.2","prompt":"x","stream":false}"#,
+        )
+        .await;
+        assert_eq!(srv.state.loaded_num_ctx("llama3.2"), Some(4096));
+        assert_eq!(srv.state.load_count("llama3.2"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_server_waits_for_an_idle_model() {
+        let cfg = OllamaConfig {
+            load_latency: Duration::from_secs(1),
+            token_delay: Duration::from_secs(1),
+            reply_tokens: 3,
+            max_loaded_models: 1,
+            ..manual()
+        };
+        let srv = Arc::new(start(cfg).await);
+        let s1 = srv.clone();
+        let a = tokio::spawn(async move {
+            post(
+                &s1,
+                "/api/generate",
+                r#"{"model":"llama3.2","prompt":"a","stream":false}"#,
+            )
+            .await
+        });
+        for _ in 0..100_000 {
+            if srv.state.active_requests() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(srv.state.active_requests(), 1);
+        let s2 = srv.clone();
+        let b = tokio::spawn(async move {
+            post(
+                &s2,
+                "/api/generate",
+                r#"{"model":"qwen2.5:7b","prompt":"b","stream":false}"#,
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // llama3.2 is busy for 3 s more: nothing to evict yet.
+        assert_eq!(srv.state.load_count("qwen2.5:7b"), 0);
+        assert_eq!(srv.state.loaded(), vec!["llama3.2:latest"]);
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert_eq!(a.json()["done_reason"], "stop");
+        assert_eq!(b.json()["done_reason"], "stop");
+        assert!(b.json()["load_duration"].as_u64().unwrap() > 3_000_000_000);
+        assert_eq!(srv.state.loaded(), vec!["qwen2.5:7b"]);
+        assert_eq!(srv.state.load_count("qwen2.5:7b"), 1);
     }
 
     #[test]
