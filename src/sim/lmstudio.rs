@@ -81,6 +81,10 @@ pub struct LmStudioConfig {
     pub overflow: Overflow,
     /// Length of the simulated embedding vectors.
     pub embedding_dims: usize,
+    /// Reproduce the quirk observed in 0.3.14: when exactly one model instance is loaded, an
+    /// unknown `model` on `/v1/*` and `/api/v0/*` is ignored and the loaded model answers.
+    /// Default off.
+    pub single_loaded_model_quirk: bool,
     pub clock: Clock,
 }
 
@@ -104,6 +108,7 @@ impl Default for LmStudioConfig {
             api_key: None,
             overflow: Overflow::Error,
             embedding_dims: 8,
+            single_loaded_model_quirk: false,
             clock: Clock::system(),
         }
     }
@@ -1631,9 +1636,23 @@ impl LmStudioSim {
         )
     }
 
+    /// The model a `/v1` or `/api/v0` request is served by: the requested one, or the only
+    /// loaded instance under `single_loaded_model_quirk`.
+    fn openai_model(&self, requested: String) -> String {
+        if !self.cfg.single_loaded_model_quirk || self.model_of(&requested).is_some() {
+            return requested;
+        }
+        let st = self.lock();
+        match st.instances.as_slice() {
+            [only] => only.id.clone(),
+            _ => requested,
+        }
+    }
+
     async fn chat(self: &Arc<Self>, call: &Call, api: Api) -> Handled {
         let body = parse_body(call).map_err(|f| f.response(api))?;
         let model = required_model(&body).map_err(|f| f.response(api))?;
+        let model = self.openai_model(model);
         let messages = match body.get("messages") {
             Some(Value::Array(m)) if !m.is_empty() => m,
             Some(Value::Array(_)) => {
@@ -1766,6 +1785,7 @@ impl LmStudioSim {
     async fn completions(self: &Arc<Self>, call: &Call, api: Api) -> Handled {
         let body = parse_body(call).map_err(|f| f.response(api))?;
         let model = required_model(&body).map_err(|f| f.response(api))?;
+        let model = self.openai_model(model);
         let prompt_text = match body.get("prompt") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => parts.iter().filter_map(Value::as_str).collect(),
@@ -1855,6 +1875,7 @@ impl LmStudioSim {
     async fn embeddings(self: &Arc<Self>, call: &Call, api: Api) -> Handled {
         let body = parse_body(call).map_err(|f| f.response(api))?;
         let model = required_model(&body).map_err(|f| f.response(api))?;
+        let model = self.openai_model(model);
         let inputs: Vec<String> = match body.get("input") {
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(items)) if !items.is_empty() => items
@@ -2282,8 +2303,9 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_first_requests_share_one_load() {
-        // Real time: the second request is sent once the first load is under way and arrives
-        // long before the 400 ms load ends.
+        // Over sockets in real time: the second request is sent while the first one's 400 ms
+        // load runs. There is one load whatever the timing; `concurrent_plans_wait_on_the_same_load`
+        // checks the sharing itself deterministically.
         let (s, c) = start(LmStudioConfig {
             load_latency: Duration::from_millis(400),
             ..cfg()
@@ -2299,16 +2321,58 @@ mod tests {
                 c.request(req).await.unwrap().status()
             })
         };
-        while s.state.loading().is_empty() {
+        while s.state.loading().is_empty() && s.state.load_count(QWEN) == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert_eq!(s.state.loading(), vec![QWEN]);
         let second = post(&c, &s, "/api/v0/chat/completions", &chat_body(QWEN, "")).await;
         assert_eq!(second.status, StatusCode::OK);
         assert_eq!(first.await.unwrap(), StatusCode::OK);
         assert_eq!(s.state.load_count(QWEN), 1);
         assert_eq!(s.state.loaded(), vec![QWEN]);
         assert!(s.state.loading().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_plans_wait_on_the_same_load() {
+        let sim = Arc::new(LmStudioSim::new(LmStudioConfig {
+            load_latency: Duration::from_secs(5),
+            ..cfg()
+        }));
+        let a = sim
+            .plan(QWEN, Some(Duration::from_secs(10)), None)
+            .ok()
+            .unwrap();
+        let b = sim.plan(QWEN, None, Some(99)).ok().unwrap();
+        assert!(matches!(a, Plan::Wait { .. }) && matches!(b, Plan::Wait { .. }));
+        assert_eq!(b.ctx(), 4096, "the joiner gets the running load's context");
+        assert_eq!(sim.loading(), vec![QWEN]);
+        let t0 = tokio::time::Instant::now();
+        let (ra, rb) = tokio::join!(sim.resolve(QWEN, a), sim.resolve(QWEN, b));
+        assert_eq!(t0.elapsed(), Duration::from_secs(5));
+        let (ra, rb) = (ra.ok().unwrap(), rb.ok().unwrap());
+        assert_eq!((ra.instance.as_str(), rb.instance.as_str()), (QWEN, QWEN));
+        assert_eq!(ra.load_time, Some(Duration::from_secs(5)));
+        assert_eq!(sim.load_count(QWEN), 1);
+        assert!(sim.loading().is_empty());
+        assert!(matches!(sim.plan(QWEN, None, None), Ok(Plan::Ready { .. })));
+        // The first request's ttl applies.
+        sim.clock.advance(Duration::from_secs(11));
+        assert!(sim.loaded().is_empty());
+    }
+
+    #[tokio::test]
+    async fn single_loaded_model_quirk() {
+        let (s, c) = start(LmStudioConfig {
+            single_loaded_model_quirk: true,
+            ..cfg()
+        })
+        .await;
+        let r = post(&c, &s, "/v1/chat/completions", &chat_body("gpt-4o", "")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "nothing loaded: no quirk");
+        post(&c, &s, "/v1/chat/completions", &chat_body(LLAMA, "")).await;
+        let r = post(&c, &s, "/v1/chat/completions", &chat_body("gpt-4o", "")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json()["model"], LLAMA);
     }
 
     #[tokio::test]
