@@ -24,7 +24,7 @@ pub struct SimulateArgs {
     /// Models: `name[=context_length][@size_mb]`, comma separated (default: a small catalogue).
     #[arg(long)]
     pub models: Option<String>,
-    /// Models resident at once (Ollama's OLLAMA_MAX_LOADED_MODELS).
+    /// Models resident at once (Ollama's OLLAMA_MAX_LOADED_MODELS; LM Studio keeps one JIT model).
     #[arg(long, default_value_t = 3)]
     pub max_loaded: usize,
     /// Default keep-alive (Ollama) or JIT TTL (LM Studio), e.g. "5m".
@@ -64,8 +64,57 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Runs a simulator until Ctrl-C.
+/// Runs a simulator until Ctrl-C or SIGTERM.
 pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("simulators are not wired yet")
+    use crate::sim::{lmstudio, ollama};
+    let models = match args.models.as_deref() {
+        Some(spec) => {
+            Some(crate::sim::parse_models(spec).map_err(|e| anyhow::anyhow!("--models: {e}"))?)
+        }
+        None => None,
+    };
+    match args.kind {
+        SimKind::Ollama => {
+            let mut cfg = ollama::OllamaConfig {
+                load_latency: args.load_latency,
+                token_delay: args.token_delay,
+                reply_tokens: args.reply_tokens,
+                max_loaded_models: args.max_loaded,
+                ..Default::default()
+            };
+            if let Some(m) = models {
+                cfg.models = m;
+            }
+            if let Some(k) = args.keep_alive {
+                cfg.keep_alive = k;
+            }
+            let addr = args.listen.as_deref().unwrap_or("127.0.0.1:11434");
+            let server = ollama::bind(cfg, addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(listen = %server.addr, "simulated Ollama running");
+            shutdown_signal().await;
+        }
+        SimKind::Lmstudio => {
+            let mut cfg = lmstudio::LmStudioConfig {
+                load_latency: args.load_latency,
+                token_delay: args.token_delay,
+                reply_tokens: args.reply_tokens,
+                ..Default::default()
+            };
+            if let Some(m) = models {
+                cfg.models = m;
+            }
+            if let Some(k) = args.keep_alive {
+                cfg.default_ttl = k;
+            }
+            let addr = args.listen.as_deref().unwrap_or("127.0.0.1:1234");
+            let server = lmstudio::bind(cfg, addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            tracing::info!(listen = %server.addr, "simulated LM Studio running");
+            shutdown_signal().await;
+        }
+    }
+    Ok(())
 }
