@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -225,11 +224,9 @@ async fn probe(state: Arc<AppState>, i: usize) {
         Err(_) => return,
     };
     match tokio::time::timeout(Duration::from_secs(3), state.client.request(req)).await {
-        Ok(Ok(resp)) => {
-            // Any HTTP answer means something is listening; drain it so the connection is reused.
-            let _ = resp.into_body().collect().await;
-            p.mark_reachable();
-        }
+        // Any HTTP answer means something is listening. The body is not read: a health
+        // path that streams forever must not hang the probe.
+        Ok(Ok(_resp)) => p.mark_reachable(),
         Ok(Err(e)) => {
             let _ = p.upstream_error(&e);
         }

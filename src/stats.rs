@@ -42,11 +42,14 @@ pub struct ModelSnapshot {
     pub last_used: Option<String>,
 }
 
+/// The models of one provider, by name.
+type ModelMap = DashMap<Box<str>, Arc<ModelStats>>;
+
 /// All models of all providers. Cloning is an `Arc` bump.
 #[derive(Clone, Debug)]
 pub struct StatsTable {
-    /// One map per provider, indexed like `Config::providers`.
-    providers: Arc<Vec<(String, DashMap<Box<str>, Arc<ModelStats>>)>>,
+    /// One `(provider name, models)` per provider, indexed like `Config::providers`.
+    providers: Arc<Vec<(String, ModelMap)>>,
 }
 
 impl StatsTable {
