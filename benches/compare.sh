@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Compares llm-warden with nginx (proxy_pass, proxy_buffering off) in front of the same
+# simulated Ollama, using examples/loadgen with --direct/--proxy/--proxy-pid.
+# Needs nginx on PATH (apt-get install -y nginx). Extra arguments go to loadgen for both
+# runs, e.g.: benches/compare.sh --rounds 3 --duration 3 --scenarios version,chat,stream
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/release/llm-warden}
+LG=target/release/examples/loadgen
+[ -x "$BIN" ] && [ -x "$LG" ] || { echo "run: cargo build --release && cargo build --release --example loadgen" >&2; exit 1; }
+NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
+[ -x "$NGINX" ] || { echo "nginx not found (apt-get install -y nginx)" >&2; exit 1; }
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+SIM=$(port); WARDEN=$(port); ADMIN=$(port); NGX=$(port)
+TMP=$(mktemp -d); chmod 755 "$TMP"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+if [ -n "${DEBUG:-}" ]; then trap "cp -r $TMP /tmp/compare-debug; cleanup" EXIT; fi
+
+RUST_LOG=warn "$BIN" simulate ollama --listen 127.0.0.1:$SIM --token-delay 0ms --load-latency 0ms 2>"$TMP/sim.log" &
+SIM_PID=$!; PIDS+=($SIM_PID)
+
+cat >"$TMP/warden.toml" <<TOML
+[admin]
+listen = "127.0.0.1:$ADMIN"
+[[providers]]
+kind = "ollama"
+listen = "127.0.0.1:$WARDEN"
+upstream = "http://127.0.0.1:$SIM"
+TOML
+RUST_LOG=warn "$BIN" serve --config "$TMP/warden.toml" 2>"$TMP/warden.log" &
+WARDEN_PID=$!; PIDS+=($WARDEN_PID)
+
+# One worker process, like llm-warden's one process; keep-alive both ways, no buffering.
+mkdir -p "$TMP/nginx"
+cat >"$TMP/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $TMP/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx;
+    proxy_temp_path $TMP/nginx;
+    fastcgi_temp_path $TMP/nginx;
+    uwsgi_temp_path $TMP/nginx;
+    scgi_temp_path $TMP/nginx;
+    upstream sim { server 127.0.0.1:$SIM; keepalive 128; }
+    server {
+        listen 127.0.0.1:$NGX;
+        keepalive_requests 1000000;
+        location / {
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # Ollama (and its simulator) answer 403 to a Host that is not local.
+            proxy_set_header Host 127.0.0.1:$SIM;
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }
+    }
+}
+NGINX
+"$NGINX" -c "$TMP/nginx.conf" -p "$TMP/nginx" &
+NGX_PID=$!; PIDS+=($NGX_PID)
+
+for url in http://127.0.0.1:$SIM http://127.0.0.1:$WARDEN http://127.0.0.1:$NGX; do
+    for _ in $(seq 100); do curl -fs "$url/api/version" >/dev/null && break; sleep 0.1; done
+done
+# The nginx worker is a child of the master; CPU is the worker's.
+NGX_WORKER=$(pgrep -P "$NGX_PID" | head -1)
+
+echo "== llm-warden (pid $WARDEN_PID) vs direct =="
+"$LG" --direct http://127.0.0.1:$SIM --direct-pid $SIM_PID \
+      --proxy http://127.0.0.1:$WARDEN --proxy-pid $WARDEN_PID "$@" 2>/dev/null | tee "$TMP/warden.out"
+echo
+echo "== nginx (worker pid $NGX_WORKER) vs direct =="
+"$LG" --direct http://127.0.0.1:$SIM --direct-pid $SIM_PID \
+      --proxy http://127.0.0.1:$NGX --proxy-pid "$NGX_WORKER" "$@" 2>"$TMP/nginx-loadgen.err" | tee "$TMP/nginx.out"; grep -m3 warning "$TMP/nginx-loadgen.err" >&2 || true; tail -3 "$TMP/nginx/error.log" >&2 || true
+echo
+echo "== llm-warden / nginx (proxy rows: req/s, p50, p99, cpu µs) =="
+paste <(grep -E '^ +proxy ' "$TMP/warden.out") <(grep -E '^ +proxy ' "$TMP/nginx.out") |
+    awk -v names="$(grep -E '^[a-z-]+ c=' "$TMP/warden.out" | awk '{print $1"_"$2}' | tr '\n' ' ')" '
+    function num(s) { v = s; if (s ~ /ms$/) { sub(/ms$/, "", v); return v * 1000 } if (s ~ /µs$/) { sub(/µs$/, "", v); return v } if (s ~ /s$/) { sub(/s$/, "", v); return v * 1e6 } sub(/\*$/, "", v); return v + 0 }
+    BEGIN { split(names, n, " "); printf "%-20s %10s %10s %10s %10s\n", "scenario", "req/s", "p50", "p99", "cpu µs" }
+    { h = NF / 2; printf "%-20s %9.2fx %9.2fx %9.2fx %9.2fx\n", n[NR], $2/$(h+2), num($3)/num($(h+3)), num($5)/num($(h+5)), num($8)/num($(h+8)) }'
