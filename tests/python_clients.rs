@@ -31,17 +31,34 @@ const PROXY_VARS: &[&str] = &[
     "OPENAI_BASE_URL",
 ];
 
-/// Requests the script sends, per (provider, model as named in the request body).
-const EXPECTED_REQUESTS: &[(&str, &str, u64)] = &[
-    // ollama client: chat, chat streamed, generate / embed.
-    ("ollama0", "llama3.2", 3),
-    ("ollama0", "nomic-embed-text", 1),
-    // openai client on Ollama's /v1: chat, streamed with and without usage / embeddings.
-    ("ollama0", "qwen2.5:7b", 3),
-    ("ollama0", "nomic-embed-text:latest", 1),
+/// Requests the script sends, per (provider, model as `/status` names it, the names the
+/// requests used). Ollama names are shown with their tag (`:latest` when none is given), so
+/// `nomic-embed-text` and `nomic-embed-text:latest` are one model.
+const EXPECTED_REQUESTS: &[(&str, &str, u64, &[&str])] = &[
+    // ollama client: chat, chat streamed, generate.
+    ("ollama0", "llama3.2:latest", 3, &["llama3.2"]),
+    // openai client on Ollama's /v1: chat, streamed with and without usage.
+    ("ollama0", "qwen2.5:7b", 3, &["qwen2.5:7b"]),
+    // embed from the ollama client and embeddings from the openai client.
+    (
+        "ollama0",
+        "nomic-embed-text:latest",
+        2,
+        &["nomic-embed-text", "nomic-embed-text:latest"],
+    ),
     // openai client on LM Studio's /v1: the same.
-    ("lmstudio1", "qwen2.5-7b-instruct", 3),
-    ("lmstudio1", "text-embedding-nomic-embed-text-v1.5", 1),
+    (
+        "lmstudio1",
+        "qwen2.5-7b-instruct",
+        3,
+        &["qwen2.5-7b-instruct"],
+    ),
+    (
+        "lmstudio1",
+        "text-embedding-nomic-embed-text-v1.5",
+        1,
+        &["text-embedding-nomic-embed-text-v1.5"],
+    ),
 ];
 
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(45);
@@ -127,10 +144,20 @@ async fn official_python_clients_through_the_proxy() {
     );
 
     let s = status(&c, &proxy).await;
-    for &(provider, model, requests) in EXPECTED_REQUESTS {
+    for &(provider, model, requests, sent_as) in EXPECTED_REQUESTS {
         let m = model_entry(&s, provider, model);
         let listener = provider.trim_end_matches(char::is_numeric);
-        let seen = &report[listener][model];
+        let sum = |key: &str| -> u64 {
+            sent_as
+                .iter()
+                .map(|n| report[listener][*n][key].as_u64().unwrap_or(0))
+                .sum()
+        };
+        let seen = serde_json::json!({
+            "requests": sum("requests"),
+            "prompt_tokens": sum("prompt_tokens"),
+            "completion_tokens": sum("completion_tokens"),
+        });
         let what = format!("{provider}/{model}: {m}");
         assert_eq!(m["total_requests"], requests, "{what}");
         assert_eq!(seen["requests"], requests, "script report for {what}");
@@ -151,7 +178,7 @@ async fn official_python_clients_through_the_proxy() {
         let used = m["total_requests"].as_u64().unwrap_or(0) > 0;
         let expected = EXPECTED_REQUESTS
             .iter()
-            .any(|&(p, n, _)| m["provider"] == p && m["model"] == n);
+            .any(|&(p, n, _, _)| m["provider"] == p && m["model"] == n);
         assert!(!used || expected, "unexpected model in /status: {m}");
     }
 

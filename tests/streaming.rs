@@ -111,7 +111,7 @@ async fn relays_each_frame_before_the_next_exists(
     let c = client();
     let req = Request::post(format!("http://{}{path}", proxy.proxy_addr(0)))
         .body(http_body_util::Full::new(Bytes::from_static(
-            br#"{"model":"m","stream":true}"#,
+            br#"{"model":"m:1","stream":true}"#,
         )))
         .unwrap();
     let pending = tokio::spawn({
@@ -127,7 +127,7 @@ async fn relays_each_frame_before_the_next_exists(
     // While the stream is open the request is in flight.
     let s = status(&c, &proxy).await;
     assert_eq!(
-        model_entry(&s, &format!("{kind}0"), "m")["active_requests"],
+        model_entry(&s, &format!("{kind}0"), "m:1")["active_requests"],
         1
     );
     for f in &frames[1..] {
@@ -140,7 +140,7 @@ async fn relays_each_frame_before_the_next_exists(
         "the stream ends when the upstream's does"
     );
     let s = status(&c, &proxy).await;
-    let m = model_entry(&s, &format!("{kind}0"), "m");
+    let m = model_entry(&s, &format!("{kind}0"), "m:1");
     assert_eq!(m["active_requests"], 0);
     assert_eq!(
         (m["prompt_tokens"].as_u64(), m["completion_tokens"].as_u64()),
@@ -230,7 +230,7 @@ async fn a_client_that_leaves_drops_the_upstream_request() {
     let c = client();
     let req = Request::post(format!("http://{}/api/generate", proxy.proxy_addr(0)))
         .body(http_body_util::Full::new(Bytes::from_static(
-            br#"{"model":"m","prompt":"hi"}"#,
+            br#"{"model":"m:1","prompt":"hi"}"#,
         )))
         .unwrap();
     let pending = tokio::spawn({
@@ -252,7 +252,7 @@ async fn a_client_that_leaves_drops_the_upstream_request() {
         .expect("upstream request is dropped after the client leaves");
     let c = client();
     let s = status(&c, &proxy).await;
-    let m = model_entry(&s, "ollama0", "m");
+    let m = model_entry(&s, "ollama0", "m:1");
     assert_eq!(
         (m["active_requests"].as_u64(), m["cancelled"].as_u64()),
         (Some(0), Some(1)),

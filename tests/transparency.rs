@@ -194,7 +194,7 @@ async fn ollama_responses_are_byte_identical_through_the_proxy() {
 
     // Every inspected request was counted, and nothing is left in flight.
     let s = status(&c, &proxy).await;
-    let llama = model_entry(&s, "ollama0", "llama3.2");
+    let llama = model_entry(&s, "ollama0", "llama3.2:latest");
     assert_eq!(llama["active_requests"], 0);
     // 12 requests name llama3.2; the one with broken JSON names no model and is not counted.
     assert_eq!(llama["total_requests"], 12, "{llama}");
@@ -204,7 +204,7 @@ async fn ollama_responses_are_byte_identical_through_the_proxy() {
     );
     assert!(llama["prompt_tokens"].as_u64().unwrap() > 0);
     assert!(llama["completion_tokens"].as_u64().unwrap() > 0);
-    assert_eq!(model_entry(&s, "ollama0", "llama9")["errors"], 2);
+    assert_eq!(model_entry(&s, "ollama0", "llama9:latest")["errors"], 2);
     proxy.shutdown().await;
 }
 

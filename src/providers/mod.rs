@@ -54,6 +54,15 @@ impl ProviderKind {
         }
     }
 
+    /// The name under which a model is counted: Ollama names get their tag (`llama3.2` and
+    /// `llama3.2:latest` are one model, as `/api/ps` lists it); others are kept as sent.
+    pub fn canonical_model(self, model: &str) -> std::borrow::Cow<'_, str> {
+        match self {
+            ProviderKind::Ollama => ollama::canonical_model(model),
+            ProviderKind::LmStudio => std::borrow::Cow::Borrowed(model),
+        }
+    }
+
     /// How clients of `path` expect an error body written by the proxy itself.
     pub fn error_style(self, path: &str) -> ErrorStyle {
         match self {
@@ -190,6 +199,26 @@ mod tests {
                 "{kind:?} {path}"
             );
         }
+    }
+
+    #[test]
+    fn ollama_names_get_their_default_tag() {
+        let k = ProviderKind::Ollama;
+        assert_eq!(k.canonical_model("llama3.2"), "llama3.2:latest");
+        assert_eq!(k.canonical_model("llama3.2:3b"), "llama3.2:3b");
+        assert_eq!(
+            k.canonical_model("hf.co/org/model"),
+            "hf.co/org/model:latest"
+        );
+        assert_eq!(
+            k.canonical_model("localhost:5000/ns/m"),
+            "localhost:5000/ns/m:latest"
+        );
+        assert_eq!(
+            k.canonical_model("localhost:5000/ns/m:q4"),
+            "localhost:5000/ns/m:q4"
+        );
+        assert_eq!(ProviderKind::LmStudio.canonical_model("qwen"), "qwen");
     }
 
     #[test]

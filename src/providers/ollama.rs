@@ -46,3 +46,14 @@ pub(super) fn error_style(path: &str) -> ErrorStyle {
         ErrorStyle::Ollama
     }
 }
+
+/// `[host/][namespace/]model[:tag]`; the tag defaults to `latest`. A `:` before the last `/`
+/// is a registry port, not a tag.
+pub(super) fn canonical_model(model: &str) -> std::borrow::Cow<'_, str> {
+    let last = model.rsplit('/').next().unwrap_or(model);
+    if last.contains(':') {
+        std::borrow::Cow::Borrowed(model)
+    } else {
+        std::borrow::Cow::Owned(format!("{model}:latest"))
+    }
+}

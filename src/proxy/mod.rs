@@ -148,7 +148,10 @@ async fn inspected(
         };
     let parsed = ModelRequest::parse(&bytes);
     // No model (bad JSON, missing field): the upstream answers with its own error, unchanged.
-    let mut guard = parsed.model().map(|m| state.stats.begin(provider, m));
+    let kind = p.config.kind;
+    let mut guard = parsed
+        .model()
+        .map(|m| state.stats.begin(provider, &kind.canonical_model(m)));
     drop(parsed);
     let up = match forward::upstream_request(
         &p.config.upstream,

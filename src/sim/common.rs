@@ -97,31 +97,51 @@ impl Call {
     }
 }
 
-/// Every request a simulator received, in arrival order; tests assert on it.
+/// The most recent requests a simulator received, in arrival order; tests assert on it.
+///
+/// Bounded: a long benchmark against `llm-warden simulate` must not grow without limit, so
+/// only the last [`CallLog::CAPACITY`] calls are kept (`total` still counts every one).
 #[derive(Clone, Debug, Default)]
-pub struct CallLog(Arc<Mutex<Vec<Call>>>);
+pub struct CallLog(Arc<Mutex<LogInner>>);
+
+#[derive(Debug, Default)]
+struct LogInner {
+    calls: std::collections::VecDeque<Call>,
+    total: u64,
+}
 
 impl CallLog {
+    pub const CAPACITY: usize = 10_000;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn push(&self, call: Call) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(call);
+        let mut log = self.lock();
+        if log.calls.len() == Self::CAPACITY {
+            log.calls.pop_front();
+        }
+        log.calls.push_back(call);
+        log.total += 1;
     }
 
     pub fn calls(&self) -> Vec<Call> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.lock().calls.iter().cloned().collect()
     }
 
-    /// Number of calls to `path` (any method).
+    /// Number of retained calls to `path` (any method).
     pub fn count(&self, path: &str) -> usize {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|c| c.path == path)
-            .count()
+        self.lock().calls.iter().filter(|c| c.path == path).count()
+    }
+
+    /// Every call ever received, retained or not.
+    pub fn total(&self) -> u64 {
+        self.lock().total
     }
 
     pub fn clear(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.lock().calls.clear();
     }
 }
 
