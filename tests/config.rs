@@ -1,0 +1,154 @@
+//! The config file and the binary: the documented example parses to the defaults, bad config
+//! exits non-zero naming the key, and `serve` runs and stops cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_llm-warden");
+
+fn repo_file(p: &str) -> String {
+    format!("{}/{p}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn documented_config_parses_to_the_builtin_defaults() {
+    let text = std::fs::read_to_string(repo_file("config/llm-warden.toml")).unwrap();
+    let documented = llm_warden::config::load_str(&text).expect("config/llm-warden.toml is valid");
+    let builtin = llm_warden::config::Config::default();
+    // Same values, key for key (Debug covers every field).
+    assert_eq!(format!("{documented:?}"), format!("{builtin:?}"));
+}
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("llm-warden-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn bad_config_exits_nonzero_naming_every_key() {
+    let p = temp_file(
+        "bad.toml",
+        "[proxy]\nmax_request_body = \"lots\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"localhost\"\n[limits]\nmemory_threshold = 2.0\n",
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "proxy.max_request_body",
+        "providers[0].listen",
+        "limits.memory_threshold",
+    ] {
+        assert!(err.contains(key), "{key} not named in: {err}");
+    }
+    assert!(
+        err.contains(&p.display().to_string()),
+        "the file is named: {err}"
+    );
+
+    let p = temp_file("typo.toml", "[limits]\nmax_model_loaded = 2\n");
+    let out = Command::new(BIN)
+        .args(["check-config", "-c"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_model_loaded"));
+
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent/x.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.toml"));
+}
+
+#[test]
+fn config_path_comes_from_the_environment_when_not_given() {
+    let p = temp_file("env.toml", "[admin]\nlisten = \"127.0.0.1:19999\"\n");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env("LLM_WARDEN_CONFIG", &p)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("admin: 127.0.0.1:19999"), "{text}");
+    // Without either, the built-in defaults.
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env_remove("LLM_WARDEN_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("(built-in defaults)")
+            && text.contains("127.0.0.1:11435 -> http://127.0.0.1:11434"),
+        "{text}"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn serve_starts_with_providers_down_and_stops_on_sigterm() {
+    let (admin, proxy, dead) = (free_port(), free_port(), free_port());
+    let p = temp_file(
+        "serve.toml",
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://127.0.0.1:{dead}\"\n"),
+    );
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&p)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    // Start-up logs the unreachable provider and then the listeners; read until admin is up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let Some(Ok(line)) = lines.next() else { break };
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("admin listening") {
+            break;
+        }
+    }
+    assert!(log.contains("provider is unreachable"), "{log}");
+    assert!(log.contains("admin listening"), "{log}");
+
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"reachable\":false"), "{resp}");
+
+    // SIGTERM: a clean, prompt exit.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
