@@ -16,6 +16,8 @@ use serde::Serialize;
 /// Counters for one model on one provider.
 #[derive(Debug, Default)]
 pub struct ModelStats {
+    /// `provider/model`, for the log line of each finished request.
+    name: Box<str>,
     active: AtomicU64,
     total: AtomicU64,
     errors: AtomicU64,
@@ -70,7 +72,15 @@ impl StatsTable {
         if let Some(s) = map.get(model) {
             return s.clone();
         }
-        map.entry(model.into()).or_default().clone()
+        let provider_name = &self.providers[provider].0;
+        map.entry(model.into())
+            .or_insert_with(|| {
+                Arc::new(ModelStats {
+                    name: format!("{provider_name}/{model}").into(),
+                    ..Default::default()
+                })
+            })
+            .clone()
     }
 
     /// Starts a request: counts it in flight until the guard drops.
@@ -130,10 +140,12 @@ enum Outcome {
     Failed,
 }
 
-/// A request in flight. Drop it exactly once; dropping records the outcome and tokens.
+/// A request in flight. Drop it exactly once; dropping records the outcome and tokens, and
+/// writes the request's one log line (at debug level).
 #[derive(Debug)]
 pub struct InFlight {
     stats: Arc<ModelStats>,
+    started: std::time::Instant,
     outcome: Outcome,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
@@ -146,6 +158,7 @@ impl InFlight {
         stats.touch();
         InFlight {
             stats,
+            started: std::time::Instant::now(),
             outcome: Outcome::Open,
             prompt_tokens: None,
             completion_tokens: None,
@@ -195,6 +208,14 @@ impl Drop for InFlight {
         }
         s.touch();
         s.active.fetch_sub(1, Relaxed);
+        tracing::debug!(
+            model = &*s.name,
+            outcome = ?self.outcome,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.completion_tokens,
+            elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            "request finished"
+        );
     }
 }
 

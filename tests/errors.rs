@@ -137,3 +137,65 @@ async fn a_provider_that_comes_up_later_is_reported_reachable() {
     assert!(s["providers"][0].get("last_error").is_none(), "{s}");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_error_inside_a_200_stream_counts_as_an_error() {
+    let ollama = start_ollama(Default::default()).await;
+    let lmstudio = start_lmstudio(Default::default()).await;
+    let proxy = start_proxy(
+        &[("ollama", ollama.url()), ("lmstudio", lmstudio.url())],
+        "",
+    )
+    .await;
+    let c = client();
+
+    ollama.state.fail_next_stream_after(2);
+    let r = post_json(
+        &c,
+        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let last = r.text().lines().last().unwrap().to_string();
+    assert!(last.starts_with("{\"error\""), "{last}");
+
+    lmstudio.state.fail_next_stream_after(1);
+    let r = post_json(
+        &c,
+        &format!("http://{}/v1/chat/completions", proxy.proxy_addr(1)),
+        r#"{"model":"qwen2.5-7b-instruct","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text().contains("data: {\"error\"") && !r.text().contains("[DONE]"),
+        "{}",
+        r.text()
+    );
+
+    // A normal stream afterwards is not an error.
+    let r = post_json(
+        &c,
+        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert!(r.text().lines().last().unwrap().contains("\"done\":true"));
+
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    assert_eq!(
+        (m["total_requests"].as_u64(), m["errors"].as_u64()),
+        (Some(2), Some(1)),
+        "{m}"
+    );
+    let m = model_entry(&s, "lmstudio1", "qwen2.5-7b-instruct");
+    assert_eq!(
+        (m["total_requests"].as_u64(), m["errors"].as_u64()),
+        (Some(1), Some(1)),
+        "{m}"
+    );
+    assert_eq!(m["active_requests"], 0);
+    proxy.shutdown().await;
+}

@@ -39,11 +39,18 @@ static LMSTUDIO_V1: LazyLock<Patterns> = LazyLock::new(|| Patterns {
     prompt: Finder::new(b"\"input_tokens\""),
     completion: Finder::new(b"\"total_output_tokens\""),
 });
-/// An error object inside a 200 stream: Ollama's `{"error":"..."}` line, an OpenAI
-/// `data: {"error":{...}}` event.
-static ERROR_OBJECT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"{\"error\""));
-/// LM Studio `/api/v1/chat` named error event.
-static ERROR_EVENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"event: error"));
+/// An error inside a 200 stream, always at the start of a line (a JSON string cannot hold a
+/// raw newline, and an error object elsewhere, e.g. in tool-call arguments, is not one):
+/// Ollama's `{"error":"..."}` NDJSON line, an OpenAI `data: {"error":{...}}` event, LM
+/// Studio's `event: error`. The first line of a body is checked separately.
+const ERROR_STARTS: [&[u8]; 3] = [b"{\"error\"", b"data: {\"error\"", b"event: error"];
+static ERROR_LINES: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\n{\"error\""),
+        Finder::new(b"\ndata: {\"error\""),
+        Finder::new(b"\nevent: error"),
+    ]
+});
 
 /// Reads token counts and in-stream errors out of a response as it passes.
 #[derive(Debug)]
@@ -51,6 +58,8 @@ pub struct UsageScanner {
     keys: UsageKeys,
     tail: [u8; TAIL],
     tail_len: usize,
+    /// Nothing has been fed yet: the next chunk starts the body (and its first line).
+    at_start: bool,
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
     pub error: bool,
@@ -62,6 +71,7 @@ impl UsageScanner {
             keys,
             tail: [0; TAIL],
             tail_len: 0,
+            at_start: true,
             prompt: None,
             completion: None,
             error: false,
@@ -78,6 +88,14 @@ impl UsageScanner {
 
     /// Feeds one frame of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
+        if self.at_start && !chunk.is_empty() {
+            self.at_start = false;
+            // The body's first line has no newline before it. (A first chunk shorter than the
+            // marker is not worth a buffer: error bodies come whole.)
+            if ERROR_STARTS.iter().any(|m| chunk.starts_with(m)) {
+                self.error = true;
+            }
+        }
         if self.tail_len > 0 {
             // The seam: end of the previous frame + start of this one.
             let mut seam = [0u8; 2 * TAIL];
@@ -122,7 +140,7 @@ impl UsageScanner {
         if let Some(v) = last_number(&p.completion, buf, at_end) {
             self.completion = Some(v);
         }
-        if !self.error && (ERROR_OBJECT.find(buf).is_some() || ERROR_EVENT.find(buf).is_some()) {
+        if !self.error && ERROR_LINES.iter().any(|f| f.find(buf).is_some()) {
             self.error = true;
         }
     }
@@ -300,8 +318,29 @@ mod tests {
     #[test]
     fn error_line_inside_a_stream_is_seen() {
         let body = b"{\"model\":\"m\",\"done\":false}\n{\"error\":\"runner crashed\"}\n";
-        assert!(scan_in_pieces(UsageKeys::OllamaNative, body, 3).error);
+        for piece in 1..body.len() {
+            assert!(
+                scan_in_pieces(UsageKeys::OllamaNative, body, piece).error,
+                "piece {piece}"
+            );
+        }
         let body = b"event: message.delta\ndata: {}\n\nevent: error\ndata: {}\n\n";
         assert!(scan_in_pieces(UsageKeys::LmStudioV1, body, 4).error);
+        let body = b"data: {\"choices\":[]}\n\ndata: {\"error\":{\"message\":\"x\"}}\n\n";
+        assert!(scan_in_pieces(UsageKeys::OpenAi, body, 5).error);
+        assert!(scan_in_pieces(UsageKeys::OllamaNative, b"{\"error\":\"boom\"}", 100).error);
+    }
+
+    #[test]
+    fn an_error_key_that_is_not_a_line_is_not_an_error() {
+        // Ollama tool-call arguments are a JSON object; a tool may well take an `error` field.
+        let body = br#"{"model":"m","message":{"role":"assistant","content":"","tool_calls":[{"function":{"name":"report","arguments":{"error":"disk full"}}}]},"done":false}
+{"model":"m","done":true,"prompt_eval_count":3,"eval_count":4}
+"#;
+        for piece in 1..body.len() {
+            let s = scan_in_pieces(UsageKeys::OllamaNative, body, piece);
+            assert!(!s.error, "piece {piece}");
+            assert_eq!((s.prompt, s.completion), (Some(3), Some(4)));
+        }
     }
 }

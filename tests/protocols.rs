@@ -1,4 +1,5 @@
-//! WebSocket upgrades (the `lmstudio` SDK's transport) pass through the proxy both ways.
+//! WebSocket upgrades (the `lmstudio` SDK's transport) pass through the proxy both ways, and
+//! HTTP/2 clients are served like HTTP/1.1 ones.
 
 mod support;
 
@@ -44,5 +45,44 @@ async fn websocket_upgrade_passes_through_both_ways() {
     assert!(seen
         .iter()
         .any(|c| c.path == "/llm" && c.headers.contains_key("sec-websocket-key")));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_clients_are_served_too() {
+    let sim = start_ollama(Default::default()).await;
+    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+    let h2: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    let r = send(
+        &h2,
+        http::Method::GET,
+        &format!("{base}/api/version"),
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["version"], "0.13.0");
+    let r = send(
+        &h2,
+        http::Method::POST,
+        &format!("{base}/api/chat"),
+        &[],
+        bytes::Bytes::from_static(
+            br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().lines().last().unwrap().contains("\"done\":true"));
+    let s = status(&client(), &proxy).await;
+    assert_eq!(
+        model_entry(&s, "ollama0", "llama3.2:latest")["completion_tokens"],
+        8
+    );
     proxy.shutdown().await;
 }
