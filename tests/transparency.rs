@@ -311,3 +311,52 @@ async fn lmstudio_responses_are_byte_identical_through_the_proxy() {
     assert!(qwen["prompt_tokens"].as_u64().unwrap() > 0);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn requests_reach_the_provider_unchanged_but_for_hop_by_hop_headers_and_host() {
+    let sim = start_ollama(Default::default()).await;
+    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+    let c = client();
+    let body = r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
+    for path in ["/api/chat", "/api/show"] {
+        let r = send(
+            &c,
+            Method::POST,
+            &format!("http://{}{path}?x=1", proxy.proxy_addr(0)),
+            &[
+                ("authorization", "Bearer sk-test"),
+                ("user-agent", "ollama-python/0.6.3"),
+                ("x-custom", "kept"),
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "dropped"),
+                ("host", "gpu-box.lan:11435"),
+            ],
+            Bytes::from_static(body.as_bytes()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{path}");
+        let call = sim.state.log.calls().pop().unwrap();
+        assert_eq!(call.path, path);
+        assert_eq!(call.query.as_deref(), Some("x=1"));
+        assert_eq!(call.body, body.as_bytes(), "{path}: body unchanged");
+        let h = &call.headers;
+        assert_eq!(
+            h["content-length"],
+            body.len().to_string().as_str(),
+            "{path}"
+        );
+        assert_eq!(h["authorization"], "Bearer sk-test");
+        assert_eq!(h["user-agent"], "ollama-python/0.6.3");
+        assert_eq!(h["x-custom"], "kept");
+        assert!(
+            h.get("x-hop").is_none(),
+            "{path}: a header named by Connection is hop-by-hop"
+        );
+        assert_eq!(
+            h["host"],
+            sim.addr.to_string().as_str(),
+            "{path}: Host is the upstream's"
+        );
+    }
+    proxy.shutdown().await;
+}

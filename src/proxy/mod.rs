@@ -140,12 +140,15 @@ async fn inspected(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let p = &state.providers[provider];
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let bytes =
         match inbound::read_body(&parts.headers, body, state.config.proxy.max_request_body).await {
             Ok(b) => b,
             Err(e) => return local_error(&e, endpoint.errors),
         };
+    // The body goes upstream whole: the client sets its length from the bytes, so a stage
+    // that rewrites them can never leave a stale Content-Length behind.
+    parts.headers.remove(http::header::CONTENT_LENGTH);
     let parsed = ModelRequest::parse(&bytes);
     // No model (bad JSON, missing field): the upstream answers with its own error, unchanged.
     let kind = p.config.kind;
