@@ -1,0 +1,196 @@
+//! Simulated LM Studio server (`provider-apis.md` §2, checklist §5.2): the public handle
+//! (`LmStudioSim`, `spawn`, `bind`), bearer auth and the router. Routes live in `openai`
+//! (`/v1/*`, `/api/v0/*`), `native` (`/api/v1/*`), `config` (knobs, model lists) and
+//! `websocket` (SDK namespaces, echo only); `state` owns loaded models, JIT and TTL,
+//! `generate` token pacing and streams, `request` body parsing and errors, `wire` the JSON.
+
+mod config;
+mod generate;
+mod native;
+mod openai;
+mod request;
+mod state;
+mod websocket;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{LmStudioConfig, Overflow};
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+
+use super::common::{record, serve, CallLog, Clock, SimBody, SimServer};
+use request::{Api, OaiError, OaiErrorBody};
+use state::State;
+use websocket::{is_websocket_upgrade, websocket};
+use wire::{json, Greeting, UnknownEndpoint};
+
+/// Content type of every JSON answer (Express `res.json`).
+const JSON: &str = "application/json; charset=utf-8";
+/// Content type of every stream.
+const SSE: &str = "text/event-stream";
+/// The SDK's WebSocket namespaces; a WebSocket upgrade on one of them is accepted.
+pub const WS_NAMESPACES: [&str; 7] = [
+    "/llm",
+    "/embedding",
+    "/system",
+    "/files",
+    "/repository",
+    "/diagnostics",
+    "/plugins",
+];
+
+/// The simulator's shared state: call log, clock, loaded models and counters.
+pub struct LmStudioSim {
+    pub log: CallLog,
+    pub clock: Clock,
+    cfg: LmStudioConfig,
+    state: Mutex<State>,
+    active: AtomicUsize,
+    cancelled: AtomicUsize,
+}
+
+impl LmStudioSim {
+    fn new(cfg: LmStudioConfig) -> Self {
+        LmStudioSim {
+            log: CallLog::default(),
+            clock: cfg.clock.clone(),
+            cfg,
+            state: Mutex::new(State::default()),
+            active: AtomicUsize::new(0),
+            cancelled: AtomicUsize::new(0),
+        }
+    }
+
+    /// The configuration the server runs with.
+    pub fn config(&self) -> &LmStudioConfig {
+        &self.cfg
+    }
+
+    /// Instance ids currently loaded (load order), after TTL expiry at `clock.now()`.
+    pub fn loaded(&self) -> Vec<String> {
+        self.lock().instances.iter().map(|i| i.id.clone()).collect()
+    }
+
+    /// Context length of a loaded instance.
+    pub fn loaded_context_length(&self, instance_id: &str) -> Option<u32> {
+        self.lock()
+            .instances
+            .iter()
+            .find(|i| i.id == instance_id)
+            .map(|i| i.context_length)
+    }
+
+    /// Model keys with a JIT load in progress.
+    pub fn loading(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.lock().pending.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// How many loads of `model` (a key) completed, JIT and manual.
+    pub fn load_count(&self, model: &str) -> usize {
+        self.lock().load_counts.get(model).copied().unwrap_or(0)
+    }
+
+    /// Generations in progress; drops when the client disconnects.
+    pub fn active_requests(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Generations stopped because the client went away.
+    pub fn cancelled(&self) -> usize {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// The next load (JIT or manual) fails with `message`.
+    pub fn fail_next_load(&self, message: &str) {
+        self.lock().fail_next_load = Some(message.to_string());
+    }
+
+    /// The next streamed generation sends `chunks` token chunks, then an error event, and ends
+    /// (no `[DONE]`, no `chat.end`).
+    pub fn fail_next_stream_after(&self, chunks: usize) {
+        self.lock().fail_stream_after = Some(chunks);
+    }
+}
+
+// === server ===
+
+/// Starts the simulator on `listener` (call inside a tokio runtime).
+pub fn spawn(cfg: LmStudioConfig, listener: TcpListener) -> SimServer<LmStudioSim> {
+    serve(listener, Arc::new(LmStudioSim::new(cfg)), handle)
+}
+
+/// Binds `addr` (e.g. `127.0.0.1:1234`, or port 0) and starts the simulator.
+pub async fn bind(cfg: LmStudioConfig, addr: &str) -> std::io::Result<SimServer<LmStudioSim>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(spawn(cfg, listener))
+}
+
+async fn handle(sim: Arc<LmStudioSim>, req: Request<Incoming>) -> Response<SimBody> {
+    let (call, on_upgrade) = record(req, &sim.log).await;
+    if let Some(key) = &sim.cfg.api_key {
+        let expected = format!("Bearer {key}");
+        let ok = call
+            .headers
+            .get(header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == expected.as_bytes());
+        if !ok {
+            let body = OaiError {
+                error: OaiErrorBody {
+                    message: "Invalid or missing API token. Provide a valid token in the \
+                              Authorization header as 'Bearer <token>'.",
+                    kind: "invalid_request_error",
+                    param: None,
+                    code: Some("invalid_api_key"),
+                },
+            };
+            return json(StatusCode::UNAUTHORIZED, &body);
+        }
+    }
+    if call.method == Method::GET
+        && WS_NAMESPACES.contains(&call.path.as_str())
+        && is_websocket_upgrade(&call)
+    {
+        return websocket(&call, on_upgrade);
+    }
+    let result = match (&call.method, call.path.as_str()) {
+        (&Method::GET, "/lmstudio-greeting") => {
+            Ok(json(StatusCode::OK, &Greeting { lmstudio: true }))
+        }
+        (&Method::GET, "/v1/models") => Ok(sim.openai_models()),
+        (&Method::POST, "/v1/chat/completions") => sim.chat(&call, Api::OpenAi).await,
+        (&Method::POST, "/api/v0/chat/completions") => sim.chat(&call, Api::V0).await,
+        (&Method::POST, "/v1/completions") => sim.completions(&call, Api::OpenAi).await,
+        (&Method::POST, "/api/v0/completions") => sim.completions(&call, Api::V0).await,
+        (&Method::POST, "/v1/embeddings") => sim.embeddings(&call, Api::OpenAi).await,
+        (&Method::POST, "/api/v0/embeddings") => sim.embeddings(&call, Api::V0).await,
+        (&Method::GET, "/api/v0/models") => Ok(sim.v0_models()),
+        (&Method::GET, p) if p.starts_with("/api/v0/models/") => {
+            Ok(sim.v0_model(&p["/api/v0/models/".len()..]))
+        }
+        (&Method::GET, "/api/v1/models") => Ok(sim.v1_models()),
+        (&Method::POST, "/api/v1/models/load") => sim.v1_load(&call).await,
+        (&Method::POST, "/api/v1/models/unload") => Ok(sim.v1_unload(&call)),
+        (&Method::POST, "/api/v1/chat") => sim.v1_chat(&call).await,
+        _ => Ok(json(
+            StatusCode::NOT_FOUND,
+            &UnknownEndpoint {
+                error: format!(
+                    "Unexpected endpoint or method. ({} {})",
+                    call.method, call.path
+                ),
+            },
+        )),
+    };
+    result.unwrap_or_else(|r| r)
+}
+
+type Handled = Result<Response<SimBody>, Response<SimBody>>;
