@@ -231,6 +231,26 @@ pub fn alnum_id(seed: u64, len: usize) -> String {
         .collect()
 }
 
+// === shared wire shapes ===
+
+/// The OpenAI `usage` object (`/v1/*` of both providers): key order as they send it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt: u32, completion: u32) -> Self {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+}
+
 // === encoding ===
 
 /// JSON as Go's `encoding/json` writes it: no whitespace, struct field order, and `<`, `>`,

@@ -24,22 +24,8 @@ pub(super) struct UnknownEndpoint {
     pub(super) error: String,
 }
 
-#[derive(Serialize)]
-pub(super) struct Usage {
-    pub(super) prompt_tokens: u32,
-    pub(super) completion_tokens: u32,
-    pub(super) total_tokens: u32,
-}
-
-impl Usage {
-    pub(super) fn new(prompt: u32, completion: u32) -> Self {
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt + completion,
-        }
-    }
-}
+/// The OpenAI `usage` object, the same in both providers.
+pub(super) use crate::sim::common::Usage;
 
 #[derive(Serialize)]
 pub(super) struct ChatMessage<'a> {

@@ -147,7 +147,7 @@ impl OllamaSim {
                     index: 0,
                     finish_reason: None,
                 }],
-                include_usage.then(|| Usage::of(0, 0)),
+                include_usage.then(|| Usage::new(0, 0)),
             ),
         }
     }
@@ -156,7 +156,7 @@ impl OllamaSim {
     pub(super) fn finals(&self, gen: &Gen, flavor: &Flavor) -> Vec<Bytes> {
         let model = gen.label.as_str();
         let m = self.metrics(gen);
-        let usage = || Usage::of(m.prompt_eval_count, m.eval_count);
+        let usage = || Usage::new(m.prompt_eval_count, m.eval_count);
         match flavor {
             Flavor::Chat => vec![line(common::go_json(&ChatResponse::new(
                 model,
@@ -209,7 +209,7 @@ impl OllamaSim {
                         index: 0,
                         finish_reason: Some(gen.done_reason),
                     }],
-                    include_usage.then(|| Usage::of(0, 0)),
+                    include_usage.then(|| Usage::new(0, 0)),
                 )];
                 if *include_usage {
                     out.push(chunk(Vec::new(), Some(usage())));
@@ -263,7 +263,7 @@ impl OllamaSim {
                         },
                         finish_reason: Some(gen.done_reason),
                     }],
-                    usage: Usage::of(m.prompt_eval_count, m.eval_count),
+                    usage: Usage::new(m.prompt_eval_count, m.eval_count),
                 }),
             ),
             Flavor::OaiCompletion { id, created, .. } => (
@@ -279,7 +279,7 @@ impl OllamaSim {
                         index: 0,
                         finish_reason: Some(gen.done_reason),
                     }],
-                    usage: Usage::of(m.prompt_eval_count, m.eval_count),
+                    usage: Usage::new(m.prompt_eval_count, m.eval_count),
                 }),
             ),
         }

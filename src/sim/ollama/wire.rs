@@ -294,22 +294,8 @@ pub(super) struct LegacyEmbedding {
     pub(super) embedding: Vec<GoFloat>,
 }
 
-#[derive(Serialize)]
-pub(super) struct Usage {
-    pub(super) prompt_tokens: u32,
-    pub(super) completion_tokens: u32,
-    pub(super) total_tokens: u32,
-}
-
-impl Usage {
-    pub(super) fn of(prompt: u32, completion: u32) -> Self {
-        Usage {
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            total_tokens: prompt + completion,
-        }
-    }
-}
+/// The OpenAI `usage` object, the same in both providers.
+pub(super) use crate::sim::common::Usage;
 
 #[derive(Serialize)]
 pub(super) struct OaiChatCompletion<'a> {
