@@ -20,6 +20,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("the request target cannot be forwarded: {0}")]
+    InvalidTarget(String),
     #[error("upstream `{provider}` ({upstream}) is unreachable: {reason}")]
     UpstreamUnreachable {
         provider: String,
@@ -34,7 +36,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyRead(_) | ProxyError::InvalidTarget(_) => StatusCode::BAD_REQUEST,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -42,7 +44,9 @@ impl ProxyError {
 
     pub fn fault(&self) -> Fault {
         match self {
-            ProxyError::BodyTooLarge { .. } | ProxyError::BodyRead(_) => Fault::Client,
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::BodyRead(_)
+            | ProxyError::InvalidTarget(_) => Fault::Client,
             _ => Fault::Upstream,
         }
     }
@@ -52,6 +56,7 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BodyRead(_) => "body_read",
+            ProxyError::InvalidTarget(_) => "invalid_target",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
         }

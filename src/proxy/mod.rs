@@ -113,7 +113,7 @@ async fn passthrough(
     let up = match forward::upstream_request(&p.config.upstream, parts, Either::Left(body), upgrade)
     {
         Ok(r) => r,
-        Err(e) => return local_error(&ProxyError::BodyRead(e.to_string()), style),
+        Err(e) => return local_error(&ProxyError::InvalidTarget(e.to_string()), style),
     };
     match state.client.request(up).await {
         Ok(mut resp) => {
@@ -150,21 +150,22 @@ async fn inspected(
     // that rewrites them can never leave a stale Content-Length behind.
     parts.headers.remove(http::header::CONTENT_LENGTH);
     let parsed = ModelRequest::parse(&bytes);
-    // No model (bad JSON, missing field): the upstream answers with its own error, unchanged.
+    let up = match forward::upstream_request(
+        &p.config.upstream,
+        parts,
+        Either::Right(Full::new(bytes.clone())),
+        false,
+    ) {
+        Ok(r) => r,
+        Err(e) => return local_error(&ProxyError::InvalidTarget(e.to_string()), endpoint.errors),
+    };
+    // In flight from here. No model (bad JSON, missing field): the upstream answers with its
+    // own error, unchanged, and nothing is counted.
     let kind = p.config.kind;
     let mut guard = parsed
         .model()
         .map(|m| state.stats.begin(provider, &kind.canonical_model(m)));
     drop(parsed);
-    let up = match forward::upstream_request(
-        &p.config.upstream,
-        parts,
-        Either::Right(Full::new(bytes)),
-        false,
-    ) {
-        Ok(r) => r,
-        Err(e) => return local_error(&ProxyError::BodyRead(e.to_string()), endpoint.errors),
-    };
     match state.client.request(up).await {
         Ok(mut resp) => {
             p.mark_reachable();
