@@ -836,6 +836,27 @@ mod tests {
     }
 
     #[test]
+    fn per_model_overrides_parse() {
+        let c = load_str(
+            "[models.\"llama3.2:3b\"]\ninactivity_timeout = \"30m\"\npinned = true\ncontext_window = 8192\ncompression_threshold = 0.8\non_overflow = \"reject\"\n",
+        )
+        .unwrap();
+        let m = &c.models["llama3.2:3b"];
+        assert_eq!(m.inactivity_timeout, Some(Duration::from_secs(1800)));
+        assert!(m.pinned);
+        assert_eq!(m.context_window, Some(8192));
+        assert_eq!(m.compression_threshold, Some(0.8));
+        assert_eq!(m.on_overflow, Some(OverflowPolicy::Reject));
+        let err =
+            load_str("[models.\"m\"]\non_overflow = \"drop\"\ncontext_window = 0\n").unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["models.\"m\".on_overflow", "models.\"m\".context_window"]
+        );
+    }
+
+    #[test]
     fn upstream_keeps_a_path_prefix() {
         let u = parse_upstream("http://gpu-box:11434/ollama/").unwrap();
         assert_eq!(u.authority.as_str(), "gpu-box:11434");
