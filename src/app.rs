@@ -204,12 +204,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     })
 }
 
-/// Runs until `shutdown` completes, then drains.
-pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+/// Runs until `shutdown` completes, then drains open requests; if `force` completes first
+/// during the drain (a second Ctrl-C), stops at once.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    force: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let running = start(config).await?;
     shutdown.await;
-    tracing::info!("shutting down");
-    running.shutdown().await;
+    tracing::info!(
+        "shutting down: waiting up to {DRAIN_TIMEOUT:?} for open requests (interrupt again to stop now)"
+    );
+    tokio::select! {
+        _ = running.shutdown() => {}
+        _ = force => tracing::warn!("stopping without waiting for open requests"),
+    }
     Ok(())
 }
 

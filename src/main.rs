@@ -78,6 +78,7 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     runtime()?.block_on(llm_warden::app::serve(
         config,
         llm_warden::cli::shutdown_signal(),
+        llm_warden::cli::shutdown_signal(),
     ))?;
     Ok(())
 }

@@ -152,3 +152,90 @@ fn serve_starts_with_providers_down_and_stops_on_sigterm() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
+
+#[test]
+fn shutdown_drains_open_streams_and_a_second_signal_stops_at_once() {
+    use std::io::{Read, Write};
+    // A simulated Ollama in this process, slow enough that a stream stays open.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt.block_on(async {
+        llm_warden::sim::ollama::bind(
+            llm_warden::sim::ollama::OllamaConfig {
+                token_delay: Duration::from_millis(100),
+                reply_tokens: 1000,
+                ..Default::default()
+            },
+            "127.0.0.1:0",
+        )
+        .await
+        .unwrap()
+    });
+    let (admin, proxy) = (free_port(), free_port());
+    let p = temp_file(
+        "drain.toml",
+        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"{}\"\n", sim.url()),
+    );
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&p)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut wait_for = |what: &str| {
+        for line in lines.by_ref() {
+            if line.unwrap().contains(what) {
+                return;
+            }
+        }
+        panic!("the proxy never logged {what:?}");
+    };
+    wait_for("admin listening");
+
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = r#"{"model":"llama3.2","prompt":"hi"}"#;
+    write!(
+        stream,
+        "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let mut read_some = |s: &mut std::net::TcpStream| -> usize { s.read(&mut buf).unwrap_or(0) };
+    assert!(read_some(&mut stream) > 0, "the stream started");
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_for("shutting down");
+    // Draining: the open stream is still being served.
+    assert!(
+        read_some(&mut stream) > 0,
+        "the open stream goes on after the first signal"
+    );
+    assert!(
+        read_some(&mut stream) > 0,
+        "the open stream goes on after the first signal"
+    );
+    // A second signal stops it now.
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    // The stream ends, cut short (well before its 1,000 tokens).
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(!String::from_utf8_lossy(&rest).contains("\"done\":true"));
+    drop(sim);
+}
