@@ -7,11 +7,12 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -45,6 +46,8 @@ pub struct ProviderState {
     reachable: AtomicBool,
     /// Why the last contact failed; cleared on success. Short critical sections only.
     last_error: Mutex<Option<String>>,
+    /// Which of `facts().loaded_paths` answered last; the poller starts there.
+    loaded_path: AtomicUsize,
 }
 
 impl ProviderState {
@@ -160,6 +163,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             listen: l.local_addr().unwrap_or(p.listen),
             reachable: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            loaded_path: AtomicUsize::new(0),
         });
         listeners.push(l);
     }
@@ -170,7 +174,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config: config.clone(),
     });
 
-    // One round of health checks before serving, so /status is right from the first call
+    // One poll of every provider before serving, so /status is right from the first call
     // and an unreachable provider is reported at once (not fatal).
     let checks = (0..state.providers.len()).map(|i| probe(state.clone(), i));
     futures_util::future::join_all(checks).await;
@@ -223,28 +227,90 @@ pub async fn serve(
     Ok(())
 }
 
-/// Asks the provider's health path once and records the result.
+/// How long one poll of a provider may take, answer and body together.
+const POLL_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most of a loaded-models list the poller reads.
+const POLL_BODY_LIMIT: usize = 4 << 20;
+
+/// Asks the provider once which models it has loaded: records whether it answered at all
+/// (health) and what it listed (`StatsTable::apply_report`).
 async fn probe(state: Arc<AppState>, i: usize) {
     let p = &state.providers[i];
-    let uri = format!("{}{}", p.config.upstream, p.config.kind.facts().health_path);
-    let req = match Request::get(uri).body(http_body_util::Either::Right(
-        http_body_util::Full::new(bytes::Bytes::new()),
-    )) {
-        Ok(r) => r,
-        Err(_) => return,
-    };
-    match tokio::time::timeout(Duration::from_secs(3), state.client.request(req)).await {
-        // Any HTTP answer means something is listening. The body is not read: a health
-        // path that streams forever must not hang the probe.
-        Ok(Ok(_resp)) => p.mark_reachable(),
-        Ok(Err(e)) => {
-            let _ = p.upstream_error(&e);
+    let paths = p.config.kind.facts().loaded_paths;
+    // Start from the path that answered last time (older LM Studio builds lack /api/v1).
+    let first = p.loaded_path.load(Relaxed).min(paths.len() - 1);
+    for (n, path) in paths.iter().enumerate().skip(first) {
+        match tokio::time::timeout(POLL_TIMEOUT, fetch(&state.client, p, path)).await {
+            Err(_) => {
+                return p.mark_unreachable(format!("no answer from {path} within {POLL_TIMEOUT:?}"))
+            }
+            Ok(Err(FetchError::Connect(e))) => {
+                let _ = p.upstream_error(&e);
+                return;
+            }
+            Ok(Err(FetchError::Other(why))) => {
+                // Something answered: the provider is up, its list is not readable.
+                p.mark_reachable();
+                tracing::debug!(provider = %p.config.name, %why, "cannot read loaded models");
+                return;
+            }
+            Ok(Ok((status, body))) => {
+                p.mark_reachable();
+                if status == http::StatusCode::NOT_FOUND && n + 1 < paths.len() {
+                    continue;
+                }
+                p.loaded_path.store(n, Relaxed);
+                if !status.is_success() {
+                    tracing::debug!(provider = %p.config.name, %path, %status, "loaded-models list refused");
+                    return;
+                }
+                match p.config.kind.parse_loaded(path, &body) {
+                    Ok(loaded) => state.stats.apply_report(i, &loaded),
+                    Err(why) => {
+                        tracing::debug!(provider = %p.config.name, %why, "cannot read loaded models")
+                    }
+                }
+                return;
+            }
         }
-        Err(_) => p.mark_unreachable("no answer within 3s".to_string()),
     }
 }
 
-/// Re-checks a provider every `poll_interval` so `/status` follows it coming and going.
+enum FetchError {
+    Connect(hyper_util::client::legacy::Error),
+    Other(String),
+}
+
+/// `GET upstream + path`, body read up to [`POLL_BODY_LIMIT`].
+async fn fetch(
+    client: &proxy::UpstreamClient,
+    p: &ProviderState,
+    path: &str,
+) -> Result<(http::StatusCode, bytes::Bytes), FetchError> {
+    let req = Request::get(format!("{}{path}", p.config.upstream))
+        .body(http_body_util::Either::Right(http_body_util::Full::new(
+            bytes::Bytes::new(),
+        )))
+        .map_err(|e| FetchError::Other(e.to_string()))?;
+    let resp = client.request(req).await.map_err(FetchError::Connect)?;
+    let status = resp.status();
+    let body = http_body_util::Limited::new(resp.into_body(), POLL_BODY_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| FetchError::Other(e.to_string()))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+impl Running {
+    /// Polls provider `i` now (as the background loop does every `poll_interval`).
+    pub async fn refresh(&self, i: usize) {
+        probe(self.state.clone(), i).await;
+    }
+}
+
+/// Polls a provider every `poll_interval` so `/status` follows it coming and going, and
+/// follows models loaded and unloaded behind the proxy's back.
 async fn health_loop(state: Arc<AppState>, i: usize, mut stop: watch::Receiver<bool>) {
     let every = state.providers[i].config.poll_interval;
     loop {

@@ -13,6 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use serde::Serialize;
 
+use crate::providers::LoadedModel;
+
 /// Counters for one model on one provider.
 #[derive(Debug, Default)]
 pub struct ModelStats {
@@ -26,6 +28,18 @@ pub struct ModelStats {
     completion_tokens: AtomicU64,
     /// Unix time in milliseconds; 0 = never.
     last_used_ms: AtomicU64,
+    /// What the provider's own list last said about this model; `None` until it was asked.
+    /// Written by the poller every `poll_interval`, read by `/status`: a plain mutex.
+    reported: std::sync::Mutex<Option<Reported>>,
+}
+
+/// The provider's view of one model at the last poll.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Reported {
+    loaded: bool,
+    size_bytes: Option<u64>,
+    vram_bytes: Option<u64>,
+    context_length: Option<u64>,
 }
 
 /// A copy of one model's counters, for `/status`.
@@ -42,6 +56,14 @@ pub struct ModelSnapshot {
     pub completion_tokens: u64,
     /// RFC 3339, or null when the model was reported but never used through the proxy.
     pub last_used: Option<String>,
+    /// Whether the provider lists the model as loaded; null until the provider was asked.
+    pub loaded: Option<bool>,
+    /// Memory the loaded model takes, as the provider reports it (MiB).
+    pub memory_usage_mb: Option<u64>,
+    /// Of that, on the GPU (MiB; Ollama only).
+    pub vram_usage_mb: Option<u64>,
+    /// The context the model is loaded with, in tokens.
+    pub context_length: Option<u64>,
 }
 
 /// The models of one provider, by name.
@@ -88,6 +110,24 @@ impl StatsTable {
         InFlight::new(self.model(provider, model))
     }
 
+    /// Records what provider `provider` lists as loaded: those models are `loaded` (and appear
+    /// even if no request named them), every other known model of that provider is not.
+    pub fn apply_report(&self, provider: usize, loaded: &[LoadedModel]) {
+        for m in loaded {
+            self.model(provider, &m.model).set_reported(Reported {
+                loaded: true,
+                size_bytes: m.size_bytes,
+                vram_bytes: m.vram_bytes,
+                context_length: m.context_length,
+            });
+        }
+        for entry in self.providers[provider].1.iter() {
+            if !loaded.iter().any(|m| *m.model == **entry.key()) {
+                entry.value().set_reported(Reported::default());
+            }
+        }
+    }
+
     /// Every model, sorted by provider order then name.
     pub fn snapshot(&self) -> Vec<ModelSnapshot> {
         let mut out = Vec::new();
@@ -104,8 +144,18 @@ impl StatsTable {
 }
 
 impl ModelStats {
+    fn set_reported(&self, r: Reported) {
+        *self.reported.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
     fn snapshot(&self, provider: &str, model: &str) -> ModelSnapshot {
         let ms = self.last_used_ms.load(Relaxed);
+        let reported = self
+            .reported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mib = |b: Option<u64>| b.map(|b| b.div_ceil(1 << 20));
         ModelSnapshot {
             provider: provider.to_string(),
             model: model.to_string(),
@@ -118,6 +168,10 @@ impl ModelStats {
             last_used: (ms > 0).then(|| {
                 humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
             }),
+            loaded: reported.as_ref().map(|r| r.loaded),
+            memory_usage_mb: mib(reported.as_ref().and_then(|r| r.size_bytes)),
+            vram_usage_mb: mib(reported.as_ref().and_then(|r| r.vram_bytes)),
+            context_length: reported.as_ref().and_then(|r| r.context_length),
         }
     }
 
@@ -239,6 +293,35 @@ mod tests {
         let s = &t.snapshot()[0];
         assert_eq!((s.active_requests, s.cancelled, s.errors), (0, 1, 0));
         assert!(s.last_used.is_some());
+    }
+
+    #[test]
+    fn reports_mark_models_loaded_and_unloaded() {
+        let t = StatsTable::new(["p".to_string(), "q".to_string()]);
+        drop(t.begin(0, "used"));
+        assert_eq!(t.snapshot()[0].loaded, None, "not asked yet");
+        let big = LoadedModel {
+            model: "big".into(),
+            size_bytes: Some(3 << 30),
+            vram_bytes: Some(1 << 30),
+            context_length: Some(8192),
+        };
+        t.apply_report(0, std::slice::from_ref(&big));
+        let s = t.snapshot();
+        assert_eq!(s.len(), 2, "a reported model appears without a request");
+        let b = s.iter().find(|m| m.model == "big").unwrap();
+        assert_eq!(
+            (b.loaded, b.memory_usage_mb, b.vram_usage_mb),
+            (Some(true), Some(3072), Some(1024))
+        );
+        assert_eq!((b.total_requests, b.last_used.as_deref()), (0, None));
+        assert_eq!(
+            s.iter().find(|m| m.model == "used").unwrap().loaded,
+            Some(false)
+        );
+        t.apply_report(0, &[]);
+        let b = t.snapshot().into_iter().find(|m| m.model == "big").unwrap();
+        assert_eq!((b.loaded, b.memory_usage_mb), (Some(false), None));
     }
 
     #[test]

@@ -43,13 +43,18 @@ async fn gated_upstream(content_type: &'static str) -> (String, mpsc::Receiver<U
                     async move {
                         let (tx, rx) = mpsc::channel::<Bytes>(1);
                         let path = req.uri().path().to_string();
-                        let _ = reqs_tx
-                            .send(Upstream {
-                                path,
-                                tx,
-                                body: req.into_body(),
-                            })
-                            .await;
+                        if POLL_PATHS.contains(&path.as_str()) {
+                            // The proxy's provider poll: an empty list, at once.
+                            let _ = tx.send(Bytes::from_static(b"{\"models\":[]}")).await;
+                        } else {
+                            let _ = reqs_tx
+                                .send(Upstream {
+                                    path,
+                                    tx,
+                                    body: req.into_body(),
+                                })
+                                .await;
+                        }
                         let frames = futures_util::stream::unfold(rx, |mut rx| async move {
                             rx.recv()
                                 .await
@@ -72,18 +77,15 @@ async fn gated_upstream(content_type: &'static str) -> (String, mpsc::Receiver<U
 
 const LIMIT: Duration = Duration::from_secs(5);
 
-/// The next request the test wrote no rule for: the proxy's health probes are answered
-/// (their response ends at once) and skipped.
+/// The paths the proxy polls for loaded models; the gated upstream answers them itself.
+const POLL_PATHS: [&str; 3] = ["/api/ps", "/api/v1/models", "/api/v0/models"];
+
+/// The next request that reaches the test.
 async fn next_request(upstream: &mut mpsc::Receiver<Upstream>) -> Upstream {
-    loop {
-        let up = tokio::time::timeout(LIMIT, upstream.recv())
-            .await
-            .expect("a request reaches the upstream")
-            .expect("upstream is running");
-        if up.path != "/api/version" && up.path != "/v1/models" {
-            return up;
-        }
-    }
+    tokio::time::timeout(LIMIT, upstream.recv())
+        .await
+        .expect("a request reaches the upstream")
+        .expect("upstream is running")
 }
 
 async fn next_frame(body: &mut Incoming) -> Bytes {

@@ -19,8 +19,24 @@ pub enum ProviderKind {
 pub struct ProviderFacts {
     pub default_listen: &'static str,
     pub default_upstream: &'static str,
-    /// A cheap GET that answers 200 when the provider is up and does not load a model.
-    pub health_path: &'static str,
+    /// GETs that list the loaded models, tried in order (a 404 moves to the next: older
+    /// LM Studio builds lack `/api/v1`). They double as the health check: any HTTP answer
+    /// means the provider is up, and none of them loads a model.
+    pub loaded_paths: &'static [&'static str],
+}
+
+/// A model the provider says is loaded, as its own list reports it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct LoadedModel {
+    /// The model's name as clients use it (Ollama: `name:tag`; LM Studio: the model key).
+    pub model: String,
+    /// Memory the loaded model takes, bytes (Ollama `size`; LM Studio `size_bytes`, the
+    /// weights on disk, as LM Studio reports nothing better).
+    pub size_bytes: Option<u64>,
+    /// Of that, on the GPU (Ollama `size_vram`).
+    pub vram_bytes: Option<u64>,
+    /// The context the model was loaded with.
+    pub context_length: Option<u64>,
 }
 
 impl ProviderKind {
@@ -61,6 +77,17 @@ impl ProviderKind {
             ProviderKind::Ollama => ollama::canonical_model(model),
             ProviderKind::LmStudio => std::borrow::Cow::Borrowed(model),
         }
+    }
+
+    /// Parses the answer of one of `facts().loaded_paths` into the loaded models.
+    pub fn parse_loaded(self, path: &str, body: &[u8]) -> Result<Vec<LoadedModel>, String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("{path}: not JSON ({e})"))?;
+        match self {
+            ProviderKind::Ollama => ollama::parse_loaded(&v),
+            ProviderKind::LmStudio => lmstudio::parse_loaded(path, &v),
+        }
+        .ok_or_else(|| format!("{path}: unexpected shape"))
     }
 
     /// How clients of `path` expect an error body written by the proxy itself.
@@ -219,6 +246,60 @@ mod tests {
             "localhost:5000/ns/m:q4"
         );
         assert_eq!(ProviderKind::LmStudio.canonical_model("qwen"), "qwen");
+    }
+
+    #[test]
+    fn loaded_models_are_read_from_each_providers_list() {
+        let ps = br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","size":3556000000,"digest":"a8","details":{"family":"llama"},"expires_at":"2026-11-26T10:05:01.55-08:00","size_vram":3000000000,"context_length":4096},{"name":"old:1b","size":10}]}"#;
+        let got = ProviderKind::Ollama.parse_loaded("/api/ps", ps).unwrap();
+        assert_eq!(
+            got,
+            [
+                LoadedModel {
+                    model: "llama3.2:latest".into(),
+                    size_bytes: Some(3_556_000_000),
+                    vram_bytes: Some(3_000_000_000),
+                    context_length: Some(4096),
+                },
+                LoadedModel {
+                    model: "old:1b".into(),
+                    size_bytes: Some(10),
+                    vram_bytes: None,
+                    context_length: None,
+                },
+            ]
+        );
+        assert_eq!(
+            ProviderKind::Ollama
+                .parse_loaded("/api/ps", br#"{"models":[]}"#)
+                .unwrap(),
+            []
+        );
+        assert!(ProviderKind::Ollama.parse_loaded("/api/ps", b"[]").is_err());
+
+        let v1 = br#"{"models":[{"type":"llm","key":"qwen/qwen3-8b","size_bytes":5027783488,"loaded_instances":[{"id":"qwen/qwen3-8b","config":{"context_length":8192}},{"id":"qwen/qwen3-8b:2","config":{"context_length":4096}}],"max_context_length":40960},{"type":"llm","key":"idle","size_bytes":1,"loaded_instances":[]}]}"#;
+        let got = ProviderKind::LmStudio
+            .parse_loaded("/api/v1/models", v1)
+            .unwrap();
+        assert_eq!(got.len(), 2, "one entry per loaded instance: {got:?}");
+        assert_eq!(got[0].model, "qwen/qwen3-8b");
+        assert_eq!(got[0].context_length, Some(8192));
+        assert_eq!(got[1].model, "qwen/qwen3-8b:2");
+        assert_eq!(got[1].size_bytes, Some(5_027_783_488));
+
+        let v0 = br#"{"object":"list","data":[{"id":"qwen2.5-7b-instruct","object":"model","type":"llm","state":"loaded","max_context_length":32768,"loaded_context_length":8192},{"id":"x","state":"not-loaded","max_context_length":4096}]}"#;
+        let got = ProviderKind::LmStudio
+            .parse_loaded("/api/v0/models", v0)
+            .unwrap();
+        assert_eq!(
+            got,
+            [LoadedModel {
+                model: "qwen2.5-7b-instruct".into(),
+                size_bytes: None,
+                vram_bytes: None,
+                context_length: Some(8192),
+            }]
+        );
     }
 
     #[test]

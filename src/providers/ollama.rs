@@ -1,11 +1,13 @@
 //! Ollama: native `/api/*` plus the OpenAI-compatible `/v1/*` layer (provider-apis.md §1).
 
-use super::{Endpoint, ErrorStyle, Operation, ProviderFacts, UsageKeys};
+use serde_json::Value;
+
+use super::{Endpoint, ErrorStyle, LoadedModel, Operation, ProviderFacts, UsageKeys};
 
 pub(super) static FACTS: ProviderFacts = ProviderFacts {
     default_listen: "127.0.0.1:11435",
     default_upstream: "http://127.0.0.1:11434",
-    health_path: "/api/version",
+    loaded_paths: &["/api/ps"],
 };
 
 const fn native(operation: Operation, label: &'static str) -> Option<Endpoint> {
@@ -56,4 +58,21 @@ pub(super) fn canonical_model(model: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Owned(format!("{model}:latest"))
     }
+}
+
+/// `GET /api/ps` → `{"models":[{"name","size","size_vram","context_length",...}]}`.
+pub(super) fn parse_loaded(v: &Value) -> Option<Vec<LoadedModel>> {
+    v.get("models")?
+        .as_array()?
+        .iter()
+        .map(|m| {
+            let name = m.get("name").or_else(|| m.get("model"))?.as_str()?;
+            Some(LoadedModel {
+                model: canonical_model(name).into_owned(),
+                size_bytes: m.get("size").and_then(Value::as_u64),
+                vram_bytes: m.get("size_vram").and_then(Value::as_u64),
+                context_length: m.get("context_length").and_then(Value::as_u64),
+            })
+        })
+        .collect()
 }
