@@ -64,7 +64,8 @@ impl ProviderState {
 
     /// Records a successful exchange. Cheap when nothing changes (the hot path).
     pub fn mark_reachable(&self) {
-        if !self.reachable.swap(true, Relaxed) {
+        // A load first: the flag's cache line stays shared across cores on every request.
+        if !self.reachable.load(Relaxed) && !self.reachable.swap(true, Relaxed) {
             tracing::info!(provider = %self.config.name, upstream = %self.config.upstream, "provider is reachable");
             *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }

@@ -1,0 +1,326 @@
+//! Configuration: the raw TOML shape (`Raw*`, serde, `deny_unknown_fields`) and the validated
+//! [`Config`] the rest of the program trusts. One direction only: `load_str` → `Config`.
+//!
+//! Every problem is reported at once, each with its key path (`providers[1].listen`). Defaults
+//! are filled here, so later code never asks "if unset". Keys for later features (limits,
+//! queue, buffers, memory pressure, compaction, per-model overrides) are parsed and checked
+//! now so that a config written today keeps working.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::providers::ProviderKind;
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "LLM_WARDEN_CONFIG";
+/// Default admin listener.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:11400";
+
+// === validated config ===
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub proxy: ProxyConfig,
+    pub providers: Vec<ProviderConfig>,
+    pub limits: Limits,
+    pub queue: QueueConfig,
+    pub buffers: BufferConfig,
+    pub memory_pressure: MemoryPressureConfig,
+    pub compaction: CompactionConfig,
+    /// Per-model overrides, keyed by the model name as clients send it.
+    pub models: BTreeMap<String, ModelOverrides>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Largest request body the proxy reads on an inspected endpoint (bytes); more → 413.
+    pub max_request_body: u64,
+    /// Give up connecting to an upstream after this long (→ 502).
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub poll_interval: Duration,
+}
+
+/// Where a provider lives: scheme and authority, plus an optional path prefix that is put in
+/// front of every forwarded path.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Empty, or a prefix starting with `/` and without a trailing `/`.
+    pub path_prefix: String,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme, self.authority, self.path_prefix
+        )
+    }
+}
+
+/// TDR-007 ResourceLimits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_models_loaded: u32,
+    pub memory_threshold: f64,
+    pub inactivity_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    pub max_waiting: u32,
+    pub timeout: Duration,
+}
+
+/// TDR-007 BufferConfig (sizes in tokens for `context`, MB for `working`).
+#[derive(Clone, Debug)]
+pub struct BufferConfig {
+    pub context_initial: u32,
+    pub context_max: u32,
+    pub compression_threshold: f64,
+    pub working_initial: u32,
+    pub working_max: u32,
+    pub optimization_threshold: f64,
+}
+
+/// TDR-007 MemoryPressureConfig.
+#[derive(Clone, Debug)]
+pub struct MemoryPressureConfig {
+    pub warning: f64,
+    pub critical: f64,
+    pub action: PressureAction,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PressureAction {
+    Compress,
+    Unload,
+    Cache,
+}
+
+#[derive(Clone, Debug)]
+pub struct CompactionConfig {
+    pub on_overflow: OverflowPolicy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    Summarize,
+    TruncateOldest,
+    Reject,
+    Passthrough,
+}
+
+/// Per-model settings; `None` means "use the global value".
+#[derive(Clone, Debug, Default)]
+pub struct ModelOverrides {
+    pub inactivity_timeout: Option<Duration>,
+    pub pinned: bool,
+    pub context_window: Option<u32>,
+    pub compression_threshold: Option<f64>,
+    pub on_overflow: Option<OverflowPolicy>,
+}
+
+// === errors ===
+
+/// One thing wrong with a config, at a key path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config{}:\n{}", origin_suffix(.origin), render_problems(.problems))]
+    Invalid {
+        origin: Option<String>,
+        problems: Vec<Problem>,
+    },
+}
+
+fn origin_suffix(origin: &Option<String>) -> String {
+    origin
+        .as_ref()
+        .map(|o| format!(" in {o}"))
+        .unwrap_or_default()
+}
+
+fn render_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| {
+            if p.path.is_empty() {
+                format!("  - {}", p.message)
+            } else {
+                format!("  - {}: {}", p.path, p.message)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Read { .. } => &[],
+            ConfigError::Invalid { problems, .. } => problems,
+        }
+    }
+}
+
+mod raw;
+mod validate;
+
+// === loading ===
+
+impl Default for Config {
+    /// The built-in defaults: one Ollama and one LM Studio provider on their usual ports.
+    fn default() -> Self {
+        match load_str("") {
+            Ok(c) => c,
+            // The empty document is validated by a unit test; this arm is unreachable.
+            Err(e) => panic!("built-in defaults are invalid: {e}"),
+        }
+    }
+}
+
+/// Loads the config named by `--config`, else `$LLM_WARDEN_CONFIG`, else built-in defaults.
+pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<String>), ConfigError> {
+    let from_env = std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty());
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| from_env.map(Into::into));
+    match path {
+        Some(p) => {
+            let shown = p.display().to_string();
+            let text = std::fs::read_to_string(&p).map_err(|source| ConfigError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+            let cfg = load_str(&text).map_err(|e| match e {
+                ConfigError::Invalid { problems, .. } => ConfigError::Invalid {
+                    origin: Some(shown.clone()),
+                    problems,
+                },
+                other => other,
+            })?;
+            Ok((cfg, Some(shown)))
+        }
+        None => Ok((Config::default(), None)),
+    }
+}
+
+/// Parses and validates a TOML document.
+pub fn load_str(text: &str) -> Result<Config, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().to_string();
+        let location = inner
+            .span()
+            .map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        ConfigError::Invalid {
+            origin: None,
+            problems: vec![Problem {
+                path: if path == "." { String::new() } else { path },
+                message: format!("{message}{location}"),
+            }],
+        }
+    })?;
+    validate::validate(raw)
+}
+
+/// Parses `"90s"`, `"10m"`, `"1h30m"`, `"250ms"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like \"90s\" or \"10m\" ({e})"))
+}
+
+/// Parses `"64MiB"`, `"512KB"`, `"1GiB"` or a plain number of bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like \"64MiB\""))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "`{s}` has an unknown unit `{other}` (use B, KB, KiB, MB, MiB, GB, GiB)"
+            ))
+        }
+    };
+    Ok((num * mult as f64) as u64)
+}
+
+/// Parses an upstream base URL: `http://host:port[/prefix]`.
+pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a URL like `http://127.0.0.1:11434`"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("`{s}` needs a scheme (`http://`)"))?;
+    if scheme != http::uri::Scheme::HTTP {
+        return Err(format!(
+            "`{s}`: only http:// upstreams are supported (local providers speak plain HTTP)"
+        ));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{s}` needs a host"))?;
+    if uri.query().is_some() {
+        return Err(format!("`{s}` must not have a query string"));
+    }
+    let path_prefix = uri.path().trim_end_matches('/').to_string();
+    Ok(Upstream {
+        scheme,
+        authority,
+        path_prefix,
+    })
+}
+
+#[cfg(test)]
+mod tests;

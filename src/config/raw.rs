@@ -1,0 +1,105 @@
+//! The TOML document as written: every key optional, unknown keys refused. Only
+//! `validate` in the parent module reads these types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawConfig {
+    pub(super) admin: RawAdmin,
+    pub(super) proxy: RawProxy,
+    pub(super) providers: Option<Vec<RawProvider>>,
+    pub(super) limits: RawLimits,
+    pub(super) queue: RawQueue,
+    pub(super) buffers: RawBuffers,
+    pub(super) memory_pressure: RawPressure,
+    pub(super) compaction: RawCompaction,
+    pub(super) models: BTreeMap<String, RawModel>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAdmin {
+    pub(super) listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawProxy {
+    pub(super) max_request_body: Option<String>,
+    pub(super) connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProvider {
+    pub(super) name: Option<String>,
+    pub(super) kind: String,
+    pub(super) listen: Option<String>,
+    pub(super) upstream: Option<String>,
+    pub(super) poll_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLimits {
+    pub(super) max_models_loaded: Option<u32>,
+    pub(super) memory_threshold: Option<f64>,
+    pub(super) inactivity_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawQueue {
+    pub(super) max_waiting: Option<u32>,
+    pub(super) timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawBuffers {
+    pub(super) context: RawContextBuffer,
+    pub(super) working: RawWorkingBuffer,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawContextBuffer {
+    pub(super) initial: Option<u32>,
+    pub(super) max: Option<u32>,
+    pub(super) compression_threshold: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawWorkingBuffer {
+    pub(super) initial: Option<u32>,
+    pub(super) max: Option<u32>,
+    pub(super) optimization_threshold: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawPressure {
+    pub(super) warning: Option<f64>,
+    pub(super) critical: Option<f64>,
+    pub(super) action: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawCompaction {
+    pub(super) on_overflow: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawModel {
+    pub(super) inactivity_timeout: Option<String>,
+    pub(super) pinned: Option<bool>,
+    pub(super) context_window: Option<u32>,
+    pub(super) compression_threshold: Option<f64>,
+    pub(super) on_overflow: Option<String>,
+}

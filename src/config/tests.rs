@@ -1,0 +1,120 @@
+//! Config loading and validation: defaults, key paths in errors, value parsing.
+
+use super::*;
+
+#[test]
+fn empty_document_gives_the_documented_defaults() {
+    let c = load_str("").unwrap();
+    assert_eq!(c.admin.listen.to_string(), "127.0.0.1:11400");
+    assert_eq!(c.providers.len(), 2);
+    assert_eq!(c.providers[0].name, "ollama");
+    assert_eq!(c.providers[0].listen.to_string(), "127.0.0.1:11435");
+    assert_eq!(
+        c.providers[0].upstream.to_string(),
+        "http://127.0.0.1:11434"
+    );
+    assert_eq!(c.providers[1].name, "lmstudio");
+    assert_eq!(c.providers[1].listen.to_string(), "127.0.0.1:1235");
+    assert_eq!(c.providers[1].upstream.to_string(), "http://127.0.0.1:1234");
+    assert_eq!(c.proxy.max_request_body, 64 << 20);
+    assert_eq!(c.limits.inactivity_timeout, Duration::from_secs(600));
+    assert_eq!(c.memory_pressure.action, PressureAction::Cache);
+    assert_eq!(c.compaction.on_overflow, OverflowPolicy::Summarize);
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key_path() {
+    let err = load_str(
+        r#"
+        [admin]
+        listen = "nope"
+        [[providers]]
+        kind = "ollama"
+        upstream = "ftp://x"
+        poll_interval = "soon"
+        [[providers]]
+        kind = "vllm"
+        [memory_pressure]
+        warning = 0.95
+        "#,
+    )
+    .unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "admin.listen",
+            "providers[0].upstream",
+            "providers[0].poll_interval",
+            "providers[1].kind",
+            "memory_pressure.warning"
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_name_their_path() {
+    let err = load_str("[limits]\nmax_model_loaded = 2\n").unwrap_err();
+    let p = &err.problems()[0];
+    assert_eq!(p.path, "limits.max_model_loaded");
+    assert!(
+        p.message.contains("unknown field `max_model_loaded`"),
+        "{}",
+        p.message
+    );
+    let err = load_str("[[providers]]\nkind = \"ollama\"\nlisten = 5\n").unwrap_err();
+    assert_eq!(err.problems()[0].path, "providers[0].listen");
+}
+
+#[test]
+fn sizes_and_durations_parse() {
+    for (s, n) in [
+        ("64MiB", 64 << 20),
+        ("512KB", 512_000),
+        ("1GiB", 1 << 30),
+        ("100", 100),
+    ] {
+        assert_eq!(parse_bytes(s).unwrap(), n, "{s}");
+    }
+    assert!(parse_bytes("12 parsecs").is_err());
+    assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+    assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+    assert!(parse_duration("300").is_err());
+}
+
+#[test]
+fn duplicate_names_and_listeners_are_refused() {
+    let err = load_str(
+        "[[providers]]\nkind=\"ollama\"\n[[providers]]\nkind=\"ollama\"\nlisten=\"127.0.0.1:11435\"\n",
+    )
+    .unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["providers[1].name", "providers[1].listen"]);
+}
+
+#[test]
+fn per_model_overrides_parse() {
+    let c = load_str(
+        "[models.\"llama3.2:3b\"]\ninactivity_timeout = \"30m\"\npinned = true\ncontext_window = 8192\ncompression_threshold = 0.8\non_overflow = \"reject\"\n",
+    )
+    .unwrap();
+    let m = &c.models["llama3.2:3b"];
+    assert_eq!(m.inactivity_timeout, Some(Duration::from_secs(1800)));
+    assert!(m.pinned);
+    assert_eq!(m.context_window, Some(8192));
+    assert_eq!(m.compression_threshold, Some(0.8));
+    assert_eq!(m.on_overflow, Some(OverflowPolicy::Reject));
+    let err = load_str("[models.\"m\"]\non_overflow = \"drop\"\ncontext_window = 0\n").unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["models.\"m\".on_overflow", "models.\"m\".context_window"]
+    );
+}
+
+#[test]
+fn upstream_keeps_a_path_prefix() {
+    let u = parse_upstream("http://gpu-box:11434/ollama/").unwrap();
+    assert_eq!(u.authority.as_str(), "gpu-box:11434");
+    assert_eq!(u.path_prefix, "/ollama");
+}

@@ -1,0 +1,329 @@
+//! Raw TOML -> trusted [`Config`]: defaults filled, durations, sizes and addresses parsed,
+//! ranges checked. Every problem is collected with its key path; nothing stops at the first.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::raw::{RawConfig, RawProvider};
+use super::*;
+use crate::providers::ProviderKind;
+
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn bad(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match parse_duration(s) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.bad(path, e);
+                    default
+                }
+            },
+        }
+    }
+
+    fn fraction(&mut self, path: &str, value: Option<f64>, default: f64) -> f64 {
+        let v = value.unwrap_or(default);
+        if !(v > 0.0 && v <= 1.0) {
+            self.bad(path, format!("must be a fraction in (0, 1], got {v}"));
+            return default;
+        }
+        v
+    }
+
+    fn addr(&mut self, path: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.bad(
+                    path,
+                    format!("`{value}` is not a socket address like `127.0.0.1:11435`"),
+                );
+                None
+            }
+        }
+    }
+}
+
+pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut c = Checker {
+        problems: Vec::new(),
+    };
+
+    let admin_listen = c
+        .addr(
+            "admin.listen",
+            raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+        )
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 11400)));
+
+    let max_request_body = match raw.proxy.max_request_body.as_deref() {
+        None => 64 << 20,
+        Some(s) => match parse_bytes(s) {
+            Ok(0) => {
+                c.bad("proxy.max_request_body", "must be greater than zero");
+                64 << 20
+            }
+            Ok(n) => n,
+            Err(e) => {
+                c.bad("proxy.max_request_body", e);
+                64 << 20
+            }
+        },
+    };
+    let connect_timeout = c.duration(
+        "proxy.connect_timeout",
+        raw.proxy.connect_timeout.as_deref(),
+        Duration::from_secs(5),
+    );
+
+    let raw_providers = raw.providers.unwrap_or_else(|| {
+        [ProviderKind::Ollama, ProviderKind::LmStudio]
+            .into_iter()
+            .map(|k| RawProvider {
+                name: None,
+                kind: k.as_str().to_string(),
+                listen: None,
+                upstream: None,
+                poll_interval: None,
+            })
+            .collect()
+    });
+    if raw_providers.is_empty() {
+        c.bad("providers", "at least one provider is needed");
+    }
+    let mut providers = Vec::new();
+    for (i, p) in raw_providers.into_iter().enumerate() {
+        let at = |k: &str| format!("providers[{i}].{k}");
+        let kind = match ProviderKind::parse(&p.kind) {
+            Some(k) => k,
+            None => {
+                c.bad(
+                    at("kind"),
+                    format!(
+                        "unknown provider kind `{}` (expected ollama or lmstudio)",
+                        p.kind
+                    ),
+                );
+                continue;
+            }
+        };
+        let facts = kind.facts();
+        let name = p.name.unwrap_or_else(|| kind.as_str().to_string());
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        {
+            c.bad(
+                at("name"),
+                format!("`{name}` must be non-empty and use only letters, digits, `-`, `_`, `.`"),
+            );
+        }
+        let listen = c.addr(
+            &at("listen"),
+            p.listen.as_deref().unwrap_or(facts.default_listen),
+        );
+        let upstream = parse_upstream(p.upstream.as_deref().unwrap_or(facts.default_upstream))
+            .map_err(|e| c.bad(at("upstream"), e))
+            .ok();
+        let poll_interval = c.duration(
+            &at("poll_interval"),
+            p.poll_interval.as_deref(),
+            Duration::from_secs(5),
+        );
+        if poll_interval.is_zero() {
+            c.bad(at("poll_interval"), "must be greater than zero");
+        }
+        if let (Some(listen), Some(upstream)) = (listen, upstream) {
+            providers.push(ProviderConfig {
+                name,
+                kind,
+                listen,
+                upstream,
+                poll_interval,
+            });
+        }
+    }
+    for (i, p) in providers.iter().enumerate() {
+        if providers[..i].iter().any(|q| q.name == p.name) {
+            c.bad(
+                format!("providers[{i}].name"),
+                format!("duplicate provider name `{}`", p.name),
+            );
+        }
+        let clash = p.listen.port() != 0
+            && (p.listen == admin_listen || providers[..i].iter().any(|q| q.listen == p.listen));
+        if clash {
+            c.bad(
+                format!("providers[{i}].listen"),
+                format!("address {} is already used by another listener", p.listen),
+            );
+        }
+    }
+
+    let limits = Limits {
+        max_models_loaded: raw.limits.max_models_loaded.unwrap_or(3),
+        memory_threshold: c.fraction("limits.memory_threshold", raw.limits.memory_threshold, 0.85),
+        inactivity_timeout: c.duration(
+            "limits.inactivity_timeout",
+            raw.limits.inactivity_timeout.as_deref(),
+            Duration::from_secs(600),
+        ),
+    };
+    if limits.max_models_loaded == 0 {
+        c.bad("limits.max_models_loaded", "must be at least 1");
+    }
+
+    let queue = QueueConfig {
+        max_waiting: raw.queue.max_waiting.unwrap_or(256),
+        timeout: c.duration(
+            "queue.timeout",
+            raw.queue.timeout.as_deref(),
+            Duration::from_secs(120),
+        ),
+    };
+
+    let b = &raw.buffers;
+    let buffers = BufferConfig {
+        context_initial: b.context.initial.unwrap_or(4096),
+        context_max: b.context.max.unwrap_or(32768),
+        compression_threshold: c.fraction(
+            "buffers.context.compression_threshold",
+            b.context.compression_threshold,
+            0.9,
+        ),
+        working_initial: b.working.initial.unwrap_or(512),
+        working_max: b.working.max.unwrap_or(2048),
+        optimization_threshold: c.fraction(
+            "buffers.working.optimization_threshold",
+            b.working.optimization_threshold,
+            0.8,
+        ),
+    };
+    if buffers.context_initial > buffers.context_max {
+        c.bad(
+            "buffers.context.initial",
+            "must not exceed buffers.context.max",
+        );
+    }
+    if buffers.working_initial > buffers.working_max {
+        c.bad(
+            "buffers.working.initial",
+            "must not exceed buffers.working.max",
+        );
+    }
+
+    let memory_pressure = MemoryPressureConfig {
+        warning: c.fraction("memory_pressure.warning", raw.memory_pressure.warning, 0.7),
+        critical: c.fraction(
+            "memory_pressure.critical",
+            raw.memory_pressure.critical,
+            0.9,
+        ),
+        action: match raw.memory_pressure.action.as_deref().unwrap_or("cache") {
+            "compress" => PressureAction::Compress,
+            "unload" => PressureAction::Unload,
+            "cache" => PressureAction::Cache,
+            other => {
+                c.bad(
+                    "memory_pressure.action",
+                    format!("unknown action `{other}` (expected compress, unload or cache)"),
+                );
+                PressureAction::Cache
+            }
+        },
+    };
+    if memory_pressure.warning >= memory_pressure.critical {
+        c.bad(
+            "memory_pressure.warning",
+            "must be below memory_pressure.critical",
+        );
+    }
+
+    let compaction = CompactionConfig {
+        on_overflow: overflow_policy(
+            &mut c,
+            "compaction.on_overflow",
+            raw.compaction.on_overflow.as_deref().unwrap_or("summarize"),
+        )
+        .unwrap_or(OverflowPolicy::Summarize),
+    };
+
+    let mut models = BTreeMap::new();
+    for (name, m) in raw.models {
+        let at = |k: &str| format!("models.\"{name}\".{k}");
+        let o = ModelOverrides {
+            inactivity_timeout: m
+                .inactivity_timeout
+                .as_deref()
+                .map(|s| c.duration(&at("inactivity_timeout"), Some(s), Duration::ZERO)),
+            pinned: m.pinned.unwrap_or(false),
+            context_window: m.context_window,
+            compression_threshold: m
+                .compression_threshold
+                .map(|v| c.fraction(&at("compression_threshold"), Some(v), 0.9)),
+            on_overflow: m
+                .on_overflow
+                .as_deref()
+                .and_then(|s| overflow_policy(&mut c, &at("on_overflow"), s)),
+        };
+        if o.context_window == Some(0) {
+            c.bad(at("context_window"), "must be greater than zero");
+        }
+        models.insert(name, o);
+    }
+
+    if !c.problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            origin: None,
+            problems: c.problems,
+        });
+    }
+    Ok(Config {
+        admin: AdminConfig {
+            listen: admin_listen,
+        },
+        proxy: ProxyConfig {
+            max_request_body,
+            connect_timeout,
+        },
+        providers,
+        limits,
+        queue,
+        buffers,
+        memory_pressure,
+        compaction,
+        models,
+    })
+}
+
+fn overflow_policy(c: &mut Checker, path: &str, s: &str) -> Option<OverflowPolicy> {
+    match s {
+        "summarize" => Some(OverflowPolicy::Summarize),
+        "truncate_oldest" => Some(OverflowPolicy::TruncateOldest),
+        "reject" => Some(OverflowPolicy::Reject),
+        "passthrough" => Some(OverflowPolicy::Passthrough),
+        other => {
+            c.bad(
+                path,
+                format!(
+                    "unknown policy `{other}` (expected summarize, truncate_oldest, reject or passthrough)"
+                ),
+            );
+            None
+        }
+    }
+}
