@@ -95,20 +95,24 @@ fn config_path_comes_from_the_environment_when_not_given() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// The address in a start-up log line's `listen=` field (listeners are bound on port 0, so
+/// the log is where the real port is).
+fn listen_addr(line: &str) -> std::net::SocketAddr {
+    let at = line.find("listen=").expect("a listen= field") + "listen=".len();
+    line[at..]
+        .split_whitespace()
+        .next()
         .unwrap()
-        .local_addr()
+        .parse()
         .unwrap()
-        .port()
 }
 
 #[test]
 fn serve_starts_with_providers_down_and_stops_on_sigterm() {
-    let (admin, proxy, dead) = (free_port(), free_port(), free_port());
+    // Port 1: nothing listens there, so the provider is down.
     let p = temp_file(
         "serve.toml",
-        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"http://127.0.0.1:{dead}\"\n"),
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n",
     );
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
@@ -120,6 +124,7 @@ fn serve_starts_with_providers_down_and_stops_on_sigterm() {
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut log = String::new();
+    let mut admin = None;
     // Start-up logs the unreachable provider and then the listeners; read until admin is up.
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -127,13 +132,14 @@ fn serve_starts_with_providers_down_and_stops_on_sigterm() {
         log.push_str(&line);
         log.push('\n');
         if line.contains("admin listening") {
+            admin = Some(listen_addr(&line));
             break;
         }
     }
     assert!(log.contains("provider is unreachable"), "{log}");
     assert!(log.contains("admin listening"), "{log}");
 
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    let mut s = std::net::TcpStream::connect(admin.expect("admin address logged")).unwrap();
     use std::io::{Read, Write};
     s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -170,10 +176,9 @@ fn shutdown_drains_open_streams_and_a_second_signal_stops_at_once() {
         .await
         .unwrap()
     });
-    let (admin, proxy) = (free_port(), free_port());
     let p = temp_file(
         "drain.toml",
-        &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:{proxy}\"\nupstream = \"{}\"\n", sim.url()),
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n", sim.url()),
     );
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
@@ -184,17 +189,20 @@ fn shutdown_drains_open_streams_and_a_second_signal_stops_at_once() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut wait_for = |what: &str| {
+    // Returns the first line that contains `what`.
+    let mut wait_for = |what: &str| -> String {
         for line in lines.by_ref() {
-            if line.unwrap().contains(what) {
-                return;
+            let line = line.unwrap();
+            if line.contains(what) {
+                return line;
             }
         }
         panic!("the proxy never logged {what:?}");
     };
+    let proxy = listen_addr(&wait_for("proxy listening"));
     wait_for("admin listening");
 
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+    let mut stream = std::net::TcpStream::connect(proxy).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();

@@ -62,11 +62,8 @@ async fn oversized_bodies_get_413_in_the_clients_shape() {
 
 #[tokio::test]
 async fn unreachable_upstream_gets_502_in_the_clients_shape() {
-    // A port nothing listens on: bind one, note it, close it.
-    let dead = {
-        let l = listener().await;
-        format!("http://{}", l.local_addr().unwrap())
-    };
+    // Port 1: nothing listens there.
+    let dead = "http://127.0.0.1:1".to_string();
     let proxy = start_proxy(&[("ollama", dead.clone()), ("lmstudio", dead)], "").await;
     let c = client();
     let ollama = format!("http://{}", proxy.proxy_addr(0));
