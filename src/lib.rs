@@ -14,6 +14,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod lifecycle;
 pub mod providers;
 pub mod proxy;
 pub mod sim;

@@ -13,6 +13,7 @@ mod error;
 mod forward;
 mod inbound;
 mod observe;
+pub mod rewrite;
 
 use std::convert::Infallible;
 use std::pin::Pin;

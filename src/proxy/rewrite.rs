@@ -1,0 +1,185 @@
+//! Byte-preserving edits of a JSON request body: set one top-level field and leave every
+//! other byte as the client wrote it (key order, spacing, escapes, number formats).
+//!
+//! Re-serializing a parsed body would reorder keys and reformat numbers; providers would not
+//! care, but a proxy that promises to change only what it must should not. The body is
+//! parsed once with borrowed `RawValue`s, which know where each value sits in the bytes.
+
+use std::fmt;
+
+use serde::de::{MapAccess, Visitor};
+use serde::Deserializer as _;
+use serde_json::value::RawValue;
+
+/// Why a body could not be edited.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RewriteError {
+    #[error("the request body is not a JSON object: {0}")]
+    NotAnObject(String),
+}
+
+/// The top-level entries of a JSON object, in order, as `(key, byte range of the raw value)`.
+fn top_level(body: &[u8]) -> Result<Vec<(String, std::ops::Range<usize>)>, RewriteError> {
+    struct Entries<'a>(&'a [u8]);
+    impl<'de> Visitor<'de> for Entries<'de> {
+        type Value = Vec<(String, std::ops::Range<usize>)>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let base = self.0.as_ptr() as usize;
+            let mut out = Vec::new();
+            while let Some((k, v)) =
+                map.next_entry::<std::borrow::Cow<'de, str>, &'de RawValue>()?
+            {
+                // The raw value borrows from the body: its address gives its place.
+                let start = v.get().as_ptr() as usize - base;
+                out.push((k.into_owned(), start..start + v.get().len()));
+            }
+            Ok(out)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let entries = de
+        .deserialize_map(Entries(body))
+        .map_err(|e| RewriteError::NotAnObject(e.to_string()))?;
+    de.end()
+        .map_err(|e| RewriteError::NotAnObject(e.to_string()))?;
+    Ok(entries)
+}
+
+/// Sets top-level `key` of the object in `body` to `raw` (already valid JSON), keeping every
+/// other byte. Returns the new body and the raw value the key had (the last one, if the
+/// client repeated it; Go's decoder, like serde's, takes the last). A missing key is added
+/// first in the object.
+pub fn set_top_level(
+    body: &[u8],
+    key: &str,
+    raw: &str,
+) -> Result<(Vec<u8>, Option<String>), RewriteError> {
+    let entries = top_level(body)?;
+    let mut out = Vec::with_capacity(body.len() + key.len() + raw.len() + 4);
+    match entries.iter().rev().find(|(k, _)| k == key) {
+        Some((_, range)) => {
+            let old = String::from_utf8_lossy(&body[range.clone()]).into_owned();
+            out.extend_from_slice(&body[..range.start]);
+            out.extend_from_slice(raw.as_bytes());
+            out.extend_from_slice(&body[range.end..]);
+            Ok((out, Some(old)))
+        }
+        None => {
+            // Valid object: the first non-space byte is `{`.
+            let open = body
+                .iter()
+                .position(|b| *b == b'{')
+                .ok_or_else(|| RewriteError::NotAnObject("no opening brace".into()))?;
+            let quoted = serde_json::to_string(key).unwrap_or_default();
+            out.extend_from_slice(&body[..=open]);
+            out.extend_from_slice(quoted.as_bytes());
+            out.push(b':');
+            out.extend_from_slice(raw.as_bytes());
+            if !entries.is_empty() {
+                out.push(b',');
+            }
+            out.extend_from_slice(&body[open + 1..]);
+            Ok((out, None))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(body: &str, key: &str, raw: &str) -> (String, Option<String>) {
+        let (b, old) = set_top_level(body.as_bytes(), key, raw).unwrap();
+        let s = String::from_utf8(b).unwrap();
+        // Whatever the input looked like, the output is valid JSON with the key set.
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(
+            v[key],
+            serde_json::from_str::<serde_json::Value>(raw).unwrap(),
+            "{s}"
+        );
+        (s, old)
+    }
+
+    #[test]
+    fn replaces_a_present_value_and_keeps_every_other_byte() {
+        let table = [
+            (
+                r#"{"model":"m","keep_alive":"5m","stream":false}"#,
+                r#"{"model":"m","keep_alive":-1,"stream":false}"#,
+                Some(r#""5m""#),
+            ),
+            (
+                r#"{ "model" : "m" , "keep_alive" : 300 }"#,
+                r#"{ "model" : "m" , "keep_alive" : -1 }"#,
+                Some("300"),
+            ),
+            (
+                r#"{"keep_alive":null}"#,
+                r#"{"keep_alive":-1}"#,
+                Some("null"),
+            ),
+            // Nested keys of the same name are not top-level.
+            (
+                r#"{"options":{"keep_alive":1},"keep_alive":0}"#,
+                r#"{"options":{"keep_alive":1},"keep_alive":-1}"#,
+                Some("0"),
+            ),
+            // A repeated key: the last one is the one a decoder uses.
+            (
+                r#"{"keep_alive":1,"keep_alive":2}"#,
+                r#"{"keep_alive":1,"keep_alive":-1}"#,
+                Some("2"),
+            ),
+        ];
+        for (body, want, old) in table {
+            let (got, was) = set(body, "keep_alive", "-1");
+            assert_eq!(got, want);
+            assert_eq!(was.as_deref(), old);
+        }
+    }
+
+    #[test]
+    fn adds_a_missing_key_first() {
+        let table = [
+            (r#"{"model":"m"}"#, r#"{"keep_alive":-1,"model":"m"}"#),
+            ("{}", r#"{"keep_alive":-1}"#),
+            (
+                "  {\n  \"model\": \"é\\u00e9<>\"\n}\n",
+                "  {\"keep_alive\":-1,\n  \"model\": \"é\\u00e9<>\"\n}\n",
+            ),
+        ];
+        for (body, want) in table {
+            let (got, was) = set(body, "keep_alive", "-1");
+            assert_eq!(got, want);
+            assert_eq!(was, None);
+        }
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_are_refused() {
+        for body in ["", "[]", "\"x\"", "{\"a\":1", "{\"a\":1} trailing", "nul"] {
+            assert!(
+                set_top_level(body.as_bytes(), "k", "1").is_err(),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn large_values_elsewhere_are_untouched() {
+        let history: String = (0..2000)
+            .map(|i| format!("{{\"role\":\"user\",\"content\":\"turn {i}\"}},"))
+            .collect();
+        let body = format!(
+            "{{\"model\":\"m\",\"messages\":[{}],\"stream\":true}}",
+            history.trim_end_matches(',')
+        );
+        let (got, _) = set(&body, "keep_alive", "\"10m\"");
+        assert_eq!(got.len(), body.len() + "\"keep_alive\":\"10m\",".len());
+        assert!(got.ends_with(&body[1..]));
+    }
+}
