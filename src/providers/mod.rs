@@ -6,6 +6,7 @@
 
 mod lmstudio;
 mod ollama;
+pub mod ops;
 
 /// The kinds of upstream llm-warden understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -35,9 +35,9 @@ impl LmStudioSim {
         self.lock().fail_stream_after.take()
     }
 
-    /// Sleeps through a non-streamed generation of `n` tokens, counted as active.
-    pub(super) async fn generate(self: &Arc<Self>, n: usize) {
-        let mut guard = GenGuard::start(self.clone());
+    /// Sleeps through a non-streamed generation of `n` tokens on `instance`, counted as active.
+    pub(super) async fn generate(self: &Arc<Self>, instance: &str, n: usize) {
+        let mut guard = GenGuard::start(self.clone(), instance);
         if !self.cfg.token_delay.is_zero() {
             for _ in 0..n {
                 tokio::time::sleep(self.cfg.token_delay).await;
@@ -50,13 +50,14 @@ impl LmStudioSim {
     /// goes away, or sends `error` after `fail_after` tokens and ends.
     pub(super) async fn pump(
         self: &Arc<Self>,
+        instance: &str,
         tx: &mpsc::Sender<Bytes>,
         tokens: Vec<Bytes>,
         tail: Vec<Bytes>,
         error: Bytes,
         fail_after: Option<usize>,
     ) {
-        let mut guard = GenGuard::start(self.clone());
+        let mut guard = GenGuard::start(self.clone(), instance);
         for (i, token) in tokens.into_iter().enumerate() {
             if fail_after == Some(i) {
                 guard.done = true;
@@ -92,16 +93,23 @@ pub(super) async fn send_all(
     true
 }
 
-/// Counts a generation as active; on drop before `done`, counts it as cancelled.
+/// Counts a generation as active, overall and on its instance (what an unload request checks);
+/// on drop before `done`, counts it as cancelled.
 struct GenGuard {
     sim: Arc<LmStudioSim>,
+    instance: String,
     done: bool,
 }
 
 impl GenGuard {
-    fn start(sim: Arc<LmStudioSim>) -> Self {
+    fn start(sim: Arc<LmStudioSim>, instance: &str) -> Self {
         sim.active.fetch_add(1, Ordering::SeqCst);
-        GenGuard { sim, done: false }
+        *sim.lock().busy.entry(instance.to_string()).or_default() += 1;
+        GenGuard {
+            sim,
+            instance: instance.to_string(),
+            done: false,
+        }
     }
 }
 
@@ -110,6 +118,13 @@ impl Drop for GenGuard {
         self.sim.active.fetch_sub(1, Ordering::SeqCst);
         if !self.done {
             self.sim.cancelled.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut st = self.sim.lock();
+        if let Some(n) = st.busy.get_mut(&self.instance) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.busy.remove(&self.instance);
+            }
         }
     }
 }

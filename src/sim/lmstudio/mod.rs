@@ -54,6 +54,8 @@ pub struct LmStudioSim {
     state: Mutex<State>,
     active: AtomicUsize,
     cancelled: AtomicUsize,
+    /// Unload requests that found the instance generating (see `unloads_while_busy`).
+    unloads_while_busy: AtomicUsize,
 }
 
 impl LmStudioSim {
@@ -65,6 +67,7 @@ impl LmStudioSim {
             state: Mutex::new(State::default()),
             active: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
+            unloads_while_busy: AtomicUsize::new(0),
         }
     }
 
@@ -107,6 +110,13 @@ impl LmStudioSim {
     /// Generations stopped because the client went away.
     pub fn cancelled(&self) -> usize {
         self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// `/api/v1/models/unload` requests that removed an instance while it had generations in
+    /// progress (they finish as before). TTL expiry is not an unload request and never counts;
+    /// a proxy that owns unloading should never cause one.
+    pub fn unloads_while_busy(&self) -> usize {
+        self.unloads_while_busy.load(Ordering::SeqCst)
     }
 
     /// The next load (JIT or manual) fails with `message`.

@@ -2,6 +2,7 @@
 //! unload of instances, and `/api/v1/chat`, answered whole or as named SSE events
 //! (`chat.start`, `model_load.*`, `prompt_processing.*`, `message.*`, `chat.end`, `error`).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -89,7 +90,11 @@ impl LmStudioSim {
             let mut st = self.lock();
             let before = st.instances.len();
             st.instances.retain(|i| i.id != id);
-            st.instances.len() != before
+            let removed = st.instances.len() != before;
+            if removed && st.busy.get(id).is_some_and(|n| *n > 0) {
+                self.unloads_while_busy.fetch_add(1, Ordering::SeqCst);
+            }
+            removed
         };
         if !removed {
             let message = format!("No loaded model instance with id \"{id}\".");
@@ -151,7 +156,7 @@ impl LmStudioSim {
                 .resolve(&model, plan)
                 .await
                 .map_err(|f| f.response(api))?;
-            self.generate(n).await;
+            self.generate(&r.instance, n).await;
             self.touch(&r.instance);
             let content = gen.pieces.concat();
             return Ok(json(StatusCode::OK, &self.v1_result(&gen, &r, &content)));
@@ -260,7 +265,8 @@ impl LmStudioSim {
             kind: "unknown",
             message: SIMULATED_FAILURE,
         });
-        self.pump(&tx, tokens, tail, error.sse(), fail_after).await;
+        self.pump(&r.instance, &tx, tokens, tail, error.sse(), fail_after)
+            .await;
         self.touch(&r.instance);
     }
 }

@@ -191,7 +191,7 @@ impl LmStudioSim {
         object: &'static str,
         choice: C,
     ) -> Response<SimBody> {
-        self.generate(g.n).await;
+        self.generate(&g.r.instance, g.n).await;
         self.touch(&g.r.instance);
         let model_id = g.r.instance.as_str();
         let (stats, model_info, runtime) =
@@ -233,7 +233,8 @@ impl LmStudioSim {
         let fail_after = self.take_stream_failure();
         let sim = self.clone();
         tokio::spawn(async move {
-            sim.pump(&tx, tokens, tail, error, fail_after).await;
+            sim.pump(&instance, &tx, tokens, tail, error, fail_after)
+                .await;
             sim.touch(&instance);
         });
         sse_response(body)

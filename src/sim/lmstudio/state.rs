@@ -60,6 +60,8 @@ pub(super) struct State {
     pub(super) instances: Vec<Instance>,
     pub(super) load_counts: HashMap<String, usize>,
     pub(super) pending: HashMap<String, PendingLoad>,
+    /// Generations in progress per instance id (entries at zero are removed).
+    pub(super) busy: HashMap<String, usize>,
     pub(super) fail_next_load: Option<String>,
     pub(super) fail_stream_after: Option<usize>,
 }

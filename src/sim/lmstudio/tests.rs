@@ -895,3 +895,49 @@ async fn failing_streams_end_with_an_error_event() {
     assert!(!names.contains(&"chat.end".to_string()));
     assert_eq!(s.state.cancelled(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn unloads_while_an_instance_is_generating_are_counted() {
+    let (s, c) = start(LmStudioConfig {
+        token_delay: Duration::from_secs(1),
+        ..cfg()
+    })
+    .await;
+    let load = format!(r#"{{"model":"{QWEN}"}}"#);
+    let unload = format!(r#"{{"instance_id":"{QWEN}"}}"#);
+    // Idle: a load, then an unload, counts nothing.
+    post(&c, &s, "/api/v1/models/load", &load).await;
+    let r = post(&c, &s, "/api/v1/models/unload", &unload).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(s.state.unloads_while_busy(), 0);
+
+    // A slow stream on the instance is generating when the unload arrives.
+    post(&c, &s, "/api/v1/models/load", &load).await;
+    let req = Request::post(format!("{}/v1/chat/completions", s.url()))
+        .body(Full::new(Bytes::from(chat_body(QWEN, r#","stream":true"#))))
+        .unwrap();
+    let mut body = c.request(req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: {"));
+    // Another instance of the same model is not busy.
+    let second = post(&c, &s, "/api/v1/models/load", &load).await.json();
+    let second = second["instance_id"].as_str().unwrap().to_string();
+    let r = post(
+        &c,
+        &s,
+        "/api/v1/models/unload",
+        &format!(r#"{{"instance_id":"{second}"}}"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(s.state.unloads_while_busy(), 0);
+
+    let r = post(&c, &s, "/api/v1/models/unload", &unload).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(s.state.unloads_while_busy(), 1);
+    // The stream still finishes.
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+    assert_eq!(s.state.active_requests(), 0);
+    assert_eq!(s.state.unloads_while_busy(), 1);
+}

@@ -83,6 +83,8 @@ pub struct OllamaSim {
     changed: Notify,
     active: AtomicUsize,
     cancelled: AtomicUsize,
+    /// Unload requests that found the model held by other requests (see `unloads_while_busy`).
+    unloads_while_busy: AtomicUsize,
     queued: AtomicUsize,
     fail_load: Mutex<Option<String>>,
     fail_stream: Mutex<Option<usize>>,
@@ -114,6 +116,7 @@ impl OllamaSim {
             changed: Notify::new(),
             active: AtomicUsize::new(0),
             cancelled: AtomicUsize::new(0),
+            unloads_while_busy: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             fail_load: Mutex::new(None),
             fail_stream: Mutex::new(None),
@@ -177,6 +180,14 @@ impl OllamaSim {
     /// Generations stopped because the client went away.
     pub fn cancelled(&self) -> usize {
         self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Unloads asked for while other requests held the model (waiting for its load or
+    /// generating): a load-only `keep_alive:0` request that arrives then, or a request with
+    /// `keep_alive:0` that ends then. Ollama defers such an unload until the model is idle,
+    /// and so does the simulator; a proxy that owns unloading should never cause one.
+    pub fn unloads_while_busy(&self) -> usize {
+        self.unloads_while_busy.load(Ordering::SeqCst)
     }
 
     /// The next load fails after the load latency: 500 `{"error":message}`.

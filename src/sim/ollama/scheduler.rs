@@ -96,11 +96,13 @@ pub(super) struct Lease {
     sim: Arc<OllamaSim>,
     name: String,
     id: u64,
+    /// Taken by a request with `keep_alive:0`: its end asks for an unload.
+    unload: bool,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.sim.release(&self.name, self.id);
+        self.sim.release(&self.name, self.id, self.unload);
     }
 }
 
@@ -225,6 +227,7 @@ impl OllamaSim {
         st.expire(now);
         let seq = st.next_seq();
         let name = model.name.clone();
+        let unload = keep_alive == Some(KeepAlive::For(Duration::ZERO));
         if let Some(r) = st.runners.get_mut(&name) {
             if r.num_ctx == num_ctx {
                 r.refs += 1;
@@ -233,7 +236,7 @@ impl OllamaSim {
                 if let Some(k) = keep_alive {
                     r.keep_alive = k;
                 }
-                let lease = self.lease(&name, r.id);
+                let lease = self.lease(&name, r.id, unload);
                 return if r.ready {
                     Step::Ready(lease)
                 } else {
@@ -279,16 +282,17 @@ impl OllamaSim {
         *st.load_counts.entry(name.clone()).or_default() += 1;
         let failure = relock(&self.fail_load).take();
         let sim = self.clone();
-        let lease = self.lease(&name, seq);
+        let lease = self.lease(&name, seq, unload);
         tokio::spawn(async move { sim.run_load(name, seq, failure, tx).await });
         Step::Loading(lease, rx)
     }
 
-    fn lease(self: &Arc<Self>, name: &str, id: u64) -> Lease {
+    fn lease(self: &Arc<Self>, name: &str, id: u64, unload: bool) -> Lease {
         Lease {
             sim: self.clone(),
             name: name.to_string(),
             id,
+            unload,
         }
     }
 
@@ -325,7 +329,9 @@ impl OllamaSim {
         self.changed.notify_waiters();
     }
 
-    fn release(&self, name: &str, id: u64) {
+    /// Drops one reference; `unload` when the request asked for `keep_alive:0`, which counts
+    /// as an unload while busy if other requests still hold the runner.
+    fn release(&self, name: &str, id: u64, unload: bool) {
         let now = self.clock.now();
         {
             let mut st = self.lock();
@@ -336,6 +342,8 @@ impl OllamaSim {
                     r.last_used = seq;
                     if r.refs == 0 {
                         r.idle_since = Some(now);
+                    } else if unload {
+                        self.unloads_while_busy.fetch_add(1, Ordering::SeqCst);
                     }
                 }
             }
@@ -352,6 +360,8 @@ impl OllamaSim {
                 r.keep_alive = KeepAlive::For(Duration::ZERO);
                 if r.refs == 0 {
                     r.idle_since = Some(now);
+                } else {
+                    self.unloads_while_busy.fetch_add(1, Ordering::SeqCst);
                 }
             }
             st.expire(now);

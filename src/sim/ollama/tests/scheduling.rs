@@ -302,3 +302,62 @@ async fn full_server_waits_for_an_idle_model() {
     assert_eq!(srv.state.loaded(), vec!["qwen2.5:7b"]);
     assert_eq!(srv.state.load_count("qwen2.5:7b"), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn unloads_while_a_request_is_generating_are_counted() {
+    let cfg = OllamaConfig {
+        token_delay: Duration::from_secs(1),
+        ..manual()
+    };
+    let srv = start(cfg).await;
+    // Idle: a load, then an unload, counts nothing.
+    post(&srv, "/api/generate", r#"{"model":"llama3.2"}"#).await;
+    let r = post(
+        &srv,
+        "/api/generate",
+        r#"{"model":"llama3.2","keep_alive":0}"#,
+    )
+    .await;
+    assert_eq!(r.json()["done_reason"], "unload");
+    assert!(srv.state.loaded().is_empty());
+    assert_eq!(srv.state.unloads_while_busy(), 0);
+
+    // A slow stream is generating when the unload arrives.
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = Request::post(format!("{}/api/generate", srv.url()))
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"llama3.2","prompt":"hi"}"#,
+        )))
+        .unwrap();
+    let mut body = client.request(req).await.unwrap().into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(br#"{"model":"llama3.2""#));
+    let r = post(
+        &srv,
+        "/api/generate",
+        r#"{"model":"llama3.2","keep_alive":0}"#,
+    )
+    .await;
+    assert_eq!(r.json()["done_reason"], "unload");
+    assert_eq!(srv.state.unloads_while_busy(), 1);
+    assert_eq!(
+        srv.state.loaded(),
+        ["llama3.2:latest"],
+        "deferred until idle"
+    );
+
+    // A keep_alive:0 request ending while the stream still runs asks for an unload too.
+    let r = post(
+        &srv,
+        "/api/generate",
+        r#"{"model":"llama3.2","prompt":"x","keep_alive":0,"stream":false,"options":{"num_predict":1}}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(srv.state.unloads_while_busy(), 2);
+
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&rest).contains(r#""done":true"#));
+    assert!(srv.state.loaded().is_empty(), "unloaded once idle");
+    assert_eq!(srv.state.unloads_while_busy(), 2);
+}

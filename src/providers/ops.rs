@@ -1,0 +1,680 @@
+//! Provider operations: load and unload a model through the provider's own API (Ollama:
+//! `/api/generate` without a prompt, §1.8; LM Studio: `/api/v1/models/load|unload`, §2.4,
+//! falling back to JIT loading where `/api/v1` is absent, §2.5), over the shared client.
+//! Each call is bounded by a timeout and reads at most [`RESPONSE_LIMIT`] bytes back.
+//! Deciding *when* to load or unload is not done here; that belongs to the lifecycle owner.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use serde_json::{json, Value};
+
+use super::ProviderKind;
+use crate::config::Upstream;
+use crate::proxy::UpstreamClient;
+
+/// Ollama gives up on a stalled load after 5 minutes (`OLLAMA_LOAD_TIMEOUT`); so do we.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Unloads answer at once (Ollama unloads asynchronously, §1.8).
+pub const UNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest response body read back from a load or unload (they are a few hundred bytes).
+pub const RESPONSE_LIMIT: usize = 64 * 1024;
+
+const OLLAMA_GENERATE: &str = "/api/generate";
+const LMSTUDIO_LOAD: &str = "/api/v1/models/load";
+const LMSTUDIO_UNLOAD: &str = "/api/v1/models/unload";
+
+/// How to load a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadOptions {
+    /// Ollama only: how long Ollama keeps the model once idle. `None` sends `-1` (never
+    /// unload), leaving unloading to the proxy.
+    pub keep_alive: Option<Duration>,
+    /// Context to load with (Ollama `options.num_ctx`, LM Studio `context_length`).
+    pub context_length: Option<u64>,
+    /// Give up after this long ([`OpError::Timeout`]).
+    pub timeout: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            keep_alive: None,
+            context_length: None,
+            timeout: LOAD_TIMEOUT,
+        }
+    }
+}
+
+/// A model the provider has loaded (or will load on first use, when `jit`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Loaded {
+    /// What [`unload`] takes: Ollama the model name with its tag, LM Studio the instance id
+    /// (`key`, then `key:2`... for further instances).
+    pub instance_id: String,
+    /// Time from sending the load to its answer.
+    pub elapsed: Duration,
+    /// The context loaded, as LM Studio echoes it; else the one asked for.
+    pub context_length: Option<u64>,
+    /// LM Studio without `/api/v1` (before 0.4): nothing was loaded, the first request for
+    /// the model loads it just in time (and an unknown model only shows up then).
+    pub jit: bool,
+}
+
+/// Why a load or unload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("model `{model}` not found")]
+    ModelNotFound { model: String },
+    #[error("provider unreachable: {0}")]
+    Unreachable(String),
+    #[error("provider answered {status}: {message}")]
+    Provider { status: u16, message: String },
+    #[error("provider did not answer in time")]
+    Timeout,
+    #[error("unexpected answer from provider: {0}")]
+    BadResponse(String),
+}
+
+impl OpError {
+    /// Short fixed label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OpError::ModelNotFound { .. } => "model_not_found",
+            OpError::Unreachable(_) => "unreachable",
+            OpError::Provider { .. } => "provider_error",
+            OpError::Timeout => "timeout",
+            OpError::BadResponse(_) => "bad_response",
+        }
+    }
+}
+
+/// Loads `model` and waits until the provider has it in memory, within `opts.timeout`.
+pub async fn load(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    kind: ProviderKind,
+    model: &str,
+    opts: &LoadOptions,
+) -> Result<Loaded, OpError> {
+    let start = tokio::time::Instant::now();
+    let op = async {
+        match kind {
+            ProviderKind::Ollama => ollama_load(client, upstream, model, opts).await,
+            ProviderKind::LmStudio => lmstudio_load(client, upstream, model, opts).await,
+        }
+    };
+    let (instance_id, context_length, jit) = tokio::time::timeout(opts.timeout, op)
+        .await
+        .map_err(|_| OpError::Timeout)??;
+    Ok(Loaded {
+        instance_id,
+        elapsed: start.elapsed(),
+        context_length,
+        jit,
+    })
+}
+
+/// Unloads what [`load`] returned as `instance_id`, within [`UNLOAD_TIMEOUT`].
+pub async fn unload(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    kind: ProviderKind,
+    instance_id: &str,
+) -> Result<(), OpError> {
+    unload_within(client, upstream, kind, instance_id, UNLOAD_TIMEOUT).await
+}
+
+/// [`unload`] with its own timeout.
+pub async fn unload_within(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    kind: ProviderKind,
+    instance_id: &str,
+    timeout: Duration,
+) -> Result<(), OpError> {
+    let op = async {
+        let (path, body) = match kind {
+            ProviderKind::Ollama => (
+                OLLAMA_GENERATE,
+                json!({"model": instance_id, "keep_alive": 0, "stream": false}),
+            ),
+            ProviderKind::LmStudio => (LMSTUDIO_UNLOAD, json!({"instance_id": instance_id})),
+        };
+        let (status, body) = post_json(client, upstream, path, &body).await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(failure(kind, status, &body, instance_id))
+    };
+    tokio::time::timeout(timeout, op)
+        .await
+        .map_err(|_| OpError::Timeout)?
+}
+
+// === per provider ===
+
+/// `POST /api/generate` without a prompt: one object with `done_reason:"load"` (§1.8).
+async fn ollama_load(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: &str,
+    opts: &LoadOptions,
+) -> Result<(String, Option<u64>, bool), OpError> {
+    let mut body = json!({
+        "model": model,
+        "keep_alive": ollama_keep_alive(opts.keep_alive),
+        "stream": false,
+    });
+    if let Some(n) = opts.context_length {
+        body["options"] = json!({ "num_ctx": n });
+    }
+    let (status, bytes) = post_json(client, upstream, OLLAMA_GENERATE, &body).await?;
+    if !status.is_success() {
+        return Err(failure(ProviderKind::Ollama, status, &bytes, model));
+    }
+    let v = parse_json(&bytes)?;
+    match v.get("done_reason").and_then(Value::as_str) {
+        Some("load") => Ok((
+            ProviderKind::Ollama.canonical_model(model).into_owned(),
+            opts.context_length,
+            false,
+        )),
+        other => Err(OpError::BadResponse(format!(
+            "expected done_reason \"load\", got {other:?}"
+        ))),
+    }
+}
+
+/// `POST /api/v1/models/load` → `instance_id`; a 404 that is not about the model means an
+/// LM Studio older than 0.4, which loads on first use instead (§2.5).
+async fn lmstudio_load(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: &str,
+    opts: &LoadOptions,
+) -> Result<(String, Option<u64>, bool), OpError> {
+    let mut body = json!({ "model": model, "echo_load_config": true });
+    if let Some(n) = opts.context_length {
+        body["context_length"] = json!(n);
+    }
+    let (status, bytes) = post_json(client, upstream, LMSTUDIO_LOAD, &body).await?;
+    if status == StatusCode::NOT_FOUND && !is_model_not_found(&bytes) {
+        return Ok((model.to_string(), opts.context_length, true));
+    }
+    if !status.is_success() {
+        return Err(failure(ProviderKind::LmStudio, status, &bytes, model));
+    }
+    let v = parse_json(&bytes)?;
+    // Earlier beta docs call it `model_instance_id` (§2.4).
+    let id = v
+        .get("instance_id")
+        .or_else(|| v.get("model_instance_id"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| OpError::BadResponse("load answer without instance_id".into()))?;
+    let context_length = v
+        .pointer("/load_config/context_length")
+        .and_then(Value::as_u64)
+        .or(opts.context_length);
+    Ok((id.to_string(), context_length, false))
+}
+
+/// `-1` (never), whole seconds as a number, else a Go duration in nanoseconds (§1.8).
+fn ollama_keep_alive(keep_alive: Option<Duration>) -> Value {
+    match keep_alive {
+        None => json!(-1),
+        Some(d) if d.subsec_nanos() == 0 => json!(d.as_secs()),
+        Some(d) => json!(format!("{}ns", d.as_nanos())),
+    }
+}
+
+// === HTTP ===
+
+/// POSTs `body` as JSON to `path` on `upstream`; the status and at most
+/// [`RESPONSE_LIMIT`] bytes of the answer.
+async fn post_json(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    path: &str,
+    body: &Value,
+) -> Result<(StatusCode, Bytes), OpError> {
+    let uri = Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(format!("{}{path}", upstream.path_prefix))
+        .build()
+        .map_err(|e| OpError::Unreachable(format!("bad upstream address {upstream}: {e}")))?;
+    let bytes = serde_json::to_vec(body)
+        .map_err(|e| OpError::BadResponse(format!("request not encodable: {e}")))?;
+    let req = Request::post(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Either::Right(Full::new(Bytes::from(bytes))))
+        .map_err(|e| OpError::BadResponse(format!("request not buildable: {e}")))?;
+    let resp = client.request(req).await.map_err(|e| {
+        let chain = error_chain(&e);
+        if e.is_connect() {
+            OpError::Unreachable(format!("{upstream}: {chain}"))
+        } else {
+            OpError::BadResponse(format!("request failed: {chain}"))
+        }
+    })?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), RESPONSE_LIMIT)
+        .collect()
+        .await
+        .map_err(|e| OpError::BadResponse(format!("reading the answer: {e}")))?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// An error and its sources, `a: b: c`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, OpError> {
+    serde_json::from_slice(bytes).map_err(|e| OpError::BadResponse(format!("not JSON: {e}")))
+}
+
+/// A non-success answer: 404 about the model → `ModelNotFound`, anything else → `Provider`.
+fn failure(kind: ProviderKind, status: StatusCode, body: &[u8], model: &str) -> OpError {
+    // Ollama's generate answers 404 only for an unknown model (§1.6); LM Studio also answers
+    // 404 for endpoints it does not have, so its body decides.
+    let about_model = match kind {
+        ProviderKind::Ollama => true,
+        ProviderKind::LmStudio => is_model_not_found(body),
+    };
+    if status == StatusCode::NOT_FOUND && about_model {
+        return OpError::ModelNotFound {
+            model: model.to_string(),
+        };
+    }
+    OpError::Provider {
+        status: status.as_u16(),
+        message: error_message(status, body),
+    }
+}
+
+/// Whether a 404 body says the model (or instance) is unknown, rather than the endpoint:
+/// LM Studio's `error.type` / `error.code` `model_not_found`, or a message naming a model
+/// that is not found (third-party reports: `{"error":"Model 'x' not found"}`).
+fn is_model_not_found(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let code = |k: &str| v.pointer(&format!("/error/{k}")).and_then(Value::as_str);
+    if code("type") == Some("model_not_found") || code("code") == Some("model_not_found") {
+        return true;
+    }
+    let message = error_text(&v).unwrap_or_default().to_ascii_lowercase();
+    (message.contains("model") || message.contains("instance")) && message.contains("not found")
+}
+
+/// The provider's own error text: `{"error":"..."}` or `{"error":{"message":"..."}}`.
+fn error_text(v: &Value) -> Option<&str> {
+    let e = v.get("error")?;
+    e.as_str()
+        .or_else(|| e.get("message").and_then(Value::as_str))
+}
+
+/// The provider's error text, else the start of the body, else the status's reason.
+fn error_message(status: StatusCode, body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        if let Some(text) = error_text(&v) {
+            return text.to_string();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return status
+            .canonical_reason()
+            .unwrap_or("no message")
+            .to_string();
+    }
+    text.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::{parse_upstream, Config};
+    use crate::sim::lmstudio::{self, LmStudioConfig, LmStudioSim};
+    use crate::sim::ollama::{self, OllamaConfig, OllamaSim};
+    use crate::sim::{Clock, SimServer};
+
+    const LLAMA: &str = "llama3.2";
+    const QWEN: &str = "qwen2.5-7b-instruct";
+
+    fn client() -> UpstreamClient {
+        crate::proxy::build_client(&Config::default().proxy)
+    }
+
+    fn upstream(url: &str) -> Upstream {
+        parse_upstream(url).expect("a valid test URL")
+    }
+
+    fn clock() -> Clock {
+        Clock::manual(std::time::UNIX_EPOCH + Duration::from_secs(1_795_687_200))
+    }
+
+    async fn listener() -> TcpListener {
+        TcpListener::bind("127.0.0.1:0").await.expect("bind")
+    }
+
+    async fn start_ollama(load_latency: Duration) -> (SimServer<OllamaSim>, Upstream) {
+        let cfg = OllamaConfig {
+            load_latency,
+            clock: clock(),
+            ..OllamaConfig::default()
+        };
+        let sim = ollama::spawn(cfg, listener().await);
+        let up = upstream(&sim.url());
+        (sim, up)
+    }
+
+    async fn start_lmstudio(load_latency: Duration) -> (SimServer<LmStudioSim>, Upstream) {
+        let cfg = LmStudioConfig {
+            load_latency,
+            clock: clock(),
+            ..LmStudioConfig::default()
+        };
+        let sim = lmstudio::spawn(cfg, listener().await);
+        let up = upstream(&sim.url());
+        (sim, up)
+    }
+
+    /// An LM Studio before 0.4: every `/api/v1/*` path is an unknown endpoint.
+    async fn v0_only_front() -> Upstream {
+        let l = listener().await;
+        let url = format!("http://{}", l.local_addr().expect("bound"));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| {
+                        let (status, body) = if req.uri().path().starts_with("/api/v1/") {
+                            (404, r#"{"error":"Unexpected endpoint or method."}"#)
+                        } else {
+                            (200, r#"{"lmstudio":true}"#)
+                        };
+                        let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() = StatusCode::from_u16(status).expect("valid");
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        upstream(&url)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ollama_load_pins_the_model_until_unloaded() {
+        let (sim, up) = start_ollama(Duration::from_secs(2)).await;
+        let c = client();
+        let opts = LoadOptions::default();
+        let loaded = load(&c, &up, ProviderKind::Ollama, LLAMA, &opts)
+            .await
+            .unwrap();
+        assert_eq!(loaded.instance_id, "llama3.2:latest");
+        assert!(!loaded.jit);
+        assert_eq!(loaded.context_length, None);
+        assert!(loaded.elapsed >= Duration::from_secs(2), "{loaded:?}");
+        assert_eq!(sim.state.loaded(), ["llama3.2:latest"]);
+        assert_eq!(sim.state.load_count(LLAMA), 1);
+        let sent = sim.state.log.calls().pop().unwrap().json();
+        assert_eq!(
+            sent,
+            json!({"model": LLAMA, "keep_alive": -1, "stream": false}),
+            "no prompt, never unload"
+        );
+
+        // keep_alive -1: Ollama never unloads it on its own.
+        sim.state.clock.advance(Duration::from_secs(72 * 3600));
+        assert_eq!(sim.state.loaded(), ["llama3.2:latest"]);
+
+        unload(&c, &up, ProviderKind::Ollama, &loaded.instance_id)
+            .await
+            .unwrap();
+        assert!(sim.state.loaded().is_empty());
+        let sent = sim.state.log.calls().pop().unwrap().json();
+        assert_eq!(sent["keep_alive"], 0);
+        assert_eq!(sim.state.unloads_while_busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn ollama_load_sets_context_and_keep_alive() {
+        let (sim, up) = start_ollama(Duration::ZERO).await;
+        let opts = LoadOptions {
+            keep_alive: Some(Duration::from_secs(600)),
+            context_length: Some(8192),
+            ..LoadOptions::default()
+        };
+        let loaded = load(&client(), &up, ProviderKind::Ollama, LLAMA, &opts)
+            .await
+            .unwrap();
+        assert_eq!(loaded.context_length, Some(8192));
+        assert_eq!(sim.state.loaded_num_ctx(LLAMA), Some(8192));
+        let sent = sim.state.log.calls().pop().unwrap().json();
+        assert_eq!(sent["keep_alive"], 600);
+        assert_eq!(sent["options"], json!({"num_ctx": 8192}));
+        sim.state.clock.advance(Duration::from_secs(601));
+        assert!(sim.state.loaded().is_empty(), "a finite keep_alive expires");
+    }
+
+    #[test]
+    fn keep_alive_is_written_as_ollama_reads_it() {
+        assert_eq!(ollama_keep_alive(None), json!(-1));
+        assert_eq!(ollama_keep_alive(Some(Duration::ZERO)), json!(0));
+        assert_eq!(
+            ollama_keep_alive(Some(Duration::from_secs(300))),
+            json!(300)
+        );
+        assert_eq!(
+            ollama_keep_alive(Some(Duration::from_millis(1500))),
+            json!("1500000000ns")
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_model_is_model_not_found_on_both() {
+        let c = client();
+        let (_o, oup) = start_ollama(Duration::ZERO).await;
+        let (_l, lup) = start_lmstudio(Duration::ZERO).await;
+        for (kind, up) in [(ProviderKind::Ollama, &oup), (ProviderKind::LmStudio, &lup)] {
+            let e = load(&c, up, kind, "nope", &LoadOptions::default())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, OpError::ModelNotFound { model } if model == "nope"),
+                "{kind:?}: {e:?}"
+            );
+            assert_eq!(e.kind(), "model_not_found");
+        }
+        // LM Studio: unloading an instance that is not loaded.
+        let e = unload(&c, &lup, ProviderKind::LmStudio, QWEN)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, OpError::ModelNotFound { .. }), "{e:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lmstudio_load_returns_instances_and_unload_removes_them() {
+        let (sim, up) = start_lmstudio(Duration::from_secs(3)).await;
+        let c = client();
+        let opts = LoadOptions {
+            context_length: Some(8192),
+            ..LoadOptions::default()
+        };
+        let first = load(&c, &up, ProviderKind::LmStudio, QWEN, &opts)
+            .await
+            .unwrap();
+        assert_eq!(first.instance_id, QWEN);
+        assert!(!first.jit);
+        assert_eq!(first.context_length, Some(8192), "echoed by LM Studio");
+        assert!(first.elapsed >= Duration::from_secs(3), "{first:?}");
+        assert_eq!(sim.state.loaded(), [QWEN]);
+        assert_eq!(sim.state.load_count(QWEN), 1);
+        assert_eq!(sim.state.loaded_context_length(QWEN), Some(8192));
+
+        let second = load(
+            &c,
+            &up,
+            ProviderKind::LmStudio,
+            QWEN,
+            &LoadOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(second.instance_id, format!("{QWEN}:2"));
+        assert_eq!(second.context_length, Some(4096), "the server default");
+
+        unload(&c, &up, ProviderKind::LmStudio, &first.instance_id)
+            .await
+            .unwrap();
+        assert_eq!(sim.state.loaded(), [format!("{QWEN}:2")]);
+        let sent = sim.state.log.calls().pop().unwrap().json();
+        assert_eq!(sent, json!({"instance_id": QWEN}));
+        assert_eq!(sim.state.unloads_while_busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn lmstudio_without_v1_loads_just_in_time() {
+        let up = v0_only_front().await;
+        let opts = LoadOptions {
+            context_length: Some(2048),
+            ..LoadOptions::default()
+        };
+        let loaded = load(&client(), &up, ProviderKind::LmStudio, QWEN, &opts)
+            .await
+            .unwrap();
+        assert!(loaded.jit, "{loaded:?}");
+        assert_eq!(loaded.instance_id, QWEN);
+        assert_eq!(loaded.context_length, Some(2048));
+        // Unloading needs /api/v1 too: the 404 is the provider's, not the model's.
+        let e = unload(&client(), &up, ProviderKind::LmStudio, QWEN)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, OpError::Provider { status: 404, message } if message.starts_with("Unexpected endpoint")),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_is_unreachable() {
+        let up = upstream("http://127.0.0.1:1");
+        for kind in [ProviderKind::Ollama, ProviderKind::LmStudio] {
+            let e = load(&client(), &up, kind, LLAMA, &LoadOptions::default())
+                .await
+                .unwrap_err();
+            assert!(matches!(e, OpError::Unreachable(_)), "{kind:?}: {e:?}");
+            assert_eq!(e.kind(), "unreachable");
+            let e = unload(&client(), &up, kind, LLAMA).await.unwrap_err();
+            assert!(matches!(e, OpError::Unreachable(_)), "{kind:?}: {e:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_load_carries_the_providers_message() {
+        let c = client();
+        let (o, oup) = start_ollama(Duration::ZERO).await;
+        let (l, lup) = start_lmstudio(Duration::ZERO).await;
+        o.state.fail_next_load("boom");
+        l.state.fail_next_load("boom");
+        for (kind, up) in [(ProviderKind::Ollama, &oup), (ProviderKind::LmStudio, &lup)] {
+            let e = load(&c, up, kind, known_model(kind), &LoadOptions::default())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&e, OpError::Provider { status: 500, message } if message.contains("boom")),
+                "{kind:?}: {e:?}"
+            );
+            assert_eq!(e.kind(), "provider_error");
+        }
+        assert!(o.state.loaded().is_empty() && l.state.loaded().is_empty());
+    }
+
+    /// A model each simulator's catalogue has.
+    fn known_model(kind: ProviderKind) -> &'static str {
+        match kind {
+            ProviderKind::Ollama => LLAMA,
+            ProviderKind::LmStudio => QWEN,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_load_times_out() {
+        let (sim, up) = start_ollama(Duration::from_secs(600)).await;
+        let opts = LoadOptions {
+            timeout: Duration::from_secs(1),
+            ..LoadOptions::default()
+        };
+        let t0 = tokio::time::Instant::now();
+        let e = load(&client(), &up, ProviderKind::Ollama, LLAMA, &opts)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, OpError::Timeout), "{e:?}");
+        assert_eq!(e.kind(), "timeout");
+        assert!(t0.elapsed() < Duration::from_secs(600));
+        assert!(sim.state.loaded().is_empty());
+    }
+
+    #[test]
+    fn error_bodies_are_read_in_both_shapes() {
+        let s = StatusCode::INTERNAL_SERVER_ERROR;
+        assert_eq!(error_message(s, br#"{"error":"boom"}"#), "boom");
+        assert_eq!(
+            error_message(s, br#"{"error":{"type":"x","message":"boom"}}"#),
+            "boom"
+        );
+        assert_eq!(error_message(s, b"  plain text\n"), "plain text");
+        assert_eq!(error_message(s, b""), "Internal Server Error");
+        assert!(is_model_not_found(
+            br#"{"error":{"type":"model_not_found","message":"No loaded model instance with id \"x\"."}}"#
+        ));
+        assert!(is_model_not_found(br#"{"error":"Model 'x' not found"}"#));
+        assert!(!is_model_not_found(
+            br#"{"error":"Unexpected endpoint or method. (POST /api/v1/models/load)"}"#
+        ));
+        assert!(!is_model_not_found(b"<html>404</html>"));
+    }
+
+    #[test]
+    fn error_kinds_are_fixed_labels() {
+        let all = [
+            OpError::ModelNotFound { model: "m".into() },
+            OpError::Unreachable("x".into()),
+            OpError::Provider {
+                status: 500,
+                message: "x".into(),
+            },
+            OpError::Timeout,
+            OpError::BadResponse("x".into()),
+        ];
+        let kinds: Vec<_> = all.iter().map(OpError::kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                "model_not_found",
+                "unreachable",
+                "provider_error",
+                "timeout",
+                "bad_response"
+            ]
+        );
+    }
+}
