@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_llm-warden");
 
@@ -107,39 +107,61 @@ fn listen_addr(line: &str) -> std::net::SocketAddr {
         .unwrap()
 }
 
+/// `llm-warden serve` on a config, with its log read line by line.
+struct Served {
+    child: std::process::Child,
+    log: std::io::Lines<BufReader<std::process::ChildStderr>>,
+}
+
+impl Served {
+    fn start(name: &str, config: &str) -> Served {
+        let p = temp_file(name, config);
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&p)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = BufReader::new(child.stderr.take().unwrap()).lines();
+        Served { child, log }
+    }
+
+    /// The next log line that contains `what` (earlier lines are skipped); panics if the
+    /// process ends first.
+    fn wait_for(&mut self, what: &str) -> String {
+        for line in self.log.by_ref() {
+            let line = line.unwrap();
+            if line.contains(what) {
+                return line;
+            }
+        }
+        panic!("the proxy never logged {what:?}");
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
 #[test]
 fn serve_starts_with_providers_down_and_stops_on_sigterm() {
     // Port 1: nothing listens there, so the provider is down.
-    let p = temp_file(
+    let mut served = Served::start(
         "serve.toml",
         "[admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n",
     );
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&p)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = String::new();
-    let mut admin = None;
-    // Start-up logs the unreachable provider and then the listeners; read until admin is up.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let Some(Ok(line)) = lines.next() else { break };
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains("admin listening") {
-            admin = Some(listen_addr(&line));
-            break;
-        }
-    }
-    assert!(log.contains("provider is unreachable"), "{log}");
-    assert!(log.contains("admin listening"), "{log}");
+    // Start-up logs the unreachable provider, then the listeners.
+    served.wait_for("provider is unreachable");
+    let admin = listen_addr(&served.wait_for("admin listening"));
 
-    let mut s = std::net::TcpStream::connect(admin.expect("admin address logged")).unwrap();
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
     use std::io::{Read, Write};
     s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -149,13 +171,8 @@ fn serve_starts_with_providers_down_and_stops_on_sigterm() {
     assert!(resp.contains("\"reachable\":false"), "{resp}");
 
     // SIGTERM: a clean, prompt exit.
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = child.wait().unwrap();
+    served.sigterm();
+    let status = served.child.wait().unwrap();
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
 
@@ -176,31 +193,12 @@ fn shutdown_drains_open_streams_and_a_second_signal_stops_at_once() {
         .await
         .unwrap()
     });
-    let p = temp_file(
+    let mut served = Served::start(
         "drain.toml",
         &format!("[admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n", sim.url()),
     );
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&p)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    // Returns the first line that contains `what`.
-    let mut wait_for = |what: &str| -> String {
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            if line.contains(what) {
-                return line;
-            }
-        }
-        panic!("the proxy never logged {what:?}");
-    };
-    let proxy = listen_addr(&wait_for("proxy listening"));
-    wait_for("admin listening");
+    let proxy = listen_addr(&served.wait_for("proxy listening"));
+    served.wait_for("admin listening");
 
     let mut stream = std::net::TcpStream::connect(proxy).unwrap();
     stream
@@ -217,13 +215,8 @@ fn shutdown_drains_open_streams_and_a_second_signal_stops_at_once() {
     let mut read_some = |s: &mut std::net::TcpStream| -> usize { s.read(&mut buf).unwrap_or(0) };
     assert!(read_some(&mut stream) > 0, "the stream started");
 
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    wait_for("shutting down");
+    served.sigterm();
+    served.wait_for("shutting down");
     // Draining: the open stream is still being served.
     assert!(
         read_some(&mut stream) > 0,
@@ -234,12 +227,8 @@ fn shutdown_drains_open_streams_and_a_second_signal_stops_at_once() {
         "the open stream goes on after the first signal"
     );
     // A second signal stops it now.
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = child.wait().unwrap();
+    served.sigterm();
+    let status = served.child.wait().unwrap();
     assert!(status.success(), "{status}");
     // The stream ends, cut short (well before its 1,000 tokens).
     let mut rest = Vec::new();

@@ -43,7 +43,7 @@ async fn gated_upstream(content_type: &'static str) -> (String, mpsc::Receiver<U
                     async move {
                         let (tx, rx) = mpsc::channel::<Bytes>(1);
                         let path = req.uri().path().to_string();
-                        if POLL_PATHS.contains(&path.as_str()) {
+                        if is_poll(&path) {
                             // The proxy's provider poll: an empty list, at once.
                             let _ = tx.send(Bytes::from_static(b"{\"models\":[]}")).await;
                         } else {
@@ -77,8 +77,13 @@ async fn gated_upstream(content_type: &'static str) -> (String, mpsc::Receiver<U
 
 const LIMIT: Duration = Duration::from_secs(5);
 
-/// The paths the proxy polls for loaded models; the gated upstream answers them itself.
-const POLL_PATHS: [&str; 3] = ["/api/ps", "/api/v1/models", "/api/v0/models"];
+/// Whether the proxy polls `path` for loaded models; the gated upstream answers those itself.
+fn is_poll(path: &str) -> bool {
+    use llm_warden::providers::ProviderKind;
+    [ProviderKind::Ollama, ProviderKind::LmStudio]
+        .iter()
+        .any(|k| k.facts().loaded_paths.contains(&path))
+}
 
 /// The next request that reaches the test.
 async fn next_request(upstream: &mut mpsc::Receiver<Upstream>) -> Upstream {
