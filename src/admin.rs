@@ -1,5 +1,6 @@
-//! The admin listener: `GET /status` (providers and per-model counters as JSON) and
-//! `GET /healthz`. Read-only reports; it decides nothing.
+//! The admin listener: `GET /status` (providers, and per model its counters and lifecycle
+//! state, as JSON), `GET /healthz`, and `POST /models/{provider}/{model}/load|unload`, which
+//! ask the provider's lifecycle actor (it decides; this module only reports and asks).
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::app::AppState;
+use crate::lifecycle::{LifecycleError, ModelView};
 use crate::stats::ModelSnapshot;
 
 #[derive(Serialize)]
@@ -23,15 +25,66 @@ struct ProviderStatus<'a> {
     last_error: Option<String>,
 }
 
+/// One model: the proxy's counters, and what the lifecycle knows of it.
+#[derive(Serialize)]
+struct ModelStatus {
+    #[serde(flatten)]
+    counters: ModelSnapshot,
+    #[serde(flatten)]
+    lifecycle: Option<LifecycleFields>,
+}
+
+/// The lifecycle's view less the fields the counters already carry.
+#[derive(Serialize)]
+struct LifecycleFields {
+    status: crate::lifecycle::ModelStatus,
+    platform: &'static str,
+    leases: u32,
+    queue_depth: u32,
+    load_time_ms: Option<u64>,
+    loads: u64,
+    unloads: u64,
+    memory_estimate_mb: Option<u64>,
+    inactivity_timeout_s: Option<f64>,
+    pinned: bool,
+    unloads_in_s: Option<f64>,
+    loaded_by: Option<&'static str>,
+    last_error: Option<String>,
+}
+
+impl From<ModelView> for LifecycleFields {
+    fn from(v: ModelView) -> Self {
+        LifecycleFields {
+            status: v.status,
+            platform: v.platform,
+            leases: v.leases,
+            queue_depth: v.queue_depth,
+            load_time_ms: v.load_time_ms,
+            loads: v.loads,
+            unloads: v.unloads,
+            memory_estimate_mb: v.memory_estimate_mb,
+            inactivity_timeout_s: v.inactivity_timeout_s,
+            pinned: v.pinned,
+            unloads_in_s: v.unloads_in_s,
+            loaded_by: v.loaded_by,
+            last_error: v.last_error,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Status<'a> {
     providers: Vec<ProviderStatus<'a>>,
-    models: Vec<ModelSnapshot>,
+    models: Vec<ModelStatus>,
 }
 
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &status(&state)),
+    let path = req.uri().path();
+    if let Some(rest) = path.strip_prefix("/models/") {
+        return model_action(&state, req.method(), rest).await;
+    }
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &status(&state).await),
         (&Method::GET | &Method::HEAD, "/healthz") => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
             r.headers_mut().insert(
@@ -46,12 +99,145 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
         ),
         (_, path) => json(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": format!("no admin endpoint at {path}; try /status or /healthz")}),
+            &serde_json::json!({"error": format!("no admin endpoint at {path}; try /status, /healthz or POST /models/{{provider}}/{{model}}/load|unload")}),
         ),
     }
 }
 
-fn status(state: &AppState) -> Status<'_> {
+/// `POST /models/{provider}/{model}/load|unload`. The model may contain `/` (LM Studio keys
+/// such as `qwen/qwen3-8b`) and may be percent-encoded.
+async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response<Full<Bytes>> {
+    let error = |status: StatusCode, message: String| {
+        json(status, &serde_json::json!({ "error": message }))
+    };
+    let (target, action) = match rest.rsplit_once('/') {
+        Some((t, a @ ("load" | "unload"))) => (t, a),
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no admin endpoint at /models/{rest}; use POST /models/{{provider}}/{{model}}/load or /unload"),
+            )
+        }
+    };
+    if method != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} is not allowed here; use POST"),
+        );
+    }
+    let Some((provider, model)) = target.split_once('/') else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("`{target}` names no model; use /models/{{provider}}/{{model}}/{action}"),
+        );
+    };
+    let model = percent_decode(model);
+    let Some(p) = state.providers.iter().find(|p| p.config.name == provider) else {
+        let names: Vec<&str> = state
+            .providers
+            .iter()
+            .map(|p| p.config.name.as_str())
+            .collect();
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no provider named `{provider}` (providers: {})",
+                names.join(", ")
+            ),
+        );
+    };
+    if model.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "the model name is empty".into());
+    }
+    let model = p.config.kind.canonical_model(&model).into_owned();
+    let result = if action == "load" {
+        p.lifecycle.load(&model).await
+    } else {
+        p.lifecycle.unload(&model).await
+    };
+    match result {
+        Ok(view) => json(
+            StatusCode::OK,
+            &serde_json::json!({"provider": provider, "model": view}),
+        ),
+        Err(e) => {
+            let status = crate::proxy::ProxyError::Lifecycle(e.clone()).status();
+            let mut r = json(
+                status,
+                &serde_json::json!({ "error": e.to_string(), "kind": e.kind() }),
+            );
+            if let Some(after) = e.retry_after() {
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(after.as_secs().max(1)),
+                );
+            }
+            if matches!(e, LifecycleError::Stopped) {
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            r
+        }
+    }
+}
+
+/// `%XX` escapes decoded (model names are UTF-8); anything malformed is kept as written.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn status(state: &AppState) -> Status<'_> {
+    let mut lifecycle: Vec<Vec<ModelView>> = Vec::with_capacity(state.providers.len());
+    for p in &state.providers {
+        lifecycle.push(p.lifecycle.snapshot().await);
+    }
+    let mut models = Vec::new();
+    for counters in state.stats.snapshot() {
+        let i = state
+            .providers
+            .iter()
+            .position(|p| p.config.name == counters.provider)
+            .unwrap_or(0);
+        let view = lifecycle.get_mut(i).and_then(|views| {
+            let at = views.iter().position(|v| v.model == counters.model)?;
+            Some(views.swap_remove(at))
+        });
+        models.push(ModelStatus {
+            counters,
+            lifecycle: view.map(LifecycleFields::from),
+        });
+    }
+    // Models the lifecycle knows that no request named and no poll listed (an admin load
+    // under way, a failed one).
+    for (i, views) in lifecycle.into_iter().enumerate() {
+        for v in views {
+            models.push(ModelStatus {
+                counters: ModelSnapshot::empty(&state.providers[i].config.name, &v.model),
+                lifecycle: Some(v.into()),
+            });
+        }
+    }
+    let order = |name: &str| state.providers.iter().position(|p| p.config.name == name);
+    models.sort_by(|a, b| {
+        (order(&a.counters.provider), &a.counters.model)
+            .cmp(&(order(&b.counters.provider), &b.counters.model))
+    });
     Status {
         providers: state
             .providers
@@ -65,7 +251,7 @@ fn status(state: &AppState) -> Status<'_> {
                 last_error: p.last_error(),
             })
             .collect(),
-        models: state.stats.snapshot(),
+        models,
     }
 }
 

@@ -18,10 +18,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ProviderConfig};
+use crate::lifecycle::{LifecycleHandle, MemoryProbe, OpsBackend, Settings, SystemMemory};
 use crate::proxy::{self, ProxyError, UpstreamClient};
 use crate::stats::StatsTable;
 
@@ -48,6 +49,12 @@ pub struct ProviderState {
     last_error: Mutex<Option<String>>,
     /// Which of `facts().loaded_paths` answered last; the poller starts there.
     loaded_path: AtomicUsize,
+    /// Polls made, to re-read the model catalogue every [`CATALOG_EVERY`] polls.
+    polls: AtomicUsize,
+    /// The owner of this provider's models: every load, unload and lease goes through it.
+    pub lifecycle: LifecycleHandle,
+    /// Wakes the poller now (the lifecycle does after each load and unload).
+    poll_now: Arc<Notify>,
 }
 
 impl ProviderState {
@@ -71,7 +78,7 @@ impl ProviderState {
         }
     }
 
-    fn mark_unreachable(&self, why: String) {
+    pub fn mark_unreachable(&self, why: String) {
         if self.reachable.swap(false, Relaxed) || self.last_error().is_none() {
             tracing::warn!(provider = %self.config.name, upstream = %self.config.upstream, error = %why, "provider is unreachable");
         }
@@ -126,6 +133,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    actors: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -138,6 +146,9 @@ impl Running {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        for a in self.actors {
+            let _ = a.await;
+        }
     }
 }
 
@@ -153,24 +164,52 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
 
 /// Binds every listener, checks every provider once, and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    start_with(config, Arc::new(SystemMemory::new())).await
+}
+
+/// [`start`] with another source of memory readings (tests inject numbers).
+pub async fn start_with(
+    config: Config,
+    memory: Arc<dyn MemoryProbe>,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let admin_listener = bind(config.admin.listen, "admin").await?;
+    let (stop, stop_rx) = watch::channel(false);
+    let client = proxy::build_client(&config.proxy);
     let mut listeners = Vec::new();
     let mut providers = Vec::new();
-    for p in &config.providers {
+    let mut actors = Vec::new();
+    for (i, p) in config.providers.iter().enumerate() {
         let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
+        let poll_now = Arc::new(Notify::new());
+        let backend = Arc::new(OpsBackend {
+            client: client.clone(),
+            upstream: p.upstream.clone(),
+            kind: p.kind,
+        });
+        let (lifecycle, actor) = LifecycleHandle::spawn(
+            Settings::from_config(&config, i),
+            backend,
+            memory.clone(),
+            poll_now.clone(),
+            stop_rx.clone(),
+        );
+        actors.push(actor);
         providers.push(ProviderState {
             config: p.clone(),
             listen: l.local_addr().unwrap_or(p.listen),
             reachable: AtomicBool::new(false),
             last_error: Mutex::new(None),
             loaded_path: AtomicUsize::new(0),
+            polls: AtomicUsize::new(0),
+            lifecycle,
+            poll_now,
         });
         listeners.push(l);
     }
     let state = Arc::new(AppState {
         stats: StatsTable::new(config.providers.iter().map(|p| p.name.clone())),
-        client: proxy::build_client(&config.proxy),
+        client,
         providers,
         config: config.clone(),
     });
@@ -181,7 +220,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     futures_util::future::join_all(checks).await;
 
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
-    let (stop, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let st = state.clone();
@@ -206,6 +244,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_addr,
         stop,
         tasks,
+        actors,
     })
 }
 
@@ -230,6 +269,8 @@ pub async fn serve(
 
 /// How long one poll of a provider may take, answer and body together.
 const POLL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Re-read the model catalogue (sizes) every this many polls (a minute at the default 5 s).
+const CATALOG_EVERY: usize = 12;
 /// The most of a loaded-models list the poller reads.
 const POLL_BODY_LIMIT: usize = 4 << 20;
 
@@ -237,6 +278,21 @@ const POLL_BODY_LIMIT: usize = 4 << 20;
 /// (health) and what it listed (`StatsTable::apply_report`).
 async fn probe(state: Arc<AppState>, i: usize) {
     let p = &state.providers[i];
+    let polled_at = tokio::time::Instant::now();
+    let n = p.polls.fetch_add(1, Relaxed);
+    if n % CATALOG_EVERY == 0 {
+        if let Some(path) = p.config.kind.facts().catalog_path {
+            if let Ok(Ok((status, body))) =
+                tokio::time::timeout(POLL_TIMEOUT, fetch(&state.client, p, path)).await
+            {
+                if status.is_success() {
+                    if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
+                        p.lifecycle.catalog(sizes);
+                    }
+                }
+            }
+        }
+    }
     let paths = p.config.kind.facts().loaded_paths;
     // Start from the path that answered last time (older LM Studio builds lack /api/v1).
     let first = p.loaded_path.load(Relaxed).min(paths.len() - 1);
@@ -265,8 +321,17 @@ async fn probe(state: Arc<AppState>, i: usize) {
                     tracing::debug!(provider = %p.config.name, %path, %status, "loaded-models list refused");
                     return;
                 }
+                if n % CATALOG_EVERY == 0 && p.config.kind.facts().catalog_path.is_none() {
+                    // LM Studio's /api/v1 list carries every model's size with its state.
+                    if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
+                        p.lifecycle.catalog(sizes);
+                    }
+                }
                 match p.config.kind.parse_loaded(path, &body) {
-                    Ok(loaded) => state.stats.apply_report(i, &loaded),
+                    Ok(loaded) => {
+                        state.stats.apply_report(i, &loaded);
+                        p.lifecycle.report(loaded, polled_at);
+                    }
                     Err(why) => {
                         tracing::debug!(provider = %p.config.name, %why, "cannot read loaded models")
                     }
@@ -314,9 +379,11 @@ impl Running {
 /// follows models loaded and unloaded behind the proxy's back.
 async fn health_loop(state: Arc<AppState>, i: usize, mut stop: watch::Receiver<bool>) {
     let every = state.providers[i].config.poll_interval;
+    let poll_now = state.providers[i].poll_now.clone();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => probe(state.clone(), i).await,
+            _ = poll_now.notified() => probe(state.clone(), i).await,
             _ = stop.changed() => return,
         }
     }

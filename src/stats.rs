@@ -66,6 +66,27 @@ pub struct ModelSnapshot {
     pub context_length: Option<u64>,
 }
 
+impl ModelSnapshot {
+    /// A model nothing has been counted for yet.
+    pub fn empty(provider: &str, model: &str) -> Self {
+        ModelSnapshot {
+            provider: provider.to_string(),
+            model: model.to_string(),
+            active_requests: 0,
+            total_requests: 0,
+            errors: 0,
+            cancelled: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            last_used: None,
+            loaded: None,
+            memory_usage_mb: None,
+            vram_usage_mb: None,
+            context_length: None,
+        }
+    }
+}
+
 /// The models of one provider, by name.
 type ModelMap = DashMap<Box<str>, Arc<ModelStats>>;
 
@@ -203,6 +224,8 @@ pub struct InFlight {
     outcome: Outcome,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    /// The model's lease, when the lifecycle granted one: released with the guard.
+    lease: Option<crate::lifecycle::Lease>,
 }
 
 impl InFlight {
@@ -216,7 +239,13 @@ impl InFlight {
             outcome: Outcome::Open,
             prompt_tokens: None,
             completion_tokens: None,
+            lease: None,
         }
+    }
+
+    /// Holds `lease` until this request ends.
+    pub fn attach(&mut self, lease: crate::lifecycle::Lease) {
+        self.lease = Some(lease);
     }
 
     /// The request failed (upstream error, error status, or an error inside the stream).

@@ -44,8 +44,9 @@ async fn gated_upstream(content_type: &'static str) -> (String, mpsc::Receiver<U
                         let (tx, rx) = mpsc::channel::<Bytes>(1);
                         let path = req.uri().path().to_string();
                         if is_poll(&path) {
-                            // The proxy's provider poll: an empty list, at once.
-                            let _ = tx.send(Bytes::from_static(b"{\"models\":[]}")).await;
+                            // The proxy's provider poll: model `m:1` is loaded, so the
+                            // proxy forwards requests for it without loading it first.
+                            let _ = tx.send(Bytes::from_static(loaded_list(&path))).await;
                         } else {
                             let _ = reqs_tx
                                 .send(Upstream {
@@ -77,12 +78,23 @@ async fn gated_upstream(content_type: &'static str) -> (String, mpsc::Receiver<U
 
 const LIMIT: Duration = Duration::from_secs(5);
 
-/// Whether the proxy polls `path` for loaded models; the gated upstream answers those itself.
+/// Whether the proxy polls `path` for loaded models (or the catalogue); the gated upstream answers those itself.
 fn is_poll(path: &str) -> bool {
     use llm_warden::providers::ProviderKind;
     [ProviderKind::Ollama, ProviderKind::LmStudio]
         .iter()
-        .any(|k| k.facts().loaded_paths.contains(&path))
+        .any(|k| k.facts().loaded_paths.contains(&path) || k.facts().catalog_path == Some(path))
+}
+
+/// The poll answer listing `m:1` as loaded, in the shape of the provider polled.
+fn loaded_list(path: &str) -> &'static [u8] {
+    if path == "/api/ps" {
+        br#"{"models":[{"name":"m:1","model":"m:1","size":1000,"size_vram":0,"context_length":4096}]}"#
+    } else if path == "/api/v1/models" {
+        br#"{"models":[{"key":"m:1","size_bytes":1000,"loaded_instances":[{"id":"m:1","config":{"context_length":4096}}]}]}"#
+    } else {
+        br#"{"data":[]}"#
+    }
 }
 
 /// The next request that reaches the test.

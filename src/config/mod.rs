@@ -55,6 +55,10 @@ pub struct ProviderConfig {
     pub listen: SocketAddr,
     pub upstream: Upstream,
     pub poll_interval: Duration,
+    /// `[limits] max_models_loaded`, unless this provider overrides it.
+    pub max_models_loaded: u32,
+    /// `[limits] memory_threshold`, unless this provider overrides it.
+    pub memory_threshold: f64,
 }
 
 /// Where a provider lives: scheme and authority, plus an optional path prefix that is put in
@@ -77,7 +81,8 @@ impl fmt::Display for Upstream {
     }
 }
 
-/// TDR-007 ResourceLimits.
+/// TDR-007 ResourceLimits. The first two apply to each provider on its own (a provider entry
+/// may override them: see [`ProviderConfig`]).
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_models_loaded: u32,
@@ -85,10 +90,25 @@ pub struct Limits {
     pub inactivity_timeout: Duration,
 }
 
+/// Requests waiting for a model, per provider.
 #[derive(Clone, Debug)]
 pub struct QueueConfig {
     pub max_waiting: u32,
     pub timeout: Duration,
+    pub policy: QueuePolicy,
+    /// How long a waiting request may be overtaken (grouped policy) before the models in its
+    /// way stop taking new requests and are swapped out.
+    pub aging: Duration,
+}
+
+/// In which order waiting requests are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueuePolicy {
+    /// Requests for a loaded model go first, so a model is swapped out only when its queue is
+    /// empty or a request for another model has waited `aging`.
+    Grouped,
+    /// Strict arrival order: a request for an unloaded model holds up every later one.
+    Fifo,
 }
 
 /// TDR-007 BufferConfig (sizes in tokens for `context`, MB for `working`).
@@ -135,6 +155,8 @@ pub enum OverflowPolicy {
 pub struct ModelOverrides {
     pub inactivity_timeout: Option<Duration>,
     pub pinned: bool,
+    /// What the model takes when loaded (bytes), instead of what the provider reports.
+    pub memory: Option<u64>,
     pub context_window: Option<u32>,
     pub compression_threshold: Option<f64>,
     pub on_overflow: Option<OverflowPolicy>,

@@ -40,6 +40,8 @@ pub(super) struct RawProvider {
     pub(super) listen: Option<String>,
     pub(super) upstream: Option<String>,
     pub(super) poll_interval: Option<String>,
+    pub(super) max_models_loaded: Option<u32>,
+    pub(super) memory_threshold: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -55,6 +57,8 @@ pub(super) struct RawLimits {
 pub(super) struct RawQueue {
     pub(super) max_waiting: Option<u32>,
     pub(super) timeout: Option<String>,
+    pub(super) policy: Option<String>,
+    pub(super) aging: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +103,7 @@ pub(super) struct RawCompaction {
 pub(super) struct RawModel {
     pub(super) inactivity_timeout: Option<String>,
     pub(super) pinned: Option<bool>,
+    pub(super) memory: Option<String>,
     pub(super) context_window: Option<u32>,
     pub(super) compression_threshold: Option<f64>,
     pub(super) on_overflow: Option<String>,

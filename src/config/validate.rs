@@ -89,6 +89,19 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Duration::from_secs(5),
     );
 
+    let limits = Limits {
+        max_models_loaded: raw.limits.max_models_loaded.unwrap_or(3),
+        memory_threshold: c.fraction("limits.memory_threshold", raw.limits.memory_threshold, 0.85),
+        inactivity_timeout: c.duration(
+            "limits.inactivity_timeout",
+            raw.limits.inactivity_timeout.as_deref(),
+            Duration::from_secs(600),
+        ),
+    };
+    if limits.max_models_loaded == 0 {
+        c.bad("limits.max_models_loaded", "must be at least 1");
+    }
+
     let raw_providers = raw.providers.unwrap_or_else(|| {
         [ProviderKind::Ollama, ProviderKind::LmStudio]
             .into_iter()
@@ -98,6 +111,8 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 listen: None,
                 upstream: None,
                 poll_interval: None,
+                max_models_loaded: None,
+                memory_threshold: None,
             })
             .collect()
     });
@@ -147,6 +162,15 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         if poll_interval.is_zero() {
             c.bad(at("poll_interval"), "must be greater than zero");
         }
+        let max_models_loaded = p.max_models_loaded.unwrap_or(limits.max_models_loaded);
+        if max_models_loaded == 0 {
+            c.bad(at("max_models_loaded"), "must be at least 1");
+        }
+        let memory_threshold = c.fraction(
+            &at("memory_threshold"),
+            p.memory_threshold,
+            limits.memory_threshold,
+        );
         if let (Some(listen), Some(upstream)) = (listen, upstream) {
             providers.push(ProviderConfig {
                 name,
@@ -154,6 +178,8 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 listen,
                 upstream,
                 poll_interval,
+                max_models_loaded,
+                memory_threshold,
             });
         }
     }
@@ -174,19 +200,6 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
-    let limits = Limits {
-        max_models_loaded: raw.limits.max_models_loaded.unwrap_or(3),
-        memory_threshold: c.fraction("limits.memory_threshold", raw.limits.memory_threshold, 0.85),
-        inactivity_timeout: c.duration(
-            "limits.inactivity_timeout",
-            raw.limits.inactivity_timeout.as_deref(),
-            Duration::from_secs(600),
-        ),
-    };
-    if limits.max_models_loaded == 0 {
-        c.bad("limits.max_models_loaded", "must be at least 1");
-    }
-
     let queue = QueueConfig {
         max_waiting: raw.queue.max_waiting.unwrap_or(256),
         timeout: c.duration(
@@ -194,7 +207,26 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             raw.queue.timeout.as_deref(),
             Duration::from_secs(120),
         ),
+        policy: match raw.queue.policy.as_deref().unwrap_or("grouped") {
+            "grouped" => QueuePolicy::Grouped,
+            "fifo" => QueuePolicy::Fifo,
+            other => {
+                c.bad(
+                    "queue.policy",
+                    format!("unknown policy `{other}` (expected grouped or fifo)"),
+                );
+                QueuePolicy::Grouped
+            }
+        },
+        aging: c.duration(
+            "queue.aging",
+            raw.queue.aging.as_deref(),
+            Duration::from_secs(30),
+        ),
     };
+    if queue.timeout.is_zero() {
+        c.bad("queue.timeout", "must be greater than zero");
+    }
 
     let b = &raw.buffers;
     let buffers = BufferConfig {
@@ -271,6 +303,13 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .as_deref()
                 .map(|s| c.duration(&at("inactivity_timeout"), Some(s), Duration::ZERO)),
             pinned: m.pinned.unwrap_or(false),
+            memory: m.memory.as_deref().and_then(|s| match parse_bytes(s) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    c.bad(at("memory"), e);
+                    None
+                }
+            }),
             context_window: m.context_window,
             compression_threshold: m
                 .compression_threshold

@@ -1,20 +1,460 @@
-//! The control plane: which models are loaded, and when (TDR-007 Model Lifecycle Management).
+//! The control plane: which models are loaded, and when (TDR-007 Model Lifecycle Management,
+//! ResourceLimits, allocateMemory/freeMemory, graceful cleanup).
 //!
-//! What is here so far is the pure part, [`policy`]: given the models a provider holds and
-//! the limits, what must be unloaded before one more model can be loaded. Provider operations
-//! (load and unload through each provider's own API) are in `providers::ops`; the poller in
-//! `app.rs` already reads each provider's loaded-model list every `poll_interval`.
+//! One actor task per provider owns that provider's model table and the queue of requests
+//! waiting for a model. Everything else talks to it through a [`LifecycleHandle`]:
 //!
-//! The actor that owns the model table, hands out leases and commits the policy's plans comes
-//! with the lifecycle issue. Notes for it, from building the foundation:
-//! - the request path has one place to acquire a lease: `proxy::inspected`, after the body
-//!   is parsed and before `client.request`; the lease can ride in `ObservedBody` next to the
-//!   `InFlight` guard, which already drops exactly once (end, error, or client gone);
-//! - Ollama's own idle timer: `proxy::rewrite::set_top_level(body, "keep_alive", "-1")` on
-//!   `/api/chat|generate|embed` keeps every other byte of the client's body; `/v1/*` carries
-//!   no keep-alive, so a runner loaded by the proxy with `keep_alive: -1` keeps it;
-//! - the simulators keep a manual clock for provider-side expiry and count unloads that
-//!   arrive while a model is answering (`unloads_while_busy`), for the "never unload in
-//!   flight" tests; actor tests belong on paused tokio time against a fake provider.
+//! ```text
+//!  proxy handler ──acquire(model)──►┐                 ┌──► providers::ops::load / unload
+//!  admin API ─────load / unload────►│  actor (table,  │      (spawned; report back as events)
+//!  poller ────────report(loaded)───►│   queue, timer) ├──► poll_now (re-read the provider)
+//!  Lease::drop ───release──────────►┘                 └──► replies on oneshots: Lease | error
+//! ```
+//!
+//! Events: `Acquire`, `AdminLoad`, `AdminUnload`, `Abandon` (a waiting client left),
+//! `Release` (a lease dropped), `LoadDone`, `UnloadDone`, `Report` (what the provider lists as
+//! loaded), `Catalog` (model sizes), `Snapshot`; and the actor's own timer (idle deadlines,
+//! queue timeouts, aging).
+//!
+//! Invariants:
+//! - **only the actor mutates the table**; handlers never decide from a read of it;
+//! - **a lease means in flight**: the actor counts a lease before it sends it, and the lease
+//!   sends `Release` when dropped, however the request ends (a lease in a reply nobody
+//!   received is dropped with the channel, which releases it);
+//! - **no unload while a lease is out**: a model is unloaded only from `ready` with no
+//!   leases, and takes no new leases from then on (requests arriving meanwhile wait, and
+//!   load it again once the unload is done);
+//! - **one load per model at a time** (single flight): concurrent requests wait for it;
+//! - the idle timer starts when the last lease drops, and any new lease cancels it;
+//! - the eviction choice is [`policy::plan_load`], pure; the actor logs when it commits.
+//!
+//! Who unloads: the proxy. Ollama would unload a model on its own after its `keep_alive`
+//! (default 5 minutes), so every load the proxy makes asks for `keep_alive: -1`, and the
+//! proxy rewrites `keep_alive` to `-1` on Ollama's native endpoints (`/v1/*` carries none, and
+//! Ollama keeps the runner's duration when a request gives none). A client's own `keep_alive`
+//! becomes a hint ([`IdleHint`]) that replaces the model's idle timeout until another request
+//! gives one or the model unloads; `pinned` models ignore hints and never unload.
 
+mod actor;
+mod backend;
 pub mod policy;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::config::{Config, ModelOverrides, QueueConfig};
+use crate::providers::ops::{Loaded, OpError};
+use crate::providers::{LoadedModel, ProviderKind};
+
+pub use backend::{Backend, MemoryProbe, MemoryReading, OpsBackend, SystemMemory};
+
+/// How long a model may stay idle, as a client asked (Ollama `keep_alive`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdleHint {
+    /// Unload this long after the last request ends (`0`: right after it).
+    After(Duration),
+    /// Keep it loaded (negative `keep_alive`); it may still be evicted to make room.
+    Never,
+}
+
+/// Where a model stands (TDR-007 `ModelResourceMetrics.status`, plus `unloaded`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStatus {
+    Unloaded,
+    Loading,
+    Ready,
+    Unloading,
+    Error,
+}
+
+/// What the lifecycle knows of one model, for `/status` and the admin API.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ModelView {
+    pub model: String,
+    pub status: ModelStatus,
+    /// Provider kind (TDR-007 `platform`).
+    pub platform: &'static str,
+    /// Leases out: requests the provider is answering for this model.
+    pub leases: u32,
+    /// Requests waiting for this model (to load, or for room).
+    pub queue_depth: u32,
+    /// How long the last load took, measured by the proxy.
+    pub load_time_ms: Option<u64>,
+    /// Loads and unloads the proxy made of this model.
+    pub loads: u64,
+    pub unloads: u64,
+    /// What admission counts for this model (config `memory`, else the provider's size).
+    pub memory_estimate_mb: Option<u64>,
+    /// Idle time before the proxy unloads it; null = never (pinned, or a client's
+    /// `keep_alive` < 0).
+    pub inactivity_timeout_s: Option<f64>,
+    pub pinned: bool,
+    /// Seconds until the idle unload, when the model is idle and will be unloaded.
+    pub unloads_in_s: Option<f64>,
+    /// `proxy` when the proxy loaded it, `provider` when it was found loaded.
+    pub loaded_by: Option<&'static str>,
+    pub last_error: Option<String>,
+}
+
+/// Why a model could not be had.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("too many requests are waiting for models on `{provider}` ({max_waiting}, queue.max_waiting); retry later")]
+    QueueFull {
+        provider: String,
+        max_waiting: u32,
+        retry_after: Duration,
+    },
+    #[error("model `{model}` was not ready within {waited:?} (queue.timeout); retry later")]
+    QueueTimeout {
+        model: String,
+        waited: Duration,
+        retry_after: Duration,
+    },
+    #[error("model `{model}` not found on `{provider}`")]
+    NotFound { provider: String, model: String },
+    #[error("loading model `{model}` on `{provider}` failed: {source}")]
+    LoadFailed {
+        provider: String,
+        model: String,
+        source: OpError,
+    },
+    #[error("unloading model `{model}` on `{provider}` failed: {source}")]
+    UnloadFailed {
+        provider: String,
+        model: String,
+        source: OpError,
+    },
+    #[error("model `{model}` needs {size_mb} MB, more than the {budget_mb} MB that loaded models may take on `{provider}` (limits.memory_threshold)")]
+    TooLarge {
+        provider: String,
+        model: String,
+        size_mb: u64,
+        budget_mb: u64,
+    },
+    #[error("llm-warden is shutting down")]
+    Stopped,
+}
+
+impl LifecycleError {
+    /// Short fixed label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LifecycleError::QueueFull { .. } => "queue_full",
+            LifecycleError::QueueTimeout { .. } => "queue_timeout",
+            LifecycleError::NotFound { .. } => "model_not_found",
+            LifecycleError::LoadFailed { .. } => "load_failed",
+            LifecycleError::UnloadFailed { .. } => "unload_failed",
+            LifecycleError::TooLarge { .. } => "model_too_large",
+            LifecycleError::Stopped => "shutting_down",
+        }
+    }
+
+    /// When a retry may succeed, the delay to suggest (`Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LifecycleError::QueueFull { retry_after, .. }
+            | LifecycleError::QueueTimeout { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// What one provider's actor needs to know, resolved from the config once.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub provider: String,
+    pub kind: ProviderKind,
+    pub max_models_loaded: u32,
+    pub memory_threshold: f64,
+    pub inactivity_timeout: Duration,
+    pub queue: QueueConfig,
+    /// Per-model overrides, keyed by the canonical model name (Ollama: with its tag).
+    pub models: BTreeMap<String, ModelOverrides>,
+}
+
+impl Settings {
+    /// The settings of provider `i` of `config`.
+    pub fn from_config(config: &Config, i: usize) -> Self {
+        let p = &config.providers[i];
+        Settings {
+            provider: p.name.clone(),
+            kind: p.kind,
+            max_models_loaded: p.max_models_loaded,
+            memory_threshold: p.memory_threshold,
+            inactivity_timeout: config.limits.inactivity_timeout,
+            queue: config.queue.clone(),
+            models: config
+                .models
+                .iter()
+                .map(|(k, v)| (p.kind.canonical_model(k).into_owned(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// Messages to the actor. Replies go back on the oneshots.
+enum Event {
+    Acquire {
+        id: u64,
+        model: Box<str>,
+        hint: Option<IdleHint>,
+        reply: oneshot::Sender<Result<Lease, LifecycleError>>,
+    },
+    AdminLoad {
+        id: u64,
+        model: Box<str>,
+        reply: oneshot::Sender<Result<ModelView, LifecycleError>>,
+    },
+    AdminUnload {
+        model: Box<str>,
+        reply: oneshot::Sender<Result<ModelView, LifecycleError>>,
+    },
+    Abandon {
+        id: u64,
+    },
+    Release {
+        model: Arc<str>,
+    },
+    LoadDone {
+        model: Arc<str>,
+        result: Result<Loaded, OpError>,
+    },
+    UnloadDone {
+        model: Arc<str>,
+        result: Result<(), OpError>,
+    },
+    Report {
+        loaded: Vec<LoadedModel>,
+        polled_at: tokio::time::Instant,
+    },
+    Catalog {
+        sizes: Vec<(String, u64)>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Vec<ModelView>>,
+    },
+}
+
+/// The front of one provider's actor. Cloning is two `Arc` bumps.
+#[derive(Clone)]
+pub struct LifecycleHandle {
+    tx: mpsc::UnboundedSender<Event>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// A model request in flight: while it lives the model stays loaded. Dropping it (the response
+/// ended, failed, or the client left) tells the actor.
+#[derive(Debug)]
+pub struct Lease {
+    tx: mpsc::UnboundedSender<Event>,
+    model: Arc<str>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // The actor is gone only at shutdown, when nothing needs to know.
+        let _ = self.tx.send(Event::Release {
+            model: self.model.clone(),
+        });
+    }
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Event::Acquire { .. } => "Acquire",
+            Event::AdminLoad { .. } => "AdminLoad",
+            Event::AdminUnload { .. } => "AdminUnload",
+            Event::Abandon { .. } => "Abandon",
+            Event::Release { .. } => "Release",
+            Event::LoadDone { .. } => "LoadDone",
+            Event::UnloadDone { .. } => "UnloadDone",
+            Event::Report { .. } => "Report",
+            Event::Catalog { .. } => "Catalog",
+            Event::Snapshot { .. } => "Snapshot",
+        })
+    }
+}
+
+/// Sends `Abandon` if a waiting caller goes away before its answer came.
+struct AbandonOnDrop<'a> {
+    tx: &'a mpsc::UnboundedSender<Event>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.tx.send(Event::Abandon { id: self.id });
+        }
+    }
+}
+
+impl LifecycleHandle {
+    /// Starts the actor of one provider. It runs until `stop` turns true; `poll_now` is
+    /// notified after each load and unload so the poller re-reads the provider.
+    pub fn spawn(
+        settings: Settings,
+        backend: Arc<dyn Backend>,
+        memory: Arc<dyn MemoryProbe>,
+        poll_now: Arc<Notify>,
+        stop: watch::Receiver<bool>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let actor = actor::Actor::new(settings, backend, memory, poll_now, tx.clone(), rx);
+        let task = tokio::spawn(actor.run(stop));
+        (
+            LifecycleHandle {
+                tx,
+                next_id: Arc::new(AtomicU64::new(1)),
+            },
+            task,
+        )
+    }
+
+    async fn ask<T>(
+        &self,
+        id: Option<u64>,
+        make: impl FnOnce(oneshot::Sender<T>) -> Event,
+    ) -> Result<T, LifecycleError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| LifecycleError::Stopped)?;
+        let mut guard = id.map(|id| AbandonOnDrop {
+            tx: &self.tx,
+            id,
+            armed: true,
+        });
+        let answer = rx.await.map_err(|_| LifecycleError::Stopped);
+        if let Some(g) = guard.as_mut() {
+            g.armed = false;
+        }
+        answer
+    }
+
+    /// Waits until `model` is ready (loading it, making room, or queueing as needed) and
+    /// returns a lease on it. Dropping the future while it waits leaves nothing behind.
+    pub async fn acquire(
+        &self,
+        model: &str,
+        hint: Option<IdleHint>,
+    ) -> Result<Lease, LifecycleError> {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        self.ask(Some(id), |reply| Event::Acquire {
+            id,
+            model: model.into(),
+            hint,
+            reply,
+        })
+        .await?
+    }
+
+    /// Loads `model` (as a request would, through the queue) and answers once it is ready.
+    pub async fn load(&self, model: &str) -> Result<ModelView, LifecycleError> {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        self.ask(Some(id), |reply| Event::AdminLoad {
+            id,
+            model: model.into(),
+            reply,
+        })
+        .await?
+    }
+
+    /// Unloads `model` gracefully: new requests wait, those in flight finish, then the
+    /// provider is told. Answers once it is unloaded (at once if it was not loaded).
+    pub async fn unload(&self, model: &str) -> Result<ModelView, LifecycleError> {
+        self.ask(None, |reply| Event::AdminUnload {
+            model: model.into(),
+            reply,
+        })
+        .await?
+    }
+
+    /// Every model the actor knows, sorted by name.
+    pub async fn snapshot(&self) -> Vec<ModelView> {
+        self.ask(None, |reply| Event::Snapshot { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// What the provider listed as loaded, in a poll that started at `polled_at`.
+    pub fn report(&self, loaded: Vec<LoadedModel>, polled_at: tokio::time::Instant) {
+        let _ = self.tx.send(Event::Report { loaded, polled_at });
+    }
+
+    /// Sizes of the provider's models on disk (`/api/tags`, LM Studio's model list), bytes.
+    pub fn catalog(&self, sizes: Vec<(String, u64)>) {
+        let _ = self.tx.send(Event::Catalog { sizes });
+    }
+}
+
+/// Parses an Ollama `keep_alive` value (raw JSON) the way Ollama does (§1.8): a number of
+/// seconds, or a Go duration string; negative means never. `None` for `null` (the server
+/// default: no hint) and for anything Ollama would refuse with 400.
+pub fn parse_keep_alive(raw: &str) -> Option<IdleHint> {
+    let raw = raw.trim();
+    if let Ok(n) = raw.parse::<f64>() {
+        return Some(if n < 0.0 {
+            IdleHint::Never
+        } else {
+            IdleHint::After(Duration::from_secs_f64(n.min(1e12)))
+        });
+    }
+    let s: String = serde_json::from_str(raw).ok()?;
+    let (negative, body) = match s.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, s.strip_prefix('+').unwrap_or(&s)),
+    };
+    let d = parse_go_duration(body)?;
+    Some(if negative && !d.is_zero() {
+        IdleHint::Never
+    } else {
+        IdleHint::After(d)
+    })
+}
+
+/// Go's `time.ParseDuration` without the sign: `"0"`, or number+unit pairs such as `"1h30m"`,
+/// `"1.5s"`, `"300ms"` (units ns, us, µs, ms, s, m, h).
+fn parse_go_duration(s: &str) -> Option<Duration> {
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return None;
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let num: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total += num * scale;
+    }
+    Some(Duration::from_secs_f64(total.min(1e12)))
+}

@@ -8,7 +8,9 @@
 //!   first, as they free more);
 //! - as few victims as satisfy both limits;
 //! - memory that unloads already under way will free counts as freed (then: wait for them);
-//! - a model larger than the whole budget can never fit: refuse rather than queue forever.
+//! - a model larger than the whole budget can never fit: refuse rather than queue forever;
+//! - memory available right now (other programs use RAM too) must also hold the target,
+//!   counting what the victims free; when even that is short, wait: others may free memory.
 
 /// Where a model stands, as far as the policy cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub struct Limits {
     pub max_models_loaded: u32,
     /// Bytes all resident models may take together; `None` = no memory limit.
     pub memory_budget: Option<u64>,
+    /// Bytes free on the machine right now, outside the resident models; `None` = unknown.
+    pub available: Option<u64>,
 }
 
 /// What to do to load the target.
@@ -86,19 +90,31 @@ pub fn plan_load<'a>(
         .collect();
     let unloading_now = staying.len() < resident.len();
     let slots_short = (staying.len() + 1).saturating_sub(limits.max_models_loaded as usize);
-    let mem_short = match limits.memory_budget {
+    let target = target_size.unwrap_or(0);
+    let budget_short = match limits.memory_budget {
         Some(budget) => {
             let used: u64 = staying.iter().map(|m| mem(m)).sum();
-            (used + target_size.unwrap_or(0)).saturating_sub(budget)
+            (used + target).saturating_sub(budget)
         }
         None => 0,
     };
+    // What unloads under way give back comes on top of what is free now.
+    let unloading_bytes: u64 = resident
+        .iter()
+        .filter(|m| m.residency == Residency::Unloading)
+        .map(mem)
+        .sum();
+    let avail_short = limits
+        .available
+        .map_or(0, |a| target.saturating_sub(a + unloading_bytes));
+    let mem_short = budget_short.max(avail_short);
     if slots_short == 0 && mem_short == 0 {
         // Fits once the unloads in flight are done (or right away when there are none).
         let over_now = resident.len() + 1 > limits.max_models_loaded as usize
-            || limits.memory_budget.is_some_and(|b| {
-                resident.iter().map(mem).sum::<u64>() + target_size.unwrap_or(0) > b
-            });
+            || limits
+                .memory_budget
+                .is_some_and(|b| resident.iter().map(mem).sum::<u64>() + target > b)
+            || limits.available.is_some_and(|a| target > a);
         return if unloading_now && over_now {
             Plan::Wait
         } else {
@@ -157,6 +173,14 @@ mod tests {
         Limits {
             max_models_loaded: max,
             memory_budget: budget_gb.map(|g| g * GB),
+            available: None,
+        }
+    }
+
+    fn avail(max: u32, budget_gb: Option<u64>, free_gb: u64) -> Limits {
+        Limits {
+            available: Some(free_gb * GB),
+            ..limits(max, budget_gb)
         }
     }
 
@@ -210,6 +234,15 @@ mod tests {
             ("larger than the whole budget", Some(20), vec![], limits(3, Some(16)),
                 Plan::Refuse(RefuseReason::TooLarge { size_bytes: 20 * GB, budget: 16 * GB })),
             ("no slots at all", Some(1), vec![], limits(0, None), Plan::Refuse(RefuseReason::NoSlots)),
+            ("free memory short: evict to make room", Some(4), vec![m("a", Ready, 0, 1, 3), m("b", Ready, 0, 2, 3)],
+                avail(9, None, 2), Plan::Evict(vec!["a"])),
+            ("free memory short, nothing idle: wait", Some(4), vec![m("a", Ready, 1, 1, 3)],
+                avail(9, None, 2), Plan::Wait),
+            ("free memory short with an empty provider: wait, do not refuse", Some(4), vec![],
+                avail(9, Some(16), 2), Plan::Wait),
+            ("an unload under way will free enough: wait for it", Some(4), vec![m("u", Unloading, 0, 1, 3)],
+                avail(9, None, 2), Plan::Wait),
+            ("enough free memory: load", Some(4), vec![m("a", Ready, 0, 1, 3)], avail(9, Some(16), 5), Plan::Load),
         ];
         for (what, size, resident, lim, want) in table {
             let size = size.map(|g| g * GB);

@@ -9,6 +9,7 @@ pub(super) static FACTS: ProviderFacts = ProviderFacts {
     default_listen: "127.0.0.1:1235",
     default_upstream: "http://127.0.0.1:1234",
     loaded_paths: &["/api/v1/models", "/api/v0/models"],
+    catalog_path: None,
 };
 
 const fn endpoint(operation: Operation, usage: UsageKeys, label: &'static str) -> Option<Endpoint> {

@@ -24,6 +24,9 @@ pub struct ProviderFacts {
     /// LM Studio builds lack `/api/v1`). They double as the health check: any HTTP answer
     /// means the provider is up, and none of them loads a model.
     pub loaded_paths: &'static [&'static str],
+    /// A GET listing every model the provider has, with its size (Ollama `/api/tags`);
+    /// `None` when the loaded-models list carries the sizes (LM Studio `/api/v1/models`).
+    pub catalog_path: Option<&'static str>,
 }
 
 /// A model the provider says is loaded, as its own list reports it.
@@ -89,6 +92,30 @@ impl ProviderKind {
             ProviderKind::LmStudio => lmstudio::parse_loaded(path, &v),
         }
         .ok_or_else(|| format!("{path}: unexpected shape"))
+    }
+
+    /// Parses a model catalogue (`catalog_path`, or LM Studio's `/api/v1/models`) into
+    /// `(model, size on disk in bytes)`. Lists without sizes give an empty list.
+    pub fn parse_catalog(self, path: &str, body: &[u8]) -> Result<Vec<(String, u64)>, String> {
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("{path}: not JSON ({e})"))?;
+        let (name_keys, size_key): (&[&str], &str) = match (self, path) {
+            (ProviderKind::Ollama, "/api/tags") => (&["name", "model"], "size"),
+            (ProviderKind::LmStudio, "/api/v1/models") => (&["key"], "size_bytes"),
+            _ => return Ok(Vec::new()),
+        };
+        let models = v
+            .get("models")
+            .and_then(serde_json::Value::as_array)
+            .ok_or_else(|| format!("{path}: unexpected shape"))?;
+        Ok(models
+            .iter()
+            .filter_map(|m| {
+                let name = name_keys.iter().find_map(|k| m.get(*k)?.as_str())?;
+                let size = m.get(size_key)?.as_u64()?;
+                Some((self.canonical_model(name).into_owned(), size))
+            })
+            .collect())
     }
 
     /// How clients of `path` expect an error body written by the proxy itself.

@@ -8,6 +8,7 @@ pub(super) static FACTS: ProviderFacts = ProviderFacts {
     default_listen: "127.0.0.1:11435",
     default_upstream: "http://127.0.0.1:11434",
     loaded_paths: &["/api/ps"],
+    catalog_path: Some("/api/tags"),
 };
 
 const fn native(operation: Operation, label: &'static str) -> Option<Endpoint> {

@@ -23,7 +23,11 @@ pub const UNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 pub const RESPONSE_LIMIT: usize = 64 * 1024;
 
 const OLLAMA_GENERATE: &str = "/api/generate";
+const OLLAMA_EMBED: &str = "/api/embed";
 const LMSTUDIO_LOAD: &str = "/api/v1/models/load";
+const LMSTUDIO_MODELS: &str = "/api/v1/models";
+/// Largest model list read back (a few hundred bytes per model).
+const LIST_LIMIT: usize = 4 << 20;
 const LMSTUDIO_UNLOAD: &str = "/api/v1/models/unload";
 
 /// How to load a model.
@@ -64,7 +68,7 @@ pub struct Loaded {
 }
 
 /// Why a load or unload failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum OpError {
     #[error("model `{model}` not found")]
     ModelNotFound { model: String },
@@ -172,6 +176,25 @@ async fn ollama_load(
         body["options"] = json!({ "num_ctx": n });
     }
     let (status, bytes) = post_json(client, upstream, OLLAMA_GENERATE, &body).await?;
+    if status == StatusCode::BAD_REQUEST
+        && error_message(status, &bytes).contains("does not support generate")
+    {
+        // An embedding model: `/api/embed` with no input schedules the runner (with the
+        // given keep_alive and options) and answers an empty list.
+        body["input"] = json!([]);
+        if let Some(o) = body.as_object_mut() {
+            o.remove("stream");
+        }
+        let (status, bytes) = post_json(client, upstream, OLLAMA_EMBED, &body).await?;
+        if !status.is_success() {
+            return Err(failure(ProviderKind::Ollama, status, &bytes, model));
+        }
+        return Ok((
+            ProviderKind::Ollama.canonical_model(model).into_owned(),
+            opts.context_length,
+            false,
+        ));
+    }
     if !status.is_success() {
         return Err(failure(ProviderKind::Ollama, status, &bytes, model));
     }
@@ -196,6 +219,11 @@ async fn lmstudio_load(
     model: &str,
     opts: &LoadOptions,
 ) -> Result<(String, Option<u64>, bool), OpError> {
+    // Each load makes a new instance (`key:2`...): use the one already loaded, if any
+    // (loaded by another client or by a JIT request since the last poll).
+    if let Some(existing) = lmstudio_loaded_instance(client, upstream, model).await {
+        return Ok(existing);
+    }
     let mut body = json!({ "model": model, "echo_load_config": true });
     if let Some(n) = opts.context_length {
         body["context_length"] = json!(n);
@@ -221,6 +249,34 @@ async fn lmstudio_load(
     Ok((id.to_string(), context_length, false))
 }
 
+/// The first loaded instance of `model` per `GET /api/v1/models`, if that answers and lists one.
+async fn lmstudio_loaded_instance(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: &str,
+) -> Option<(String, Option<u64>, bool)> {
+    let (status, bytes) = get(client, upstream, LMSTUDIO_MODELS, LIST_LIMIT)
+        .await
+        .ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    let loaded = ProviderKind::LmStudio
+        .parse_loaded(LMSTUDIO_MODELS, &bytes)
+        .ok()?;
+    // Instances are `key`, `key:2`, ...: the model's own or a numbered one.
+    loaded
+        .into_iter()
+        .find(|m| {
+            m.model == model
+                || m.model
+                    .strip_prefix(model)
+                    .and_then(|r| r.strip_prefix(':'))
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .map(|m| (m.model, m.context_length, false))
+}
+
 /// `-1` (never), whole seconds as a number, else a Go duration in nanoseconds (§1.8).
 fn ollama_keep_alive(keep_alive: Option<Duration>) -> Value {
     match keep_alive {
@@ -240,18 +296,44 @@ async fn post_json(
     path: &str,
     body: &Value,
 ) -> Result<(StatusCode, Bytes), OpError> {
+    call(client, upstream, Some(body), path, RESPONSE_LIMIT).await
+}
+
+/// GETs `path` on `upstream`; the status and at most `limit` bytes of the answer.
+async fn get(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    path: &str,
+    limit: usize,
+) -> Result<(StatusCode, Bytes), OpError> {
+    call(client, upstream, None, path, limit).await
+}
+
+/// One exchange: POST with a JSON body, or GET without one.
+async fn call(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    body: Option<&Value>,
+    path: &str,
+    limit: usize,
+) -> Result<(StatusCode, Bytes), OpError> {
     let uri = Uri::builder()
         .scheme(upstream.scheme.clone())
         .authority(upstream.authority.clone())
         .path_and_query(format!("{}{path}", upstream.path_prefix))
         .build()
         .map_err(|e| OpError::Unreachable(format!("bad upstream address {upstream}: {e}")))?;
-    let bytes = serde_json::to_vec(body)
-        .map_err(|e| OpError::BadResponse(format!("request not encodable: {e}")))?;
-    let req = Request::post(uri)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Either::Right(Full::new(Bytes::from(bytes))))
-        .map_err(|e| OpError::BadResponse(format!("request not buildable: {e}")))?;
+    let req = match body {
+        Some(body) => {
+            let bytes = serde_json::to_vec(body)
+                .map_err(|e| OpError::BadResponse(format!("request not encodable: {e}")))?;
+            Request::post(uri)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Either::Right(Full::new(Bytes::from(bytes))))
+        }
+        None => Request::get(uri).body(Either::Right(Full::new(Bytes::new()))),
+    }
+    .map_err(|e| OpError::BadResponse(format!("request not buildable: {e}")))?;
     let resp = client.request(req).await.map_err(|e| {
         let chain = error_chain(&e);
         if e.is_connect() {
@@ -261,7 +343,7 @@ async fn post_json(
         }
     })?;
     let status = resp.status();
-    let body = Limited::new(resp.into_body(), RESPONSE_LIMIT)
+    let body = Limited::new(resp.into_body(), limit)
         .collect()
         .await
         .map_err(|e| OpError::BadResponse(format!("reading the answer: {e}")))?
@@ -530,6 +612,7 @@ mod tests {
         assert_eq!(sim.state.load_count(QWEN), 1);
         assert_eq!(sim.state.loaded_context_length(QWEN), Some(8192));
 
+        // Loaded already (by anyone): that instance is used, not a second one made.
         let second = load(
             &c,
             &up,
@@ -539,13 +622,14 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(second.instance_id, format!("{QWEN}:2"));
-        assert_eq!(second.context_length, Some(4096), "the server default");
+        assert_eq!(second.instance_id, QWEN);
+        assert_eq!(second.context_length, Some(8192), "the loaded instance's");
+        assert_eq!(sim.state.load_count(QWEN), 1, "no second load");
 
         unload(&c, &up, ProviderKind::LmStudio, &first.instance_id)
             .await
             .unwrap();
-        assert_eq!(sim.state.loaded(), [format!("{QWEN}:2")]);
+        assert!(sim.state.loaded().is_empty());
         let sent = sim.state.log.calls().pop().unwrap().json();
         assert_eq!(sent, json!({"instance_id": QWEN}));
         assert_eq!(sim.state.unloads_while_busy(), 0);

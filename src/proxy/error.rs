@@ -5,6 +5,8 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 
+use crate::lifecycle::LifecycleError;
+use crate::providers::ops::OpError;
 use crate::providers::ErrorStyle;
 
 /// Whose fault a failure was.
@@ -30,6 +32,8 @@ pub enum ProxyError {
     },
     #[error("upstream `{provider}` failed before answering: {reason}")]
     UpstreamFailed { provider: String, reason: String },
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
 }
 
 impl ProxyError {
@@ -39,6 +43,19 @@ impl ProxyError {
             ProxyError::BodyRead(_) | ProxyError::InvalidTarget(_) => StatusCode::BAD_REQUEST,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Lifecycle(e) => match e {
+                LifecycleError::NotFound { .. } => StatusCode::NOT_FOUND,
+                LifecycleError::LoadFailed { source, .. }
+                | LifecycleError::UnloadFailed { source, .. } => match source {
+                    OpError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                    OpError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+                    _ => StatusCode::BAD_GATEWAY,
+                },
+                LifecycleError::QueueFull { .. }
+                | LifecycleError::QueueTimeout { .. }
+                | LifecycleError::TooLarge { .. }
+                | LifecycleError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            },
         }
     }
 
@@ -46,7 +63,8 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. }
             | ProxyError::BodyRead(_)
-            | ProxyError::InvalidTarget(_) => Fault::Client,
+            | ProxyError::InvalidTarget(_)
+            | ProxyError::Lifecycle(LifecycleError::NotFound { .. }) => Fault::Client,
             _ => Fault::Upstream,
         }
     }
@@ -59,6 +77,7 @@ impl ProxyError {
             ProxyError::InvalidTarget(_) => "invalid_target",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
+            ProxyError::Lifecycle(e) => e.kind(),
         }
     }
 
@@ -103,6 +122,14 @@ impl ProxyError {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static(content_type),
         );
+        if let ProxyError::Lifecycle(e) = self {
+            if let Some(after) = e.retry_after() {
+                resp.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    HeaderValue::from(after.as_secs().max(1)),
+                );
+            }
+        }
         resp
     }
 }

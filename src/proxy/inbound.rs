@@ -8,6 +8,7 @@ use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::error::ProxyError;
 
@@ -17,6 +18,15 @@ pub struct ModelRequest<'a> {
     #[serde(borrow)]
     pub model: Option<Cow<'a, str>>,
     pub stream: Option<bool>,
+    /// Ollama's `keep_alive`, as written (`null` reads as absent).
+    #[serde(borrow)]
+    pub keep_alive: Option<&'a RawValue>,
+    /// Ollama generate's `prompt` and chat's `messages`, unparsed: only whether they are
+    /// empty matters (a load or unload request, §1.8).
+    #[serde(borrow)]
+    pub prompt: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pub messages: Option<&'a RawValue>,
 }
 
 impl<'a> ModelRequest<'a> {
@@ -24,6 +34,16 @@ impl<'a> ModelRequest<'a> {
     /// then answers with its own error, byte for byte).
     pub fn parse(body: &'a [u8]) -> Self {
         serde_json::from_slice(body).unwrap_or_default()
+    }
+
+    /// No prompt and no messages: Ollama's load-only (or, with `keep_alive: 0`, unload) form.
+    pub fn is_load_only(&self) -> bool {
+        let empty = |v: Option<&RawValue>, e: &str| {
+            v.map_or(true, |r| {
+                r.get().chars().filter(|c| !c.is_whitespace()).eq(e.chars())
+            })
+        };
+        empty(self.prompt, "\"\"") && empty(self.messages, "[]")
     }
 
     /// The model name, if present and non-empty.
@@ -69,6 +89,29 @@ mod tests {
         assert_eq!(r.stream, Some(false));
         let r = ModelRequest::parse(br#"{"model":"a\"b"}"#);
         assert_eq!(r.model(), Some("a\"b"));
+    }
+
+    #[test]
+    fn load_only_requests_are_recognised() {
+        for (body, load_only) in [
+            (r#"{"model":"m"}"#, true),
+            (r#"{"model":"m","prompt":""}"#, true),
+            (r#"{"model":"m","messages":[ ]}"#, true),
+            (r#"{"model":"m","prompt":null,"keep_alive":0}"#, true),
+            (r#"{"model":"m","prompt":"hi"}"#, false),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":""}]}"#,
+                false,
+            ),
+        ] {
+            assert_eq!(
+                ModelRequest::parse(body.as_bytes()).is_load_only(),
+                load_only,
+                "{body}"
+            );
+        }
+        let r = ModelRequest::parse(br#"{"model":"m","keep_alive":"5m"}"#);
+        assert_eq!(r.keep_alive.map(|k| k.get()), Some(r#""5m""#));
     }
 
     #[test]

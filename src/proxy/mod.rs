@@ -2,8 +2,10 @@
 //!
 //! ```text
 //!  request ──► classify ──┬─ inspected (POST to a model endpoint, per providers/*)
-//!                         │    read body once (size limit) → model → InFlight guard
-//!                         │    → forward unchanged → ObservedBody (usage, guard) ──► client
+//!                         │    read body once (size limit) → model → (Ollama native:
+//!                         │    keep_alive → -1, the client's value kept as a hint)
+//!                         │    → InFlight guard → lease from the lifecycle (load / queue)
+//!                         │    → forward → ObservedBody (usage, guard + lease) ──► client
 //!                         └─ everything else: forward as a stream, unparsed; upgrades spliced
 //! ```
 //! No stage reaches back: the body is read at most once, parsed at most once, and the response
@@ -19,6 +21,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -27,7 +30,10 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::app::{AppState, ProviderState};
-use crate::providers::{Endpoint, ErrorStyle};
+use crate::lifecycle::{self, IdleHint, LifecycleError};
+use crate::providers::ops::OpError;
+use crate::providers::{Endpoint, ErrorStyle, UsageKeys};
+use crate::stats::InFlight;
 pub use error::{Fault, ProxyError};
 pub use forward::{build_client, UpstreamClient};
 pub use inbound::ModelRequest;
@@ -132,7 +138,8 @@ async fn passthrough(
     }
 }
 
-/// Forwards a model request: reads the body once, takes the model, tracks it in flight, and
+/// Forwards a model request: reads the body once, takes the model, gets a lease on it from
+/// the lifecycle (which loads it, or queues the request, as needed), tracks it in flight, and
 /// reads the usage out of the response as it streams back.
 async fn inspected(
     state: &AppState,
@@ -141,8 +148,9 @@ async fn inspected(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let p = &state.providers[provider];
+    let kind = p.config.kind;
     let (mut parts, body) = req.into_parts();
-    let bytes =
+    let mut bytes =
         match inbound::read_body(&parts.headers, body, state.config.proxy.max_request_body).await {
             Ok(b) => b,
             Err(e) => return local_error(&e, endpoint.errors),
@@ -151,22 +159,91 @@ async fn inspected(
     // that rewrites them can never leave a stale Content-Length behind.
     parts.headers.remove(http::header::CONTENT_LENGTH);
     let parsed = ModelRequest::parse(&bytes);
+    // No model (bad JSON, missing field): the upstream answers with its own error,
+    // unchanged, and nothing is counted.
+    let Some(model) = parsed.model().map(|m| kind.canonical_model(m).into_owned()) else {
+        drop(parsed);
+        return forward(state, p, endpoint, parts, bytes, None).await;
+    };
+    let mut hint = None;
+    let mut rewrite = false;
+    if endpoint.usage == UsageKeys::OllamaNative {
+        // Ollama would unload on its own after the request's keep_alive: the proxy owns
+        // unloading, so the provider is told "never" and the client's value becomes a hint.
+        // A value Ollama would refuse is left alone, so the client gets Ollama's own 400.
+        match parsed.keep_alive {
+            None => rewrite = true,
+            Some(raw) => {
+                hint = lifecycle::parse_keep_alive(raw.get());
+                rewrite = hint.is_some();
+            }
+        }
+        if hint == Some(IdleHint::After(Duration::ZERO)) && parsed.is_load_only() {
+            // `keep_alive: 0` without a prompt: unload. Done gracefully through the
+            // lifecycle (in-flight requests finish first); the provider then answers its
+            // own reply for a model that is not loaded.
+            drop(parsed);
+            if let Err(e) = p.lifecycle.unload(&model).await {
+                tracing::debug!(model = %model, error = %e, "unload asked by a client failed");
+            }
+            return forward(state, p, endpoint, parts, bytes, None).await;
+        }
+    }
+    drop(parsed);
+    if rewrite {
+        if let Ok((edited, _)) = rewrite::set_top_level(&bytes, "keep_alive", "-1") {
+            bytes = Bytes::from(edited);
+        }
+    }
+    let mut guard = state.stats.begin(provider, &model);
+    match p.lifecycle.acquire(&model, hint).await {
+        Ok(lease) => guard.attach(lease),
+        // The provider does not know the model: let it say so itself, in its own words.
+        Err(LifecycleError::NotFound { .. }) => {}
+        Err(LifecycleError::LoadFailed {
+            source: OpError::Unreachable(reason),
+            ..
+        }) => {
+            guard.fail();
+            p.mark_unreachable(reason.clone());
+            let e = ProxyError::UpstreamUnreachable {
+                provider: p.config.name.clone(),
+                upstream: p.config.upstream.to_string(),
+                reason,
+            };
+            return local_error(&e, endpoint.errors);
+        }
+        Err(e) => {
+            guard.fail();
+            return local_error(&ProxyError::Lifecycle(e), endpoint.errors);
+        }
+    }
+    forward(state, p, endpoint, parts, bytes, Some(guard)).await
+}
+
+/// Sends an inspected request upstream and observes its response (when it is counted).
+async fn forward(
+    state: &AppState,
+    p: &ProviderState,
+    endpoint: Endpoint,
+    parts: http::request::Parts,
+    bytes: Bytes,
+    mut guard: Option<InFlight>,
+) -> Response<ProxyBody> {
     let up = match forward::upstream_request(
         &p.config.upstream,
         parts,
-        Either::Right(Full::new(bytes.clone())),
+        Either::Right(Full::new(bytes)),
         false,
     ) {
         Ok(r) => r,
-        Err(e) => return local_error(&ProxyError::InvalidTarget(e.to_string()), endpoint.errors),
+        Err(e) => {
+            if let Some(g) = guard.as_mut() {
+                g.fail();
+            }
+            return local_error(&ProxyError::InvalidTarget(e.to_string()), endpoint.errors);
+        }
     };
-    // In flight from here. No model (bad JSON, missing field): the upstream answers with its
-    // own error, unchanged, and nothing is counted.
-    let kind = p.config.kind;
-    let mut guard = parsed
-        .model()
-        .map(|m| state.stats.begin(provider, &kind.canonical_model(m)));
-    drop(parsed);
     match state.client.request(up).await {
         Ok(mut resp) => {
             p.mark_reachable();

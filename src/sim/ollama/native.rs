@@ -98,7 +98,7 @@ pub(super) async fn chat(sim: &Arc<OllamaSim>, call: &Call) -> Handled {
         keep_alive,
         prompt: Prompt::Chat(messages),
         truncate,
-        seed: common::hash_bytes(&call.body),
+        seed: super::request::reply_seed(&map),
         context_prompt: None,
     };
     sim.generate(req, Flavor::Chat, stream).await
@@ -150,7 +150,7 @@ pub(super) async fn generate(sim: &Arc<OllamaSim>, call: &Call) -> Handled {
         keep_alive,
         prompt: Prompt::Text(tokens),
         truncate,
-        seed: common::hash_bytes(&call.body),
+        seed: super::request::reply_seed(&map),
         context_prompt: (!raw).then_some(prompt),
     };
     sim.generate(req, Flavor::Generate, stream).await

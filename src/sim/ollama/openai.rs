@@ -59,7 +59,7 @@ pub(super) async fn chat(sim: &Arc<OllamaSim>, call: &Call) -> Handled {
     if model.embedding {
         return Err(ApiError::unsupported(&label, "chat"));
     }
-    let seed = common::hash_bytes(&call.body);
+    let seed = super::request::reply_seed(&map);
     let flavor = Flavor::OaiChat {
         id: format!("chatcmpl-{}", seed % 999),
         created: sim.clock.unix_secs(),
@@ -98,7 +98,7 @@ pub(super) async fn completions(sim: &Arc<OllamaSim>, call: &Call) -> Handled {
     if model.embedding {
         return Err(ApiError::unsupported(&label, "generate"));
     }
-    let seed = common::hash_bytes(&call.body);
+    let seed = super::request::reply_seed(&map);
     let flavor = Flavor::OaiCompletion {
         id: format!("cmpl-{}", seed % 999),
         created: sim.clock.unix_secs(),

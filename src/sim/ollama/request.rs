@@ -72,6 +72,14 @@ pub(super) fn error_response(status: StatusCode, message: &str) -> Response<SimB
 
 /// Decodes a request body the way Go's `json.Decoder` into a struct would: empty → missing
 /// body, first JSON value only, non-objects rejected.
+/// The seed of a reply: the request without `keep_alive`, which changes how long the model
+/// stays loaded, not what it says (a proxy that rewrites `keep_alive` gets the same words).
+pub(super) fn reply_seed(map: &Map<String, Value>) -> u64 {
+    let mut m = map.clone();
+    m.remove("keep_alive");
+    crate::sim::common::hash_bytes(&serde_json::to_vec(&m).unwrap_or_default())
+}
+
 pub(super) fn parse_object(body: &[u8], go_type: &str) -> Result<Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad("missing request body"));

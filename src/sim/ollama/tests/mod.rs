@@ -116,6 +116,9 @@ async fn raw(srv: &SimServer<OllamaSim>, request: &str) -> String {
     String::from_utf8(out).unwrap()
 }
 
+/// The reply the simulator writes for a native request `body` (seeded by the body less
+/// `keep_alive`).
 fn reply_text(body: &str, n: usize) -> String {
-    common::reply_pieces(common::hash_bytes(body.as_bytes()), n).concat()
+    let map = super::request::parse_object(body.as_bytes(), "test").expect("a JSON object");
+    common::reply_pieces(super::request::reply_seed(&map), n).concat()
 }

@@ -10,8 +10,8 @@ async fn openai_chat_stream_framing() {
     let r = post(&srv, "/v1/chat/completions", body).await;
     assert_eq!(r.content_type(), "text/event-stream");
     let ev = r.events();
-    let id = format!("chatcmpl-{}", common::hash_bytes(body.as_bytes()) % 999);
-    let pieces = common::reply_pieces(common::hash_bytes(body.as_bytes()), 2);
+    let id = format!("chatcmpl-{}", seed_of(body) % 999);
+    let pieces = common::reply_pieces(seed_of(body), 2);
     let head = format!(
         r#"{{"id":"{id}","object":"chat.completion.chunk","created":1795687200,"model":"llama3.2","system_fingerprint":"fp_ollama","choices":"#
     );
@@ -55,7 +55,7 @@ async fn openai_non_stream_completions_and_errors() {
     let body = r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#;
     let r = post(&srv, "/v1/chat/completions", body).await;
     assert_eq!(r.content_type(), "application/json");
-    let id = common::hash_bytes(body.as_bytes()) % 999;
+    let id = seed_of(body) % 999;
     assert_eq!(
         r.text(),
         format!(
@@ -114,4 +114,10 @@ async fn openai_non_stream_completions_and_errors() {
     .await;
     assert!(r.text().ends_with("}\n"));
     assert_eq!(r.json()["choices"][0]["finish_reason"], "stop");
+}
+
+/// The simulator's seed for a request body (the body less `keep_alive`).
+fn seed_of(body: &str) -> u64 {
+    let map = super::super::request::parse_object(body.as_bytes(), "test").expect("a JSON object");
+    super::super::request::reply_seed(&map)
 }

@@ -1,0 +1,1 @@
+//! Actor tests on paused time against a fake provider.
