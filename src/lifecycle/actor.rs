@@ -22,6 +22,11 @@ use crate::providers::ops::{Loaded, OpError};
 use crate::providers::LoadedModel;
 
 const MIB: u64 = 1 << 20;
+/// How long memory an unload freed counts as available before the machine's reading shows
+/// it: Ollama unloads asynchronously after answering, and the kernel takes a moment to
+/// reclaim. Without this, the reading right after an unload would look short and make the
+/// actor evict a second model for nothing.
+const FREED_GRACE: Duration = Duration::from_secs(10);
 
 /// One model of the provider.
 #[derive(Debug)]
@@ -98,6 +103,8 @@ pub(super) struct Actor {
     seq: u64,
     /// When the actor started: the `changed_at` of a model that never changed.
     epoch: Instant,
+    /// Bytes recent unloads freed, and when (see [`FREED_GRACE`]).
+    freed: VecDeque<(Instant, u64)>,
 }
 
 impl Actor {
@@ -121,6 +128,7 @@ impl Actor {
             catalog: HashMap::new(),
             seq: 0,
             epoch: Instant::now(),
+            freed: Default::default(),
         }
     }
 
@@ -403,6 +411,11 @@ impl Actor {
     fn unload_done(&mut self, name: &str, result: Result<(), OpError>) {
         let now = Instant::now();
         let provider = self.settings.provider.clone();
+        if result.is_ok() {
+            if let Some(bytes) = self.models.get(name).and_then(|m| self.size_of(m)) {
+                self.freed.push_back((now, bytes));
+            }
+        }
         let Some(m) = self.model(name) else {
             return;
         };
@@ -516,6 +529,13 @@ impl Actor {
     /// Brings the table in line with the queue: drains, grants, loads, evictions, unloads.
     fn schedule(&mut self) {
         let now = Instant::now();
+        while self
+            .freed
+            .front()
+            .is_some_and(|(at, _)| *at + FREED_GRACE <= now)
+        {
+            self.freed.pop_front();
+        }
         self.mark_draining(now);
         self.grant_waiting();
         self.start_loads();
@@ -548,13 +568,17 @@ impl Actor {
             QueuePolicy::Fifo => Duration::ZERO,
             QueuePolicy::Grouped => self.settings.queue.aging,
         };
-        let head = self.queue.iter().find(|w| {
+        let blocked = |w: &Waiter| {
             let m = &self.models[&w.model];
             m.status != ModelStatus::Ready || m.unload_requested
-        });
-        let Some(head) = head else {
+        };
+        let Some(at) = self.queue.iter().position(blocked) else {
             return;
         };
+        let head = &self.queue[at];
+        // Models with requests queued ahead of the head serve those first (in arrival
+        // order); draining them would strand those requests.
+        let ahead: Vec<&Arc<str>> = self.queue.iter().take(at).map(|w| &w.model).collect();
         if head.enqueued + aging > now {
             return;
         }
@@ -565,10 +589,13 @@ impl Actor {
         ) {
             return;
         }
-        if !matches!(self.plan(&target, false), Decision::Wait) {
-            return;
-        }
+        // The models in its way, busy or not: busy ones must not take new leases (or they
+        // never drain), idle ones must not take any before the eviction that follows.
         if let Decision::Evict(victims) = self.plan(&target, true) {
+            let victims: Vec<Arc<str>> = victims
+                .into_iter()
+                .filter(|v| !ahead.contains(&v))
+                .collect();
             for v in victims {
                 if let Some(m) = self.model(&v) {
                     m.draining = true;
@@ -672,7 +699,16 @@ impl Actor {
             max_models_loaded: self.settings.max_models_loaded,
             memory_budget: reading
                 .map(|r| (r.total as f64 * self.settings.memory_threshold) as u64),
-            available: reading.map(|r| r.available),
+            available: reading.map(|r| {
+                let now = Instant::now();
+                let recent: u64 = self
+                    .freed
+                    .iter()
+                    .filter(|(at, _)| *at + FREED_GRACE > now)
+                    .map(|(_, b)| b)
+                    .sum();
+                (r.available + recent).min(r.total)
+            }),
         };
         let size = self.models.get(target).and_then(|m| self.size_of(m));
         match policy::plan_load(size, &residents, limits) {

@@ -1,1 +1,681 @@
-//! Actor tests on paused time against a fake provider.
+//! The actor against a fake provider that records every load and unload, and a fake memory
+//! probe, on paused tokio time: boundaries are stepped to the millisecond, nothing sleeps.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{watch, Notify};
+use tokio::time::{advance, Instant};
+
+use super::*;
+use crate::config::{ModelOverrides, QueueConfig, QueuePolicy};
+use crate::providers::ops::{Loaded, OpError};
+
+const GB: u64 = 1 << 30;
+const MS: Duration = Duration::from_millis(1);
+
+// === fakes ===
+
+/// A provider that takes `load_delay` to load, records every call, and fails loads on demand.
+#[derive(Default)]
+struct FakeProvider {
+    calls: Mutex<Vec<String>>,
+    load_delay: Mutex<Duration>,
+    fail_next: Mutex<HashMap<String, OpError>>,
+}
+
+impl FakeProvider {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn count(&self, call: &str) -> usize {
+        self.calls().iter().filter(|c| *c == call).count()
+    }
+
+    fn fail_next(&self, model: &str, e: OpError) {
+        self.fail_next.lock().unwrap().insert(model.to_string(), e);
+    }
+}
+
+impl Backend for FakeProvider {
+    fn load(&self, model: &str) -> BoxFuture<'static, Result<Loaded, OpError>> {
+        self.calls.lock().unwrap().push(format!("load {model}"));
+        let delay = *self.load_delay.lock().unwrap();
+        let fail = self.fail_next.lock().unwrap().remove(model);
+        let model = model.to_string();
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            match fail {
+                Some(e) => Err(e),
+                None => Ok(Loaded {
+                    instance_id: model,
+                    elapsed: delay,
+                    context_length: None,
+                    jit: false,
+                }),
+            }
+        })
+    }
+
+    fn unload(&self, instance_id: &str) -> BoxFuture<'static, Result<(), OpError>> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("unload {instance_id}"));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Memory numbers the test sets.
+struct FakeMemory(Mutex<Option<MemoryReading>>);
+
+impl MemoryProbe for FakeMemory {
+    fn read(&self) -> Option<MemoryReading> {
+        *self.0.lock().unwrap()
+    }
+}
+
+struct Rig {
+    lc: LifecycleHandle,
+    provider: Arc<FakeProvider>,
+    memory: Arc<FakeMemory>,
+    _stop: watch::Sender<bool>,
+}
+
+fn settings() -> Settings {
+    Settings {
+        provider: "p".into(),
+        kind: crate::providers::ProviderKind::LmStudio,
+        max_models_loaded: 3,
+        memory_threshold: 0.5,
+        inactivity_timeout: Duration::from_secs(600),
+        queue: QueueConfig {
+            max_waiting: 256,
+            timeout: Duration::from_secs(120),
+            policy: QueuePolicy::Grouped,
+            aging: Duration::from_secs(30),
+        },
+        models: Default::default(),
+    }
+}
+
+fn start(settings: Settings) -> Rig {
+    let provider = Arc::new(FakeProvider::default());
+    let memory = Arc::new(FakeMemory(Mutex::new(None)));
+    let (stop, stop_rx) = watch::channel(false);
+    let (lc, _task) = LifecycleHandle::spawn(
+        settings,
+        provider.clone(),
+        memory.clone(),
+        Arc::new(Notify::new()),
+        stop_rx,
+    );
+    Rig {
+        lc,
+        provider,
+        memory,
+        _stop: stop,
+    }
+}
+
+impl Rig {
+    async fn view(&self, model: &str) -> ModelView {
+        self.lc
+            .snapshot()
+            .await
+            .into_iter()
+            .find(|v| v.model == model)
+            .unwrap_or_else(|| panic!("`{model}` is in the table"))
+    }
+
+    async fn status(&self, model: &str) -> ModelStatus {
+        self.view(model).await.status
+    }
+
+    async fn lease(&self, model: &str) -> Lease {
+        self.lc.acquire(model, None).await.expect("a lease")
+    }
+
+    /// Lets spawned operations finish and their events reach the actor.
+    async fn settle(&self) {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        let _ = self.lc.snapshot().await;
+    }
+}
+
+fn model(o: ModelOverrides) -> ModelOverrides {
+    o
+}
+
+// === idle unload ===
+
+#[tokio::test(start_paused = true)]
+async fn idle_model_stays_one_tick_before_the_timeout_and_unloads_one_tick_after() {
+    let rig = start(Settings {
+        inactivity_timeout: Duration::from_secs(60),
+        ..settings()
+    });
+    drop(rig.lease("a").await);
+    rig.settle().await;
+    advance(Duration::from_secs(60) - MS).await;
+    assert_eq!(rig.status("a").await, ModelStatus::Ready);
+    assert_eq!(rig.provider.calls(), ["load a"]);
+    advance(2 * MS).await;
+    rig.settle().await;
+    assert_eq!(rig.provider.calls(), ["load a", "unload a"]);
+    assert_eq!(rig.status("a").await, ModelStatus::Unloaded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_idle_timer_starts_when_the_last_lease_drops() {
+    let rig = start(Settings {
+        inactivity_timeout: Duration::from_secs(10),
+        ..settings()
+    });
+    let first = rig.lease("a").await;
+    let second = rig.lease("a").await;
+    drop(first);
+    advance(Duration::from_secs(3600)).await;
+    rig.settle().await;
+    assert_eq!(rig.status("a").await, ModelStatus::Ready, "a lease is out");
+    assert_eq!(rig.view("a").await.leases, 1);
+    drop(second);
+    rig.settle().await;
+    advance(Duration::from_secs(10) - MS).await;
+    assert_eq!(rig.status("a").await, ModelStatus::Ready);
+    advance(2 * MS).await;
+    rig.settle().await;
+    assert_eq!(rig.status("a").await, ModelStatus::Unloaded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_lease_cancels_the_idle_timer() {
+    let rig = start(Settings {
+        inactivity_timeout: Duration::from_secs(10),
+        ..settings()
+    });
+    drop(rig.lease("a").await);
+    advance(Duration::from_secs(9)).await;
+    drop(rig.lease("a").await);
+    rig.settle().await;
+    advance(Duration::from_secs(9)).await;
+    rig.settle().await;
+    assert_eq!(
+        rig.status("a").await,
+        ModelStatus::Ready,
+        "18 s idle in all, 9 s since"
+    );
+    advance(Duration::from_secs(2)).await;
+    rig.settle().await;
+    assert_eq!(rig.status("a").await, ModelStatus::Unloaded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_model_timeouts_pins_and_client_hints() {
+    let mut s = Settings {
+        inactivity_timeout: Duration::from_secs(60),
+        ..settings()
+    };
+    s.models.insert(
+        "short".into(),
+        model(ModelOverrides {
+            inactivity_timeout: Some(Duration::from_secs(5)),
+            ..Default::default()
+        }),
+    );
+    s.models.insert(
+        "pinned".into(),
+        ModelOverrides {
+            pinned: true,
+            ..Default::default()
+        },
+    );
+    let rig = start(s);
+    drop(rig.lease("short").await);
+    drop(rig.lease("pinned").await);
+    // A client's keep_alive: 0 unloads right after; -1 keeps it (until evicted).
+    drop(
+        rig.lc
+            .acquire("now", Some(IdleHint::After(Duration::ZERO)))
+            .await
+            .unwrap(),
+    );
+    drop(rig.lc.acquire("kept", Some(IdleHint::Never)).await.unwrap());
+    rig.settle().await;
+    assert_eq!(rig.status("now").await, ModelStatus::Unloaded);
+    assert_eq!(rig.view("pinned").await.inactivity_timeout_s, None);
+    assert_eq!(rig.view("short").await.inactivity_timeout_s, Some(5.0));
+    advance(Duration::from_secs(6)).await;
+    rig.settle().await;
+    assert_eq!(rig.status("short").await, ModelStatus::Unloaded);
+    advance(Duration::from_secs(24 * 3600)).await;
+    rig.settle().await;
+    assert_eq!(rig.status("pinned").await, ModelStatus::Ready);
+    assert_eq!(rig.status("kept").await, ModelStatus::Ready);
+    // A later request without a hint keeps the last one (as Ollama keeps a runner's).
+    drop(rig.lease("kept").await);
+    advance(Duration::from_secs(24 * 3600)).await;
+    rig.settle().await;
+    assert_eq!(rig.status("kept").await, ModelStatus::Ready);
+}
+
+// === loading ===
+
+#[tokio::test(start_paused = true)]
+async fn fifty_concurrent_first_requests_share_one_load() {
+    let rig = start(settings());
+    *rig.provider.load_delay.lock().unwrap() = Duration::from_millis(500);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let lc = rig.lc.clone();
+            tokio::spawn(async move { lc.acquire("a", None).await })
+        })
+        .collect();
+    let mut leases = Vec::new();
+    for t in tasks {
+        leases.push(t.await.unwrap().expect("a lease"));
+    }
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(500),
+        "one load's time"
+    );
+    assert_eq!(rig.provider.calls(), ["load a"]);
+    let v = rig.view("a").await;
+    assert_eq!((v.leases, v.queue_depth, v.loads), (50, 0, 1));
+    assert_eq!(v.load_time_ms, Some(500));
+    drop(leases);
+    rig.settle().await;
+    assert_eq!(rig.view("a").await.leases, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_load_fails_every_waiter_and_the_next_request_retries() {
+    let rig = start(settings());
+    *rig.provider.load_delay.lock().unwrap() = Duration::from_millis(100);
+    rig.provider.fail_next("a", OpError::Timeout);
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let lc = rig.lc.clone();
+            tokio::spawn(async move { lc.acquire("a", None).await })
+        })
+        .collect();
+    for t in tasks {
+        let e = t.await.unwrap().expect_err("the load failed");
+        assert!(
+            matches!(
+                e,
+                LifecycleError::LoadFailed {
+                    source: OpError::Timeout,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+    let v = rig.view("a").await;
+    assert_eq!(
+        (v.status, v.queue_depth, v.leases),
+        (ModelStatus::Error, 0, 0)
+    );
+    assert!(v.last_error.is_some());
+    drop(rig.lease("a").await);
+    assert_eq!(rig.provider.count("load a"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_model_is_reported_and_forgotten() {
+    let rig = start(settings());
+    rig.provider.fail_next(
+        "nope",
+        OpError::ModelNotFound {
+            model: "nope".into(),
+        },
+    );
+    let e = rig.lc.acquire("nope", None).await.unwrap_err();
+    assert!(matches!(e, LifecycleError::NotFound { .. }), "{e:?}");
+    assert!(
+        rig.lc.snapshot().await.is_empty(),
+        "unknown names do not pile up"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_gives_up_while_waiting_leaves_nothing_behind() {
+    let rig = start(settings());
+    *rig.provider.load_delay.lock().unwrap() = Duration::from_secs(10);
+    let r = tokio::time::timeout(Duration::from_secs(1), rig.lc.acquire("a", None)).await;
+    assert!(r.is_err(), "still loading");
+    rig.settle().await;
+    let v = rig.view("a").await;
+    assert_eq!(
+        (v.queue_depth, v.leases, v.status),
+        (0, 0, ModelStatus::Loading)
+    );
+    advance(Duration::from_secs(10)).await;
+    rig.settle().await;
+    let v = rig.view("a").await;
+    assert_eq!((v.leases, v.status), (0, ModelStatus::Ready));
+}
+
+// === limits ===
+
+#[tokio::test(start_paused = true)]
+async fn the_least_recently_used_idle_model_is_evicted() {
+    let rig = start(Settings {
+        max_models_loaded: 2,
+        ..settings()
+    });
+    drop(rig.lease("a").await);
+    drop(rig.lease("b").await);
+    drop(rig.lease("a").await); // b is now the least recently used
+    drop(rig.lease("c").await);
+    assert_eq!(
+        rig.provider.calls(),
+        ["load a", "load b", "unload b", "load c"]
+    );
+    drop(rig.lease("d").await);
+    assert_eq!(
+        rig.provider.calls()[4..],
+        ["unload a", "load d"],
+        "then a, the older of a and c"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_answering_requests_is_never_evicted_and_never_unloaded() {
+    let rig = start(Settings {
+        max_models_loaded: 1,
+        ..settings()
+    });
+    let busy = rig.lease("a").await;
+    let lc = rig.lc.clone();
+    let waiting = tokio::spawn(async move { lc.acquire("b", None).await });
+    // An admin unload waits too.
+    let lc = rig.lc.clone();
+    let unload = tokio::spawn(async move { lc.unload("a").await });
+    advance(Duration::from_secs(3600)).await;
+    rig.settle().await;
+    assert_eq!(
+        rig.provider.calls(),
+        ["load a"],
+        "nothing unloads a busy model"
+    );
+    assert_eq!(rig.view("b").await.queue_depth, 1);
+    assert!(!waiting.is_finished() && !unload.is_finished());
+    drop(busy);
+    let b = waiting.await.unwrap().expect("b once a is done");
+    assert_eq!(unload.await.unwrap().unwrap().status, ModelStatus::Unloaded);
+    assert_eq!(rig.provider.calls(), ["load a", "unload a", "load b"]);
+    drop(b);
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_admission_uses_the_providers_sizes_and_the_machines_memory() {
+    let mut s = settings();
+    s.models.insert(
+        "huge".into(),
+        ModelOverrides {
+            memory: Some(40 * GB),
+            ..Default::default()
+        },
+    );
+    let rig = start(s);
+    // 32 GB machine, threshold 0.5: models may take 16 GB together.
+    *rig.memory.0.lock().unwrap() = Some(MemoryReading {
+        total: 32 * GB,
+        available: 30 * GB,
+    });
+    rig.lc.catalog(vec![
+        ("a".into(), 6 * GB),
+        ("b".into(), 6 * GB),
+        ("c".into(), 6 * GB),
+    ]);
+    drop(rig.lease("a").await);
+    drop(rig.lease("b").await);
+    assert_eq!(rig.view("a").await.memory_estimate_mb, Some(6 * 1024));
+    // 18 GB would pass the budget: a (least recently used) makes room, though a slot is free.
+    drop(rig.lease("c").await);
+    assert_eq!(
+        rig.provider.calls(),
+        ["load a", "load b", "unload a", "load c"]
+    );
+    // Larger than the whole budget: refused at once, not queued forever.
+    let e = rig.lc.acquire("huge", None).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LifecycleError::TooLarge {
+                size_mb: 40960,
+                budget_mb: 16384,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // Other programs took the RAM: 1 GB free, plus the 6 GB a's unload just freed (the
+    // reading may not show it yet). a needs 6 GB and the budget needs 2: b (LRU) goes.
+    *rig.memory.0.lock().unwrap() = Some(MemoryReading {
+        total: 32 * GB,
+        available: GB,
+    });
+    drop(rig.lease("a").await);
+    assert_eq!(rig.provider.calls()[4..], ["unload b", "load a"]);
+    // Nothing free and nothing idle: a request waits rather than fail (memory may free up).
+    advance(Duration::from_secs(11)).await;
+    *rig.memory.0.lock().unwrap() = Some(MemoryReading {
+        total: 32 * GB,
+        available: 0,
+    });
+    let held_a = rig.lease("a").await;
+    let held_c = rig.lease("c").await;
+    let lc = rig.lc.clone();
+    let waiting = tokio::spawn(async move { lc.acquire("b", None).await });
+    rig.settle().await;
+    assert_eq!(rig.view("b").await.queue_depth, 1);
+    assert_eq!(rig.provider.calls().len(), 6, "nothing evicted while busy");
+    *rig.memory.0.lock().unwrap() = Some(MemoryReading {
+        total: 32 * GB,
+        available: 20 * GB,
+    });
+    drop(held_c);
+    drop(waiting.await.unwrap().expect("room was made"));
+    assert_eq!(rig.provider.calls()[6..], ["unload c", "load b"]);
+    drop(held_a);
+}
+
+// === queue ===
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_answers_at_once_with_retry_after() {
+    let mut s = settings();
+    s.queue.max_waiting = 2;
+    let rig = start(s);
+    *rig.provider.load_delay.lock().unwrap() = Duration::from_millis(2500);
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let lc = rig.lc.clone();
+            tokio::spawn(async move { lc.acquire("a", None).await })
+        })
+        .collect();
+    rig.settle().await;
+    let e = rig.lc.acquire("a", None).await.unwrap_err();
+    assert!(
+        matches!(e, LifecycleError::QueueFull { max_waiting: 2, .. }),
+        "{e:?}"
+    );
+    assert_eq!(e.retry_after(), Some(Duration::from_secs(1)));
+    for w in waiting {
+        drop(w.await.unwrap().expect("queued requests are served"));
+    }
+    assert_eq!(rig.view("a").await.load_time_ms, Some(2500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_waits_past_the_queue_timeout_gets_an_error() {
+    let mut s = settings();
+    s.queue.timeout = Duration::from_secs(10);
+    s.max_models_loaded = 1;
+    let rig = start(s);
+    let busy = rig.lease("a").await;
+    let started = Instant::now();
+    let e = rig.lc.acquire("b", None).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(10));
+    assert!(matches!(e, LifecycleError::QueueTimeout { .. }), "{e:?}");
+    assert!(e.retry_after().is_some());
+    assert_eq!(rig.view("b").await.queue_depth, 0);
+    drop(busy);
+}
+
+/// Three requests for b arrive while a is busy, then requests for a keep coming.
+async fn contend(policy: QueuePolicy) -> (Rig, Vec<String>) {
+    let mut s = settings();
+    s.max_models_loaded = 1;
+    s.queue.policy = policy;
+    s.queue.aging = Duration::from_secs(30);
+    let rig = start(s);
+    let a1 = rig.lease("a").await;
+    let lc = rig.lc.clone();
+    let b = tokio::spawn(async move { lc.acquire("b", None).await });
+    rig.settle().await;
+    // Another request for a, while b waits.
+    let lc = rig.lc.clone();
+    let a2 = tokio::spawn(async move { lc.acquire("a", None).await });
+    rig.settle().await;
+    let granted_at_once = a2.is_finished();
+    drop(a1);
+    let order = if granted_at_once {
+        // Grouped: a2 went ahead of b; b gets a once a2 is done too.
+        drop(a2.await.unwrap().expect("a2"));
+        drop(b.await.unwrap().expect("b"));
+        vec!["a2 served with a loaded".to_string()]
+    } else {
+        // FIFO: b first, then a2 (a loaded again).
+        drop(b.await.unwrap().expect("b"));
+        drop(a2.await.unwrap().expect("a2"));
+        vec!["a2 waited".to_string()]
+    };
+    (rig, order)
+}
+
+#[tokio::test(start_paused = true)]
+async fn grouped_serves_a_loaded_models_requests_before_swapping_it_out() {
+    let (rig, order) = contend(QueuePolicy::Grouped).await;
+    assert_eq!(order, ["a2 served with a loaded"]);
+    assert_eq!(rig.provider.calls(), ["load a", "unload a", "load b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifo_serves_in_arrival_order_and_swaps_more() {
+    let (rig, order) = contend(QueuePolicy::Fifo).await;
+    assert_eq!(order, ["a2 waited"]);
+    assert_eq!(
+        rig.provider.calls(),
+        ["load a", "unload a", "load b", "unload b", "load a"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn aging_stops_a_busy_model_from_starving_another() {
+    let mut s = settings();
+    s.max_models_loaded = 1;
+    s.queue.aging = Duration::from_secs(30);
+    let rig = start(s);
+    let mut a = rig.lease("a").await;
+    let lc = rig.lc.clone();
+    let b = tokio::spawn(async move { lc.acquire("b", None).await });
+    rig.settle().await;
+    assert_eq!(rig.view("b").await.queue_depth, 1);
+    // Requests for a overlap forever; each is served at once until b has waited 30 s.
+    for _ in 0..29 {
+        advance(Duration::from_secs(1)).await;
+        let next = rig.lease("a").await;
+        drop(std::mem::replace(&mut a, next));
+    }
+    advance(Duration::from_secs(1)).await;
+    rig.settle().await;
+    let lc = rig.lc.clone();
+    let late_a = tokio::spawn(async move { lc.acquire("a", None).await });
+    rig.settle().await;
+    assert!(!late_a.is_finished(), "a drains: new requests for it wait");
+    assert_eq!(rig.view("a").await.queue_depth, 1);
+    drop(a);
+    drop(b.await.unwrap().expect("b gets its turn"));
+    drop(late_a.await.unwrap().expect("then a again"));
+    assert_eq!(
+        rig.provider.calls(),
+        ["load a", "unload a", "load b", "unload b", "load a"]
+    );
+}
+
+// === the provider's view ===
+
+#[tokio::test(start_paused = true)]
+async fn models_loaded_or_unloaded_behind_the_proxys_back_are_followed() {
+    let rig = start(Settings {
+        max_models_loaded: 1,
+        ..settings()
+    });
+    let seen = |m: &str| crate::providers::LoadedModel {
+        model: m.into(),
+        size_bytes: Some(GB),
+        vram_bytes: None,
+        context_length: Some(4096),
+    };
+    rig.lc.report(vec![seen("x")], Instant::now());
+    let v = rig.view("x").await;
+    assert_eq!(
+        (v.status, v.loaded_by),
+        (ModelStatus::Ready, Some("provider"))
+    );
+    assert_eq!(v.memory_estimate_mb, Some(1024));
+    // It counts against the limit, and is evicted like any other idle model.
+    drop(rig.lease("y").await);
+    assert_eq!(rig.provider.calls(), ["unload x", "load y"]);
+    // The provider lost y (restart, its own timer): unloaded, and reloaded on demand.
+    rig.lc.report(vec![], Instant::now());
+    assert_eq!(rig.status("y").await, ModelStatus::Unloaded);
+    drop(rig.lease("y").await);
+    assert_eq!(rig.provider.count("load y"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_poll_that_started_before_a_load_finished_does_not_undo_it() {
+    let rig = start(settings());
+    let polled_at = Instant::now();
+    advance(MS).await;
+    let lease = rig.lease("a").await;
+    drop(lease);
+    // The poll began before the load: its empty list is stale for `a`.
+    rig.lc.report(vec![], polled_at);
+    assert_eq!(rig.status("a").await, ModelStatus::Ready);
+}
+
+#[test]
+fn keep_alive_values_parse_like_ollama() {
+    let d = |s| Some(IdleHint::After(Duration::from_secs_f64(s)));
+    for (raw, want) in [
+        ("0", d(0.0)),
+        ("300", d(300.0)),
+        ("1.5", d(1.5)),
+        ("-1", Some(IdleHint::Never)),
+        (r#""5m""#, d(300.0)),
+        (r#""1h30m""#, d(5400.0)),
+        (r#""0s""#, d(0.0)),
+        (r#""0""#, d(0.0)),
+        (r#""300ms""#, d(0.3)),
+        (r#""-1m""#, Some(IdleHint::Never)),
+        (r#""300""#, None),
+        (r#""soon""#, None),
+        ("true", None),
+        ("[]", None),
+    ] {
+        assert_eq!(parse_keep_alive(raw), want, "{raw}");
+    }
+}
