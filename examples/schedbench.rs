@@ -8,8 +8,9 @@
 //!
 //! Everything runs in this process, on one tokio runtime. For each policy it starts a fresh
 //! simulated Ollama (three chat models, `--load-ms` cold-load latency, `--token-ms` per token,
-//! 8 tokens a reply; the simulator itself may hold all three models, so only the proxy
-//! decides unloads) and a fresh proxy in front of it with `[limits] max_models_loaded = 1`.
+//! 8 tokens a reply, `--parallel` generations at once per model as Ollama's
+//! `OLLAMA_NUM_PARALLEL`, default 1; the simulator itself may hold all three models, so only
+//! the proxy decides unloads) and a fresh proxy in front of it with `[limits] max_models_loaded = 1`.
 //! `--clients` tasks then share `--requests` non-streaming `POST /api/chat` requests; the
 //! model of each request is drawn beforehand with a seeded PRNG (`--seed`), so both policies
 //! see the same sequence of models.
@@ -63,6 +64,10 @@ struct Args {
     /// Delay before each of the 8 reply tokens, ms.
     #[arg(long, default_value_t = 20)]
     token_ms: u64,
+    /// Generations one model runs at once in the simulator (`OLLAMA_NUM_PARALLEL`; Ollama's
+    /// default is 1); 0 = unlimited.
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
     /// Seed of the model choices (the same sequence for both policies).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -178,7 +183,7 @@ async fn run(args: Args) -> Result<bool, String> {
         .collect();
     println!(
         "schedbench: {} requests, {} clients, 3 models ({}), max_models_loaded = 1, load {} ms, \
-         reply 8 x {} ms, seed {}",
+         reply 8 x {} ms, {} parallel per model, seed {}",
         args.requests,
         args.clients,
         MODELS
@@ -189,6 +194,11 @@ async fn run(args: Args) -> Result<bool, String> {
             .join(", "),
         args.load_ms,
         args.token_ms,
+        if args.parallel == 0 {
+            "unlimited".to_string()
+        } else {
+            args.parallel.to_string()
+        },
         args.seed,
     );
     let policies: &[Policy] = match args.policy {
@@ -340,6 +350,7 @@ async fn run_policy(
         reply_tokens: 8,
         max_loaded_models: 3,
         keep_alive: Duration::MAX,
+        num_parallel: args.parallel,
         ..Default::default()
     };
     let listener = TcpListener::bind("127.0.0.1:0")

@@ -156,10 +156,14 @@ async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response
         p.lifecycle.unload(&model).await
     };
     match result {
-        Ok(view) => json(
-            StatusCode::OK,
-            &serde_json::json!({"provider": provider, "model": view}),
-        ),
+        Ok(model) => {
+            #[derive(Serialize)]
+            struct Answer<'a> {
+                provider: &'a str,
+                model: ModelView,
+            }
+            json(StatusCode::OK, &Answer { provider, model })
+        }
         Err(e) => {
             let status = crate::proxy::ProxyError::Lifecycle(e.clone()).status();
             let mut r = json(

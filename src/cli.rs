@@ -30,6 +30,9 @@ pub struct SimulateArgs {
     /// Default keep-alive (Ollama) or JIT TTL (LM Studio), e.g. "5m".
     #[arg(long, value_parser = parse_duration)]
     pub keep_alive: Option<Duration>,
+    /// Ollama only: generations one model runs at once (`OLLAMA_NUM_PARALLEL`); 0 = unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub num_parallel: usize,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -80,6 +83,7 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
                 token_delay: args.token_delay,
                 reply_tokens: args.reply_tokens,
                 max_loaded_models: args.max_loaded,
+                num_parallel: args.num_parallel,
                 ..Default::default()
             };
             if let Some(m) = models {

@@ -1,10 +1,13 @@
 //! llm-warden: a drop-in reverse proxy for local LLM providers (Ollama, LM Studio) that
-//! counts, per model, what is in flight and what it cost, and (in later stages) decides which
-//! models are loaded, compacts context, and reacts to memory pressure.
+//! counts, per model, what is in flight and what it cost, decides which models are loaded
+//! (lazy loads, idle unloads, limits, a queue), and (in later stages) compacts context and
+//! reacts to memory pressure.
 //!
 //! Layout:
 //! - data plane: [`proxy`] (HTTP in, HTTP out; streams relayed frame by frame);
-//! - adapters: [`providers`] (what differs between upstreams, as data);
+//! - adapters: [`providers`] (what differs between upstreams, as data; load/unload operations);
+//! - control plane: [`lifecycle`] (one actor per provider owns its models and wait queue;
+//!   requests hold leases);
 //! - accounting: [`stats`] (per-model in-flight guard and counters);
 //! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`);
 //! - [`sim`]: simulated Ollama and LM Studio servers for tests, benches and `simulate`.

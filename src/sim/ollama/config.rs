@@ -29,6 +29,10 @@ pub struct OllamaConfig {
     pub default_num_ctx: u32,
     /// `OLLAMA_MAX_QUEUE`: requests waiting for a model beyond this get 503.
     pub max_queue: usize,
+    /// `OLLAMA_NUM_PARALLEL`: generations one model runs at once; more wait their turn
+    /// (Ollama's default is 1). 0 = unlimited, the simulator's default, so that tests of
+    /// the proxy are not paced by it.
+    pub num_parallel: usize,
     /// Length of the simulated embeddings.
     pub embedding_dims: usize,
     /// `/api/version`.
@@ -58,6 +62,7 @@ impl Default for OllamaConfig {
             keep_alive: Duration::from_secs(300),
             default_num_ctx: 4096,
             max_queue: 512,
+            num_parallel: 0,
             embedding_dims: 8,
             version: "0.13.0".to_string(),
             clock: Clock::system(),

@@ -23,6 +23,8 @@ use crate::sim::SimModel;
 /// A generation that has its runner and knows what it will say.
 pub(super) struct Gen {
     lease: Option<Lease>,
+    /// A `num_parallel` slot, held while the reply is written.
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The model name as the client sent it.
     pub(super) label: String,
     prompt_tokens: u32,
@@ -74,6 +76,7 @@ impl OllamaSim {
     async fn prepare(self: &Arc<Self>, req: GenRequest) -> Result<Gen, ApiError> {
         let num_ctx = self.effective_num_ctx(&req.model, req.opts.num_ctx);
         let acquired = self.acquire(&req.model, num_ctx, req.keep_alive).await?;
+        let slot = self.generation_slot(&req.model.name).await;
         let num_keep = req.opts.num_keep.unwrap_or(DEFAULT_NUM_KEEP);
         let prompt_tokens = match &req.prompt {
             Prompt::Chat(msgs) => fit_chat(msgs, num_ctx, num_keep, req.truncate)?,
@@ -94,6 +97,7 @@ impl OllamaSim {
         }
         Ok(Gen {
             lease: Some(acquired.lease),
+            slot,
             label: req.label,
             prompt_tokens,
             pieces: common::reply_pieces(req.seed, n),
@@ -131,6 +135,7 @@ impl OllamaSim {
         }
         guard.finish();
         gen.lease.take();
+        gen.slot.take();
         let (content_type, body) = self.whole(&gen, &flavor);
         common::respond(StatusCode::OK, content_type, body)
     }
@@ -160,6 +165,7 @@ impl OllamaSim {
         // has read it sees the model idle.
         guard.finish();
         gen.lease.take();
+        gen.slot.take();
         let lines = match fail_after {
             Some(_) => vec![self.stream_error(&flavor)],
             None => self.finals(&gen, &flavor),

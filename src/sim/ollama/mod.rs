@@ -90,6 +90,8 @@ pub struct OllamaSim {
     fail_stream: Mutex<Option<usize>>,
     /// Ollama checks `Host` only when bound to a loopback address.
     host_check: bool,
+    /// Per model, the `num_parallel` generation slots (when limited).
+    slots: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// Locks `m`, carrying on with the data if a holder panicked.
@@ -121,7 +123,20 @@ impl OllamaSim {
             fail_load: Mutex::new(None),
             fail_stream: Mutex::new(None),
             host_check,
+            slots: Mutex::new(Default::default()),
         }
+    }
+
+    /// Waits for one of `model`'s `num_parallel` generation slots (none when unlimited).
+    async fn generation_slot(&self, model: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if self.cfg.num_parallel == 0 {
+            return None;
+        }
+        let sem = relock(&self.slots)
+            .entry(model.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.cfg.num_parallel)))
+            .clone();
+        sem.acquire_owned().await.ok()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

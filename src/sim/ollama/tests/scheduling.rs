@@ -361,3 +361,24 @@ async fn unloads_while_a_request_is_generating_are_counted() {
     assert!(srv.state.loaded().is_empty(), "unloaded once idle");
     assert_eq!(srv.state.unloads_while_busy(), 2);
 }
+
+#[tokio::test]
+async fn num_parallel_makes_generations_of_one_model_take_turns() {
+    let cfg = OllamaConfig {
+        num_parallel: 1,
+        token_delay: Duration::from_millis(40),
+        reply_tokens: 2,
+        ..manual()
+    };
+    let srv = start(cfg).await;
+    let chat = r#"{"model":"llama3.2","messages":[{"role":"user","content":"x"}],"stream":false}"#;
+    let started = std::time::Instant::now();
+    let (a, b) = tokio::join!(post(&srv, "/api/chat", chat), post(&srv, "/api/chat", chat));
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    // Two 80 ms generations, one after the other.
+    assert!(
+        started.elapsed() >= Duration::from_millis(160),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -1,0 +1,277 @@
+//! Scheduling: after every event, bring the table in line with the queue (drain, grant,
+//! load, evict, unload). Decisions only; the I/O runs in spawned tasks that report back.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{fail, Actor, Decision, Reply, Waiter, FREED_GRACE};
+use crate::config::QueuePolicy;
+use crate::lifecycle::policy::{self, Plan, Residency, Resident};
+use crate::lifecycle::{Event, LifecycleError, ModelStatus};
+
+impl Actor {
+    /// Brings the table in line with the queue: drains, grants, loads, evictions, unloads.
+    pub(super) fn schedule(&mut self) {
+        let now = Instant::now();
+        while self
+            .freed
+            .front()
+            .is_some_and(|(at, _)| *at + FREED_GRACE <= now)
+        {
+            self.freed.pop_front();
+        }
+        self.mark_draining(now);
+        self.grant_waiting();
+        self.start_loads();
+        // Unloads that are due: asked by an admin, or idle past the timeout.
+        let mut due = Vec::new();
+        for m in self.models.values() {
+            if m.status != ModelStatus::Ready || m.active > 0 {
+                continue;
+            }
+            let idle_due = m.queued == 0
+                && m.idle_since
+                    .is_some_and(|since| self.idle_timeout(m).is_some_and(|t| since + t <= now));
+            if m.unload_requested || idle_due {
+                due.push(m.name.clone());
+            }
+        }
+        for name in due {
+            self.start_unload(&name, "idle");
+        }
+    }
+
+    /// The oldest waiter whose model cannot serve it, if it has waited past `queue.aging`
+    /// (at once under FIFO): the ready models a load for it would evict, were they idle,
+    /// stop taking leases so that they drain.
+    pub(super) fn mark_draining(&mut self, now: Instant) {
+        for m in self.models.values_mut() {
+            m.draining = false;
+        }
+        let aging = match self.settings.queue.policy {
+            QueuePolicy::Fifo => Duration::ZERO,
+            QueuePolicy::Grouped => self.settings.queue.aging,
+        };
+        let blocked = |w: &Waiter| {
+            let m = &self.models[&w.model];
+            m.status != ModelStatus::Ready || m.unload_requested
+        };
+        let Some(at) = self.queue.iter().position(blocked) else {
+            return;
+        };
+        let head = &self.queue[at];
+        // Models with requests queued ahead of the head serve those first (in arrival
+        // order); draining them would strand those requests.
+        let ahead: Vec<&Arc<str>> = self.queue.iter().take(at).map(|w| &w.model).collect();
+        if head.enqueued + aging > now {
+            return;
+        }
+        let target = head.model.clone();
+        if !matches!(
+            self.models[&target].status,
+            ModelStatus::Unloaded | ModelStatus::Error
+        ) {
+            return;
+        }
+        // The models in its way, busy or not: busy ones must not take new leases (or they
+        // never drain), idle ones must not take any before the eviction that follows.
+        if let Decision::Evict(victims) = self.plan(&target, true) {
+            let victims: Vec<Arc<str>> = victims
+                .into_iter()
+                .filter(|v| !ahead.contains(&v))
+                .collect();
+            for v in victims {
+                if let Some(m) = self.model(&v) {
+                    m.draining = true;
+                }
+            }
+        }
+    }
+
+    /// Grants a lease to every waiter whose model is ready (and not draining); under FIFO,
+    /// only up to the first waiter that cannot be served.
+    pub(super) fn grant_waiting(&mut self) {
+        let fifo = self.settings.queue.policy == QueuePolicy::Fifo;
+        let mut i = 0;
+        while i < self.queue.len() {
+            let m = &self.models[&self.queue[i].model];
+            let ready = m.status == ModelStatus::Ready && !m.draining && !m.unload_requested;
+            if !ready {
+                if fifo {
+                    return;
+                }
+                i += 1;
+                continue;
+            }
+            let Some(w) = self.queue.remove(i) else {
+                return;
+            };
+            self.dequeued(&w.model);
+            match w.reply {
+                Reply::Request { reply, hint } => self.grant(&w.model, reply, hint),
+                Reply::Admin(reply) => {
+                    let _ = reply.send(Ok(self.view(&self.models[&w.model])));
+                }
+            }
+        }
+    }
+
+    /// Plans loads for the waiting models, oldest waiter first; stops at the first that
+    /// must wait, so younger requests do not take the room an older one needs.
+    pub(super) fn start_loads(&mut self) {
+        let mut seen: Vec<Arc<str>> = Vec::new();
+        let mut i = 0;
+        while i < self.queue.len() {
+            let name = self.queue[i].model.clone();
+            i += 1;
+            if seen.contains(&name) {
+                continue;
+            }
+            seen.push(name.clone());
+            if !matches!(
+                self.models[&name].status,
+                ModelStatus::Unloaded | ModelStatus::Error
+            ) {
+                continue;
+            }
+            match self.plan(&name, false) {
+                Decision::Load => self.start_load(&name),
+                Decision::Evict(victims) => {
+                    for v in victims {
+                        self.start_unload(&v, "to make room");
+                    }
+                    return;
+                }
+                Decision::Wait => return,
+                Decision::Refuse(reason) => {
+                    let err = self.refusal(&name, reason);
+                    self.fail_waiters_of(&name, &err);
+                    // The queue changed under the index: start over (bounded: each pass
+                    // removes this model's waiters).
+                    i = 0;
+                    seen.clear();
+                }
+            }
+        }
+    }
+
+    /// The policy's plan for loading `target` now. `assume_idle` treats busy ready models
+    /// as idle: which models are in the way, for draining.
+    pub(super) fn plan(&self, target: &str, assume_idle: bool) -> Decision {
+        let residents: Vec<Resident> = self
+            .models
+            .values()
+            .filter_map(|m| {
+                let residency = match m.status {
+                    ModelStatus::Loading => Residency::Loading,
+                    ModelStatus::Ready => Residency::Ready,
+                    ModelStatus::Unloading => Residency::Unloading,
+                    ModelStatus::Unloaded | ModelStatus::Error => return None,
+                };
+                Some(Resident {
+                    name: &m.name,
+                    residency,
+                    active: if assume_idle { 0 } else { m.active },
+                    pinned: self.pinned(&m.name),
+                    last_used: m.last_used,
+                    size_bytes: self.size_of(m),
+                })
+            })
+            .collect();
+        let reading = self.memory.read();
+        let limits = policy::Limits {
+            max_models_loaded: self.settings.max_models_loaded,
+            memory_budget: reading
+                .map(|r| (r.total as f64 * self.settings.memory_threshold) as u64),
+            available: reading.map(|r| {
+                let now = Instant::now();
+                let recent: u64 = self
+                    .freed
+                    .iter()
+                    .filter(|(at, _)| *at + FREED_GRACE > now)
+                    .map(|(_, b)| b)
+                    .sum();
+                (r.available + recent).min(r.total)
+            }),
+        };
+        let size = self.models.get(target).and_then(|m| self.size_of(m));
+        match policy::plan_load(size, &residents, limits) {
+            Plan::Load => Decision::Load,
+            Plan::Wait => Decision::Wait,
+            Plan::Refuse(r) => Decision::Refuse(r),
+            Plan::Evict(v) => Decision::Evict(
+                v.into_iter()
+                    .filter_map(|n| self.models.get_key_value(n).map(|(k, _)| k.clone()))
+                    .collect(),
+            ),
+        }
+    }
+
+    pub(super) fn start_load(&mut self, name: &Arc<str>) {
+        let Some(m) = self.model(name) else {
+            return;
+        };
+        m.status = ModelStatus::Loading;
+        m.changed_at = Instant::now();
+        m.last_error = None;
+        tracing::info!(provider = %self.settings.provider, model = %name, "loading model");
+        let op = self.backend.load(name);
+        let tx = self.tx.clone();
+        let model = name.clone();
+        tokio::spawn(async move {
+            let result = op.await;
+            let _ = tx.send(Event::LoadDone { model, result });
+        });
+    }
+
+    pub(super) fn start_unload(&mut self, name: &Arc<str>, why: &str) {
+        let Some(m) = self.model(name) else {
+            return;
+        };
+        if m.status != ModelStatus::Ready || m.active > 0 {
+            return;
+        }
+        m.status = ModelStatus::Unloading;
+        m.changed_at = Instant::now();
+        m.draining = false;
+        let id = m.instance_id.clone().unwrap_or_else(|| m.name.to_string());
+        let why = if m.unload_requested { "asked" } else { why };
+        tracing::info!(provider = %self.settings.provider, model = %name, reason = why, "unloading model");
+        let op = self.backend.unload(&id);
+        let tx = self.tx.clone();
+        let model = name.clone();
+        tokio::spawn(async move {
+            let result = op.await;
+            let _ = tx.send(Event::UnloadDone { model, result });
+        });
+    }
+
+    pub(super) fn fail_waiters_of(&mut self, name: &str, err: &LifecycleError) {
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for w in self.queue.drain(..) {
+            if &*w.model == name {
+                fail(w.reply, err.clone());
+            } else {
+                kept.push_back(w);
+            }
+        }
+        self.queue = kept;
+        if let Some(m) = self.model(name) {
+            m.queued = 0;
+        }
+    }
+
+    /// Drops a model the provider does not have, so unknown names do not pile up.
+    pub(super) fn forget_if_idle(&mut self, name: &str) {
+        if self
+            .models
+            .get(name)
+            .is_some_and(|m| m.active == 0 && m.queued == 0 && m.unload_waiters.is_empty())
+        {
+            self.models.remove(name);
+        }
+    }
+}
