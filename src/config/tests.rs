@@ -118,3 +118,62 @@ fn upstream_keeps_a_path_prefix() {
     assert_eq!(u.authority.as_str(), "gpu-box:11434");
     assert_eq!(u.path_prefix, "/ollama");
 }
+
+#[test]
+fn lifecycle_keys_parse_and_providers_may_override_limits() {
+    let c = load_str(
+        r#"
+        [limits]
+        max_models_loaded = 2
+        memory_threshold = 0.6
+        [queue]
+        policy = "fifo"
+        aging = "5s"
+        [[providers]]
+        kind = "ollama"
+        [[providers]]
+        kind = "lmstudio"
+        max_models_loaded = 1
+        memory_threshold = 0.4
+        [models."big"]
+        memory = "6GiB"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            c.providers[0].max_models_loaded,
+            c.providers[0].memory_threshold
+        ),
+        (2, 0.6),
+        "the [limits] values"
+    );
+    assert_eq!(
+        (
+            c.providers[1].max_models_loaded,
+            c.providers[1].memory_threshold
+        ),
+        (1, 0.4)
+    );
+    assert_eq!(c.queue.policy, QueuePolicy::Fifo);
+    assert_eq!(c.queue.aging, Duration::from_secs(5));
+    assert_eq!(c.models["big"].memory, Some(6 << 30));
+    let d = load_str("").unwrap();
+    assert_eq!(d.queue.policy, QueuePolicy::Grouped);
+    assert_eq!(d.queue.aging, Duration::from_secs(30));
+
+    let err = load_str(
+        "[queue]\npolicy = \"lifo\"\ntimeout = \"0s\"\n[[providers]]\nkind = \"ollama\"\nmax_models_loaded = 0\n[models.\"m\"]\nmemory = \"lots\"\n",
+    )
+    .unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "providers[0].max_models_loaded",
+            "queue.policy",
+            "queue.timeout",
+            "models.\"m\".memory"
+        ]
+    );
+}
