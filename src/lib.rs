@@ -9,6 +9,7 @@
 //! - control plane: [`lifecycle`] (one actor per provider owns its models and wait queue;
 //!   requests hold leases);
 //! - accounting: [`stats`] (per-model in-flight guard and counters);
+//! - context: [`context`] (fitting conversations into a model's window; the summary cache);
 //! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`);
 //! - [`sim`]: simulated Ollama and LM Studio servers for tests, benches and `simulate`.
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod lifecycle;
 pub mod providers;
 pub mod proxy;
