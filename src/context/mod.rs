@@ -5,3 +5,6 @@
 //!   conversation (also after a restart) reuses its summary instead of calling the summarizer.
 
 pub mod cache;
+
+#[cfg(test)]
+mod tests;
