@@ -8,7 +8,8 @@
 //! - adapters: [`providers`] (what differs between upstreams, as data; load/unload operations);
 //! - control plane: [`lifecycle`] (one actor per provider owns its models and wait queue;
 //!   requests hold leases);
-//! - accounting: [`stats`] (per-model in-flight guard and counters);
+//! - accounting: [`stats`] (per-model in-flight guard and counters), [`tokens`] (token
+//!   estimates for chat requests, calibrated per model against what providers report);
 //! - context: [`context`] (fitting conversations into a model's window; the summary cache);
 //! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`);
 //! - [`sim`]: simulated Ollama and LM Studio servers for tests, benches and `simulate`.
@@ -24,3 +25,4 @@ pub mod providers;
 pub mod proxy;
 pub mod sim;
 pub mod stats;
+pub mod tokens;
