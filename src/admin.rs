@@ -76,6 +76,14 @@ impl From<ModelView> for LifecycleFields {
 struct Status<'a> {
     providers: Vec<ProviderStatus<'a>>,
     models: Vec<ModelStatus>,
+    compaction: Compaction,
+}
+
+/// Recent compactions (oldest first) and the summary cache's counters.
+#[derive(Serialize)]
+struct Compaction {
+    events: Vec<crate::context::events::CompactionEvent>,
+    summary_cache: crate::context::cache::CacheStats,
 }
 
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -256,6 +264,10 @@ async fn status(state: &AppState) -> Status<'_> {
             })
             .collect(),
         models,
+        compaction: Compaction {
+            events: state.compactor.events.recent(),
+            summary_cache: state.compactor.cache_stats(),
+        },
     }
 }
 

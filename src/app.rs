@@ -37,6 +37,8 @@ pub struct AppState {
     pub providers: Vec<ProviderState>,
     pub stats: StatsTable,
     pub client: UpstreamClient,
+    /// Token counting, the summary cache and recent compactions.
+    pub compactor: crate::context::Compactor,
 }
 
 /// One provider at run time: its config, the address it is served on, and its health.
@@ -211,6 +213,7 @@ pub async fn start_with(
         stats: StatsTable::new(config.providers.iter().map(|p| p.name.clone())),
         client,
         providers,
+        compactor: crate::context::Compactor::new(&config),
         config: config.clone(),
     });
 
@@ -329,6 +332,11 @@ async fn probe(state: Arc<AppState>, i: usize) {
                 }
                 match p.config.kind.parse_loaded(path, &body) {
                     Ok(loaded) => {
+                        for m in &loaded {
+                            if let Some(ctx) = m.context_length {
+                                state.compactor.set_window(i, &m.model, ctx);
+                            }
+                        }
                         state.stats.apply_report(i, &loaded);
                         p.lifecycle.report(loaded, polled_at);
                     }

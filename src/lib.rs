@@ -1,7 +1,8 @@
 //! llm-warden: a drop-in reverse proxy for local LLM providers (Ollama, LM Studio) that
 //! counts, per model, what is in flight and what it cost, decides which models are loaded
-//! (lazy loads, idle unloads, limits, a queue), and (in later stages) compacts context and
-//! reacts to memory pressure.
+//! (lazy loads, idle unloads, limits, a queue), rewrites conversations that would overflow
+//! the model's window (summaries of the older turns), and (in a later stage) reacts to memory
+//! pressure.
 //!
 //! Layout:
 //! - data plane: [`proxy`] (HTTP in, HTTP out; streams relayed frame by frame);
@@ -10,7 +11,8 @@
 //!   requests hold leases);
 //! - accounting: [`stats`] (per-model in-flight guard and counters), [`tokens`] (token
 //!   estimates for chat requests, calibrated per model against what providers report);
-//! - context: [`context`] (fitting conversations into a model's window; the summary cache);
+//! - context: [`context`] (fitting a conversation into the model's window: plan, summarize,
+//!   cache, rewrite);
 //! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`);
 //! - [`sim`]: simulated Ollama and LM Studio servers for tests, benches and `simulate`.
 #![forbid(unsafe_code)]

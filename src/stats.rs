@@ -28,6 +28,14 @@ pub struct ModelStats {
     completion_tokens: AtomicU64,
     /// Unix time in milliseconds; 0 = never.
     last_used_ms: AtomicU64,
+    /// Requests whose prompt the compactor rewrote, and the tokens that saved.
+    compactions: AtomicU64,
+    tokens_saved: AtomicU64,
+    /// Tokens in context (TDR-007 `contextSize`): the latest request's prompt as estimated
+    /// when it was forwarded (0 = not counted: it was small), and prompt + reply as the
+    /// provider reported them for the latest finished request (0 = none reported).
+    context_estimated: AtomicU64,
+    context_reported: AtomicU64,
     /// What the provider's own list last said about this model; `None` until it was asked.
     /// Written by the poller every `poll_interval`, read by `/status`: a plain mutex.
     reported: std::sync::Mutex<Option<Reported>>,
@@ -64,6 +72,14 @@ pub struct ModelSnapshot {
     pub vram_usage_mb: Option<u64>,
     /// The context the model is loaded with, in tokens.
     pub context_length: Option<u64>,
+    /// Requests whose prompt was compacted to fit the window, and the tokens that saved.
+    pub compactions: u64,
+    pub tokens_saved: u64,
+    /// Tokens in context: the latest forwarded prompt as estimated (null when it was too
+    /// small to need counting), and the latest finished request's prompt + reply as the
+    /// provider reported them.
+    pub context_tokens_estimated: Option<u64>,
+    pub context_tokens_reported: Option<u64>,
 }
 
 impl ModelSnapshot {
@@ -83,6 +99,10 @@ impl ModelSnapshot {
             memory_usage_mb: None,
             vram_usage_mb: None,
             context_length: None,
+            compactions: 0,
+            tokens_saved: 0,
+            context_tokens_estimated: None,
+            context_tokens_reported: None,
         }
     }
 }
@@ -193,7 +213,17 @@ impl ModelStats {
             memory_usage_mb: mib(reported.as_ref().and_then(|r| r.size_bytes)),
             vram_usage_mb: mib(reported.as_ref().and_then(|r| r.vram_bytes)),
             context_length: reported.as_ref().and_then(|r| r.context_length),
+            compactions: self.compactions.load(Relaxed),
+            tokens_saved: self.tokens_saved.load(Relaxed),
+            context_tokens_estimated: Some(self.context_estimated.load(Relaxed)).filter(|n| *n > 0),
+            context_tokens_reported: Some(self.context_reported.load(Relaxed)).filter(|n| *n > 0),
         }
+    }
+
+    /// A request's prompt was rewritten, saving `saved` tokens.
+    pub fn record_compaction(&self, saved: u64) {
+        self.compactions.fetch_add(1, Relaxed);
+        self.tokens_saved.fetch_add(saved, Relaxed);
     }
 
     fn touch(&self) {
@@ -217,7 +247,6 @@ enum Outcome {
 
 /// A request in flight. Drop it exactly once; dropping records the outcome and tokens, and
 /// writes the request's one log line (at debug level).
-#[derive(Debug)]
 pub struct InFlight {
     stats: Arc<ModelStats>,
     started: std::time::Instant,
@@ -226,6 +255,17 @@ pub struct InFlight {
     completion_tokens: Option<u64>,
     /// The model's lease, when the lifecycle granted one: released with the guard.
     lease: Option<crate::lifecycle::Lease>,
+    /// Called once at the end with the prompt tokens the provider reported (calibration).
+    on_prompt_tokens: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("model", &self.stats.name)
+            .field("outcome", &self.outcome)
+            .finish_non_exhaustive()
+    }
 }
 
 impl InFlight {
@@ -240,7 +280,22 @@ impl InFlight {
             prompt_tokens: None,
             completion_tokens: None,
             lease: None,
+            on_prompt_tokens: None,
         }
+    }
+
+    /// The prompt was not counted (too small to need it).
+    pub fn not_estimated(&mut self) {
+        if self.stats.context_estimated.load(Relaxed) != 0 {
+            self.stats.context_estimated.store(0, Relaxed);
+        }
+    }
+
+    /// The prompt as forwarded was estimated at `estimate` tokens; `on_reported` gets what
+    /// the provider reports for it (to learn the ratio).
+    pub fn estimated(&mut self, estimate: u64, on_reported: Box<dyn FnOnce(u64) + Send>) {
+        self.stats.context_estimated.store(estimate, Relaxed);
+        self.on_prompt_tokens = Some(on_reported);
     }
 
     /// Holds `lease` until this request ends.
@@ -285,6 +340,13 @@ impl Drop for InFlight {
         }
         if let Some(p) = self.prompt_tokens {
             s.prompt_tokens.fetch_add(p, Relaxed);
+            if let Some(f) = self.on_prompt_tokens.take() {
+                f(p);
+            }
+        }
+        if self.prompt_tokens.is_some() || self.completion_tokens.is_some() {
+            let held = self.prompt_tokens.unwrap_or(0) + self.completion_tokens.unwrap_or(0);
+            s.context_reported.store(held, Relaxed);
         }
         if let Some(c) = self.completion_tokens {
             s.completion_tokens.fetch_add(c, Relaxed);

@@ -140,6 +140,27 @@ pub enum PressureAction {
 #[derive(Clone, Debug)]
 pub struct CompactionConfig {
     pub on_overflow: OverflowPolicy,
+    /// Which provider summarizes; `None` = the request's own.
+    pub summarizer_provider: Option<String>,
+    /// Which model summarizes; `None` = the request's own.
+    pub summarizer_model: Option<String>,
+    /// Give up on a summary after this long (then truncate the oldest turns instead).
+    pub summarizer_timeout: Duration,
+    /// Length budget of a summary, in tokens (`num_predict` / `max_tokens` of the call).
+    pub summary_max_tokens: u32,
+    /// Share of the window the verbatim recent turns may take.
+    pub keep_recent_share: f64,
+    /// Tokens kept free for the reply when the request sets no limit of its own.
+    pub reply_reserve: u32,
+    /// Where summaries persist; `None` = the user's data directory.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Summaries kept in memory.
+    pub cache_entries: u32,
+    /// Ollama: rewrite a request's `num_ctx` to the loaded model's when the prompt fits it,
+    /// so clients that send varying `num_ctx` do not force a reload.
+    pub normalize_num_ctx: bool,
+    /// Default tokenizer for estimates: `None` = chosen by model family.
+    pub tokenizer: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,6 +178,8 @@ pub struct ModelOverrides {
     pub pinned: bool,
     /// What the model takes when loaded (bytes), instead of what the provider reports.
     pub memory: Option<u64>,
+    /// Tokenizer for estimates (`cl100k` | `o200k`), instead of the family default.
+    pub tokenizer: Option<String>,
     pub context_window: Option<u32>,
     pub compression_threshold: Option<f64>,
     pub on_overflow: Option<OverflowPolicy>,

@@ -96,6 +96,16 @@ pub(super) struct RawPressure {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawCompaction {
     pub(super) on_overflow: Option<String>,
+    pub(super) summarizer_provider: Option<String>,
+    pub(super) summarizer_model: Option<String>,
+    pub(super) summarizer_timeout: Option<String>,
+    pub(super) summary_max_tokens: Option<u32>,
+    pub(super) keep_recent_share: Option<f64>,
+    pub(super) reply_reserve: Option<u32>,
+    pub(super) cache_dir: Option<String>,
+    pub(super) cache_entries: Option<u32>,
+    pub(super) normalize_num_ctx: Option<bool>,
+    pub(super) tokenizer: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +114,7 @@ pub(super) struct RawModel {
     pub(super) inactivity_timeout: Option<String>,
     pub(super) pinned: Option<bool>,
     pub(super) memory: Option<String>,
+    pub(super) tokenizer: Option<String>,
     pub(super) context_window: Option<u32>,
     pub(super) compression_threshold: Option<f64>,
     pub(super) on_overflow: Option<String>,

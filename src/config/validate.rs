@@ -285,14 +285,51 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         );
     }
 
+    let rc = &raw.compaction;
+    let tokenizer_ok = |t: &str| matches!(t, "cl100k" | "cl100k_base" | "o200k" | "o200k_base");
     let compaction = CompactionConfig {
         on_overflow: overflow_policy(
             &mut c,
             "compaction.on_overflow",
-            raw.compaction.on_overflow.as_deref().unwrap_or("summarize"),
+            rc.on_overflow.as_deref().unwrap_or("summarize"),
         )
         .unwrap_or(OverflowPolicy::Summarize),
+        summarizer_provider: rc.summarizer_provider.clone().filter(|s| !s.is_empty()),
+        summarizer_model: rc.summarizer_model.clone().filter(|s| !s.is_empty()),
+        summarizer_timeout: c.duration(
+            "compaction.summarizer_timeout",
+            rc.summarizer_timeout.as_deref(),
+            Duration::from_secs(60),
+        ),
+        summary_max_tokens: rc.summary_max_tokens.unwrap_or(512),
+        keep_recent_share: c.fraction("compaction.keep_recent_share", rc.keep_recent_share, 0.5),
+        reply_reserve: rc.reply_reserve.unwrap_or(1024),
+        cache_dir: rc
+            .cache_dir
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(std::path::PathBuf::from),
+        cache_entries: rc.cache_entries.unwrap_or(1000),
+        normalize_num_ctx: rc.normalize_num_ctx.unwrap_or(true),
+        tokenizer: rc.tokenizer.clone().filter(|s| !s.is_empty()),
     };
+    if let Some(p) = &compaction.summarizer_provider {
+        if !providers.iter().any(|q| &q.name == p) {
+            c.bad(
+                "compaction.summarizer_provider",
+                format!("no provider is named `{p}`"),
+            );
+        }
+    }
+    if compaction.summary_max_tokens == 0 {
+        c.bad("compaction.summary_max_tokens", "must be greater than zero");
+    }
+    if let Some(t) = compaction.tokenizer.as_deref().filter(|t| !tokenizer_ok(t)) {
+        c.bad(
+            "compaction.tokenizer",
+            format!("unknown tokenizer `{t}` (expected cl100k or o200k)"),
+        );
+    }
 
     let mut models = BTreeMap::new();
     for (name, m) in raw.models {
@@ -303,6 +340,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .as_deref()
                 .map(|s| c.duration(&at("inactivity_timeout"), Some(s), Duration::ZERO)),
             pinned: m.pinned.unwrap_or(false),
+            tokenizer: m.tokenizer.clone(),
             memory: m.memory.as_deref().and_then(|s| match parse_bytes(s) {
                 Ok(n) => Some(n),
                 Err(e) => {
@@ -319,6 +357,12 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 .as_deref()
                 .and_then(|s| overflow_policy(&mut c, &at("on_overflow"), s)),
         };
+        if let Some(t) = o.tokenizer.as_deref().filter(|t| !tokenizer_ok(t)) {
+            c.bad(
+                at("tokenizer"),
+                format!("unknown tokenizer `{t}` (expected cl100k or o200k)"),
+            );
+        }
         if o.context_window == Some(0) {
             c.bad(at("context_window"), "must be greater than zero");
         }

@@ -1,10 +1,20 @@
-//! Fitting conversations into a model's window; this module has the summary cache so far.
+//! Fitting conversations into a model's context window (TDR-007 context window compression,
+//! `BufferConfig.context.compressionThreshold`, disk caching for inactive parts).
 //!
+//! - [`plan`]: pure: which messages stay verbatim, which become the summary;
+//! - [`compact`]: the stage the proxy runs on chat requests: count, plan, summarize, rewrite;
+//! - [`summarize`]: the summarizer call through a provider;
 //! - [`cache`]: summaries of evicted messages, keyed by (model, summarizer prompt, the exact
 //!   messages), in memory and in an embedded on-disk store, so the next turn of the same
-//!   conversation (also after a restart) reuses its summary instead of calling the summarizer.
+//!   conversation (also after a restart) reuses its summary instead of calling the summarizer;
+//! - [`events`]: recent compactions for `/status`.
 
 pub mod cache;
-
+pub mod compact;
+pub mod events;
+pub mod plan;
+pub mod summarize;
 #[cfg(test)]
 mod tests;
+
+pub use compact::{fit, ChatRequest, Compactor, Fit};

@@ -88,6 +88,9 @@ pub struct ModelView {
     pub queue_depth: u32,
     /// How long the last load took, measured by the proxy.
     pub load_time_ms: Option<u64>,
+    /// The context window the model runs (or last ran) with, in tokens.
+    #[serde(skip_serializing)]
+    pub context_length: Option<u64>,
     /// Loads and unloads the proxy made of this model.
     pub loads: u64,
     pub unloads: u64,

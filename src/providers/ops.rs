@@ -189,22 +189,26 @@ async fn ollama_load(
         if !status.is_success() {
             return Err(failure(ProviderKind::Ollama, status, &bytes, model));
         }
-        return Ok((
-            ProviderKind::Ollama.canonical_model(model).into_owned(),
-            opts.context_length,
-            false,
-        ));
+        let name = ProviderKind::Ollama.canonical_model(model).into_owned();
+        let ctx = match opts.context_length {
+            Some(n) => Some(n),
+            None => ollama_loaded_context(client, upstream, &name).await,
+        };
+        return Ok((name, ctx, false));
     }
     if !status.is_success() {
         return Err(failure(ProviderKind::Ollama, status, &bytes, model));
     }
     let v = parse_json(&bytes)?;
     match v.get("done_reason").and_then(Value::as_str) {
-        Some("load") => Ok((
-            ProviderKind::Ollama.canonical_model(model).into_owned(),
-            opts.context_length,
-            false,
-        )),
+        Some("load") => {
+            let name = ProviderKind::Ollama.canonical_model(model).into_owned();
+            let ctx = match opts.context_length {
+                Some(n) => Some(n),
+                None => ollama_loaded_context(client, upstream, &name).await,
+            };
+            Ok((name, ctx, false))
+        }
         other => Err(OpError::BadResponse(format!(
             "expected done_reason \"load\", got {other:?}"
         ))),
@@ -247,6 +251,24 @@ async fn lmstudio_load(
         .and_then(Value::as_u64)
         .or(opts.context_length);
     Ok((id.to_string(), context_length, false))
+}
+
+/// The context Ollama loaded `model` with (`/api/ps` `context_length`), if it says.
+async fn ollama_loaded_context(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: &str,
+) -> Option<u64> {
+    let (status, bytes) = get(client, upstream, "/api/ps", LIST_LIMIT).await.ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    ProviderKind::Ollama
+        .parse_loaded("/api/ps", &bytes)
+        .ok()?
+        .into_iter()
+        .find(|m| m.model == model)
+        .and_then(|m| m.context_length)
 }
 
 /// The first loaded instance of `model` per `GET /api/v1/models`, if that answers and lists one.
@@ -513,11 +535,17 @@ mod tests {
             .unwrap();
         assert_eq!(loaded.instance_id, "llama3.2:latest");
         assert!(!loaded.jit);
-        assert_eq!(loaded.context_length, None);
+        assert_eq!(
+            loaded.context_length,
+            Some(4096),
+            "what /api/ps says it loaded with"
+        );
         assert!(loaded.elapsed >= Duration::from_secs(2), "{loaded:?}");
         assert_eq!(sim.state.loaded(), ["llama3.2:latest"]);
         assert_eq!(sim.state.load_count(LLAMA), 1);
-        let sent = sim.state.log.calls().pop().unwrap().json();
+        let calls = sim.state.log.calls();
+        assert_eq!(calls.last().unwrap().path, "/api/ps");
+        let sent = calls[calls.len() - 2].json();
         assert_eq!(
             sent,
             json!({"model": LLAMA, "keep_alive": -1, "stream": false}),

@@ -34,13 +34,22 @@ pub enum ProxyError {
     UpstreamFailed { provider: String, reason: String },
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    #[error("this model's maximum context length is {window} tokens, but the request needs {tokens} tokens (prompt and room for the reply) and cannot be compacted: {why} (model `{model}`)")]
+    ContextOverflow {
+        model: String,
+        tokens: u64,
+        window: u64,
+        why: String,
+    },
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BodyRead(_) | ProxyError::InvalidTarget(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyRead(_)
+            | ProxyError::InvalidTarget(_)
+            | ProxyError::ContextOverflow { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Lifecycle(e) => match e {
@@ -64,6 +73,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. }
             | ProxyError::BodyRead(_)
             | ProxyError::InvalidTarget(_)
+            | ProxyError::ContextOverflow { .. }
             | ProxyError::Lifecycle(LifecycleError::NotFound { .. }) => Fault::Client,
             _ => Fault::Upstream,
         }
@@ -78,6 +88,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
             ProxyError::Lifecycle(e) => e.kind(),
+            ProxyError::ContextOverflow { .. } => "context_length_exceeded",
         }
     }
 

@@ -27,6 +27,21 @@ pub struct ModelRequest<'a> {
     pub prompt: Option<&'a RawValue>,
     #[serde(borrow)]
     pub messages: Option<&'a RawValue>,
+    /// Ollama `options` (for `num_ctx`, `num_predict`), unparsed.
+    #[serde(borrow)]
+    pub options: Option<&'a RawValue>,
+    /// OpenAI reply limits, unparsed (a wrong type is the provider's to refuse).
+    #[serde(borrow)]
+    pub max_tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pub max_completion_tokens: Option<&'a RawValue>,
+}
+
+/// The two Ollama options the proxy reads.
+#[derive(Debug, Default, Deserialize)]
+struct Options {
+    num_ctx: Option<serde_json::Value>,
+    num_predict: Option<serde_json::Value>,
 }
 
 impl<'a> ModelRequest<'a> {
@@ -44,6 +59,24 @@ impl<'a> ModelRequest<'a> {
             })
         };
         empty(self.prompt, "\"\"") && empty(self.messages, "[]")
+    }
+
+    /// Ollama `options.num_ctx`, when it is a positive integer.
+    pub fn num_ctx(&self) -> Option<u64> {
+        self.option(|o| o.num_ctx)
+    }
+
+    /// The reply limit: `options.num_predict` (positive), `max_completion_tokens`, `max_tokens`.
+    pub fn max_reply(&self) -> Option<u64> {
+        let n = |r: Option<&RawValue>| r.and_then(|r| r.get().trim().parse::<u64>().ok());
+        self.option(|o| o.num_predict)
+            .or_else(|| n(self.max_completion_tokens))
+            .or_else(|| n(self.max_tokens))
+    }
+
+    fn option(&self, pick: impl FnOnce(Options) -> Option<serde_json::Value>) -> Option<u64> {
+        let o: Options = serde_json::from_str(self.options?.get()).ok()?;
+        pick(o)?.as_u64().filter(|n| *n > 0)
     }
 
     /// The model name, if present and non-empty.

@@ -30,9 +30,10 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::app::{AppState, ProviderState};
+use crate::context;
 use crate::lifecycle::{self, IdleHint, LifecycleError};
 use crate::providers::ops::OpError;
-use crate::providers::{Endpoint, ErrorStyle, UsageKeys};
+use crate::providers::{Endpoint, ErrorStyle, Operation, UsageKeys};
 use crate::stats::InFlight;
 pub use error::{Fault, ProxyError};
 pub use forward::{build_client, UpstreamClient};
@@ -42,6 +43,9 @@ pub use observe::UsageScanner;
 // === impl ProxyBody ===
 
 /// What the proxy sends back: the upstream's stream (observed or not) or its own bytes.
+// The observed variant is the large one (scanner state and the in-flight guard); it is
+// moved once into the response, and boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     Upstream(Incoming),
     Observed(observe::ObservedBody<Incoming>),
@@ -165,37 +169,248 @@ async fn inspected(
         drop(parsed);
         return forward(state, p, endpoint, parts, bytes, None).await;
     };
-    let mut hint = None;
-    let mut rewrite = false;
-    if endpoint.usage == UsageKeys::OllamaNative {
+    let keep_alive = KeepAlivePlan::of(endpoint, &parsed);
+    if keep_alive.unload {
+        // `keep_alive: 0` without a prompt: unload. Done gracefully through the lifecycle
+        // (in-flight requests finish first); the provider then answers its own reply for a
+        // model that is not loaded.
+        drop(parsed);
+        if let Err(e) = p.lifecycle.unload(&model).await {
+            tracing::debug!(model = %model, error = %e, "unload asked by a client failed");
+        }
+        return forward(state, p, endpoint, parts, bytes, None).await;
+    }
+    // Fit the conversation into the model's window (before the lease: a slow summary must
+    // not pin the target), and keep Ollama's num_ctx stable.
+    let mut notes = Notes::default();
+    let mut estimate = None;
+    if endpoint.operation == Operation::Chat && parsed.messages.is_some() {
+        match fit_context(state, provider, endpoint, &model, &bytes, &parsed).await {
+            Fitted::Unchanged { estimate: e } => estimate = e,
+            Fitted::Rewritten {
+                body,
+                compacted,
+                num_ctx,
+            } => {
+                notes.compacted = compacted;
+                notes.num_ctx = num_ctx;
+                estimate = compacted.map(|(_, after)| after);
+                drop(parsed);
+                bytes = body;
+            }
+            Fitted::Reject(e) => {
+                let mut g = state.stats.begin(provider, &model);
+                g.fail();
+                return local_error(&e, endpoint.errors);
+            }
+        }
+    }
+    continue_with(
+        state, provider, endpoint, parts, bytes, model, keep_alive, notes, estimate,
+    )
+    .await
+}
+
+/// What Ollama's `keep_alive` asks, and what the proxy does with it.
+#[derive(Clone, Copy, Debug, Default)]
+struct KeepAlivePlan {
+    /// The client's value, as a hint to the lifecycle.
+    hint: Option<IdleHint>,
+    /// Set `keep_alive` to -1 upstream.
+    rewrite: bool,
+    /// A load-only request with `keep_alive: 0`: an unload.
+    unload: bool,
+}
+
+impl KeepAlivePlan {
+    fn of(endpoint: Endpoint, parsed: &ModelRequest<'_>) -> Self {
+        if endpoint.usage != UsageKeys::OllamaNative {
+            return KeepAlivePlan::default();
+        }
         // Ollama would unload on its own after the request's keep_alive: the proxy owns
         // unloading, so the provider is told "never" and the client's value becomes a hint.
         // A value Ollama would refuse is left alone, so the client gets Ollama's own 400.
-        match parsed.keep_alive {
-            None => rewrite = true,
+        let (hint, rewrite) = match parsed.keep_alive {
+            None => (None, true),
             Some(raw) => {
-                hint = lifecycle::parse_keep_alive(raw.get());
-                rewrite = hint.is_some();
+                let hint = lifecycle::parse_keep_alive(raw.get());
+                (hint, hint.is_some())
             }
-        }
-        if hint == Some(IdleHint::After(Duration::ZERO)) && parsed.is_load_only() {
-            // `keep_alive: 0` without a prompt: unload. Done gracefully through the
-            // lifecycle (in-flight requests finish first); the provider then answers its
-            // own reply for a model that is not loaded.
-            drop(parsed);
-            if let Err(e) = p.lifecycle.unload(&model).await {
-                tracing::debug!(model = %model, error = %e, "unload asked by a client failed");
-            }
-            return forward(state, p, endpoint, parts, bytes, None).await;
+        };
+        KeepAlivePlan {
+            hint,
+            rewrite,
+            unload: hint == Some(IdleHint::After(Duration::ZERO)) && parsed.is_load_only(),
         }
     }
-    drop(parsed);
-    if rewrite {
+}
+
+/// What the proxy changed in a request, for the response headers.
+#[derive(Debug, Default)]
+struct Notes {
+    /// Prompt tokens before and after compaction.
+    compacted: Option<(u64, u64)>,
+    /// Ollama `num_ctx` as sent and as forwarded.
+    num_ctx: Option<(u64, u64)>,
+}
+
+enum Fitted {
+    Unchanged {
+        estimate: Option<u64>,
+    },
+    Rewritten {
+        body: Bytes,
+        compacted: Option<(u64, u64)>,
+        num_ctx: Option<(u64, u64)>,
+    },
+    Reject(ProxyError),
+}
+
+/// The compaction stage: the model's window, `num_ctx` normalization, and the compactor.
+async fn fit_context(
+    state: &AppState,
+    provider: usize,
+    endpoint: Endpoint,
+    model: &str,
+    bytes: &Bytes,
+    parsed: &ModelRequest<'_>,
+) -> Fitted {
+    let cx = &state.compactor;
+    let p = &state.providers[provider];
+    let messages_len = parsed.messages.map_or(0, |m| m.get().len());
+    let sent_ctx = parsed.num_ctx();
+    let mut known = cx.window(provider, model);
+    if known.is_none() && sent_ctx.is_none() && messages_len > SMALL_PROMPT {
+        known = cx.configured_window(model);
+        if known.is_none() {
+            // Not seen loaded yet: load it now (as the request would) to learn its window.
+            if let Ok(view) = p.lifecycle.load(model).await {
+                if let Some(ctx) = view.context_length {
+                    cx.set_window(provider, model, ctx);
+                    known = Some(ctx);
+                }
+            }
+        }
+    }
+    let req = context::ChatRequest {
+        provider,
+        model,
+        body: bytes,
+        messages: parsed.messages,
+        num_ctx: sent_ctx,
+        max_reply: parsed.max_reply(),
+    };
+    // Ollama reloads a model whose loaded num_ctx differs from the request's: keep the
+    // loaded one when the prompt fits it for sure.
+    let mut body = bytes.clone();
+    let mut num_ctx_note = None;
+    let mut window = sent_ctx.or(known);
+    if let (Some(sent), Some(loaded), true) = (
+        sent_ctx,
+        cx.window(provider, model),
+        endpoint.usage == UsageKeys::OllamaNative && cx.normalize_num_ctx(),
+    ) {
+        if sent != loaded
+            && crate::tokens::upper_bound(messages_len) <= cx.prompt_budget(&req, loaded)
+        {
+            if let Some(b) = set_num_ctx(bytes, parsed.options, loaded) {
+                body = b;
+                num_ctx_note = Some((sent, loaded));
+                window = Some(loaded);
+            }
+        }
+    }
+    let Some(window) = window else {
+        return Fitted::Unchanged { estimate: None };
+    };
+    let req = context::ChatRequest { body: &body, ..req };
+    match context::fit(state, &req, window).await {
+        context::Fit::Unchanged { estimate } => match num_ctx_note {
+            Some(n) => Fitted::Rewritten {
+                body,
+                compacted: None,
+                num_ctx: Some(n),
+            },
+            None => Fitted::Unchanged { estimate },
+        },
+        context::Fit::Rewritten {
+            body,
+            before,
+            after,
+        } => Fitted::Rewritten {
+            body,
+            compacted: Some((before, after)),
+            num_ctx: num_ctx_note,
+        },
+        context::Fit::Reject {
+            tokens,
+            window,
+            why,
+        } => Fitted::Reject(ProxyError::ContextOverflow {
+            model: model.to_string(),
+            tokens,
+            window,
+            why,
+        }),
+    }
+}
+
+/// Below this many bytes of messages a prompt fits any window: no window is looked up.
+const SMALL_PROMPT: usize = 1024;
+
+/// `options.num_ctx` set to `n`, every other byte kept.
+fn set_num_ctx(
+    body: &[u8],
+    options: Option<&serde_json::value::RawValue>,
+    n: u64,
+) -> Option<Bytes> {
+    let options = options?;
+    let (new_options, _) =
+        rewrite::set_top_level(options.get().as_bytes(), "num_ctx", &n.to_string()).ok()?;
+    let new_options = String::from_utf8(new_options).ok()?;
+    let (b, _) = rewrite::set_top_level(body, "options", &new_options).ok()?;
+    Some(Bytes::from(b))
+}
+
+/// The rest of an inspected request once its body is final: Ollama's keep_alive, the lease,
+/// forwarding.
+#[allow(clippy::too_many_arguments)]
+async fn continue_with(
+    state: &AppState,
+    provider: usize,
+    endpoint: Endpoint,
+    parts: http::request::Parts,
+    mut bytes: Bytes,
+    model: String,
+    keep_alive: KeepAlivePlan,
+    notes: Notes,
+    estimate: Option<u64>,
+) -> Response<ProxyBody> {
+    let p = &state.providers[provider];
+    if keep_alive.rewrite {
         if let Ok((edited, _)) = rewrite::set_top_level(&bytes, "keep_alive", "-1") {
             bytes = Bytes::from(edited);
         }
     }
+    let hint = keep_alive.hint;
     let mut guard = state.stats.begin(provider, &model);
+    match estimate {
+        Some(e) => {
+            let counter = state.compactor.counter.clone();
+            let (pname, mname) = (p.config.name.clone(), model.clone());
+            let raw = e;
+            guard.estimated(
+                e,
+                Box::new(move |reported| {
+                    // The ratio is learned on uncalibrated estimates.
+                    let ratio = counter.ratio(&pname, &mname);
+                    let uncalibrated = (raw as f64 / ratio).round() as u64;
+                    counter.calibrate(&pname, &mname, uncalibrated, reported);
+                }),
+            );
+        }
+        None => guard.not_estimated(),
+    }
     match p.lifecycle.acquire(&model, hint).await {
         Ok(lease) => guard.attach(lease),
         // The provider does not know the model: let it say so itself, in its own words.
@@ -218,8 +433,24 @@ async fn inspected(
             return local_error(&ProxyError::Lifecycle(e), endpoint.errors);
         }
     }
-    forward(state, p, endpoint, parts, bytes, Some(guard)).await
+    let mut resp = forward(state, p, endpoint, parts, bytes, Some(guard)).await;
+    if let Some((before, after)) = notes.compacted {
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{before}->{after}")) {
+            resp.headers_mut().insert(COMPACTED_HEADER, v);
+        }
+    }
+    if let Some((sent, used)) = notes.num_ctx {
+        if let Ok(v) = http::HeaderValue::from_str(&format!("{sent}->{used}")) {
+            resp.headers_mut().insert(NUM_CTX_HEADER, v);
+        }
+    }
+    resp
 }
+
+/// Set on a response whose request was compacted: `<tokens before>-><tokens after>`.
+pub const COMPACTED_HEADER: &str = "x-llm-warden-compacted";
+/// Set when Ollama's `num_ctx` was rewritten to the loaded model's: `<sent>-><used>`.
+pub const NUM_CTX_HEADER: &str = "x-llm-warden-num-ctx";
 
 /// Sends an inspected request upstream and observes its response (when it is counted).
 async fn forward(

@@ -47,6 +47,9 @@ struct Model {
     /// A client's `keep_alive`; replaces the configured idle timeout until the model unloads.
     hint: Option<IdleHint>,
     load_time: Option<Duration>,
+    /// The context the model runs with: the load's answer, else the provider's list. Kept
+    /// after an unload: a reload is likely to get the same.
+    context_length: Option<u64>,
     loads: u64,
     unloads: u64,
     /// What `Backend::unload` takes (LM Studio: the instance id).
@@ -232,6 +235,7 @@ impl Actor {
                 idle_since: None,
                 hint: None,
                 load_time: None,
+                context_length: None,
                 loads: 0,
                 unloads: 0,
                 instance_id: None,
@@ -370,6 +374,9 @@ impl Actor {
                 m.status = ModelStatus::Ready;
                 m.changed_at = now;
                 m.load_time = Some(loaded.elapsed);
+                if loaded.context_length.is_some() {
+                    m.context_length = loaded.context_length;
+                }
                 m.loads += 1;
                 m.instance_id = Some(loaded.instance_id);
                 m.loaded_by_proxy = true;
@@ -470,6 +477,9 @@ impl Actor {
             let Some(m) = self.model(&name) else {
                 continue;
             };
+            if lm.context_length.is_some() {
+                m.context_length = lm.context_length;
+            }
             m.reported = Some(lm.clone());
             if matches!(m.status, ModelStatus::Unloaded | ModelStatus::Error)
                 && m.changed_at <= polled_at

@@ -21,6 +21,9 @@ pub struct OllamaConfig {
     pub token_delay: Duration,
     /// Tokens generated per reply, capped by `options.num_predict` / `max_tokens`.
     pub reply_tokens: usize,
+    /// Every reply says exactly this (one token per word, capped by `num_predict`) instead
+    /// of seeded words: a deterministic summarizer for the compaction tests.
+    pub fixed_reply: Option<String>,
     /// `OLLAMA_MAX_LOADED_MODELS`.
     pub max_loaded_models: usize,
     /// `OLLAMA_KEEP_ALIVE`; `Duration::MAX` means forever.
@@ -58,6 +61,7 @@ impl Default for OllamaConfig {
             load_latency: Duration::ZERO,
             token_delay: Duration::ZERO,
             reply_tokens: 8,
+            fixed_reply: None,
             max_loaded_models: 3,
             keep_alive: Duration::from_secs(300),
             default_num_ctx: 4096,

@@ -28,7 +28,7 @@ pub(super) struct Gen {
     /// The model name as the client sent it.
     pub(super) label: String,
     prompt_tokens: u32,
-    pieces: Vec<&'static str>,
+    pieces: Vec<std::borrow::Cow<'static, str>>,
     pub(super) done_reason: &'static str,
     load_ns: u64,
     /// `/api/generate`: the prompt whose tokens lead `context`; `None` elsewhere or in raw mode.
@@ -87,7 +87,10 @@ impl OllamaSim {
                 cut_middle(*tokens, num_ctx, num_keep)
             }
         };
-        let mut n = self.cfg.reply_tokens;
+        let mut n = match &self.cfg.fixed_reply {
+            Some(text) => fixed_pieces(text, usize::MAX).len(),
+            None => self.cfg.reply_tokens,
+        };
         let mut done_reason = "stop";
         if let Some(limit) = req.opts.num_predict.filter(|l| *l >= 0) {
             if (limit as u64) < n as u64 {
@@ -100,7 +103,13 @@ impl OllamaSim {
             slot,
             label: req.label,
             prompt_tokens,
-            pieces: common::reply_pieces(req.seed, n),
+            pieces: match &self.cfg.fixed_reply {
+                Some(text) => fixed_pieces(text, n),
+                None => common::reply_pieces(req.seed, n)
+                    .into_iter()
+                    .map(std::borrow::Cow::Borrowed)
+                    .collect(),
+            },
             done_reason,
             load_ns: acquired.load_ns,
             context_prompt: req.context_prompt,
@@ -238,4 +247,21 @@ fn cut_middle(tokens: u32, num_ctx: u32, num_keep: u32) -> u32 {
     }
     let discard = (num_ctx.saturating_sub(num_keep) / 2).max(1);
     num_ctx.saturating_sub(discard)
+}
+
+/// A fixed reply as token pieces: each word with its leading space; at most `n`.
+fn fixed_pieces(text: &str, n: usize) -> Vec<std::borrow::Cow<'static, str>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, ch) in text.char_indices() {
+        if ch == ' ' && i > start {
+            out.push(std::borrow::Cow::Owned(text[start..i].to_string()));
+            start = i;
+        }
+    }
+    if start < text.len() {
+        out.push(std::borrow::Cow::Owned(text[start..].to_string()));
+    }
+    out.truncate(n);
+    out
 }

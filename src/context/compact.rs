@@ -1,0 +1,609 @@
+//! Fitting a chat request into its model's window, before it is forwarded.
+//!
+//! ```text
+//!  window (request num_ctx → loaded context → config → load and ask) ─┐
+//!  bytes of `messages` ≤ budget? ── yes ──► unchanged (no counting: small requests pay nothing)
+//!        │ no
+//!  count each message (tiktoken, calibrated per model) ≤ budget? ── yes ──► unchanged
+//!        │ no: on_overflow
+//!        ├─ passthrough ─► unchanged      ├─ reject ─► 400 (tokens and window)
+//!        ├─ truncate_oldest ─► plan, drop the older turns
+//!        └─ summarize ─► plan; summary of the older turns: cache (exact, then the longest
+//!                        cached prefix + the newer turns) or the summarizer; on failure,
+//!                        truncate_oldest; rewrite `messages` (kept messages byte for byte)
+//! ```
+//! The budget is `compression_threshold × window − room for the reply`. Kept messages are
+//! copied as raw bytes, so system messages and recent turns reach the provider unchanged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::cache::{Summary, SummaryCache, SummaryKey};
+use super::events::{CompactionEvent, EventLog};
+use super::plan::{self, Budget, Plan, Role};
+use super::summarize;
+use crate::app::AppState;
+use crate::config::{CompactionConfig, Config, ModelOverrides, OverflowPolicy};
+use crate::tokens::{self, Encoding, TokenCounter};
+
+/// Tag of the summarizer prompt in cache keys: a new prompt must not reuse old summaries.
+const PROMPT_TAG: &str = summarize::PROMPT_VERSION;
+/// How many shorter prefixes of the evicted messages are looked up for a previous summary.
+const PREFIX_LOOKUPS: usize = 64;
+/// Message counts remembered (about 50 bytes each); the table starts over when full.
+const COUNT_CACHE_ENTRIES: usize = 200_000;
+
+/// Shared compaction state: the counter, the summary cache, known windows, recent events.
+pub struct Compactor {
+    pub counter: TokenCounter,
+    /// Opened on first use (a proxy that never compacts touches no disk).
+    cache: tokio::sync::OnceCell<SummaryCache>,
+    cache_path: std::path::PathBuf,
+    pub events: EventLog,
+    settings: CompactionConfig,
+    threshold: f64,
+    models: BTreeMap<String, ModelOverrides>,
+    /// The context each model runs (or last ran) with, per provider index; from polls and loads.
+    windows: DashMap<(usize, Box<str>), u64>,
+    /// Token counts of messages seen, by a hash of (encoding, raw message); see `count_messages`.
+    counts: DashMap<u64, u64>,
+}
+
+/// What the proxy should do with the request.
+#[derive(Debug)]
+pub enum Fit {
+    /// Forward as it is. `estimate`: the prompt's tokens, when they were counted.
+    Unchanged { estimate: Option<u64> },
+    /// Forward this body instead; the header says `before->after`.
+    Rewritten {
+        body: Bytes,
+        before: u64,
+        after: u64,
+    },
+    /// Answer 400: the prompt needs `tokens` (with the reply's room), the window has `window`.
+    Reject {
+        tokens: u64,
+        window: u64,
+        why: String,
+    },
+}
+
+/// The fields of the request the compactor reads (borrowed from the body).
+pub struct ChatRequest<'a> {
+    pub provider: usize,
+    pub model: &'a str,
+    pub body: &'a Bytes,
+    pub messages: Option<&'a RawValue>,
+    /// Ollama `options.num_ctx`.
+    pub num_ctx: Option<u64>,
+    /// `options.num_predict` / `max_tokens` / `max_completion_tokens`.
+    pub max_reply: Option<u64>,
+}
+
+impl Compactor {
+    pub fn new(config: &Config) -> Self {
+        let c = &config.compaction;
+        let cache_path = c
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(super::cache::FILE_NAME))
+            .unwrap_or_else(SummaryCache::default_path);
+        Compactor {
+            counter: TokenCounter::new(),
+            cache: tokio::sync::OnceCell::new(),
+            cache_path,
+            events: EventLog::default(),
+            settings: c.clone(),
+            threshold: config.buffers.compression_threshold,
+            models: config.models.clone(),
+            windows: DashMap::new(),
+            counts: DashMap::new(),
+        }
+    }
+
+    /// The summary cache, opened (off the I/O threads) on first use; memory only if the
+    /// file cannot be opened (logged).
+    pub async fn cache(&self) -> &SummaryCache {
+        self.cache
+            .get_or_init(|| async {
+                let path = self.cache_path.clone();
+                let entries = self.settings.cache_entries as usize;
+                let opened = tokio::task::spawn_blocking(move || {
+                    SummaryCache::open_or_memory(&path, entries)
+                })
+                .await;
+                opened.unwrap_or_else(|_| SummaryCache::in_memory(entries))
+            })
+            .await
+    }
+
+    /// The cache's counters; the default (nothing yet) before first use.
+    pub fn cache_stats(&self) -> super::cache::CacheStats {
+        self.cache.get().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// Uncalibrated tokens of each message. A conversation is resent whole on every turn,
+    /// so counts are remembered per message (by a hash of its bytes): only new messages are
+    /// tokenized, off the I/O threads when large.
+    async fn count_messages(&self, enc: Encoding, raws: &[&RawValue]) -> Vec<u64> {
+        let keys: Vec<u64> = raws
+            .iter()
+            .map(|r| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&(enc.as_str(), r.get()), &mut h);
+                std::hash::Hasher::finish(&h)
+            })
+            .collect();
+        let mut counts: Vec<Option<u64>> = keys
+            .iter()
+            .map(|k| self.counts.get(k).map(|c| *c))
+            .collect();
+        let missing: Vec<usize> = (0..raws.len()).filter(|&i| counts[i].is_none()).collect();
+        if !missing.is_empty() {
+            let values: Vec<Value> = missing
+                .iter()
+                .map(|&i| serde_json::from_str(raws[i].get()).unwrap_or(Value::Null))
+                .collect();
+            let fresh = self.counter.count_each_async(enc, Arc::new(values)).await;
+            if self.counts.len() + fresh.len() > COUNT_CACHE_ENTRIES {
+                self.counts.clear();
+            }
+            for (&i, n) in missing.iter().zip(fresh) {
+                self.counts.insert(keys[i], n);
+                counts[i] = Some(n);
+            }
+        }
+        counts.into_iter().map(|c| c.unwrap_or(0)).collect()
+    }
+
+    /// Remembers the context `model` runs with on provider `provider`.
+    pub fn set_window(&self, provider: usize, model: &str, tokens: u64) {
+        if tokens > 0 {
+            self.windows.insert((provider, model.into()), tokens);
+        }
+    }
+
+    pub fn window(&self, provider: usize, model: &str) -> Option<u64> {
+        self.windows
+            .get(&(provider, Box::<str>::from(model)))
+            .map(|w| *w)
+    }
+
+    fn overrides(&self, model: &str) -> Option<&ModelOverrides> {
+        self.models.get(model).or_else(|| {
+            // Config keys may be written without Ollama's `:latest`.
+            model
+                .strip_suffix(":latest")
+                .and_then(|m| self.models.get(m))
+        })
+    }
+
+    pub fn policy(&self, model: &str) -> OverflowPolicy {
+        self.overrides(model)
+            .and_then(|o| o.on_overflow)
+            .unwrap_or(self.settings.on_overflow)
+    }
+
+    pub fn encoding(&self, model: &str) -> Encoding {
+        self.overrides(model)
+            .and_then(|o| o.tokenizer.as_deref())
+            .or(self.settings.tokenizer.as_deref())
+            .and_then(Encoding::parse)
+            .unwrap_or_else(|| Encoding::for_model(model))
+    }
+
+    fn threshold(&self, model: &str) -> f64 {
+        self.overrides(model)
+            .and_then(|o| o.compression_threshold)
+            .unwrap_or(self.threshold)
+    }
+
+    pub fn configured_window(&self, model: &str) -> Option<u64> {
+        self.overrides(model)
+            .and_then(|o| o.context_window)
+            .map(u64::from)
+    }
+
+    pub fn normalize_num_ctx(&self) -> bool {
+        self.settings.normalize_num_ctx
+    }
+
+    /// Room for the reply: the request's own limit, else `reply_reserve`, at most a quarter
+    /// of the window.
+    fn reserve(&self, req: &ChatRequest, window: u64) -> u64 {
+        req.max_reply
+            .unwrap_or_else(|| u64::from(self.settings.reply_reserve).min(window / 4))
+    }
+
+    /// The budget for the prompt of `req` in a window of `window` tokens.
+    pub fn prompt_budget(&self, req: &ChatRequest, window: u64) -> u64 {
+        let t = (self.threshold(req.model) * window as f64) as u64;
+        t.saturating_sub(self.reserve(req, window))
+    }
+}
+
+/// Fits `req` into `window` tokens (see the module doc).
+pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
+    let cx = &state.compactor;
+    let policy = cx.policy(req.model);
+    let Some(messages_raw) = req.messages else {
+        return Fit::Unchanged { estimate: None };
+    };
+    if policy == OverflowPolicy::Passthrough {
+        return Fit::Unchanged { estimate: None };
+    }
+    let budget = cx.prompt_budget(req, window);
+    if tokens::upper_bound(messages_raw.get().len()) <= budget {
+        return Fit::Unchanged { estimate: None };
+    }
+    let Ok(raws) = serde_json::from_str::<Vec<&RawValue>>(messages_raw.get()) else {
+        // Not an array of messages: the provider answers its own error.
+        return Fit::Unchanged { estimate: None };
+    };
+    let provider_name = &state.providers[req.provider].config.name;
+    let enc = cx.encoding(req.model);
+    let raw_counts = cx.count_messages(enc, &raws).await;
+    let ratio = cx.counter.ratio(provider_name, req.model);
+    let counts: Vec<u64> = raw_counts
+        .iter()
+        .map(|&n| (n as f64 * ratio).ceil() as u64)
+        .collect();
+    let before: u64 = counts.iter().sum();
+    if before <= budget {
+        return Fit::Unchanged {
+            estimate: Some(before),
+        };
+    }
+    // Over the budget: the messages themselves are needed now (roles, the transcript).
+    let values: Vec<Value> = raws
+        .iter()
+        .map(|r| serde_json::from_str(r.get()).unwrap_or(Value::Null))
+        .collect();
+    let roles: Vec<Role> = values.iter().map(role_of).collect();
+    let reserve = cx.reserve(req, window);
+    let too_long = |needed: u64, what: &str| Fit::Reject {
+        tokens: needed + reserve,
+        window,
+        why: what.to_string(),
+    };
+    match policy {
+        OverflowPolicy::Passthrough => Fit::Unchanged {
+            estimate: Some(before),
+        },
+        OverflowPolicy::Reject => {
+            record(
+                state, req, "rejected", before, before, window, 0, None, None,
+            );
+            too_long(before, "on_overflow = reject")
+        }
+        OverflowPolicy::TruncateOldest => {
+            truncate(state, req, &raws, &roles, &counts, budget, window, None)
+        }
+        OverflowPolicy::Summarize => {
+            let tail = (cx.settings.keep_recent_share * window as f64) as u64;
+            let b = Budget {
+                prompt: budget,
+                tail,
+                summary: u64::from(cx.settings.summary_max_tokens),
+            };
+            let (evict, kept_tokens) = match plan::plan(&roles, &counts, b) {
+                Plan::Fits => {
+                    return Fit::Unchanged {
+                        estimate: Some(before),
+                    }
+                }
+                Plan::TooLong { needed } => {
+                    record(
+                        state, req, "rejected", before, needed, window, 0, None, None,
+                    );
+                    return too_long(
+                        needed,
+                        "the system messages and the last turn alone exceed the window",
+                    );
+                }
+                Plan::Compact { evict, kept_tokens } => (evict, kept_tokens),
+            };
+            match summarized(state, req, &raws, &values, &counts, &evict, budget, enc).await {
+                Ok((body, after, calls, source)) => {
+                    record(
+                        state,
+                        req,
+                        "summarized",
+                        before,
+                        after,
+                        window,
+                        calls,
+                        Some(source),
+                        None,
+                    );
+                    Fit::Rewritten {
+                        body,
+                        before,
+                        after,
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!(model = req.model, error = %why, "summarizer failed; dropping the oldest turns instead");
+                    let _ = kept_tokens;
+                    truncate(
+                        state,
+                        req,
+                        &raws,
+                        &roles,
+                        &counts,
+                        budget,
+                        window,
+                        Some(why),
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// Summarizes `evict` (a fresh plan's older turns) and rewrites the body. Summaries are
+/// reused: the longest prefix of `evict` with a cached summary is taken as it is when the
+/// rest still fits (no summarizer call: the next turns of a conversation), else extended
+/// (the summarizer gets that summary plus the turns after it: recursive summaries). Returns
+/// the body, its estimated tokens, the summarizer calls made and where the summary came from.
+#[allow(clippy::too_many_arguments)]
+async fn summarized(
+    state: &AppState,
+    req: &ChatRequest<'_>,
+    raws: &[&RawValue],
+    values: &[Value],
+    counts: &[u64],
+    evict: &[usize],
+    budget: u64,
+    enc: Encoding,
+) -> Result<(Bytes, u64, u32, &'static str), String> {
+    let cx = &state.compactor;
+    let (sp, sm) = summarizer_of(state, req);
+    let scope = format!("{}/{}", state.providers[sp].config.name, sm);
+    let bytes: Vec<&[u8]> = evict.iter().map(|&i| raws[i].get().as_bytes()).collect();
+    let total: u64 = counts.iter().sum();
+    let evicted_tokens = |n: usize| evict[..n].iter().map(|&i| counts[i]).sum::<u64>();
+    let finish = |text: &str, n: usize| -> Result<(Bytes, u64), String> {
+        let message = summary_message(text, n);
+        let after = total - evicted_tokens(n) + cx.counter.count_text(enc, &message) + 4;
+        let body = rewrite(req.body, raws, &evict[..n], Some(&message))
+            .ok_or_else(|| "the request body could not be rewritten".to_string())?;
+        Ok((body, after))
+    };
+    let mut previous: Option<(Summary, usize)> = None;
+    for j in (1..=bytes.len()).rev().take(PREFIX_LOOKUPS) {
+        let k = SummaryKey::new(&scope, PROMPT_TAG, &bytes[..j]);
+        if let Some(s) = cx.cache().await.get(&k).await {
+            previous = Some((s, j));
+            break;
+        }
+    }
+    if let Some((s, j)) = &previous {
+        let (body, after) = finish(&s.text, *j)?;
+        if after <= budget || *j == bytes.len() {
+            return Ok((body, after, 0, "cache"));
+        }
+    }
+    let (prior, from) = match &previous {
+        Some((s, j)) => (Some(s.text.as_str()), *j),
+        None => (None, 0),
+    };
+    let rest: Vec<&Value> = evict[from..].iter().map(|&i| &values[i]).collect();
+    let transcript = summarize::transcript(prior, &rest);
+    let text = summarize::call(
+        state,
+        sp,
+        &sm,
+        &transcript,
+        cx.settings.summary_max_tokens,
+        cx.settings.summarizer_timeout,
+    )
+    .await?;
+    let summary = Summary {
+        tokens_after: cx.counter.count_text(enc, &text),
+        text,
+        messages: evict.len() as u32,
+        tokens_before: evicted_tokens(evict.len()),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let (body, after) = finish(&summary.text, evict.len())?;
+    cx.cache()
+        .await
+        .put(SummaryKey::new(&scope, PROMPT_TAG, &bytes), summary)
+        .await;
+    let source = if previous.is_some() {
+        "summarizer, from a cached summary"
+    } else {
+        "summarizer"
+    };
+    Ok((body, after, 1, source))
+}
+
+/// `truncate_oldest`, and the fallback when the summarizer fails.
+#[allow(clippy::too_many_arguments)]
+fn truncate(
+    state: &AppState,
+    req: &ChatRequest<'_>,
+    raws: &[&RawValue],
+    roles: &[Role],
+    counts: &[u64],
+    budget: u64,
+    window: u64,
+    failure: Option<String>,
+) -> Fit {
+    let before: u64 = counts.iter().sum();
+    let b = Budget {
+        prompt: budget,
+        tail: budget,
+        summary: 0,
+    };
+    match plan::plan(roles, counts, b) {
+        Plan::Fits => Fit::Unchanged {
+            estimate: Some(before),
+        },
+        Plan::TooLong { needed } => {
+            record(
+                state, req, "rejected", before, needed, window, 0, None, failure,
+            );
+            Fit::Reject {
+                tokens: needed + state.compactor.reserve(req, window),
+                window,
+                why: "the system messages and the last turn alone exceed the window".into(),
+            }
+        }
+        Plan::Compact { evict, kept_tokens } => match rewrite(req.body, raws, &evict, None) {
+            Some(body) => {
+                record(
+                    state,
+                    req,
+                    "truncated",
+                    before,
+                    kept_tokens,
+                    window,
+                    0,
+                    None,
+                    failure,
+                );
+                Fit::Rewritten {
+                    body,
+                    before,
+                    after: kept_tokens,
+                }
+            }
+            None => Fit::Unchanged {
+                estimate: Some(before),
+            },
+        },
+    }
+}
+
+/// The summarizer's provider index and model: configured, else the request's own.
+fn summarizer_of(state: &AppState, req: &ChatRequest<'_>) -> (usize, String) {
+    let c = &state.compactor.settings;
+    let sp = c
+        .summarizer_provider
+        .as_ref()
+        .and_then(|name| state.providers.iter().position(|p| &p.config.name == name))
+        .unwrap_or(req.provider);
+    let kind = state.providers[sp].config.kind;
+    let sm = c
+        .summarizer_model
+        .as_deref()
+        .map(|m| kind.canonical_model(m).into_owned())
+        .unwrap_or_else(|| req.model.to_string());
+    (sp, sm)
+}
+
+/// The message that stands for the summarized ones.
+fn summary_message(text: &str, n: usize) -> String {
+    let content = format!(
+        "Summary of the {n} earlier messages of this conversation (condensed by llm-warden to fit the model's context window):\n{}",
+        text.trim()
+    );
+    serde_json::json!({"role": "system", "content": content}).to_string()
+}
+
+/// The body with `evict` removed from `messages` and `summary` (raw JSON) in their place;
+/// every other byte as it was.
+fn rewrite(
+    body: &[u8],
+    raws: &[&RawValue],
+    evict: &[usize],
+    summary: Option<&str>,
+) -> Option<Bytes> {
+    let first = *evict.first()?;
+    let mut out = String::with_capacity(body.len());
+    out.push('[');
+    let mut n = 0;
+    for (i, r) in raws.iter().enumerate() {
+        if i == first {
+            if let Some(s) = summary {
+                if n > 0 {
+                    out.push(',');
+                }
+                out.push_str(s);
+                n += 1;
+            }
+        }
+        if evict.binary_search(&i).is_ok() {
+            continue;
+        }
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(r.get());
+        n += 1;
+    }
+    out.push(']');
+    crate::proxy::rewrite::set_top_level(body, "messages", &out)
+        .ok()
+        .map(|(b, _)| Bytes::from(b))
+}
+
+fn role_of(v: &Value) -> Role {
+    match v.get("role").and_then(Value::as_str) {
+        Some("system") | Some("developer") => Role::System,
+        Some("assistant") => Role::Assistant {
+            tool_calls: v
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty()),
+        },
+        Some("tool") => Role::Tool,
+        _ => Role::User,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record(
+    state: &AppState,
+    req: &ChatRequest<'_>,
+    action: &'static str,
+    before: u64,
+    after: u64,
+    window: u64,
+    summarizer_calls: u32,
+    source: Option<&'static str>,
+    failure: Option<String>,
+) {
+    let provider = state.providers[req.provider].config.name.clone();
+    tracing::info!(
+        provider = %provider,
+        model = req.model,
+        action,
+        tokens_before = before,
+        tokens_after = after,
+        window,
+        summarizer_calls,
+        source,
+        failure = failure.as_deref(),
+        "context compaction"
+    );
+    if action != "rejected" {
+        state
+            .stats
+            .model(req.provider, req.model)
+            .record_compaction(before.saturating_sub(after));
+    }
+    state.compactor.events.push(CompactionEvent {
+        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        provider,
+        model: req.model.to_string(),
+        action,
+        tokens_before: before,
+        tokens_after: after,
+        window,
+        summarizer_calls,
+        source,
+        failure,
+    });
+}

@@ -1,0 +1,55 @@
+//! Recent compaction events, for `/status` (and the dashboard later): a bounded ring.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// How many events are kept.
+pub const KEPT: usize = 100;
+
+/// One compaction (or refusal) of one request.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct CompactionEvent {
+    /// RFC 3339.
+    pub at: String,
+    pub provider: String,
+    pub model: String,
+    /// `summarized`, `truncated` or `rejected`.
+    pub action: &'static str,
+    pub tokens_before: u64,
+    pub tokens_after: u64,
+    pub window: u64,
+    pub summarizer_calls: u32,
+    /// Where the summary came from: `cache`, `summarizer`, `summarizer, from a cached prefix`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'static str>,
+    /// Why the summarizer was not used (it failed), when truncation stood in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct EventLog {
+    ring: Mutex<VecDeque<CompactionEvent>>,
+}
+
+impl EventLog {
+    pub fn push(&self, e: CompactionEvent) {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.len() == KEPT {
+            ring.pop_front();
+        }
+        ring.push_back(e);
+    }
+
+    /// Oldest first.
+    pub fn recent(&self) -> Vec<CompactionEvent> {
+        self.ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
