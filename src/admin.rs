@@ -32,6 +32,8 @@ struct ModelStatus {
     counters: ModelSnapshot,
     #[serde(flatten)]
     lifecycle: Option<LifecycleFields>,
+    /// Provider-reported / estimated prompt tokens, as learned (null until learned).
+    token_ratio: Option<f64>,
 }
 
 /// The lifecycle's view less the fields the counters already carry.
@@ -214,6 +216,12 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The learned token ratio of a model, once there is one.
+fn ratio(state: &AppState, provider: &str, model: &str) -> Option<f64> {
+    let c = &state.compactor.counter;
+    (c.samples(provider, model) > 0).then(|| (c.ratio(provider, model) * 1000.0).round() / 1000.0)
+}
+
 async fn status(state: &AppState) -> Status<'_> {
     let mut lifecycle: Vec<Vec<ModelView>> = Vec::with_capacity(state.providers.len());
     for p in &state.providers {
@@ -230,17 +238,21 @@ async fn status(state: &AppState) -> Status<'_> {
             let at = views.iter().position(|v| v.model == counters.model)?;
             Some(views.swap_remove(at))
         });
+        let token_ratio = ratio(state, &counters.provider, &counters.model);
         models.push(ModelStatus {
             counters,
             lifecycle: view.map(LifecycleFields::from),
+            token_ratio,
         });
     }
     // Models the lifecycle knows that no request named and no poll listed (an admin load
     // under way, a failed one).
     for (i, views) in lifecycle.into_iter().enumerate() {
         for v in views {
+            let name = &state.providers[i].config.name;
             models.push(ModelStatus {
-                counters: ModelSnapshot::empty(&state.providers[i].config.name, &v.model),
+                token_ratio: ratio(state, name, &v.model),
+                counters: ModelSnapshot::empty(name, &v.model),
                 lifecycle: Some(v.into()),
             });
         }

@@ -302,3 +302,64 @@ async fn a_different_num_ctx_is_normalized_instead_of_reloading_the_model() {
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+#[tokio::test]
+async fn streams_and_lm_studio_are_compacted_too_and_the_token_ratio_is_learned() {
+    let ollama = sim().await;
+    let lmstudio = start_lmstudio(llm_warden::sim::lmstudio::LmStudioConfig {
+        default_context_length: 2048,
+        ..Default::default()
+    })
+    .await;
+    let cache = tempdir("stream");
+    let proxy = start_proxy(
+        &[("ollama", ollama.url()), ("lmstudio", lmstudio.url())],
+        &config(&cache, ""),
+    )
+    .await;
+    let c = client();
+    let messages = conversation(40);
+    let body = json!({"model": "llama3.2", "messages": messages, "stream": true}).to_string();
+    let r = post_json(
+        &c,
+        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    let last: Value = serde_json::from_str(r.text().lines().last().unwrap()).unwrap();
+    assert_eq!(last["done"], true, "a whole NDJSON stream");
+
+    let body =
+        json!({"model": "qwen2.5-7b-instruct", "messages": messages, "stream": true}).to_string();
+    let r = post_json(
+        &c,
+        &format!("http://{}/v1/chat/completions", proxy.proxy_addr(1)),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    assert!(r.text().ends_with("data: [DONE]\n\n"));
+    let summarizer = lmstudio
+        .state
+        .log
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/v1/chat/completions")
+        .map(|c| c.json())
+        .filter(|c| c["messages"][0]["content"] == PROMPT)
+        .count();
+    assert_eq!(summarizer, 1, "LM Studio's own model summarized");
+
+    // The streams reported their prompt tokens: the estimate's ratio to them is learned.
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    let ratio = m["token_ratio"].as_f64().expect("a learned ratio");
+    assert!(ratio > 0.25 && ratio < 4.0, "{m}");
+    assert!(m["context_tokens_reported"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["context_tokens_estimated"].as_u64().unwrap() > 0, "{m}");
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
