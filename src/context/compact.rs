@@ -50,7 +50,8 @@ pub struct Compactor {
     threshold: f64,
     models: BTreeMap<String, ModelOverrides>,
     /// The context each model runs (or last ran) with, per provider index; from polls and loads.
-    windows: DashMap<(usize, Box<str>), u64>,
+    /// Indexed like the providers; looked up by `&str`, no allocation on the hot path.
+    windows: Vec<DashMap<Box<str>, u64>>,
     /// Token counts of messages seen, by a hash of (encoding, raw message); see `count_messages`.
     counts: DashMap<u64, u64>,
 }
@@ -102,7 +103,7 @@ impl Compactor {
             settings: c.clone(),
             threshold: config.buffers.compression_threshold,
             models: config.models.clone(),
-            windows: DashMap::new(),
+            windows: config.providers.iter().map(|_| DashMap::new()).collect(),
             counts: DashMap::new(),
         }
     }
@@ -165,14 +166,14 @@ impl Compactor {
     /// Remembers the context `model` runs with on provider `provider`.
     pub fn set_window(&self, provider: usize, model: &str, tokens: u64) {
         if tokens > 0 {
-            self.windows.insert((provider, model.into()), tokens);
+            if let Some(w) = self.windows.get(provider) {
+                w.insert(model.into(), tokens);
+            }
         }
     }
 
     pub fn window(&self, provider: usize, model: &str) -> Option<u64> {
-        self.windows
-            .get(&(provider, Box::<str>::from(model)))
-            .map(|w| *w)
+        self.windows.get(provider)?.get(model).map(|w| *w)
     }
 
     fn overrides(&self, model: &str) -> Option<&ModelOverrides> {
