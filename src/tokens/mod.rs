@@ -5,10 +5,12 @@
 //!
 //! Cost model: callers first compare [`upper_bound`] of the text's bytes with their limit, so
 //! small requests pay nothing. Counting runs `tiktoken-rs`' ordinary-text path (special-token
-//! strings such as `<|endoftext|>` count as plain text) at roughly 5–35 MB/s per core in release
-//! builds (see `benches/tokens.rs`); [`TokenCounter::count_each_async`] moves bodies over
-//! [`LARGE_BYTES`] to the blocking pool. Loading cl100k costs about 24 MB of RSS and o200k
-//! about 45 MB, so neither loads before its first use.
+//! strings such as `<|endoftext|>` count as plain text) at about 15 MB/s (cl100k) and 25 MB/s
+//! (o200k) on one core for chat text in release builds (`benches/tokens.rs`; 4–10 MB/s on long
+//! runs of one character class); [`TokenCounter::count_each_async`] moves bodies over
+//! [`LARGE_BYTES`], and any first use of an encoding, to the blocking pool. Loading cl100k
+//! costs about 24 MiB of RSS and 55–75 ms, o200k about 45 MiB and 130 ms
+//! (`examples/tokens_rss.rs`), so neither loads before its first use.
 //!
 //! Which encoding ([`Encoding::for_model`]): OpenAI's own families use o200k (gpt-4o, gpt-4.1,
 //! gpt-5, o1/o3/o4, gpt-oss, whose harmony encoding is o200k plus special tokens). Llama 3.x and
@@ -17,8 +19,9 @@
 //! one by one), with cl100k's pre-tokenizer, so on English and code they count almost exactly
 //! like it. Gemma 3 (a 262k-entry multilingual SentencePiece vocabulary) uses o200k, the closer
 //! of the two on non-English text. Mistral stays on cl100k: its older models use a 32k
-//! SentencePiece vocabulary and the newer ones Tekken (131k), and neither is closer to o200k on
-//! the English and code that dominate local use. Everything else gets cl100k. These are
+//! SentencePiece vocabulary and the newer ones Tekken (131k), and nothing suggests o200k is
+//! closer for either on the English and code that dominate local use. Everything else gets
+//! cl100k. These are
 //! judgements from published vocabularies, not measurements against each model's tokenizer;
 //! the learned ratio ([`TokenCounter::calibrate`]) absorbs what remains.
 
@@ -28,6 +31,7 @@ mod message;
 mod tests;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -114,11 +118,27 @@ impl Encoding {
         }
     }
 
-    /// The shared BPE, built on first use.
+    /// The shared BPE, built on first use (55–75 ms for cl100k, about 130 ms for o200k).
     fn bpe(self) -> &'static CoreBPE {
-        match self {
+        let bpe = match self {
             Self::Cl100k => tiktoken_rs::cl100k_base_singleton(),
             Self::O200k => tiktoken_rs::o200k_base_singleton(),
+        };
+        self.loaded_flag().store(true, Relaxed);
+        bpe
+    }
+
+    /// Whether [`bpe`](Self::bpe) has returned once, so a count no longer risks the load.
+    fn is_loaded(self) -> bool {
+        self.loaded_flag().load(Relaxed)
+    }
+
+    fn loaded_flag(self) -> &'static AtomicBool {
+        static CL100K: AtomicBool = AtomicBool::new(false);
+        static O200K: AtomicBool = AtomicBool::new(false);
+        match self {
+            Self::Cl100k => &CL100K,
+            Self::O200k => &O200K,
         }
     }
 }
@@ -185,9 +205,11 @@ impl TokenCounter {
 
     /// Per-message counts, in order ([`count_message`](Self::count_message) each; the reply
     /// priming is not included). Counted on the blocking pool when the messages hold more than
-    /// [`LARGE_BYTES`] of text, inline otherwise (and inline outside a Tokio runtime).
+    /// [`LARGE_BYTES`] of text or `enc` has not loaded yet (the first count builds its table:
+    /// 55–75 ms for cl100k, about 130 ms for o200k), inline otherwise (and inline outside a
+    /// Tokio runtime).
     pub async fn count_each_async(&self, enc: Encoding, messages: Arc<Vec<Value>>) -> Vec<u64> {
-        if message::text_bytes(&messages) <= LARGE_BYTES {
+        if enc.is_loaded() && message::text_bytes(&messages) <= LARGE_BYTES {
             return self.count_each(enc, &messages);
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
