@@ -15,7 +15,7 @@ pub const CALIBRATION_MIN_ESTIMATE: u64 = 64;
 /// the context, or a mismatched pair).
 pub const CALIBRATION_RATIO_RANGE: RangeInclusive<f64> = 0.25..=4.0;
 
-/// Weight of a new sample once [`WARMUP`] samples were seen; before that each sample weighs
+/// Weight of a new sample once 8 samples were seen; before that each sample weighs
 /// 1/n, so the ratio is the plain mean of the first samples and then an exponential moving
 /// average over about the last 10.
 pub const CALIBRATION_ALPHA: f64 = 0.1;

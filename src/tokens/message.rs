@@ -131,3 +131,16 @@ pub(super) fn text_bytes(messages: &[Value]) -> usize {
     }
     bytes
 }
+
+/// An upper bound on [`count_message`](super::TokenCounter::count_message) without
+/// tokenizing: text bytes (at least one byte a token) plus the fixed costs.
+pub(super) fn byte_bound(message: &Value) -> u64 {
+    let mut tokens = MESSAGE_OVERHEAD;
+    visit(message, &mut |piece| {
+        tokens = tokens.saturating_add(match piece {
+            Piece::Text(text) => super::upper_bound(text.len()),
+            Piece::Fixed(n) => n,
+        });
+    });
+    tokens
+}

@@ -269,6 +269,7 @@ fn messages_count_text_fixed_costs_and_overhead() {
     ];
     for (name, message, want) in &cases {
         assert_eq!(c.count_message(enc, message), *want, "{name}");
+        assert!(message::byte_bound(message) >= *want, "{name}");
     }
     let messages: Vec<Value> = cases.into_iter().map(|(_, m, _)| m).collect();
     let sum: u64 = messages.iter().map(|m| c.count_message(enc, m)).sum();
