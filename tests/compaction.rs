@@ -101,6 +101,19 @@ async fn a_long_conversation_is_summarized_to_fit_and_the_client_is_told() {
     let (summarizer, forwarded) = upstream_chats(&sim);
     assert_eq!(summarizer.len(), 1, "one summarizer call");
     assert_eq!(forwarded.len(), 1);
+    // Byte for byte: the system message and the last turn as the client wrote them.
+    let raw = sim
+        .state
+        .log
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/api/chat")
+        .map(|c| String::from_utf8(c.body.to_vec()).unwrap())
+        .find(|b| !b.contains(PROMPT))
+        .unwrap();
+    for m in [&messages[0], messages.last().unwrap()] {
+        assert!(raw.contains(&m.to_string()), "{m} verbatim");
+    }
     let sent = forwarded[0]["messages"].as_array().unwrap();
     assert_eq!(sent[0], messages[0], "the system message, verbatim");
     assert_eq!(sent[1]["role"], "system");
