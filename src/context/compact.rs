@@ -38,6 +38,8 @@ const PROMPT_TAG: &str = summarize::PROMPT_VERSION;
 const PREFIX_LOOKUPS: usize = 64;
 /// Message counts remembered (about 50 bytes each); the table starts over when full.
 const COUNT_CACHE_ENTRIES: usize = 200_000;
+/// Tokens the summarizer's own instructions and the transcript's labels take, about.
+const SUMMARIZER_OVERHEAD: u64 = 256;
 
 /// Shared compaction state: the counter, the summary cache, known windows, recent events.
 pub struct Compactor {
@@ -310,7 +312,14 @@ pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
                 }
                 Plan::Compact { evict, kept_tokens } => (evict, kept_tokens),
             };
-            match summarized(state, req, &raws, &values, &counts, &evict, budget, enc).await {
+            let input = Evicted {
+                raws: &raws,
+                values: &values,
+                roles: &roles,
+                counts: &counts,
+                evict: &evict,
+            };
+            match summarized(state, req, input, budget, window, enc).await {
                 Ok((body, after, calls, source)) => {
                     record(
                         state,
@@ -348,6 +357,16 @@ pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
     }
 }
 
+/// A conversation and the messages a plan evicts from it.
+#[derive(Clone, Copy)]
+struct Evicted<'a> {
+    raws: &'a [&'a RawValue],
+    values: &'a [Value],
+    roles: &'a [Role],
+    counts: &'a [u64],
+    evict: &'a [usize],
+}
+
 /// Summarizes `evict` (a fresh plan's older turns) and rewrites the body. Summaries are
 /// reused: the longest prefix of `evict` with a cached summary is taken as it is when the
 /// rest still fits (no summarizer call: the next turns of a conversation), else extended
@@ -357,13 +376,18 @@ pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
 async fn summarized(
     state: &AppState,
     req: &ChatRequest<'_>,
-    raws: &[&RawValue],
-    values: &[Value],
-    counts: &[u64],
-    evict: &[usize],
+    input: Evicted<'_>,
     budget: u64,
+    window: u64,
     enc: Encoding,
 ) -> Result<(Bytes, u64, u32, &'static str), String> {
+    let Evicted {
+        raws,
+        values,
+        roles,
+        counts,
+        evict,
+    } = input;
     let cx = &state.compactor;
     let (sp, sm) = summarizer_of(state, req);
     let scope = format!("{}/{}", state.providers[sp].config.name, sm);
@@ -391,42 +415,71 @@ async fn summarized(
             return Ok((body, after, 0, "cache"));
         }
     }
-    let (prior, from) = match &previous {
-        Some((s, j)) => (Some(s.text.as_str()), *j),
+    // The summarizer has a window too: what it must read goes in pieces that fit it, each
+    // piece's summary carried into the next (and cached: a later turn may stop there).
+    let window_s = cx.window(sp, &sm).unwrap_or(window);
+    let max = u64::from(cx.settings.summary_max_tokens);
+    let piece_budget = ((window_s as f64 * 0.9) as u64)
+        .saturating_sub(2 * max + SUMMARIZER_OVERHEAD)
+        .max(SUMMARIZER_OVERHEAD);
+    let from_cache = previous.is_some();
+    let (mut prior, mut k) = match previous {
+        Some((s, j)) => (Some(s.text), j),
         None => (None, 0),
     };
-    let rest: Vec<&Value> = evict[from..].iter().map(|&i| &values[i]).collect();
-    let transcript = summarize::transcript(prior, &rest);
-    let text = summarize::call(
-        state,
-        sp,
-        &sm,
-        &transcript,
-        cx.settings.summary_max_tokens,
-        cx.settings.summarizer_timeout,
-    )
-    .await?;
-    let summary = Summary {
-        tokens_after: cx.counter.count_text(enc, &text),
-        text,
-        messages: evict.len() as u32,
-        tokens_before: evicted_tokens(evict.len()),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    };
-    let (body, after) = finish(&summary.text, evict.len())?;
-    cx.cache()
-        .await
-        .put(SummaryKey::new(&scope, PROMPT_TAG, &bytes), summary)
-        .await;
-    let source = if previous.is_some() {
+    let mut calls = 0u32;
+    while k < evict.len() {
+        let mut end = k;
+        let mut taken = 0u64;
+        while end < evict.len() {
+            let c = counts[evict[end]];
+            // A piece ends only before a new turn (never between a call and its results).
+            if end > k && taken + c > piece_budget && roles[evict[end]] != Role::Tool {
+                break;
+            }
+            taken += c;
+            end += 1;
+        }
+        let rest: Vec<&Value> = evict[k..end].iter().map(|&i| &values[i]).collect();
+        let transcript = summarize::transcript(prior.as_deref(), &rest);
+        let text = summarize::call(
+            state,
+            sp,
+            &sm,
+            &transcript,
+            cx.settings.summary_max_tokens,
+            cx.settings.summarizer_timeout,
+        )
+        .await?;
+        calls += 1;
+        let summary = Summary {
+            tokens_after: cx.counter.count_text(enc, &text),
+            text,
+            messages: end as u32,
+            tokens_before: evicted_tokens(end),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        cx.cache()
+            .await
+            .put(
+                SummaryKey::new(&scope, PROMPT_TAG, &bytes[..end]),
+                summary.clone(),
+            )
+            .await;
+        prior = Some(summary.text);
+        k = end;
+    }
+    let text = prior.ok_or_else(|| "nothing to summarize".to_string())?;
+    let (body, after) = finish(&text, evict.len())?;
+    let source = if from_cache {
         "summarizer, from a cached summary"
     } else {
         "summarizer"
     };
-    Ok((body, after, 1, source))
+    Ok((body, after, calls, source))
 }
 
 /// `truncate_oldest`, and the fallback when the summarizer fails.
