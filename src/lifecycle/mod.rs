@@ -245,6 +245,10 @@ enum Event {
     Snapshot {
         reply: oneshot::Sender<Vec<ModelView>>,
     },
+    Shed {
+        all: bool,
+        reply: oneshot::Sender<Vec<String>>,
+    },
 }
 
 /// The front of one provider's actor. Cloning is two `Arc` bumps.
@@ -284,6 +288,7 @@ impl std::fmt::Debug for Event {
             Event::Report { .. } => "Report",
             Event::Catalog { .. } => "Catalog",
             Event::Snapshot { .. } => "Snapshot",
+            Event::Shed { .. } => "Shed",
         })
     }
 }
@@ -387,6 +392,15 @@ impl LifecycleHandle {
     /// Every model the actor knows, sorted by name.
     pub async fn snapshot(&self) -> Vec<ModelView> {
         self.ask(None, |reply| Event::Snapshot { reply })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Memory pressure: unloads the least recently used idle model (`all`: every idle one),
+    /// never a pinned one or one with requests in flight or waiting. Answers the models
+    /// whose unload started.
+    pub async fn shed(&self, all: bool) -> Vec<String> {
+        self.ask(None, |reply| Event::Shed { all, reply })
             .await
             .unwrap_or_default()
     }

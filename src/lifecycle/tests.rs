@@ -679,3 +679,34 @@ fn keep_alive_values_parse_like_ollama() {
         assert_eq!(parse_keep_alive(raw), want, "{raw}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn shedding_for_memory_pressure_spares_pinned_and_busy_models() {
+    let mut s = settings();
+    s.max_models_loaded = 4;
+    s.models.insert(
+        "pinned".into(),
+        ModelOverrides {
+            pinned: true,
+            ..Default::default()
+        },
+    );
+    let rig = start(s);
+    drop(rig.lease("pinned").await);
+    drop(rig.lease("old").await);
+    drop(rig.lease("new").await);
+    let busy = rig.lease("busy").await;
+    assert_eq!(
+        rig.lc.shed(false).await,
+        ["old"],
+        "the least recently used idle one"
+    );
+    rig.settle().await;
+    assert_eq!(rig.lc.shed(true).await, ["new"], "every idle one left");
+    rig.settle().await;
+    assert!(rig.lc.shed(true).await.is_empty());
+    assert_eq!(rig.status("pinned").await, ModelStatus::Ready);
+    assert_eq!(rig.status("busy").await, ModelStatus::Ready);
+    assert_eq!(rig.provider.count("unload busy"), 0);
+    drop(busy);
+}

@@ -209,6 +209,9 @@ impl Actor {
             Event::Catalog { sizes } => {
                 self.catalog = sizes.into_iter().collect();
             }
+            Event::Shed { all, reply } => {
+                let _ = reply.send(self.shed(all));
+            }
             Event::Snapshot { reply } => {
                 let mut views: Vec<ModelView> =
                     self.models.values().map(|m| self.view(m)).collect();

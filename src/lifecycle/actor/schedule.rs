@@ -274,4 +274,27 @@ impl Actor {
             self.models.remove(name);
         }
     }
+
+    /// Unloads idle models for memory pressure, least recently used first: one, or `all`.
+    pub(super) fn shed(&mut self, all: bool) -> Vec<String> {
+        let mut idle: Vec<(u64, Arc<str>)> = self
+            .models
+            .values()
+            .filter(|m| {
+                m.status == ModelStatus::Ready
+                    && m.active == 0
+                    && m.queued == 0
+                    && !self.pinned(&m.name)
+            })
+            .map(|m| (m.last_used, m.name.clone()))
+            .collect();
+        idle.sort();
+        let take = if all { idle.len() } else { idle.len().min(1) };
+        let mut shed = Vec::new();
+        for (_, name) in idle.into_iter().take(take) {
+            self.start_unload(&name, "memory pressure");
+            shed.push(name.to_string());
+        }
+        shed
+    }
 }
