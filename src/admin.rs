@@ -277,7 +277,7 @@ async fn status(state: &AppState) -> Status<'_> {
             .collect(),
         models,
         compaction: Compaction {
-            events: state.compactor.events.recent(),
+            events: state.compactor.events.list(),
             summary_cache: state.compactor.cache_stats(),
         },
     }

@@ -25,6 +25,7 @@ pub mod context;
 pub mod lifecycle;
 pub mod providers;
 pub mod proxy;
+pub mod recent;
 pub mod sim;
 pub mod stats;
 pub mod tokens;

@@ -42,6 +42,42 @@ async fn sim_with_window(num_ctx: u32) -> SimServer<OllamaSim> {
     .await
 }
 
+/// A simulated Ollama (window 4096), the proxy in front of it with its summary cache in a
+/// fresh directory, and a client.
+struct Rig {
+    sim: SimServer<OllamaSim>,
+    proxy: llm_warden::app::Running,
+    cache: PathBuf,
+    c: TestClient,
+}
+
+impl Rig {
+    async fn start(tag: &str, extra: &str) -> Rig {
+        Rig::with(sim().await, tag, extra).await
+    }
+
+    async fn with(sim: SimServer<OllamaSim>, tag: &str, extra: &str) -> Rig {
+        let cache = tempdir(tag);
+        let proxy = start_proxy(&[("ollama", sim.url())], &config(&cache, extra)).await;
+        Rig {
+            sim,
+            proxy,
+            cache,
+            c: client(),
+        }
+    }
+}
+
+/// `POST /api/chat` through the proxy.
+async fn chat_via(c: &TestClient, proxy: &llm_warden::app::Running, messages: &[Value]) -> Reply {
+    post_json(
+        c,
+        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+        &chat(messages),
+    )
+    .await
+}
+
 fn config(cache: &std::path::Path, extra: &str) -> String {
     format!(
         "[compaction]\ncache_dir = \"{}\"\nreply_reserve = 256\n{extra}",
@@ -84,10 +120,12 @@ fn upstream_chats(sim: &SimServer<OllamaSim>) -> (Vec<Value>, Vec<Value>) {
 
 #[tokio::test]
 async fn a_long_conversation_is_summarized_to_fit_and_the_client_is_told() {
-    let sim = sim().await;
-    let cache = tempdir("fit");
-    let proxy = start_proxy(&[("ollama", sim.url())], &config(&cache, "")).await;
-    let c = client();
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("fit", "").await;
     let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
     let messages = conversation(40);
     let r = post_json(&c, &url, &chat(&messages)).await;
@@ -153,10 +191,12 @@ async fn a_long_conversation_is_summarized_to_fit_and_the_client_is_told() {
 
 #[tokio::test]
 async fn the_next_turn_and_a_restarted_proxy_reuse_the_summary() {
-    let sim = sim().await;
-    let cache = tempdir("reuse");
-    let proxy = start_proxy(&[("ollama", sim.url())], &config(&cache, "")).await;
-    let c = client();
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("reuse", "").await;
     let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
     let mut messages = conversation(40);
     let r = post_json(&c, &url, &chat(&messages)).await;
@@ -199,14 +239,12 @@ async fn the_next_turn_and_a_restarted_proxy_reuse_the_summary() {
 
 #[tokio::test]
 async fn reject_answers_400_in_the_clients_format() {
-    let sim = sim().await;
-    let cache = tempdir("reject");
-    let proxy = start_proxy(
-        &[("ollama", sim.url())],
-        &config(&cache, "on_overflow = \"reject\"\n"),
-    )
-    .await;
-    let c = client();
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("reject", "on_overflow = \"reject\"\n").await;
     let base = format!("http://{}", proxy.proxy_addr(0));
     let messages = conversation(40);
     let r = post_json(&c, &format!("{base}/api/chat"), &chat(&messages)).await;
@@ -230,21 +268,14 @@ async fn reject_answers_400_in_the_clients_format() {
 
 #[tokio::test]
 async fn truncate_oldest_drops_turns_without_a_summary() {
-    let sim = sim().await;
-    let cache = tempdir("truncate");
-    let proxy = start_proxy(
-        &[("ollama", sim.url())],
-        &config(&cache, "on_overflow = \"truncate_oldest\"\n"),
-    )
-    .await;
-    let c = client();
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("truncate", "on_overflow = \"truncate_oldest\"\n").await;
     let messages = conversation(40);
-    let r = post_json(
-        &c,
-        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
-        &chat(&messages),
-    )
-    .await;
+    let r = chat_via(&c, &proxy, &messages).await;
     assert_eq!(r.status, 200);
     assert!(r.headers.contains_key("x-llm-warden-compacted"));
     let (summarizer, forwarded) = upstream_chats(&sim);
@@ -273,12 +304,7 @@ async fn a_summarizer_that_is_down_falls_back_to_truncation_loudly() {
         .unwrap();
     let c = client();
     let messages = conversation(40);
-    let r = post_json(
-        &c,
-        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
-        &chat(&messages),
-    )
-    .await;
+    let r = chat_via(&c, &proxy, &messages).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.headers.contains_key("x-llm-warden-compacted"));
     let (_, forwarded) = upstream_chats(&sim);
@@ -296,10 +322,12 @@ async fn a_summarizer_that_is_down_falls_back_to_truncation_loudly() {
 
 #[tokio::test]
 async fn a_different_num_ctx_is_normalized_instead_of_reloading_the_model() {
-    let sim = sim().await;
-    let cache = tempdir("numctx");
-    let proxy = start_proxy(&[("ollama", sim.url())], &config(&cache, "")).await;
-    let c = client();
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("numctx", "").await;
     let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
     let r = post_json(&c, &url, &chat(&conversation(1))).await;
     assert_eq!(r.status, 200);
@@ -386,17 +414,14 @@ async fn streams_and_lm_studio_are_compacted_too_and_the_token_ratio_is_learned(
 async fn a_summarizer_with_a_small_window_reads_the_history_in_pieces() {
     // Window 2048 and summaries of up to 512 tokens: the summarizer can read ~770 tokens of
     // transcript at a time, less than what must be summarized.
-    let sim = sim_with_window(2048).await;
-    let cache = tempdir("pieces");
-    let proxy = start_proxy(&[("ollama", sim.url())], &config(&cache, "")).await;
-    let c = client();
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::with(sim_with_window(2048).await, "pieces", "").await;
     let messages = conversation(40);
-    let r = post_json(
-        &c,
-        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
-        &chat(&messages),
-    )
-    .await;
+    let r = chat_via(&c, &proxy, &messages).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.headers.contains_key("x-llm-warden-compacted"));
     let (summarizer, forwarded) = upstream_chats(&sim);

@@ -128,6 +128,12 @@ pub struct MemoryPressureConfig {
     pub warning: f64,
     pub critical: f64,
     pub action: PressureAction,
+    /// A level is left only when pressure falls this far below its threshold.
+    pub hysteresis: f64,
+    /// How often memory (RAM, GPU) is sampled.
+    pub sample_interval: Duration,
+    /// Read GPU memory through NVML (when a driver is present).
+    pub gpu: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -90,6 +90,9 @@ pub(super) struct RawPressure {
     pub(super) warning: Option<f64>,
     pub(super) critical: Option<f64>,
     pub(super) action: Option<String>,
+    pub(super) hysteresis: Option<f64>,
+    pub(super) sample_interval: Option<String>,
+    pub(super) gpu: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -277,7 +277,26 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 PressureAction::Cache
             }
         },
+        hysteresis: raw.memory_pressure.hysteresis.unwrap_or(0.05),
+        sample_interval: c.duration(
+            "memory_pressure.sample_interval",
+            raw.memory_pressure.sample_interval.as_deref(),
+            Duration::from_secs(2),
+        ),
+        gpu: raw.memory_pressure.gpu.unwrap_or(true),
     };
+    if !(0.0..0.5).contains(&memory_pressure.hysteresis) {
+        c.bad(
+            "memory_pressure.hysteresis",
+            "must be at least 0 and below 0.5",
+        );
+    }
+    if memory_pressure.sample_interval.is_zero() {
+        c.bad(
+            "memory_pressure.sample_interval",
+            "must be greater than zero",
+        );
+    }
     if memory_pressure.warning >= memory_pressure.critical {
         c.bad(
             "memory_pressure.warning",

@@ -38,6 +38,9 @@ const PROMPT_TAG: &str = summarize::PROMPT_VERSION;
 const PREFIX_LOOKUPS: usize = 64;
 /// Message counts remembered (about 50 bytes each); the table starts over when full.
 const COUNT_CACHE_ENTRIES: usize = 200_000;
+/// Under memory pressure (warning and above), conversations are compacted at this share of
+/// the usual `compression_threshold`.
+pub const PRESSURE_FACTOR: f64 = 0.75;
 /// Tokens the summarizer's own instructions and the transcript's labels take, about.
 const SUMMARIZER_OVERHEAD: u64 = 256;
 
@@ -56,6 +59,8 @@ pub struct Compactor {
     windows: Vec<DashMap<Box<str>, u64>>,
     /// Token counts of messages seen, by a hash of (encoding, raw message); see `count_messages`.
     counts: DashMap<u64, u64>,
+    /// Memory pressure says compact earlier (stage 1, set by the pressure response).
+    compact_earlier: std::sync::atomic::AtomicBool,
 }
 
 /// What the proxy should do with the request.
@@ -101,12 +106,13 @@ impl Compactor {
             counter: TokenCounter::new(),
             cache: tokio::sync::OnceCell::new(),
             cache_path,
-            events: EventLog::default(),
+            events: EventLog::new(super::events::KEPT),
             settings: c.clone(),
             threshold: config.buffers.compression_threshold,
             models: config.models.clone(),
             windows: config.providers.iter().map(|_| DashMap::new()).collect(),
             counts: DashMap::new(),
+            compact_earlier: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -202,9 +208,25 @@ impl Compactor {
     }
 
     fn threshold(&self, model: &str) -> f64 {
-        self.overrides(model)
+        let t = self
+            .overrides(model)
             .and_then(|o| o.compression_threshold)
-            .unwrap_or(self.threshold)
+            .unwrap_or(self.threshold);
+        if self
+            .compact_earlier
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            t * PRESSURE_FACTOR
+        } else {
+            t
+        }
+    }
+
+    /// Memory pressure stage 1: compact at [`PRESSURE_FACTOR`] × the usual threshold (a
+    /// smaller context is a smaller KV cache on the next load), or stop doing so.
+    pub fn set_compact_earlier(&self, on: bool) {
+        self.compact_earlier
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn configured_window(&self, model: &str) -> Option<u64> {

@@ -1,8 +1,5 @@
 //! Recent compaction events, for `/status` (and the dashboard later): a bounded ring.
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
-
 use serde::Serialize;
 
 /// How many events are kept.
@@ -29,27 +26,5 @@ pub struct CompactionEvent {
     pub failure: Option<String>,
 }
 
-#[derive(Debug, Default)]
-pub struct EventLog {
-    ring: Mutex<VecDeque<CompactionEvent>>,
-}
-
-impl EventLog {
-    pub fn push(&self, e: CompactionEvent) {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-        if ring.len() == KEPT {
-            ring.pop_front();
-        }
-        ring.push_back(e);
-    }
-
-    /// Oldest first.
-    pub fn recent(&self) -> Vec<CompactionEvent> {
-        self.ring
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
-            .collect()
-    }
-}
+/// Recent compactions, oldest first.
+pub type EventLog = crate::recent::Recent<CompactionEvent>;
