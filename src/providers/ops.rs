@@ -1,7 +1,9 @@
 //! Provider operations: load and unload a model through the provider's own API (Ollama:
 //! `/api/generate` without a prompt, §1.8; LM Studio: `/api/v1/models/load|unload`, §2.4,
-//! falling back to JIT loading where `/api/v1` is absent, §2.5), over the shared client.
-//! Each call is bounded by a timeout and reads at most [`RESPONSE_LIMIT`] bytes back.
+//! falling back to JIT loading where `/api/v1` is absent, §2.5), and read a model's
+//! details (Ollama `/api/show`, §1.5), over the shared client.
+//! Each call is bounded by a timeout and reads at most [`RESPONSE_LIMIT`] bytes back
+//! ([`SHOW_LIMIT`] for `/api/show`).
 //! Deciding *when* to load or unload is not done here; that belongs to the lifecycle owner.
 
 use std::time::Duration;
@@ -21,9 +23,15 @@ pub const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 pub const UNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response body read back from a load or unload (they are a few hundred bytes).
 pub const RESPONSE_LIMIT: usize = 64 * 1024;
+/// `/api/show` reads the model's metadata and answers at once.
+pub const SHOW_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest `/api/show` answer read back (non-verbose: license, Modelfile, template and
+/// `model_info`, tens of KB; the verbose token lists are not asked for).
+pub const SHOW_LIMIT: usize = 1 << 20;
 
 const OLLAMA_GENERATE: &str = "/api/generate";
 const OLLAMA_EMBED: &str = "/api/embed";
+const OLLAMA_SHOW: &str = "/api/show";
 const LMSTUDIO_LOAD: &str = "/api/v1/models/load";
 const LMSTUDIO_MODELS: &str = "/api/v1/models";
 /// Largest model list read back (a few hundred bytes per model).
@@ -154,6 +162,36 @@ pub async fn unload_within(
         Err(failure(kind, status, &body, instance_id))
     };
     tokio::time::timeout(timeout, op)
+        .await
+        .map_err(|_| OpError::Timeout)?
+}
+
+/// Ollama's model details (`POST /api/show`, §1.5): `model_info` (the GGUF metadata the
+/// KV cache estimate reads, [`crate::memory::Geometry::from_show`]), `details`,
+/// `parameters`, `capabilities`. Ollama only; an unknown model is
+/// [`OpError::ModelNotFound`]. Bounded by [`SHOW_TIMEOUT`] and [`SHOW_LIMIT`].
+pub async fn show(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: &str,
+) -> Result<Value, OpError> {
+    let op = async {
+        // Not `post_json`: the answer carries the license and Modelfile texts, which can pass
+        // its 64 KiB limit (a long license is printed twice, in `license` and `modelfile`).
+        let body = json!({ "model": model });
+        let (status, bytes) = call(client, upstream, Some(&body), OLLAMA_SHOW, SHOW_LIMIT).await?;
+        if !status.is_success() {
+            return Err(failure(ProviderKind::Ollama, status, &bytes, model));
+        }
+        let v = parse_json(&bytes)?;
+        if !v.is_object() {
+            return Err(OpError::BadResponse(
+                "show answer is not a JSON object".into(),
+            ));
+        }
+        Ok(v)
+    };
+    tokio::time::timeout(SHOW_TIMEOUT, op)
         .await
         .map_err(|_| OpError::Timeout)?
 }
@@ -583,6 +621,32 @@ mod tests {
         assert_eq!(sent["options"], json!({"num_ctx": 8192}));
         sim.state.clock.advance(Duration::from_secs(601));
         assert!(sim.state.loaded().is_empty(), "a finite keep_alive expires");
+    }
+
+    #[tokio::test]
+    async fn ollama_show_returns_model_info_and_404_is_model_not_found() {
+        let (sim, up) = start_ollama(Duration::ZERO).await;
+        let c = client();
+        let v = show(&c, &up, LLAMA).await.unwrap();
+        let sent = sim.state.log.calls().pop().unwrap();
+        assert_eq!(sent.path, "/api/show");
+        assert_eq!(sent.json(), json!({"model": LLAMA}));
+        let info = &v["model_info"];
+        assert_eq!(info["general.architecture"], "llama");
+        assert_eq!(info["llama.context_length"], 131_072);
+        assert_eq!(info["llama.block_count"], 28);
+        assert!(v["capabilities"].is_array(), "{v}");
+        assert!(sim.state.loaded().is_empty(), "show loads nothing");
+
+        let e = show(&c, &up, "nope").await.unwrap_err();
+        assert!(
+            matches!(&e, OpError::ModelNotFound { model } if model == "nope"),
+            "{e:?}"
+        );
+        let e = show(&c, &upstream("http://127.0.0.1:1"), LLAMA)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, OpError::Unreachable(_)), "{e:?}");
     }
 
     #[test]
