@@ -10,7 +10,8 @@
 //! - control plane: [`lifecycle`] (one actor per provider owns its models and wait queue;
 //!   requests hold leases);
 //! - accounting: [`stats`] (per-model in-flight guard and counters), [`tokens`] (token
-//!   estimates for chat requests, calibrated per model against what providers report);
+//!   estimates for chat requests, calibrated per model against what providers report),
+//!   [`memory`] (a loaded model's memory split into weights, KV cache and working buffers);
 //! - context: [`context`] (fitting a conversation into the model's window: plan, summarize,
 //!   cache, rewrite);
 //! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`);
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod lifecycle;
+pub mod memory;
 pub mod providers;
 pub mod proxy;
 pub mod recent;

@@ -1,0 +1,267 @@
+//! Per-model memory buffers: what a loaded model's memory is made of (weights, KV cache,
+//! working buffers), split out of the one total the provider reports, in MB for `/status`
+//! (TDR-007 `MemoryAllocation`). Pure arithmetic: fetching the numbers (`/api/ps`,
+//! `/api/tags`, `/api/show` via [`crate::providers::ops::show`]) and keeping the peak
+//! between polls is the caller's job.
+//!
+//! # The buffers and where each number comes from
+//!
+//! - **allocated** = what the provider reports for the loaded model: Ollama `/api/ps` `size`
+//!   (bytes in RAM and VRAM together; `size_vram` is the GPU part of the same total; recent
+//!   builds report what the runner measured, older ones their load-time estimate).
+//!   LM Studio reports only `size_bytes`, the file on disk, so there allocated = model and
+//!   the other buffers are 0 unless the caller adds a KV estimate to what it passes.
+//! - **model** (weights) = the model's size on disk (Ollama `/api/tags` `size`, LM Studio
+//!   `size_bytes`). GGUF weights are loaded as stored, so the file size is what they take
+//!   (a few MB of file header are counted as weights).
+//! - **context** (KV cache) = an estimate from the architecture in Ollama's `/api/show`
+//!   `model_info`, by the formula Ollama uses for its own memory estimate
+//!   (`fs/ggml/ggml.go`, `GraphSize`) and llama.cpp allocates:
+//!
+//!   ```text
+//!   KV bytes = block_count × context × slots × head_count_kv × (key_length + value_length)
+//!              × bytes per element
+//!   ```
+//!
+//!   with `key_length` / `value_length` = `<arch>.attention.key_length` / `value_length` when
+//!   present, else `embedding_length / head_count` (integer division, as Ollama does);
+//!   `context` = the loaded context per slot (`/api/ps` `context_length`, which is per slot:
+//!   Ollama starts its runner with `-c context × slots -np slots`); `slots` =
+//!   `OLLAMA_NUM_PARALLEL` (default 1; LM Studio `loaded_instances[].config.parallel`);
+//!   bytes per element 2 (f16, Ollama's default
+//!   `OLLAMA_KV_CACHE_TYPE`; see [`kv_bytes_per_element`]). Example, Llama 3.2 3B at 4096
+//!   tokens, one slot: 2 × 28 × 4096 × 8 × 128 × 2 B = 448 MiB. The simulator computes its
+//!   `/api/ps` `size` as weights + exactly this KV cache (f16, one slot), so for its models
+//!   the split is exact and working = 0.
+//! - **working** = the rest of the reported total: compute graph, output buffers, the
+//!   runner's own overhead (not measured here; the `/api/ps` example row in
+//!   provider-apis.md §1.5, llama3.2 at 4096, leaves 1018 MB).
+//! - **used** = model + the KV cache the tokens actually in context fill
+//!   ([`Geometry::kv_bytes_for_tokens`]) + working. llama.cpp allocates the whole cache at
+//!   load; `used` says how much of it holds tokens.
+//! - **peak** = the largest `used` seen since the model was loaded; the caller carries it
+//!   from one call to the next.
+//!
+//! # When something is unknown
+//!
+//! - No geometry (not Ollama, `/api/show` failed or lacks the keys) or no loaded context:
+//!   context = 0, and everything the provider reports beyond the weights is working.
+//! - No weights size: context is estimated as usual (capped at the total) and model = the
+//!   rest; working = 0, since weights and working buffers cannot be told apart then.
+//! - Reported smaller than the weights (a stale catalogue, or a provider that counts less
+//!   than the file): model = the whole report, context = working = 0. Buffers never
+//!   add up to more than allocated: the KV estimate is capped at what is left after the
+//!   weights, which also absorbs the over-estimate for sliding-window layers (Gemma,
+//!   gpt-oss) that cache fewer tokens than the formula counts.
+//!
+//! # Units
+//!
+//! MB here means MiB (2^20 bytes), rounded **up**: `allocated_mb`, `used_mb` and `peak_mb`
+//! are never under-reported. The buffers are rounded cumulatively (model = ⌈model⌉,
+//! context = ⌈model + context⌉ − ⌈model⌉, working = ⌈allocated⌉ − ⌈model + context⌉), so
+//! they always sum to `allocated_mb` exactly; each differs from its own bytes by less than
+//! 1 MB either way (a buffer under 1 MiB may show as 0).
+
+use serde_json::Value;
+
+#[cfg(test)]
+mod tests;
+
+/// Bytes in a MiB, the unit of every `*_mb` field.
+pub const MIB: u64 = 1 << 20;
+
+/// f16, Ollama's default KV cache type: the bytes per element [`allocation`] assumes.
+pub const F16_BYTES_PER_ELEMENT: f64 = 2.0;
+
+/// Bytes per KV cache element for an `OLLAMA_KV_CACHE_TYPE` (`f16`, `q8_0`, `q4_0`, `f32`),
+/// as Ollama's own estimate counts them (`kvCacheBytesPerElement`): 2, 1, 0.5 and 4; any
+/// other name is f16. ggml's real block sizes are a little larger for the quantized types
+/// (q8_0 34 bytes per 32 elements = 1.0625, q4_0 18 per 32 = 0.5625); pass those to
+/// [`Geometry::kv_bytes`] directly to count the blocks' scales.
+pub fn kv_bytes_per_element(cache_type: &str) -> f64 {
+    match cache_type {
+        "q8_0" => 1.0,
+        "q4_0" => 0.5,
+        "f32" => 4.0,
+        _ => F16_BYTES_PER_ELEMENT,
+    }
+}
+
+/// What the KV estimate needs from `/api/show` model_info.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Geometry {
+    /// `general.architecture`, the prefix of every other key (`llama`, `qwen2`...).
+    pub arch: String,
+    /// `<arch>.block_count`: transformer layers, each with its own K and V.
+    pub block_count: u64,
+    /// `<arch>.attention.head_count` (query heads); the smallest, if given per layer.
+    pub head_count: u64,
+    /// `<arch>.attention.head_count_kv` (grouped-query attention shares K/V heads); the
+    /// largest, if given per layer; `head_count` if absent (plain multi-head attention, as
+    /// llama.cpp assumes).
+    pub head_count_kv: u64,
+    /// `<arch>.embedding_length`.
+    pub embedding_length: u64,
+    /// `<arch>.attention.key_length`: the K head size, when it is not embedding / heads.
+    pub key_length: Option<u64>,
+    /// `<arch>.attention.value_length`: the V head size, likewise.
+    pub value_length: Option<u64>,
+    /// `<arch>.context_length`: the trained maximum context.
+    pub context_length: Option<u64>,
+}
+
+impl Geometry {
+    /// From Ollama's `/api/show` answer (the whole JSON; reads `model_info` and
+    /// `general.architecture`). `None` when the architecture, `block_count`, `head_count` or
+    /// `embedding_length` is missing or not a number, or `head_count` is 0 with no
+    /// `key_length` and `value_length` to stand in for embedding / heads. A key given per
+    /// layer (an array) is read as its smallest (`head_count`) or largest
+    /// (`head_count_kv`) entry, as Ollama does, skipping the zeros of layers without
+    /// attention (hybrid recurrent models; every block is then counted as attention, an
+    /// over-estimate that [`allocation`] caps). Non-verbose `/api/show` answers may replace
+    /// long arrays with `null`, which reads as missing.
+    pub fn from_show(show: &Value) -> Option<Self> {
+        let info = show.get("model_info")?;
+        let arch = info.get("general.architecture")?.as_str()?.to_string();
+        let key = |k: &str| info.get(format!("{arch}.{k}"));
+        let scalar = |k: &str| key(k).and_then(Value::as_u64);
+        let per_layer = |k: &str, pick: fn(u64, u64) -> u64| {
+            key(k).and_then(|v| match v {
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .filter(|&n| n > 0)
+                    .reduce(pick),
+                v => v.as_u64(),
+            })
+        };
+        let head_count = per_layer("attention.head_count", u64::min)?;
+        let geometry = Geometry {
+            block_count: scalar("block_count")?,
+            head_count,
+            head_count_kv: per_layer("attention.head_count_kv", u64::max).unwrap_or(head_count),
+            embedding_length: scalar("embedding_length")?,
+            key_length: scalar("attention.key_length"),
+            value_length: scalar("attention.value_length"),
+            context_length: scalar("context_length"),
+            arch,
+        };
+        let dims_known = geometry.key_length.is_some() && geometry.value_length.is_some();
+        (geometry.head_count > 0 || dims_known).then_some(geometry)
+    }
+
+    /// The K head size: `key_length`, else embedding / heads.
+    pub fn key_dim(&self) -> u64 {
+        self.key_length.unwrap_or_else(|| self.default_head_dim())
+    }
+
+    /// The V head size: `value_length`, else embedding / heads.
+    pub fn value_dim(&self) -> u64 {
+        self.value_length.unwrap_or_else(|| self.default_head_dim())
+    }
+
+    fn default_head_dim(&self) -> u64 {
+        self.embedding_length
+            .checked_div(self.head_count)
+            .unwrap_or(0)
+    }
+
+    /// KV cache bytes for `context` tokens per slot × `slots`, at `bytes_per_element` (2.0
+    /// for f16, 1.0 for q8_0, 0.5625 for q4_0 with its block scales; see
+    /// [`kv_bytes_per_element`]). Rounded up to a whole byte; saturates at `u64::MAX`.
+    pub fn kv_bytes(&self, context: u64, slots: u64, bytes_per_element: f64) -> u64 {
+        let head_dims = u128::from(self.key_dim()) + u128::from(self.value_dim());
+        let elements = [self.block_count, context, slots, self.head_count_kv]
+            .into_iter()
+            .fold(head_dims, |n, x| n.saturating_mul(u128::from(x)));
+        // Exact in f64 for any real model (< 2^53 elements); `as` saturates.
+        (elements as f64 * bytes_per_element).ceil() as u64
+    }
+
+    /// Bytes the KV cache holds for `tokens` tokens actually in context (one slot; for
+    /// several slots pass the tokens of all of them, a token costs the same in any slot).
+    pub fn kv_bytes_for_tokens(&self, tokens: u64, bytes_per_element: f64) -> u64 {
+        self.kv_bytes(tokens, 1, bytes_per_element)
+    }
+}
+
+/// TDR-007 MemoryAllocation, in MB (what /status shows per model under `memory`).
+/// MB = MiB rounded up; the buffers sum to `allocated_mb` (see the module doc).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Allocation {
+    /// What the provider reports for the loaded model.
+    pub allocated_mb: u64,
+    /// Weights + the KV cache the tokens in context fill + working buffers.
+    pub used_mb: u64,
+    /// The largest `used_mb` since the model was loaded.
+    pub peak_mb: u64,
+    pub buffers: Buffers,
+}
+
+/// What `allocated_mb` is made of.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Buffers {
+    /// Weights.
+    pub model_mb: u64,
+    /// KV cache for the loaded context × slots.
+    pub context_mb: u64,
+    /// Everything else: compute graph, output buffers, overhead.
+    pub working_mb: u64,
+}
+
+/// Splits what the provider reports for a loaded model into buffers:
+/// `reported_bytes` = /api/ps `size` (or LM Studio's size), `weights_bytes` = size on disk
+/// (/api/tags `size`), `context` = loaded context length (per slot), `slots` = parallel
+/// slots (Ollama's OLLAMA_NUM_PARALLEL, 1 if unknown; 0 counts as 1), `tokens_in_context` =
+/// tokens currently held (for `used`, all slots together), `geometry` if known.
+///
+/// allocated = reported; model = weights (capped at reported); context = KV estimate at
+/// f16 (capped so model + context <= reported); working = reported − model − context;
+/// used = model + KV for tokens_in_context (capped at context) + working; peak =
+/// max(`previous_peak_mb`, used), so pass 0 when the model was loaded anew. Unknown
+/// weights, geometry or context: see the module doc.
+pub fn allocation(
+    reported_bytes: u64,
+    weights_bytes: Option<u64>,
+    context: Option<u64>,
+    slots: u64,
+    tokens_in_context: u64,
+    geometry: Option<&Geometry>,
+    previous_peak_mb: u64,
+) -> Allocation {
+    let bpe = F16_BYTES_PER_ELEMENT;
+    let kv_estimate = match (geometry, context) {
+        (Some(g), Some(ctx)) => g.kv_bytes(ctx, slots.max(1), bpe),
+        _ => 0,
+    };
+    let (model, kv) = match weights_bytes {
+        Some(w) => {
+            let model = w.min(reported_bytes);
+            (model, kv_estimate.min(reported_bytes - model))
+        }
+        None => {
+            let kv = kv_estimate.min(reported_bytes);
+            (reported_bytes - kv, kv)
+        }
+    };
+    let working = reported_bytes - model - kv;
+    // With no KV estimate (kv = 0) nothing can be said to be unused: used = reported.
+    let kv_used = geometry.map_or(0, |g| g.kv_bytes_for_tokens(tokens_in_context, bpe).min(kv));
+    let used = model + kv_used + working;
+    let used_mb = mb(used);
+    Allocation {
+        allocated_mb: mb(reported_bytes),
+        used_mb,
+        peak_mb: previous_peak_mb.max(used_mb),
+        buffers: Buffers {
+            model_mb: mb(model),
+            context_mb: mb(model + kv) - mb(model),
+            working_mb: mb(reported_bytes) - mb(model + kv),
+        },
+    }
+}
+
+/// Bytes → MiB, rounded up.
+pub fn mb(bytes: u64) -> u64 {
+    bytes.div_ceil(MIB)
+}
