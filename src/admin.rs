@@ -34,6 +34,8 @@ struct ModelStatus {
     lifecycle: Option<LifecycleFields>,
     /// Provider-reported / estimated prompt tokens, as learned (null until learned).
     token_ratio: Option<f64>,
+    /// TDR-007 MemoryAllocation, while the model is loaded.
+    memory: Option<crate::memory::Allocation>,
 }
 
 /// The lifecycle's view less the fields the counters already carry.
@@ -239,10 +241,12 @@ async fn status(state: &AppState) -> Status<'_> {
             Some(views.swap_remove(at))
         });
         let token_ratio = ratio(state, &counters.provider, &counters.model);
+        let memory = state.memory.allocation(i, &counters.model);
         models.push(ModelStatus {
             counters,
             lifecycle: view.map(LifecycleFields::from),
             token_ratio,
+            memory,
         });
     }
     // Models the lifecycle knows that no request named and no poll listed (an admin load
@@ -252,6 +256,7 @@ async fn status(state: &AppState) -> Status<'_> {
             let name = &state.providers[i].config.name;
             models.push(ModelStatus {
                 token_ratio: ratio(state, name, &v.model),
+                memory: state.memory.allocation(i, &v.model),
                 counters: ModelSnapshot::empty(name, &v.model),
                 lifecycle: Some(v.into()),
             });

@@ -39,6 +39,8 @@ pub struct AppState {
     pub client: UpstreamClient,
     /// Token counting, the summary cache and recent compactions.
     pub compactor: crate::context::Compactor,
+    /// What each loaded model's memory is made of (from the polls).
+    pub memory: crate::memory::MemoryTable,
 }
 
 /// One provider at run time: its config, the address it is served on, and its health.
@@ -214,6 +216,7 @@ pub async fn start_with(
         client,
         providers,
         compactor: crate::context::Compactor::new(&config),
+        memory: crate::memory::MemoryTable::new(config.providers.len()),
         config: config.clone(),
     });
 
@@ -290,6 +293,7 @@ async fn probe(state: Arc<AppState>, i: usize) {
             {
                 if status.is_success() {
                     if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
+                        state.memory.set_weights(i, &sizes);
                         p.lifecycle.catalog(sizes);
                     }
                 }
@@ -327,6 +331,7 @@ async fn probe(state: Arc<AppState>, i: usize) {
                 if n % CATALOG_EVERY == 0 && p.config.kind.facts().catalog_path.is_none() {
                     // LM Studio's /api/v1 list carries every model's size with its state.
                     if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
+                        state.memory.set_weights(i, &sizes);
                         p.lifecycle.catalog(sizes);
                     }
                 }
@@ -338,6 +343,7 @@ async fn probe(state: Arc<AppState>, i: usize) {
                             }
                         }
                         state.stats.apply_report(i, &loaded);
+                        update_memory(&state, i, &loaded).await;
                         p.lifecycle.report(loaded, polled_at);
                     }
                     Err(why) => {
@@ -348,6 +354,32 @@ async fn probe(state: Arc<AppState>, i: usize) {
             }
         }
     }
+}
+
+/// Per-model memory buffers for `/status`: each loaded model's reported size split into
+/// weights, KV cache and working buffers. An Ollama model's geometry is asked once
+/// (`/api/show`).
+async fn update_memory(state: &AppState, i: usize, loaded: &[crate::providers::LoadedModel]) {
+    let p = &state.providers[i];
+    for m in loaded {
+        if p.config.kind == crate::providers::ProviderKind::Ollama
+            && !state.memory.knows_geometry(i, &m.model)
+        {
+            let show = crate::providers::ops::show(&state.client, &p.config.upstream, &m.model).await;
+            let g = show
+                .ok()
+                .and_then(|v| crate::memory::Geometry::from_show(&v));
+            state.memory.set_geometry(i, &m.model, g);
+        }
+        if let Some(size) = m.size_bytes {
+            let tokens = state.stats.model(i, &m.model).context_tokens();
+            state
+                .memory
+                .update(i, &m.model, size, m.context_length, tokens);
+        }
+    }
+    let names: Vec<&str> = loaded.iter().map(|m| m.model.as_str()).collect();
+    state.memory.forget(i, &names);
 }
 
 enum FetchError {

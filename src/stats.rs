@@ -220,6 +220,14 @@ impl ModelStats {
         }
     }
 
+    /// Tokens in context now: the latest reported prompt + reply, else the latest estimate.
+    pub fn context_tokens(&self) -> u64 {
+        match self.context_reported.load(Relaxed) {
+            0 => self.context_estimated.load(Relaxed),
+            n => n,
+        }
+    }
+
     /// A request's prompt was rewritten, saving `saved` tokens.
     pub fn record_compaction(&self, saved: u64) {
         self.compactions.fetch_add(1, Relaxed);

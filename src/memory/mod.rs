@@ -265,3 +265,102 @@ pub fn allocation(
 pub fn mb(bytes: u64) -> u64 {
     bytes.div_ceil(MIB)
 }
+
+// === the proxy's table of per-model facts ===
+
+/// What the poller learns about each model's memory, per provider: sizes on disk, geometry
+/// (fetched once per model from `/api/show`), and the latest allocation with its peak.
+/// Written by the poller, read by `/status`; no request path touches it.
+#[derive(Debug, Default)]
+pub struct MemoryTable {
+    providers: Vec<ProviderMemory>,
+}
+
+#[derive(Debug, Default)]
+struct ProviderMemory {
+    weights: dashmap::DashMap<Box<str>, u64>,
+    /// `None` once asked and the provider could not say: not asked again.
+    geometry: dashmap::DashMap<Box<str>, Option<Geometry>>,
+    allocations: dashmap::DashMap<Box<str>, Allocation>,
+}
+
+impl MemoryTable {
+    pub fn new(providers: usize) -> Self {
+        MemoryTable {
+            providers: (0..providers).map(|_| ProviderMemory::default()).collect(),
+        }
+    }
+
+    /// Sizes on disk, from a catalogue.
+    pub fn set_weights(&self, provider: usize, sizes: &[(String, u64)]) {
+        if let Some(p) = self.providers.get(provider) {
+            for (m, s) in sizes {
+                p.weights.insert(m.as_str().into(), *s);
+            }
+        }
+    }
+
+    /// Whether `model`'s geometry was asked for already.
+    pub fn knows_geometry(&self, provider: usize, model: &str) -> bool {
+        self.providers
+            .get(provider)
+            .is_some_and(|p| p.geometry.contains_key(model))
+    }
+
+    pub fn set_geometry(&self, provider: usize, model: &str, g: Option<Geometry>) {
+        if let Some(p) = self.providers.get(provider) {
+            p.geometry.insert(model.into(), g);
+        }
+    }
+
+    /// Recomputes the allocation of a loaded model from what the provider reported; the
+    /// peak carries over while the model stays loaded.
+    pub fn update(
+        &self,
+        provider: usize,
+        model: &str,
+        reported_bytes: u64,
+        context: Option<u64>,
+        tokens_in_context: u64,
+    ) {
+        let Some(p) = self.providers.get(provider) else {
+            return;
+        };
+        let weights = p.weights.get(model).map(|w| *w);
+        let geometry = p.geometry.get(model).and_then(|g| g.clone());
+        let peak = p.allocations.get(model).map_or(0, |a| a.peak_mb);
+        let a = allocation(
+            reported_bytes,
+            weights,
+            context,
+            1,
+            tokens_in_context,
+            geometry.as_ref(),
+            peak,
+        );
+        p.allocations.insert(model.into(), a);
+    }
+
+    /// The model is no longer loaded: its allocation (and peak) go.
+    pub fn forget(&self, provider: usize, loaded: &[&str]) {
+        if let Some(p) = self.providers.get(provider) {
+            p.allocations.retain(|k, _| loaded.contains(&&**k));
+        }
+    }
+
+    pub fn allocation(&self, provider: usize, model: &str) -> Option<Allocation> {
+        self.providers
+            .get(provider)?
+            .allocations
+            .get(model)
+            .map(|a| a.clone())
+    }
+
+    /// What every loaded model of every provider holds, MB.
+    pub fn allocated_mb(&self) -> u64 {
+        self.providers
+            .iter()
+            .flat_map(|p| p.allocations.iter().map(|a| a.allocated_mb).collect::<Vec<_>>())
+            .sum()
+    }
+}
