@@ -365,7 +365,8 @@ async fn update_memory(state: &AppState, i: usize, loaded: &[crate::providers::L
         if p.config.kind == crate::providers::ProviderKind::Ollama
             && !state.memory.knows_geometry(i, &m.model)
         {
-            let show = crate::providers::ops::show(&state.client, &p.config.upstream, &m.model).await;
+            let show =
+                crate::providers::ops::show(&state.client, &p.config.upstream, &m.model).await;
             let g = show
                 .ok()
                 .and_then(|v| crate::memory::Geometry::from_show(&v));

@@ -85,7 +85,10 @@ async fn the_first_request_loads_the_model_through_the_providers_api() {
         mem["buffers"],
         serde_json::json!({"model_mb": 1926, "context_mb": 448, "working_mb": 0})
     );
-    assert!(mem["used_mb"].as_u64().unwrap() < 2374, "a few tokens fill little of the cache");
+    assert!(
+        mem["used_mb"].as_u64().unwrap() < 2374,
+        "a few tokens fill little of the cache"
+    );
     proxy.shutdown().await;
 }
 

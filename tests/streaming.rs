@@ -84,6 +84,8 @@ fn is_poll(path: &str) -> bool {
     [ProviderKind::Ollama, ProviderKind::LmStudio]
         .iter()
         .any(|k| k.facts().loaded_paths.contains(&path) || k.facts().catalog_path == Some(path))
+        // The memory table asks each loaded Ollama model's geometry once.
+        || path == "/api/show"
 }
 
 /// The poll answer listing `m:1` as loaded, in the shape of the provider polled.
@@ -92,6 +94,8 @@ fn loaded_list(path: &str) -> &'static [u8] {
         br#"{"models":[{"name":"m:1","model":"m:1","size":1000,"size_vram":0,"context_length":4096}]}"#
     } else if path == "/api/v1/models" {
         br#"{"models":[{"key":"m:1","size_bytes":1000,"loaded_instances":[{"id":"m:1","config":{"context_length":4096}}]}]}"#
+    } else if path == "/api/show" {
+        br#"{"model_info":{}}"#
     } else {
         br#"{"data":[]}"#
     }

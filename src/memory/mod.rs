@@ -360,7 +360,12 @@ impl MemoryTable {
     pub fn allocated_mb(&self) -> u64 {
         self.providers
             .iter()
-            .flat_map(|p| p.allocations.iter().map(|a| a.allocated_mb).collect::<Vec<_>>())
+            .flat_map(|p| {
+                p.allocations
+                    .iter()
+                    .map(|a| a.allocated_mb)
+                    .collect::<Vec<_>>()
+            })
             .sum()
     }
 }
