@@ -14,6 +14,7 @@
 //!   [`memory`] (a loaded model's memory split into weights, KV cache and working buffers);
 //! - context: [`context`] (fitting a conversation into the model's window: plan, summarize,
 //!   cache, rewrite);
+//! - resources: [`monitor`] (RAM, CPU and GPU memory sampled in the background; pressure levels);
 //! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`);
 //! - [`sim`]: simulated Ollama and LM Studio servers for tests, benches and `simulate`.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod config;
 pub mod context;
 pub mod lifecycle;
 pub mod memory;
+pub mod monitor;
 pub mod providers;
 pub mod proxy;
 pub mod recent;
