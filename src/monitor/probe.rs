@@ -186,6 +186,43 @@ fn log_nvml_unavailable(e: &NvmlError) {
     }
 }
 
+/// A probe that replays chosen samples, for tests of the monitor and of its consumers.
+#[cfg(test)]
+pub(crate) struct ScriptedProbe {
+    script: std::collections::VecDeque<Sample>,
+    last: Sample,
+    /// How many times `sample` was called (shared, so a test can read it after the probe
+    /// moved into the monitor).
+    pub(crate) calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[cfg(test)]
+impl ScriptedProbe {
+    /// Returns `script` in order, then repeats its last sample.
+    pub(crate) fn new(script: Vec<Sample>) -> Self {
+        let last = script.last().cloned().unwrap_or(Sample {
+            total_memory: 0,
+            available_memory: 0,
+            cpu_usage: 0.0,
+            cores: 1,
+            gpus: Vec::new(),
+        });
+        ScriptedProbe {
+            script: script.into(),
+            last,
+            calls: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+impl ResourceProbe for ScriptedProbe {
+    fn sample(&mut self) -> Sample {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.script.pop_front().unwrap_or_else(|| self.last.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
