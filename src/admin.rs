@@ -78,9 +78,13 @@ impl From<ModelView> for LifecycleFields {
 
 #[derive(Serialize)]
 struct Status<'a> {
+    /// TDR-007 SystemResources, with `allocated_memory_mb` = what loaded models hold.
+    system: crate::monitor::Snapshot,
     providers: Vec<ProviderStatus<'a>>,
     models: Vec<ModelStatus>,
     compaction: Compaction,
+    /// What the memory-pressure response did recently (oldest first).
+    pressure_events: Vec<crate::monitor::respond::PressureEvent>,
 }
 
 /// Recent compactions (oldest first) and the summary cache's counters.
@@ -267,7 +271,11 @@ async fn status(state: &AppState) -> Status<'_> {
         (order(&a.counters.provider), &a.counters.model)
             .cmp(&(order(&b.counters.provider), &b.counters.model))
     });
+    let mut system = state.monitor.latest();
+    system.allocated_memory_mb = state.memory.allocated_mb();
     Status {
+        system,
+        pressure_events: state.pressure_events.list(),
         providers: state
             .providers
             .iter()

@@ -41,6 +41,10 @@ pub struct AppState {
     pub compactor: crate::context::Compactor,
     /// What each loaded model's memory is made of (from the polls).
     pub memory: crate::memory::MemoryTable,
+    /// The latest RAM / GPU sample and pressure level.
+    pub monitor: crate::monitor::MonitorHandle,
+    /// What the pressure response did recently.
+    pub pressure_events: crate::monitor::respond::PressureLog,
 }
 
 /// One provider at run time: its config, the address it is served on, and its health.
@@ -168,14 +172,25 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
 
 /// Binds every listener, checks every provider once, and starts serving.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_with(config, Arc::new(SystemMemory::new())).await
+    let resources = Box::new(crate::monitor::SystemProbe::new(config.memory_pressure.gpu));
+    let probes = Probes {
+        memory: Arc::new(SystemMemory::new()),
+        resources,
+    };
+    start_with(config, probes).await
 }
 
-/// [`start`] with another source of memory readings (tests inject numbers).
-pub async fn start_with(
-    config: Config,
-    memory: Arc<dyn MemoryProbe>,
-) -> Result<Running, StartError> {
+/// Where the proxy reads the machine's state; tests inject numbers.
+pub struct Probes {
+    /// RAM before each load (admission).
+    pub memory: Arc<dyn MemoryProbe>,
+    /// RAM, CPU and GPU memory, sampled every `memory_pressure.sample_interval`.
+    pub resources: Box<dyn crate::monitor::ResourceProbe>,
+}
+
+/// [`start`] with other probes.
+pub async fn start_with(config: Config, probes: Probes) -> Result<Running, StartError> {
+    let Probes { memory, resources } = probes;
     let config = Arc::new(config);
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let (stop, stop_rx) = watch::channel(false);
@@ -211,12 +226,21 @@ pub async fn start_with(
         });
         listeners.push(l);
     }
+    let (monitor, monitor_task) = crate::monitor::spawn(
+        resources,
+        config.memory_pressure.sample_interval,
+        crate::monitor::Thresholds::from(&config.memory_pressure),
+        stop_rx.clone(),
+    );
+    actors.push(monitor_task);
     let state = Arc::new(AppState {
         stats: StatsTable::new(config.providers.iter().map(|p| p.name.clone())),
         client,
         providers,
         compactor: crate::context::Compactor::new(&config),
         memory: crate::memory::MemoryTable::new(config.providers.len()),
+        pressure_events: crate::monitor::respond::PressureLog::new(crate::monitor::respond::KEPT),
+        monitor,
         config: config.clone(),
     });
 
@@ -240,6 +264,11 @@ pub async fn start_with(
         }));
         tasks.spawn(health_loop(state.clone(), i, stop_rx.clone()));
     }
+    tasks.spawn(crate::monitor::respond::run(
+        state.clone(),
+        state.monitor.subscribe(),
+        stop_rx.clone(),
+    ));
     let st = state.clone();
     tracing::info!(listen = %admin_addr, "admin listening");
     tasks.spawn(accept_loop(admin_listener, stop_rx, move |req| {

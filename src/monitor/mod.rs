@@ -26,6 +26,7 @@
 
 pub mod pressure;
 pub mod probe;
+pub mod respond;
 #[cfg(test)]
 mod tests;
 

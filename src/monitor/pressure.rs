@@ -88,7 +88,8 @@ impl From<&MemoryPressureConfig> for Thresholds {
         Thresholds {
             warning: c.warning,
             critical: c.critical,
-            hysteresis: Self::DEFAULT_HYSTERESIS.min(c.warning / 2.0),
+            // Never a band that reaches 0: `normal` must stay reachable.
+            hysteresis: c.hysteresis.min(c.warning / 2.0),
         }
     }
 }
@@ -287,6 +288,9 @@ mod tests {
                 warning,
                 critical,
                 action: PressureAction::Cache,
+                hysteresis: 0.05,
+                sample_interval: std::time::Duration::from_secs(2),
+                gpu: false,
             });
             assert_eq!(
                 (t.warning, t.critical, t.hysteresis),
