@@ -198,6 +198,13 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     let mut listeners = Vec::new();
     let mut providers = Vec::new();
     let mut actors = Vec::new();
+    let (monitor, monitor_task) = crate::monitor::spawn(
+        resources,
+        config.memory_pressure.sample_interval,
+        crate::monitor::Thresholds::from(&config.memory_pressure),
+        stop_rx.clone(),
+    );
+    actors.push(monitor_task);
     for (i, p) in config.providers.iter().enumerate() {
         let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
         let poll_now = Arc::new(Notify::new());
@@ -206,8 +213,12 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             upstream: p.upstream.clone(),
             kind: p.kind,
         });
+        let settings = Settings {
+            pressure: Some(monitor.subscribe()),
+            ..Settings::from_config(&config, i)
+        };
         let (lifecycle, actor) = LifecycleHandle::spawn(
-            Settings::from_config(&config, i),
+            settings,
             backend,
             memory.clone(),
             poll_now.clone(),
@@ -226,13 +237,6 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         });
         listeners.push(l);
     }
-    let (monitor, monitor_task) = crate::monitor::spawn(
-        resources,
-        config.memory_pressure.sample_interval,
-        crate::monitor::Thresholds::from(&config.memory_pressure),
-        stop_rx.clone(),
-    );
-    actors.push(monitor_task);
     let state = Arc::new(AppState {
         stats: StatsTable::new(config.providers.iter().map(|p| p.name.clone())),
         client,

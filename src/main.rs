@@ -75,11 +75,11 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
         Some(path) => tracing::info!(config = %path, "config loaded"),
         None => tracing::info!("no config file; using built-in defaults"),
     }
-    runtime()?.block_on(llm_warden::app::serve(
-        config,
-        llm_warden::cli::shutdown_signal(),
-        llm_warden::cli::shutdown_signal(),
-    ))?;
+    runtime()?.block_on(async {
+        // Installed before anything starts; the second only once shutdown has begun.
+        let shutdown = llm_warden::cli::shutdown_signal();
+        llm_warden::app::serve(config, shutdown, llm_warden::cli::later_signal()).await
+    })?;
     Ok(())
 }
 

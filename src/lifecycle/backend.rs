@@ -12,8 +12,13 @@ use crate::proxy::UpstreamClient;
 
 /// Loads and unloads models on one provider.
 pub trait Backend: Send + Sync + 'static {
-    /// Loads `model` and answers once the provider has it (or failed).
-    fn load(&self, model: &str) -> BoxFuture<'static, Result<Loaded, OpError>>;
+    /// Loads `model` (with `context` tokens of context, else the provider's default) and
+    /// answers once the provider has it (or failed).
+    fn load(
+        &self,
+        model: &str,
+        context: Option<u64>,
+    ) -> BoxFuture<'static, Result<Loaded, OpError>>;
     /// Unloads what `load` returned as `instance_id`.
     fn unload(&self, instance_id: &str) -> BoxFuture<'static, Result<(), OpError>>;
 }
@@ -27,7 +32,11 @@ pub struct OpsBackend {
 }
 
 impl Backend for OpsBackend {
-    fn load(&self, model: &str) -> BoxFuture<'static, Result<Loaded, OpError>> {
+    fn load(
+        &self,
+        model: &str,
+        context: Option<u64>,
+    ) -> BoxFuture<'static, Result<Loaded, OpError>> {
         let (client, upstream, kind, model) = (
             self.client.clone(),
             self.upstream.clone(),
@@ -35,7 +44,11 @@ impl Backend for OpsBackend {
             model.to_string(),
         );
         Box::pin(async move {
-            ops::load(&client, &upstream, kind, &model, &LoadOptions::default()).await
+            let opts = LoadOptions {
+                context_length: context,
+                ..LoadOptions::default()
+            };
+            ops::load(&client, &upstream, kind, &model, &opts).await
         })
     }
 

@@ -182,6 +182,11 @@ pub struct Settings {
     pub queue: QueueConfig,
     /// Per-model overrides, keyed by the canonical model name (Ollama: with its tag).
     pub models: BTreeMap<String, ModelOverrides>,
+    /// `buffers.context.initial`: the context of LM Studio loads under memory pressure.
+    pub context_initial: u64,
+    /// The monitor's latest sample, when there is a monitor: loads under pressure get a
+    /// smaller context (LM Studio; see `actor::schedule`).
+    pub pressure: Option<watch::Receiver<crate::monitor::Snapshot>>,
 }
 
 impl Settings {
@@ -200,6 +205,8 @@ impl Settings {
                 .iter()
                 .map(|(k, v)| (p.kind.canonical_model(k).into_owned(), v.clone()))
                 .collect(),
+            context_initial: u64::from(config.buffers.context_initial),
+            pressure: None,
         }
     }
 }

@@ -41,8 +41,19 @@ impl FakeProvider {
 }
 
 impl Backend for FakeProvider {
-    fn load(&self, model: &str) -> BoxFuture<'static, Result<Loaded, OpError>> {
-        self.calls.lock().unwrap().push(format!("load {model}"));
+    fn load(
+        &self,
+        model: &str,
+        context: Option<u64>,
+    ) -> BoxFuture<'static, Result<Loaded, OpError>> {
+        match context {
+            Some(n) => self
+                .calls
+                .lock()
+                .unwrap()
+                .push(format!("load {model} ctx={n}")),
+            None => self.calls.lock().unwrap().push(format!("load {model}")),
+        }
         let delay = *self.load_delay.lock().unwrap();
         let fail = self.fail_next.lock().unwrap().remove(model);
         let model = model.to_string();
@@ -99,6 +110,8 @@ fn settings() -> Settings {
             aging: Duration::from_secs(30),
         },
         models: Default::default(),
+        context_initial: 4096,
+        pressure: None,
     }
 }
 
@@ -709,4 +722,23 @@ async fn shedding_for_memory_pressure_spares_pinned_and_busy_models() {
     assert_eq!(rig.status("busy").await, ModelStatus::Ready);
     assert_eq!(rig.provider.count("unload busy"), 0);
     drop(busy);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lm_studio_loads_under_memory_pressure_get_a_smaller_context() {
+    use crate::monitor::{Level, Snapshot};
+    let (tx, rx) = watch::channel(Snapshot::default());
+    let rig = start(Settings {
+        pressure: Some(rx),
+        ..settings()
+    });
+    drop(rig.lease("calm").await);
+    tx.send_modify(|s| s.pressure_level = Level::Warning);
+    drop(rig.lease("warm").await);
+    tx.send_modify(|s| s.pressure_level = Level::Critical);
+    drop(rig.lease("hot").await);
+    assert_eq!(
+        rig.provider.calls(),
+        ["load calm", "load warm ctx=4096", "load hot ctx=2048"]
+    );
 }

@@ -218,7 +218,8 @@ impl Actor {
         m.changed_at = Instant::now();
         m.last_error = None;
         tracing::info!(provider = %self.settings.provider, model = %name, "loading model");
-        let op = self.backend.load(name);
+        let context = self.load_context();
+        let op = self.backend.load(name, context);
         let tx = self.tx.clone();
         let model = name.clone();
         tokio::spawn(async move {
@@ -296,5 +297,21 @@ impl Actor {
             shed.push(name.to_string());
         }
         shed
+    }
+
+    /// The context a new load asks for: the provider's default, except for LM Studio under
+    /// memory pressure: `buffers.context.initial` at warning, half that at critical (a
+    /// smaller KV cache). Ollama loads keep their context: a runner loaded with another
+    /// `num_ctx` than its clients' requests imply is reloaded by Ollama on the next request.
+    pub(super) fn load_context(&self) -> Option<u64> {
+        if self.settings.kind != crate::providers::ProviderKind::LmStudio {
+            return None;
+        }
+        let level = self.settings.pressure.as_ref()?.borrow().pressure_level;
+        match level {
+            crate::monitor::Level::Normal => None,
+            crate::monitor::Level::Warning => Some(self.settings.context_initial),
+            crate::monitor::Level::Critical => Some((self.settings.context_initial / 2).max(512)),
+        }
     }
 }
