@@ -22,7 +22,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ProviderConfig};
-use crate::lifecycle::{LifecycleHandle, MemoryProbe, OpsBackend, Settings, SystemMemory};
+use crate::lifecycle::{LifecycleHandle, MemoryProbe, OpsBackend, Settings};
 use crate::proxy::{self, ProxyError, UpstreamClient};
 use crate::stats::StatsTable;
 
@@ -174,7 +174,7 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let resources = Box::new(crate::monitor::SystemProbe::new(config.memory_pressure.gpu));
     let probes = Probes {
-        memory: Arc::new(SystemMemory::new()),
+        memory: None,
         resources,
     };
     start_with(config, probes).await
@@ -182,8 +182,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
 /// Where the proxy reads the machine's state; tests inject numbers.
 pub struct Probes {
-    /// RAM before each load (admission).
-    pub memory: Arc<dyn MemoryProbe>,
+    /// Memory before each load (admission); `None` = the monitor's latest sample (RAM, and
+    /// GPU memory where there are GPUs).
+    pub memory: Option<Arc<dyn MemoryProbe>>,
     /// RAM, CPU and GPU memory, sampled every `memory_pressure.sample_interval`.
     pub resources: Box<dyn crate::monitor::ResourceProbe>,
 }
@@ -205,6 +206,10 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         stop_rx.clone(),
     );
     actors.push(monitor_task);
+    let memory: Arc<dyn MemoryProbe> = match memory {
+        Some(m) => m,
+        None => Arc::new(monitor.clone()),
+    };
     for (i, p) in config.providers.iter().enumerate() {
         let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
         let poll_now = Arc::new(Notify::new());

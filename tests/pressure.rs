@@ -50,7 +50,7 @@ async fn start(sim_url: &str, extra: &str) -> (Running, Machine) {
     );
     let machine = Machine(Arc::new(Mutex::new(0.3)));
     let probes = Probes {
-        memory: Arc::new(SystemMemory::new()),
+        memory: Some(Arc::new(SystemMemory::new())),
         resources: Box::new(machine.clone()),
     };
     let proxy = app::start_with(llm_warden::config::load_str(&toml).unwrap(), probes)

@@ -229,3 +229,24 @@ fn log_level_change(from: Level, now: &Snapshot) {
         tracing::info!(%from, %to, pressure, used_mb, total_mb, "memory pressure level changed");
     }
 }
+
+// === admission reads the monitor ===
+
+/// The lifecycle's memory admission reads the monitor's latest sample: RAM, plus GPU memory
+/// where NVML sees GPUs (Ollama spreads a model over VRAM and RAM, so both count). `None`
+/// until the first sample.
+impl crate::lifecycle::MemoryProbe for MonitorHandle {
+    fn read(&self) -> Option<crate::lifecycle::MemoryReading> {
+        let s = self.latest();
+        if s.total_memory_mb == 0 {
+            return None;
+        }
+        const MIB: u64 = 1 << 20;
+        let gpu_total: u64 = s.gpu_memory.iter().map(|g| g.total_mb).sum();
+        let gpu_free: u64 = s.gpu_memory.iter().map(|g| g.free_mb).sum();
+        Some(crate::lifecycle::MemoryReading {
+            total: (s.total_memory_mb + gpu_total) * MIB,
+            available: (s.total_memory_mb.saturating_sub(s.used_memory_mb) + gpu_free) * MIB,
+        })
+    }
+}

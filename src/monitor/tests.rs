@@ -234,3 +234,20 @@ fn snapshot_json_has_the_status_field_names() {
         assert_eq!(serde_json::to_value(&snap).expect("serializes"), want);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn admission_reads_ram_and_gpu_memory_from_the_latest_sample() {
+    use crate::lifecycle::{MemoryProbe, MemoryReading};
+    let probe = ScriptedProbe::new(vec![sample(4000, &[(8000, 3000), (8000, 8000)])]);
+    let (handle, _task, _stop) = start(probe);
+    assert_eq!(handle.read(), None, "nothing sampled yet");
+    let mut rx = handle.subscribe();
+    rx.changed().await.expect("a first sample");
+    assert_eq!(
+        handle.read(),
+        Some(MemoryReading {
+            total: (TOTAL_MB + 16_000) * MIB,
+            available: (TOTAL_MB - 4000 + 3000 + 8000) * MIB,
+        })
+    );
+}
