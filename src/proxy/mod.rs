@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  request ──► classify ──┬─ inspected (POST to a model endpoint, per providers/*)
-//!                         │    read body once (size limit) → model → (Ollama native:
+//!                         │    read body once (size limit) → model → chats: fit the window
+//!                         │    (count, compact, Ollama num_ctx) → (Ollama native:
 //!                         │    keep_alive → -1, the client's value kept as a hint)
 //!                         │    → InFlight guard → lease from the lifecycle (load / queue)
 //!                         │    → forward → ObservedBody (usage, guard + lease) ──► client
@@ -142,9 +143,10 @@ async fn passthrough(
     }
 }
 
-/// Forwards a model request: reads the body once, takes the model, gets a lease on it from
-/// the lifecycle (which loads it, or queues the request, as needed), tracks it in flight, and
-/// reads the usage out of the response as it streams back.
+/// Forwards a model request: reads the body once, takes the model, fits a chat into the
+/// model's window (`context`), gets a lease on the model from the lifecycle (which loads it,
+/// or queues the request, as needed), tracks it in flight, and reads the usage out of the
+/// response as it streams back.
 async fn inspected(
     state: &AppState,
     provider: usize,
