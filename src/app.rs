@@ -157,6 +157,8 @@ impl Running {
         for a in self.actors {
             let _ = a.await;
         }
+        let state = self.state.clone();
+        let _ = tokio::task::spawn_blocking(move || state.compactor.save_calibration()).await;
     }
 }
 

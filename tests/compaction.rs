@@ -217,10 +217,19 @@ async fn the_next_turn_and_a_restarted_proxy_reuse_the_summary() {
         forwarded[1]["messages"].as_array().unwrap().last(),
         messages.last()
     );
+    let s = status(&c, &proxy).await;
+    let ratio = model_entry(&s, "ollama0", "llama3.2:latest")["token_ratio"].clone();
+    assert!(ratio.as_f64().is_some(), "a ratio was learned");
     proxy.shutdown().await;
 
-    // A new proxy on the same cache directory: no summarizer call at all.
+    // A new proxy on the same cache directory: no summarizer call at all, and the learned
+    // token ratio comes back (the model is still loaded, so it is listed at once).
     let proxy = start_proxy(&[("ollama", sim.url())], &config(&cache, "")).await;
+    let s = status(&c, &proxy).await;
+    assert_eq!(
+        model_entry(&s, "ollama0", "llama3.2:latest")["token_ratio"],
+        ratio
+    );
     let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
     let r = post_json(&c, &url, &chat(&messages)).await;
     assert_eq!(r.status, 200);

@@ -38,6 +38,8 @@ const PROMPT_TAG: &str = summarize::PROMPT_VERSION;
 const PREFIX_LOOKUPS: usize = 64;
 /// Message counts remembered (about 50 bytes each); the table starts over when full.
 const COUNT_CACHE_ENTRIES: usize = 200_000;
+/// The learned token ratios, in the summary cache's directory.
+pub const CALIBRATION_FILE: &str = "calibration.json";
 /// Under memory pressure (warning and above), conversations are compacted at this share of
 /// the usual `compression_threshold`.
 pub const PRESSURE_FACTOR: f64 = 0.75;
@@ -61,6 +63,8 @@ pub struct Compactor {
     counts: DashMap<u64, u64>,
     /// Memory pressure says compact earlier (stage 1, set by the pressure response).
     compact_earlier: std::sync::atomic::AtomicBool,
+    /// Where the learned token ratios are saved (next to the summaries).
+    calibration_path: std::path::PathBuf,
 }
 
 /// What the proxy should do with the request.
@@ -102,8 +106,19 @@ impl Compactor {
             .as_ref()
             .map(|d| d.join(super::cache::FILE_NAME))
             .unwrap_or_else(SummaryCache::default_path);
+        let calibration_path = cache_path.with_file_name(CALIBRATION_FILE);
+        let counter = TokenCounter::new();
+        if let Ok(text) = std::fs::read_to_string(&calibration_path) {
+            match serde_json::from_str::<Vec<crate::tokens::Calibration>>(&text) {
+                Ok(rows) => counter.restore(&rows),
+                Err(e) => {
+                    tracing::warn!(path = %calibration_path.display(), error = %e, "saved token ratios are unreadable; starting over")
+                }
+            }
+        }
         Compactor {
-            counter: TokenCounter::new(),
+            calibration_path,
+            counter,
             cache: tokio::sync::OnceCell::new(),
             cache_path,
             events: EventLog::new(super::events::KEPT),
@@ -130,6 +145,27 @@ impl Compactor {
                 opened.unwrap_or_else(|_| SummaryCache::in_memory(entries))
             })
             .await
+    }
+
+    /// Saves the learned token ratios next to the summaries (memory pressure stage 3, and
+    /// shutdown), so that a restart or a reload does not start learning over. Blocking: a
+    /// small file, written whole to a temporary name and renamed.
+    pub fn save_calibration(&self) {
+        let rows = self.counter.calibrations();
+        if rows.is_empty() {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = self.calibration_path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = self.calibration_path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&rows).unwrap_or_default())?;
+            std::fs::rename(&tmp, &self.calibration_path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %self.calibration_path.display(), error = %e, "cannot save the token ratios");
+        }
     }
 
     /// The cache's counters; the default (nothing yet) before first use.

@@ -131,6 +131,11 @@ async fn act(state: &AppState, step: Step, snap: &Snapshot) {
                     models.push(format!("{}/{m}", p.config.name));
                 }
             }
+            if all {
+                // Stage 3 keeps the proxy's own state on disk: summaries already are; the
+                // learned token ratios are saved now.
+                state.compactor.save_calibration();
+            }
             if models.is_empty() {
                 // Nothing idle to unload: nothing to record (it would repeat every sample).
                 return;

@@ -104,6 +104,42 @@ impl CalibrationTable {
         self.entry(provider, model).map_or(0, |e| e.samples)
     }
 
+    /// Every learned ratio, for saving.
+    pub(super) fn export(&self) -> Vec<super::Calibration> {
+        let mut out = Vec::new();
+        for p in self.providers.iter() {
+            for (model, e) in p.value() {
+                out.push(super::Calibration {
+                    provider: p.key().to_string(),
+                    model: model.to_string(),
+                    ratio: e.ratio,
+                    samples: e.samples,
+                });
+            }
+        }
+        out
+    }
+
+    /// Takes saved ratios back (after a restart); absurd ones are skipped.
+    pub(super) fn import(&self, rows: &[super::Calibration]) {
+        for r in rows {
+            if !CALIBRATION_RATIO_RANGE.contains(&r.ratio) || r.samples == 0 {
+                continue;
+            }
+            self.providers
+                .entry(r.provider.as_str().into())
+                .or_default()
+                .insert(
+                    r.model.as_str().into(),
+                    Entry {
+                        ratio: r.ratio,
+                        samples: r.samples,
+                        gated_in_row: 0,
+                    },
+                );
+        }
+    }
+
     /// Number of (provider, model) entries.
     pub(super) fn len(&self) -> usize {
         self.providers.iter().map(|models| models.len()).sum()

@@ -39,6 +39,15 @@ use tiktoken_rs::CoreBPE;
 
 use calibration::CalibrationTable;
 pub use calibration::{CALIBRATION_ALPHA, CALIBRATION_MIN_ESTIMATE, CALIBRATION_RATIO_RANGE};
+
+/// One learned ratio, as saved across restarts.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Calibration {
+    pub provider: String,
+    pub model: String,
+    pub ratio: f64,
+    pub samples: u64,
+}
 pub use message::{
     IMAGE_TOKENS, MESSAGE_OVERHEAD, NAME_OVERHEAD, REPLY_PRIMING, TOOL_CALL_OVERHEAD,
 };
@@ -264,6 +273,16 @@ impl TokenCounter {
     /// `estimate` scaled by the ratio, rounded up (saturating at `u64::MAX`).
     pub fn calibrated(&self, provider: &str, model: &str, estimate: u64) -> u64 {
         scale_up(estimate, self.ratio(provider, model))
+    }
+
+    /// Every learned ratio (for saving across restarts).
+    pub fn calibrations(&self) -> Vec<Calibration> {
+        self.calibration.export()
+    }
+
+    /// Takes saved ratios back.
+    pub fn restore(&self, rows: &[Calibration]) {
+        self.calibration.import(rows);
     }
 
     /// Number of calibration samples accepted for (provider, model) since it was first seen

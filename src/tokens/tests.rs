@@ -420,3 +420,26 @@ fn calibrated_rounds_up_without_float_noise() {
         assert_eq!(c.calibrated("p", "m", estimate), want, "{estimate}");
     }
 }
+
+#[test]
+fn learned_ratios_survive_an_export_and_restore() {
+    let a = TokenCounter::new();
+    for _ in 0..10 {
+        a.calibrate("p", "m", 1000, 1300);
+    }
+    let rows = a.calibrations();
+    assert_eq!(rows.len(), 1);
+    let b = TokenCounter::new();
+    b.restore(&rows);
+    assert_eq!(b.ratio("p", "m"), a.ratio("p", "m"));
+    assert_eq!(b.samples("p", "m"), 10);
+    // Absurd saved values are not taken back.
+    let c = TokenCounter::new();
+    c.restore(&[crate::tokens::Calibration {
+        provider: "p".into(),
+        model: "m".into(),
+        ratio: 40.0,
+        samples: 3,
+    }]);
+    assert_eq!(c.samples("p", "m"), 0);
+}
