@@ -368,17 +368,7 @@ async fn a_clients_unload_request_unloads_gracefully_through_the_proxy() {
     let c = client();
     let base = format!("http://{}", proxy.proxy_addr(0));
     // A stream is answering when `ollama stop` arrives: it finishes first.
-    let streaming = tokio::spawn({
-        let (c, url) = (c.clone(), format!("{base}/api/chat"));
-        async move {
-            post_json(
-                &c,
-                &url,
-                r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
-            )
-            .await
-        }
-    });
+    let streaming = spawn_chat(&c, format!("{base}/api/chat"));
     assert!(eventually(LIMIT, || async { sim.state.active_requests() == 1 }).await);
     let r = post_json(
         &c,

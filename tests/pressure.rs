@@ -122,20 +122,7 @@ async fn pressure_compresses_then_unloads_lru_then_every_idle_model_but_never_pi
     .await;
 
     // A long stream keeps llama busy (and makes it the most recently used).
-    let streaming = tokio::spawn({
-        let (c, url) = (
-            c.clone(),
-            format!("http://{}/api/chat", proxy.proxy_addr(0)),
-        );
-        async move {
-            post_json(
-                &c,
-                &url,
-                r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
-            )
-            .await
-        }
-    });
+    let streaming = spawn_chat(&c, format!("http://{}/api/chat", proxy.proxy_addr(0)));
     assert!(eventually(LIMIT, || async { sim.state.active_requests() == 1 }).await);
 
     machine.set_pressure(0.95);

@@ -183,3 +183,17 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A streamed `llama3.2` chat to `url`, sent in the background (the caller waits for the
+/// simulator to see it, then does something while it streams).
+pub fn spawn_chat(c: &TestClient, url: String) -> tokio::task::JoinHandle<Reply> {
+    let c = c.clone();
+    tokio::spawn(async move {
+        post_json(
+            &c,
+            &url,
+            r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await
+    })
+}
