@@ -460,3 +460,37 @@ async fn a_summarizer_with_a_small_window_reads_the_history_in_pieces() {
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+#[tokio::test]
+async fn a_num_ctx_above_buffers_context_max_is_capped() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("cap", "[buffers.context]\nmax = 8192\n").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    assert_eq!(
+        post_json(&c, &url, &chat(&conversation(1))).await.status,
+        200
+    );
+    proxy.refresh(0).await;
+    // Too long for the loaded 4096 (so not normalized to it), and asking for 65536.
+    let body = json!({"model": "llama3.2", "messages": conversation(50), "stream": false,
+                      "options": {"num_ctx": 65536}})
+    .to_string();
+    let r = post_json(&c, &url, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["x-llm-warden-num-ctx"], "65536->8192");
+    assert!(
+        !r.headers.contains_key("x-llm-warden-compacted"),
+        "it fits 8192 as it is"
+    );
+    let (_, forwarded) = upstream_chats(&sim);
+    assert_eq!(
+        forwarded.last().unwrap()["options"],
+        json!({"num_ctx": 8192})
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}

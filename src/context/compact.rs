@@ -65,6 +65,10 @@ pub struct Compactor {
     compact_earlier: std::sync::atomic::AtomicBool,
     /// Where the learned token ratios are saved (next to the summaries).
     calibration_path: std::path::PathBuf,
+    /// `buffers.context.initial` and `.max`: the most context a request may ask of Ollama
+    /// (under memory pressure, and otherwise).
+    context_initial: u64,
+    context_max: u64,
 }
 
 /// What the proxy should do with the request.
@@ -117,6 +121,8 @@ impl Compactor {
             }
         }
         Compactor {
+            context_initial: u64::from(config.buffers.context_initial),
+            context_max: u64::from(config.buffers.context_max),
             calibration_path,
             counter,
             cache: tokio::sync::OnceCell::new(),
@@ -255,6 +261,19 @@ impl Compactor {
             t * PRESSURE_FACTOR
         } else {
             t
+        }
+    }
+
+    /// The most context (`num_ctx`) a request may ask for: `buffers.context.max`, or
+    /// `buffers.context.initial` while memory pressure says compact earlier.
+    pub fn context_cap(&self) -> u64 {
+        if self
+            .compact_earlier
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.context_initial
+        } else {
+            self.context_max
         }
     }
 
@@ -718,4 +737,21 @@ fn record(
         source,
         failure,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_pressure_compacts_earlier_and_caps_the_context() {
+        let cx = Compactor::new(&Config::default());
+        assert_eq!(cx.context_cap(), 32768, "buffers.context.max");
+        assert!((cx.threshold("m") - 0.9).abs() < 1e-9);
+        cx.set_compact_earlier(true);
+        assert_eq!(cx.context_cap(), 4096, "buffers.context.initial");
+        assert!((cx.threshold("m") - 0.9 * PRESSURE_FACTOR).abs() < 1e-9);
+        cx.set_compact_earlier(false);
+        assert_eq!(cx.context_cap(), 32768);
+    }
 }

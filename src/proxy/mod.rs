@@ -322,6 +322,23 @@ async fn fit_context(
             }
         }
     }
+    // A client asking for more context than `buffers.context.max` (`initial` under memory
+    // pressure) gets that much: the KV cache Ollama would allocate is bounded. The
+    // conversation is then fitted into the capped window.
+    if let (Some(sent), None, true) = (
+        sent_ctx,
+        num_ctx_note,
+        endpoint.usage == UsageKeys::OllamaNative,
+    ) {
+        let cap = cx.context_cap();
+        if sent > cap {
+            if let Some(b) = set_num_ctx(bytes, parsed.options, cap) {
+                body = b;
+                num_ctx_note = Some((sent, cap));
+                window = Some(cap);
+            }
+        }
+    }
     let Some(window) = window else {
         return Fitted::Unchanged { estimate: None };
     };
