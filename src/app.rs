@@ -326,7 +326,7 @@ async fn probe(state: Arc<AppState>, i: usize) {
     let p = &state.providers[i];
     let polled_at = tokio::time::Instant::now();
     let n = p.polls.fetch_add(1, Relaxed);
-    if n % CATALOG_EVERY == 0 {
+    if n.is_multiple_of(CATALOG_EVERY) {
         if let Some(path) = p.config.kind.facts().catalog_path {
             if let Ok(Ok((status, body))) =
                 tokio::time::timeout(POLL_TIMEOUT, fetch(&state.client, p, path)).await
@@ -368,7 +368,7 @@ async fn probe(state: Arc<AppState>, i: usize) {
                     tracing::debug!(provider = %p.config.name, %path, %status, "loaded-models list refused");
                     return;
                 }
-                if n % CATALOG_EVERY == 0 && p.config.kind.facts().catalog_path.is_none() {
+                if n.is_multiple_of(CATALOG_EVERY) && p.config.kind.facts().catalog_path.is_none() {
                     // LM Studio's /api/v1 list carries every model's size with its state.
                     if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
                         state.memory.set_weights(i, &sizes);

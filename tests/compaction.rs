@@ -93,7 +93,7 @@ fn conversation(turns: usize) -> Vec<Value> {
         let filler = "the quick brown fox jumps over the lazy dog while it rains ".repeat(7);
         m.push(json!({"role": role, "content": format!("turn {i}: {filler}")}));
     }
-    if turns % 2 == 0 {
+    if turns.is_multiple_of(2) {
         m.push(json!({"role": "user", "content": "and finally, what did we say first?"}));
     }
     m

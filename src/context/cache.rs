@@ -411,7 +411,7 @@ impl Inner {
                     .get(&oldest.1)?
                     .and_then(|value| decode(&SummaryKey(oldest.1), value.value()))
                     .map(|summary| summary.created);
-                if current.map_or(true, |created| created == oldest.0) {
+                if current.is_none_or(|created| created == oldest.0) {
                     summaries.remove(&oldest.1)?;
                 }
             }

@@ -54,9 +54,7 @@ impl<'a> ModelRequest<'a> {
     /// No prompt and no messages: Ollama's load-only (or, with `keep_alive: 0`, unload) form.
     pub fn is_load_only(&self) -> bool {
         let empty = |v: Option<&RawValue>, e: &str| {
-            v.map_or(true, |r| {
-                r.get().chars().filter(|c| !c.is_whitespace()).eq(e.chars())
-            })
+            v.is_none_or(|r| r.get().chars().filter(|c| !c.is_whitespace()).eq(e.chars()))
         };
         empty(self.prompt, "\"\"") && empty(self.messages, "[]")
     }

@@ -81,7 +81,7 @@ impl Actor {
     pub(super) fn next_wake(&self) -> Option<Instant> {
         let mut wake: Option<Instant> = None;
         let mut earlier = |t: Instant| {
-            if wake.map_or(true, |w| t < w) {
+            if wake.is_none_or(|w| t < w) {
                 wake = Some(t);
             }
         };
