@@ -31,49 +31,11 @@ struct ModelStatus {
     #[serde(flatten)]
     counters: ModelSnapshot,
     #[serde(flatten)]
-    lifecycle: Option<LifecycleFields>,
+    lifecycle: Option<ModelView>,
     /// Provider-reported / estimated prompt tokens, as learned (null until learned).
     token_ratio: Option<f64>,
     /// TDR-007 MemoryAllocation, while the model is loaded.
     memory: Option<crate::memory::Allocation>,
-}
-
-/// The lifecycle's view less the fields the counters already carry.
-#[derive(Serialize)]
-struct LifecycleFields {
-    status: crate::lifecycle::ModelStatus,
-    platform: &'static str,
-    leases: u32,
-    queue_depth: u32,
-    load_time_ms: Option<u64>,
-    loads: u64,
-    unloads: u64,
-    memory_estimate_mb: Option<u64>,
-    inactivity_timeout_s: Option<f64>,
-    pinned: bool,
-    unloads_in_s: Option<f64>,
-    loaded_by: Option<&'static str>,
-    last_error: Option<String>,
-}
-
-impl From<ModelView> for LifecycleFields {
-    fn from(v: ModelView) -> Self {
-        LifecycleFields {
-            status: v.status,
-            platform: v.platform,
-            leases: v.leases,
-            queue_depth: v.queue_depth,
-            load_time_ms: v.load_time_ms,
-            loads: v.loads,
-            unloads: v.unloads,
-            memory_estimate_mb: v.memory_estimate_mb,
-            inactivity_timeout_s: v.inactivity_timeout_s,
-            pinned: v.pinned,
-            unloads_in_s: v.unloads_in_s,
-            loaded_by: v.loaded_by,
-            last_error: v.last_error,
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -172,12 +134,22 @@ async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response
         p.lifecycle.unload(&model).await
     };
     match result {
-        Ok(model) => {
+        Ok(view) => {
+            #[derive(Serialize)]
+            struct Named<'a> {
+                model: &'a str,
+                #[serde(flatten)]
+                view: &'a ModelView,
+            }
             #[derive(Serialize)]
             struct Answer<'a> {
                 provider: &'a str,
-                model: ModelView,
+                model: Named<'a>,
             }
+            let model = Named {
+                model: &view.model,
+                view: &view,
+            };
             json(StatusCode::OK, &Answer { provider, model })
         }
         Err(e) => {
@@ -248,7 +220,7 @@ async fn status(state: &AppState) -> Status<'_> {
         let memory = state.memory.allocation(i, &counters.model);
         models.push(ModelStatus {
             counters,
-            lifecycle: view.map(LifecycleFields::from),
+            lifecycle: view,
             token_ratio,
             memory,
         });
@@ -262,7 +234,7 @@ async fn status(state: &AppState) -> Status<'_> {
                 token_ratio: ratio(state, name, &v.model),
                 memory: state.memory.allocation(i, &v.model),
                 counters: ModelSnapshot::empty(name, &v.model),
-                lifecycle: Some(v.into()),
+                lifecycle: Some(v),
             });
         }
     }

@@ -51,7 +51,7 @@ struct Reported {
 }
 
 /// A copy of one model's counters, for `/status`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct ModelSnapshot {
     pub provider: String,
     pub model: String,
@@ -88,21 +88,7 @@ impl ModelSnapshot {
         ModelSnapshot {
             provider: provider.to_string(),
             model: model.to_string(),
-            active_requests: 0,
-            total_requests: 0,
-            errors: 0,
-            cancelled: 0,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            last_used: None,
-            loaded: None,
-            memory_usage_mb: None,
-            vram_usage_mb: None,
-            context_length: None,
-            compactions: 0,
-            tokens_saved: 0,
-            context_tokens_estimated: None,
-            context_tokens_reported: None,
+            ..Default::default()
         }
     }
 }

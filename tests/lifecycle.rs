@@ -171,6 +171,25 @@ async fn ollama_never_unloads_a_model_the_proxy_manages() {
         let r = post_json(&c, &format!("{base}{path}"), &body).await;
         assert_eq!(r.status, 200, "{path}: {}", r.text());
     }
+    // An explicit `null` is the server default too: replaced, not duplicated.
+    let r = post_json(
+        &c,
+        &format!("{base}/api/chat"),
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"keep_alive":null,"stream":false}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let sent = sim
+        .state
+        .log
+        .calls()
+        .into_iter()
+        .rfind(|c| c.path == "/api/chat")
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&sent.body),
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"keep_alive":-1,"stream":false}"#
+    );
     clock.advance(Duration::from_secs(24 * 3600));
     let mut loaded = sim.state.loaded();
     loaded.sort();

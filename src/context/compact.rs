@@ -96,8 +96,6 @@ pub struct ChatRequest<'a> {
     pub model: &'a str,
     pub body: &'a Bytes,
     pub messages: Option<&'a RawValue>,
-    /// Ollama `options.num_ctx`.
-    pub num_ctx: Option<u64>,
     /// `options.num_predict` / `max_tokens` / `max_completion_tokens`.
     pub max_reply: Option<u64>,
 }
@@ -254,10 +252,7 @@ impl Compactor {
             .overrides(model)
             .and_then(|o| o.compression_threshold)
             .unwrap_or(self.threshold);
-        if self
-            .compact_earlier
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.pressed() {
             t * PRESSURE_FACTOR
         } else {
             t
@@ -267,14 +262,17 @@ impl Compactor {
     /// The most context (`num_ctx`) a request may ask for: `buffers.context.max`, or
     /// `buffers.context.initial` while memory pressure says compact earlier.
     pub fn context_cap(&self) -> u64 {
-        if self
-            .compact_earlier
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.pressed() {
             self.context_initial
         } else {
             self.context_max
         }
+    }
+
+    /// Whether memory pressure says compact earlier.
+    fn pressed(&self) -> bool {
+        self.compact_earlier
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Memory pressure stage 1: compact at [`PRESSURE_FACTOR`] × the usual threshold (a
@@ -346,25 +344,18 @@ pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
         .map(|r| serde_json::from_str(r.get()).unwrap_or(Value::Null))
         .collect();
     let roles: Vec<Role> = values.iter().map(role_of).collect();
-    let reserve = cx.reserve(req, window);
-    let too_long = |needed: u64, what: &str| Fit::Reject {
-        tokens: needed + reserve,
+    let report = Report {
+        state,
+        req,
         window,
-        why: what.to_string(),
+        before,
     };
     match policy {
         OverflowPolicy::Passthrough => Fit::Unchanged {
             estimate: Some(before),
         },
-        OverflowPolicy::Reject => {
-            record(
-                state, req, "rejected", before, before, window, 0, None, None,
-            );
-            too_long(before, "on_overflow = reject")
-        }
-        OverflowPolicy::TruncateOldest => {
-            truncate(state, req, &raws, &roles, &counts, budget, window, None)
-        }
+        OverflowPolicy::Reject => report.rejected(before, "on_overflow = reject", None),
+        OverflowPolicy::TruncateOldest => truncate(&report, &raws, &roles, &counts, budget, None),
         OverflowPolicy::Summarize => {
             let tail = (cx.settings.keep_recent_share * window as f64) as u64;
             let b = Budget {
@@ -372,22 +363,14 @@ pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
                 tail,
                 summary: u64::from(cx.settings.summary_max_tokens),
             };
-            let (evict, kept_tokens) = match plan::plan(&roles, &counts, b) {
+            let evict = match plan::plan(&roles, &counts, b) {
                 Plan::Fits => {
                     return Fit::Unchanged {
                         estimate: Some(before),
                     }
                 }
-                Plan::TooLong { needed } => {
-                    record(
-                        state, req, "rejected", before, needed, window, 0, None, None,
-                    );
-                    return too_long(
-                        needed,
-                        "the system messages and the last turn alone exceed the window",
-                    );
-                }
-                Plan::Compact { evict, kept_tokens } => (evict, kept_tokens),
+                Plan::TooLong { needed } => return report.rejected(needed, TOO_LONG, None),
+                Plan::Compact { evict, .. } => evict,
             };
             let input = Evicted {
                 raws: &raws,
@@ -398,39 +381,96 @@ pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
             };
             match summarized(state, req, input, budget, window, enc).await {
                 Ok((body, after, calls, source)) => {
-                    record(
-                        state,
-                        req,
-                        "summarized",
-                        before,
-                        after,
-                        window,
-                        calls,
-                        Some(source),
-                        None,
-                    );
-                    Fit::Rewritten {
-                        body,
-                        before,
-                        after,
-                    }
+                    report.rewritten("summarized", body, after, calls, Some(source), None)
                 }
                 Err(why) => {
                     tracing::warn!(model = req.model, error = %why, "summarizer failed; dropping the oldest turns instead");
-                    let _ = kept_tokens;
-                    truncate(
-                        state,
-                        req,
-                        &raws,
-                        &roles,
-                        &counts,
-                        budget,
-                        window,
-                        Some(why),
-                    )
+                    truncate(&report, &raws, &roles, &counts, budget, Some(why))
                 }
             }
         }
+    }
+}
+
+/// Why a conversation cannot be made to fit at all.
+const TOO_LONG: &str = "the system messages and the last turn alone exceed the window";
+
+/// The end of one request's fitting: logged, counted and listed once, whatever it was.
+struct Report<'a> {
+    state: &'a AppState,
+    req: &'a ChatRequest<'a>,
+    window: u64,
+    /// The prompt's estimated tokens as the client sent it.
+    before: u64,
+}
+
+impl Report<'_> {
+    /// 400: even `needed` tokens (plus the reply's room) do not fit.
+    fn rejected(&self, needed: u64, why: &str, failure: Option<String>) -> Fit {
+        self.record("rejected", needed, 0, None, failure);
+        Fit::Reject {
+            tokens: needed + self.state.compactor.reserve(self.req, self.window),
+            window: self.window,
+            why: why.to_string(),
+        }
+    }
+
+    /// Forward `body`, estimated at `after` tokens.
+    fn rewritten(
+        &self,
+        action: &'static str,
+        body: Bytes,
+        after: u64,
+        summarizer_calls: u32,
+        source: Option<&'static str>,
+        failure: Option<String>,
+    ) -> Fit {
+        self.record(action, after, summarizer_calls, source, failure);
+        self.state
+            .stats
+            .model(self.req.provider, self.req.model)
+            .record_compaction(self.before.saturating_sub(after));
+        Fit::Rewritten {
+            body,
+            before: self.before,
+            after,
+        }
+    }
+
+    fn record(
+        &self,
+        action: &'static str,
+        after: u64,
+        summarizer_calls: u32,
+        source: Option<&'static str>,
+        failure: Option<String>,
+    ) {
+        let (state, req) = (self.state, self.req);
+        let provider = state.providers[req.provider].config.name.clone();
+        tracing::info!(
+            provider = %provider,
+            model = req.model,
+            action,
+            tokens_before = self.before,
+            tokens_after = after,
+            window = self.window,
+            summarizer_calls,
+            source,
+            failure = failure.as_deref(),
+            "context compaction"
+        );
+        state.compactor.events.push(CompactionEvent {
+            at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            provider,
+            model: req.model.to_string(),
+            action,
+            tokens_before: self.before,
+            tokens_after: after,
+            window: self.window,
+            summarizer_calls,
+            source,
+            failure,
+        });
     }
 }
 
@@ -560,18 +600,14 @@ async fn summarized(
 }
 
 /// `truncate_oldest`, and the fallback when the summarizer fails.
-#[allow(clippy::too_many_arguments)]
 fn truncate(
-    state: &AppState,
-    req: &ChatRequest<'_>,
+    report: &Report<'_>,
     raws: &[&RawValue],
     roles: &[Role],
     counts: &[u64],
     budget: u64,
-    window: u64,
     failure: Option<String>,
 ) -> Fit {
-    let before: u64 = counts.iter().sum();
     let b = Budget {
         prompt: budget,
         tail: budget,
@@ -579,41 +615,17 @@ fn truncate(
     };
     match plan::plan(roles, counts, b) {
         Plan::Fits => Fit::Unchanged {
-            estimate: Some(before),
+            estimate: Some(report.before),
         },
-        Plan::TooLong { needed } => {
-            record(
-                state, req, "rejected", before, needed, window, 0, None, failure,
-            );
-            Fit::Reject {
-                tokens: needed + state.compactor.reserve(req, window),
-                window,
-                why: "the system messages and the last turn alone exceed the window".into(),
+        Plan::TooLong { needed } => report.rejected(needed, TOO_LONG, failure),
+        Plan::Compact { evict, kept_tokens } => {
+            match rewrite(report.req.body, raws, &evict, None) {
+                Some(body) => report.rewritten("truncated", body, kept_tokens, 0, None, failure),
+                None => Fit::Unchanged {
+                    estimate: Some(report.before),
+                },
             }
         }
-        Plan::Compact { evict, kept_tokens } => match rewrite(req.body, raws, &evict, None) {
-            Some(body) => {
-                record(
-                    state,
-                    req,
-                    "truncated",
-                    before,
-                    kept_tokens,
-                    window,
-                    0,
-                    None,
-                    failure,
-                );
-                Fit::Rewritten {
-                    body,
-                    before,
-                    after: kept_tokens,
-                }
-            }
-            None => Fit::Unchanged {
-                estimate: Some(before),
-            },
-        },
     }
 }
 
@@ -692,51 +704,6 @@ fn role_of(v: &Value) -> Role {
         Some("tool") => Role::Tool,
         _ => Role::User,
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn record(
-    state: &AppState,
-    req: &ChatRequest<'_>,
-    action: &'static str,
-    before: u64,
-    after: u64,
-    window: u64,
-    summarizer_calls: u32,
-    source: Option<&'static str>,
-    failure: Option<String>,
-) {
-    let provider = state.providers[req.provider].config.name.clone();
-    tracing::info!(
-        provider = %provider,
-        model = req.model,
-        action,
-        tokens_before = before,
-        tokens_after = after,
-        window,
-        summarizer_calls,
-        source,
-        failure = failure.as_deref(),
-        "context compaction"
-    );
-    if action != "rejected" {
-        state
-            .stats
-            .model(req.provider, req.model)
-            .record_compaction(before.saturating_sub(after));
-    }
-    state.compactor.events.push(CompactionEvent {
-        at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        provider,
-        model: req.model.to_string(),
-        action,
-        tokens_before: before,
-        tokens_after: after,
-        window,
-        summarizer_calls,
-        source,
-        failure,
-    });
 }
 
 #[cfg(test)]

@@ -78,6 +78,9 @@ pub enum ModelStatus {
 /// What the lifecycle knows of one model, for `/status` and the admin API.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ModelView {
+    /// Not serialized: `/status` puts these fields next to the model's counters (which name
+    /// it), and the admin answer names it itself.
+    #[serde(skip)]
     pub model: String,
     pub status: ModelStatus,
     /// Provider kind (TDR-007 `platform`).

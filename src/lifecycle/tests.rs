@@ -161,8 +161,15 @@ impl Rig {
     }
 }
 
-fn model(o: ModelOverrides) -> ModelOverrides {
-    o
+/// Marks `model` pinned.
+fn pin(s: &mut Settings, model: &str) {
+    s.models.insert(
+        model.into(),
+        ModelOverrides {
+            pinned: true,
+            ..Default::default()
+        },
+    );
 }
 
 // === idle unload ===
@@ -236,18 +243,12 @@ async fn per_model_timeouts_pins_and_client_hints() {
     };
     s.models.insert(
         "short".into(),
-        model(ModelOverrides {
-            inactivity_timeout: Some(Duration::from_secs(5)),
-            ..Default::default()
-        }),
-    );
-    s.models.insert(
-        "pinned".into(),
         ModelOverrides {
-            pinned: true,
+            inactivity_timeout: Some(Duration::from_secs(5)),
             ..Default::default()
         },
     );
+    pin(&mut s, "pinned");
     let rig = start(s);
     drop(rig.lease("short").await);
     drop(rig.lease("pinned").await);
@@ -697,13 +698,7 @@ fn keep_alive_values_parse_like_ollama() {
 async fn shedding_for_memory_pressure_spares_pinned_and_busy_models() {
     let mut s = settings();
     s.max_models_loaded = 4;
-    s.models.insert(
-        "pinned".into(),
-        ModelOverrides {
-            pinned: true,
-            ..Default::default()
-        },
-    );
+    pin(&mut s, "pinned");
     let rig = start(s);
     drop(rig.lease("pinned").await);
     drop(rig.lease("old").await);

@@ -18,8 +18,8 @@ pub struct ModelRequest<'a> {
     #[serde(borrow)]
     pub model: Option<Cow<'a, str>>,
     pub stream: Option<bool>,
-    /// Ollama's `keep_alive`, as written (`null` reads as absent).
-    #[serde(borrow)]
+    /// Ollama's `keep_alive`, as written (`null` included, so its place in the body is known).
+    #[serde(borrow, default, deserialize_with = "raw_even_null")]
     pub keep_alive: Option<&'a RawValue>,
     /// Ollama generate's `prompt` and chat's `messages`, unparsed: only whether they are
     /// empty matters (a load or unload request, §1.8).
@@ -35,6 +35,20 @@ pub struct ModelRequest<'a> {
     pub max_tokens: Option<&'a RawValue>,
     #[serde(borrow)]
     pub max_completion_tokens: Option<&'a RawValue>,
+}
+
+/// A field's raw value, `null` too (plain `Option<&RawValue>` reads `null` as absent).
+fn raw_even_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// What a request asks of the context: `num_ctx` (Ollama) and the most tokens of reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub num_ctx: Option<u64>,
+    pub max_reply: Option<u64>,
 }
 
 /// The two Ollama options the proxy reads.
@@ -59,22 +73,21 @@ impl<'a> ModelRequest<'a> {
         empty(self.prompt, "\"\"") && empty(self.messages, "[]")
     }
 
-    /// Ollama `options.num_ctx`, when it is a positive integer.
-    pub fn num_ctx(&self) -> Option<u64> {
-        self.option(|o| o.num_ctx)
-    }
-
-    /// The reply limit: `options.num_predict` (positive), `max_completion_tokens`, `max_tokens`.
-    pub fn max_reply(&self) -> Option<u64> {
+    /// `options.num_ctx` and the reply limit (`options.num_predict`, `max_completion_tokens`,
+    /// `max_tokens`), each when a positive integer; `options` is parsed once.
+    pub fn limits(&self) -> Limits {
+        let positive = |v: Option<serde_json::Value>| v?.as_u64().filter(|n| *n > 0);
+        let options: Options = self
+            .options
+            .and_then(|o| serde_json::from_str(o.get()).ok())
+            .unwrap_or_default();
         let n = |r: Option<&RawValue>| r.and_then(|r| r.get().trim().parse::<u64>().ok());
-        self.option(|o| o.num_predict)
-            .or_else(|| n(self.max_completion_tokens))
-            .or_else(|| n(self.max_tokens))
-    }
-
-    fn option(&self, pick: impl FnOnce(Options) -> Option<serde_json::Value>) -> Option<u64> {
-        let o: Options = serde_json::from_str(self.options?.get()).ok()?;
-        pick(o)?.as_u64().filter(|n| *n > 0)
+        Limits {
+            num_ctx: positive(options.num_ctx),
+            max_reply: positive(options.num_predict)
+                .or_else(|| n(self.max_completion_tokens))
+                .or_else(|| n(self.max_tokens)),
+        }
     }
 
     /// The model name, if present and non-empty.
@@ -143,6 +156,11 @@ mod tests {
         }
         let r = ModelRequest::parse(br#"{"model":"m","keep_alive":"5m"}"#);
         assert_eq!(r.keep_alive.map(|k| k.get()), Some(r#""5m""#));
+        let r = ModelRequest::parse(br#"{"model":"m","keep_alive":null}"#);
+        assert_eq!(r.keep_alive.map(|k| k.get()), Some("null"));
+        assert!(ModelRequest::parse(br#"{"model":"m"}"#)
+            .keep_alive
+            .is_none());
     }
 
     #[test]

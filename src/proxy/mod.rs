@@ -171,7 +171,7 @@ async fn inspected(
         drop(parsed);
         return forward(state, p, endpoint, parts, bytes, None).await;
     };
-    let keep_alive = KeepAlivePlan::of(endpoint, &parsed);
+    let keep_alive = KeepAlivePlan::of(endpoint, &bytes, &parsed);
     if keep_alive.unload {
         // `keep_alive: 0` without a prompt: unload. Done gracefully through the lifecycle
         // (in-flight requests finish first); the provider then answers its own reply for a
@@ -214,7 +214,7 @@ async fn inspected(
 }
 
 /// What Ollama's `keep_alive` asks, and what the proxy does with it.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct KeepAlivePlan {
     /// The client's value, as a hint to the lifecycle.
     hint: Option<IdleHint>,
@@ -222,10 +222,13 @@ struct KeepAlivePlan {
     rewrite: bool,
     /// A load-only request with `keep_alive: 0`: an unload.
     unload: bool,
+    /// Where the client's `keep_alive` value sits in the body as read (`None`: absent), so
+    /// the rewrite need not parse the body again.
+    at: Option<std::ops::Range<usize>>,
 }
 
 impl KeepAlivePlan {
-    fn of(endpoint: Endpoint, parsed: &ModelRequest<'_>) -> Self {
+    fn of(endpoint: Endpoint, body: &[u8], parsed: &ModelRequest<'_>) -> Self {
         if endpoint.usage != UsageKeys::OllamaNative {
             return KeepAlivePlan::default();
         }
@@ -233,7 +236,9 @@ impl KeepAlivePlan {
         // unloading, so the provider is told "never" and the client's value becomes a hint.
         // A value Ollama would refuse is left alone, so the client gets Ollama's own 400.
         let (hint, rewrite) = match parsed.keep_alive {
+            // Absent or null: the server default, which the proxy replaces.
             None => (None, true),
+            Some(raw) if raw.get() == "null" => (None, true),
             Some(raw) => {
                 let hint = lifecycle::parse_keep_alive(raw.get());
                 (hint, hint.is_some())
@@ -243,6 +248,7 @@ impl KeepAlivePlan {
             hint,
             rewrite,
             unload: hint == Some(IdleHint::After(Duration::ZERO)) && parsed.is_load_only(),
+            at: parsed.keep_alive.map(|r| rewrite::span_in(body, r)),
         }
     }
 }
@@ -280,7 +286,8 @@ async fn fit_context(
     let cx = &state.compactor;
     let p = &state.providers[provider];
     let messages_len = parsed.messages.map_or(0, |m| m.get().len());
-    let sent_ctx = parsed.num_ctx();
+    let limits = parsed.limits();
+    let sent_ctx = limits.num_ctx;
     let mut known = cx.window(provider, model);
     if known.is_none() && sent_ctx.is_none() && messages_len > SMALL_PROMPT {
         known = cx.configured_window(model);
@@ -299,8 +306,7 @@ async fn fit_context(
         model,
         body: bytes,
         messages: parsed.messages,
-        num_ctx: sent_ctx,
-        max_reply: parsed.max_reply(),
+        max_reply: limits.max_reply,
     };
     // Ollama reloads a model whose loaded num_ctx differs from the request's: keep the
     // loaded one when the prompt fits it for sure.
@@ -407,7 +413,14 @@ async fn continue_with(
 ) -> Response<ProxyBody> {
     let p = &state.providers[provider];
     if keep_alive.rewrite {
-        if let Ok((edited, _)) = rewrite::set_top_level(&bytes, "keep_alive", "-1") {
+        // The body as read: its parse said where keep_alive is. Rewritten by the context
+        // stage: parse it again.
+        let edited = if notes.compacted.is_none() && notes.num_ctx.is_none() {
+            rewrite::set_at(&bytes, "keep_alive", "-1", keep_alive.at.clone())
+        } else {
+            rewrite::set_top_level(&bytes, "keep_alive", "-1").map(|(b, _)| b)
+        };
+        if let Ok(edited) = edited {
             bytes = Bytes::from(edited);
         }
     }

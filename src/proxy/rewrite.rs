@@ -58,14 +58,33 @@ pub fn set_top_level(
     raw: &str,
 ) -> Result<(Vec<u8>, Option<String>), RewriteError> {
     let entries = top_level(body)?;
+    let at = entries
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, range)| range.clone());
+    let old = at
+        .as_ref()
+        .map(|r| String::from_utf8_lossy(&body[r.clone()]).into_owned());
+    Ok((set_at(body, key, raw, at)?, old))
+}
+
+/// [`set_top_level`] for a caller whose own parse of `body` (a valid JSON object) already
+/// found where `key`'s value is (`at`, a byte range of `body`) or that it is absent: no
+/// second parse. A missing key is added first in the object.
+pub fn set_at(
+    body: &[u8],
+    key: &str,
+    raw: &str,
+    at: Option<std::ops::Range<usize>>,
+) -> Result<Vec<u8>, RewriteError> {
     let mut out = Vec::with_capacity(body.len() + key.len() + raw.len() + 4);
-    match entries.iter().rev().find(|(k, _)| k == key) {
-        Some((_, range)) => {
-            let old = String::from_utf8_lossy(&body[range.clone()]).into_owned();
+    match at {
+        Some(range) => {
+            let range = range.start.min(body.len())..range.end.min(body.len());
             out.extend_from_slice(&body[..range.start]);
             out.extend_from_slice(raw.as_bytes());
             out.extend_from_slice(&body[range.end..]);
-            Ok((out, Some(old)))
         }
         None => {
             // Valid object: the first non-space byte is `{`.
@@ -73,18 +92,28 @@ pub fn set_top_level(
                 .iter()
                 .position(|b| *b == b'{')
                 .ok_or_else(|| RewriteError::NotAnObject("no opening brace".into()))?;
+            let empty = body[open + 1..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|b| *b == b'}');
             let quoted = serde_json::to_string(key).unwrap_or_default();
             out.extend_from_slice(&body[..=open]);
             out.extend_from_slice(quoted.as_bytes());
             out.push(b':');
             out.extend_from_slice(raw.as_bytes());
-            if !entries.is_empty() {
+            if !empty {
                 out.push(b',');
             }
             out.extend_from_slice(&body[open + 1..]);
-            Ok((out, None))
         }
     }
+    Ok(out)
+}
+
+/// Where `value` (borrowed from a parse of `body`) sits in `body`.
+pub fn span_in(body: &[u8], value: &serde_json::value::RawValue) -> std::ops::Range<usize> {
+    let start = (value.get().as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+    start..start + value.get().len()
 }
 
 #[cfg(test)]
@@ -181,5 +210,37 @@ mod tests {
         let (got, _) = set(&body, "keep_alive", "\"10m\"");
         assert_eq!(got.len(), body.len() + "\"keep_alive\":\"10m\",".len());
         assert!(got.ends_with(&body[1..]));
+    }
+}
+
+#[cfg(test)]
+mod set_at_tests {
+    use super::*;
+
+    #[test]
+    fn set_at_with_a_known_span_equals_set_top_level() {
+        #[derive(serde::Deserialize)]
+        struct Probe<'a> {
+            #[serde(borrow, default)]
+            keep_alive: Option<&'a RawValue>,
+        }
+        for body in [
+            r#"{"model":"m","keep_alive":"5m","stream":false}"#,
+            r#"{ "keep_alive" : 300 , "model":"m"}"#,
+            r#"{"model":"m","prompt":"a \"keep_alive\": 1"}"#,
+            r#"{"model":"m"}"#,
+            "{\n  \"model\": \"m\"\n}",
+        ] {
+            let probe: Probe = serde_json::from_str(body).unwrap();
+            let at = probe.keep_alive.map(|r| span_in(body.as_bytes(), r));
+            let fast = set_at(body.as_bytes(), "keep_alive", "-1", at).unwrap();
+            let (slow, _) = set_top_level(body.as_bytes(), "keep_alive", "-1").unwrap();
+            assert_eq!(
+                String::from_utf8(fast).unwrap(),
+                String::from_utf8(slow).unwrap(),
+                "{body}"
+            );
+        }
+        assert_eq!(set_at(b"{ }", "k", "1", None).unwrap(), br#"{"k":1 }"#);
     }
 }
