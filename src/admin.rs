@@ -110,7 +110,12 @@ async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response
         );
     };
     let model = percent_decode(model);
-    let Some(p) = state.providers.iter().find(|p| p.config.name == provider) else {
+    let Some((index, p)) = state
+        .providers
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.config.name == provider)
+    else {
         let names: Vec<&str> = state
             .providers
             .iter()
@@ -129,7 +134,14 @@ async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response
     }
     let model = p.config.kind.canonical_model(&model).into_owned();
     let result = if action == "load" {
-        p.lifecycle.load(&model).await
+        let shape = crate::proxy::shape::for_load_capped(
+            state,
+            index,
+            &model,
+            crate::lifecycle::Shape::default(),
+        )
+        .await;
+        p.lifecycle.load(&model, shape).await
     } else {
         p.lifecycle.unload(&model).await
     };

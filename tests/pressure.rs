@@ -197,3 +197,108 @@ async fn action_compress_never_unloads() {
     assert_eq!(sim.state.loaded(), ["llama3.2:latest"]);
     proxy.shutdown().await;
 }
+
+/// The `x-llm-warden-*` header `name` of a reply, if set.
+fn header(r: &Reply, name: &str) -> Option<String> {
+    r.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn loads_under_pressure_get_smaller_runners_that_later_requests_keep() {
+    let sim = start_ollama(Default::default()).await;
+    let (proxy, machine) = start(&sim.url(), "[buffers.context]\ninitial = 2048\n").await;
+    let c = client();
+    let chat = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let generate = format!("http://{}/api/generate", proxy.proxy_addr(0));
+    let hello = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":false}}"#
+        )
+    };
+
+    // Normal: nothing is rewritten; the model loads at Ollama's default.
+    let r = post_json(&c, &chat, &hello("llama3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header(&r, "x-llm-warden-num-ctx"), None);
+    assert_eq!(sim.state.loaded_num_ctx("llama3.2"), Some(4096));
+    let r = post_json(
+        &c,
+        &format!("http://{}/models/ollama0/llama3.2/unload", proxy.admin_addr),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Warning: a new load gets num_ctx = buffers.context.initial, and so does every native
+    // request for it after, so Ollama never reloads it.
+    machine.set_pressure(0.75);
+    until(&c, &proxy, "warning", |s| {
+        s["system"]["pressure_level"] == "warning"
+    })
+    .await;
+    let r = post_json(&c, &chat, &hello("llama3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx").as_deref(),
+        Some("default->2048")
+    );
+    assert_eq!(sim.state.loaded_num_ctx("llama3.2"), Some(2048));
+    let loads = sim.state.load_count("llama3.2");
+    let r = post_json(
+        &c,
+        &generate,
+        r#"{"model":"llama3.2","prompt":"hi","stream":false,"options":{"num_ctx":8192,"temperature":0}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx").as_deref(),
+        Some("8192->2048")
+    );
+    // Back to normal: the runner is still the small one, and requests still keep it.
+    machine.set_pressure(0.3);
+    until(&c, &proxy, "normal", |s| {
+        s["system"]["pressure_level"] == "normal"
+    })
+    .await;
+    let r = post_json(&c, &chat, &hello("llama3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx").as_deref(),
+        Some("default->2048")
+    );
+    assert_eq!(sim.state.load_count("llama3.2"), loads, "never reloaded");
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    assert_eq!(m["context_length"], 2048, "{m}");
+
+    // Critical: half the context, and num_batch from buffers.working.initial (256 MB) and the
+    // model's geometry (/api/show: 3584 wide, no vocab_size, so 128 Ki assumed): 4 × (3584 +
+    // 131072) B = 526 KiB a token, 498 tokens fit, so 256.
+    machine.set_pressure(0.95);
+    until(&c, &proxy, "critical", |s| {
+        s["system"]["pressure_level"] == "critical"
+    })
+    .await;
+    let r = post_json(&c, &chat, &hello("qwen2.5:7b")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx").as_deref(),
+        Some("default->1024")
+    );
+    assert_eq!(
+        header(&r, "x-llm-warden-num-batch").as_deref(),
+        Some("default->256")
+    );
+    assert_eq!(sim.state.loaded_num_ctx("qwen2.5:7b"), Some(1024));
+    assert_eq!(sim.state.loaded_num_batch("qwen2.5:7b"), Some(256));
+    let loads = sim.state.load_count("qwen2.5:7b");
+    let r = post_json(&c, &chat, &hello("qwen2.5:7b")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        sim.state.load_count("qwen2.5:7b"),
+        loads,
+        "kept, not reloaded"
+    );
+    proxy.shutdown().await;
+}

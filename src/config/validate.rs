@@ -237,7 +237,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             b.context.compression_threshold,
             0.9,
         ),
-        working_initial: b.working.initial.unwrap_or(512),
+        working_initial: b.working.initial.unwrap_or(256),
         working_max: b.working.max.unwrap_or(2048),
         optimization_threshold: c.fraction(
             "buffers.working.optimization_threshold",

@@ -117,12 +117,23 @@ async fn call_now(
         {"role": "system", "content": PROMPT},
         {"role": "user", "content": transcript},
     ]);
+    // A runner the proxy loaded smaller keeps its options (Ollama reloads on a difference).
+    let shape = p.lifecycle.runner(model).unwrap_or_default();
     let (path, body) = match kind {
-        ProviderKind::Ollama => (
-            "/api/chat",
-            json!({"model": model, "messages": messages, "stream": false, "keep_alive": -1,
-                   "options": {"num_predict": max_tokens}}),
-        ),
+        ProviderKind::Ollama => {
+            let mut options = json!({"num_predict": max_tokens});
+            if let Some(n) = shape.num_ctx {
+                options["num_ctx"] = n.into();
+            }
+            if let Some(n) = shape.num_batch {
+                options["num_batch"] = n.into();
+            }
+            (
+                "/api/chat",
+                json!({"model": model, "messages": messages, "stream": false, "keep_alive": -1,
+                       "options": options}),
+            )
+        }
         ProviderKind::LmStudio => (
             "/v1/chat/completions",
             json!({"model": model, "messages": messages, "stream": false, "max_tokens": max_tokens}),
@@ -130,7 +141,7 @@ async fn call_now(
     };
     let _lease = p
         .lifecycle
-        .acquire(model, None)
+        .acquire(model, None, shape)
         .await
         .map_err(|e| format!("summarizer model: {e}"))?;
     let up = &p.config.upstream;

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use futures_util::future::BoxFuture;
 
+use super::Shape;
 use crate::config::Upstream;
 use crate::providers::ops::{self, LoadOptions, Loaded, OpError};
 use crate::providers::ProviderKind;
@@ -12,13 +13,9 @@ use crate::proxy::UpstreamClient;
 
 /// Loads and unloads models on one provider.
 pub trait Backend: Send + Sync + 'static {
-    /// Loads `model` (with `context` tokens of context, else the provider's default) and
-    /// answers once the provider has it (or failed).
-    fn load(
-        &self,
-        model: &str,
-        context: Option<u64>,
-    ) -> BoxFuture<'static, Result<Loaded, OpError>>;
+    /// Loads `model` with the runner options in `shape` (the provider's defaults where
+    /// `None`) and answers once the provider has it (or failed).
+    fn load(&self, model: &str, shape: Shape) -> BoxFuture<'static, Result<Loaded, OpError>>;
     /// Unloads what `load` returned as `instance_id`.
     fn unload(&self, instance_id: &str) -> BoxFuture<'static, Result<(), OpError>>;
 }
@@ -32,11 +29,7 @@ pub struct OpsBackend {
 }
 
 impl Backend for OpsBackend {
-    fn load(
-        &self,
-        model: &str,
-        context: Option<u64>,
-    ) -> BoxFuture<'static, Result<Loaded, OpError>> {
+    fn load(&self, model: &str, shape: Shape) -> BoxFuture<'static, Result<Loaded, OpError>> {
         let (client, upstream, kind, model) = (
             self.client.clone(),
             self.upstream.clone(),
@@ -45,7 +38,8 @@ impl Backend for OpsBackend {
         );
         Box::pin(async move {
             let opts = LoadOptions {
-                context_length: context,
+                context_length: shape.num_ctx,
+                num_batch: shape.num_batch,
                 ..LoadOptions::default()
             };
             ops::load(&client, &upstream, kind, &model, &opts).await

@@ -55,6 +55,53 @@ use crate::providers::{LoadedModel, ProviderKind};
 
 pub use backend::{Backend, MemoryProbe, MemoryReading, OpsBackend, SystemMemory};
 
+/// The runner options a load asks for (Ollama `options.num_ctx` / `num_batch`, LM Studio
+/// `context_length`); `None` leaves the provider's default. Loads under memory pressure get
+/// smaller ones (see `crate::proxy::shape`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Shape {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_ctx: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_batch: Option<u64>,
+}
+
+impl Shape {
+    /// Nothing asked: the provider's defaults.
+    pub fn is_default(&self) -> bool {
+        self.num_ctx.is_none() && self.num_batch.is_none()
+    }
+}
+
+/// Models the proxy loaded with runner options other than the defaults, and those options:
+/// written by the actor, read by request handlers without a round trip (Ollama reloads a
+/// runner whose options differ from a request's, so requests are given the same).
+#[derive(Clone, Debug, Default)]
+pub struct Runners(Arc<std::sync::RwLock<std::collections::HashMap<Arc<str>, Shape>>>);
+
+impl Runners {
+    /// The options `model` was loaded with, if not the defaults.
+    pub fn get(&self, model: &str) -> Option<Shape> {
+        self.0.read().ok()?.get(model).copied()
+    }
+
+    fn set(&self, model: &Arc<str>, shape: Shape) {
+        if let Ok(mut m) = self.0.write() {
+            if shape.is_default() {
+                m.remove(model);
+            } else {
+                m.insert(model.clone(), shape);
+            }
+        }
+    }
+
+    fn forget(&self, model: &str) {
+        if let Ok(mut m) = self.0.write() {
+            m.remove(model);
+        }
+    }
+}
+
 /// How long a model may stay idle, as a client asked (Ollama `keep_alive`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdleHint {
@@ -220,11 +267,13 @@ enum Event {
         id: u64,
         model: Box<str>,
         hint: Option<IdleHint>,
+        shape: Shape,
         reply: oneshot::Sender<Result<Lease, LifecycleError>>,
     },
     AdminLoad {
         id: u64,
         model: Box<str>,
+        shape: Shape,
         reply: oneshot::Sender<Result<ModelView, LifecycleError>>,
     },
     AdminUnload {
@@ -266,6 +315,7 @@ enum Event {
 pub struct LifecycleHandle {
     tx: mpsc::UnboundedSender<Event>,
     next_id: Arc<AtomicU64>,
+    runners: Runners,
 }
 
 /// A model request in flight: while it lives the model stays loaded. Dropping it (the response
@@ -329,12 +379,22 @@ impl LifecycleHandle {
         stop: watch::Receiver<bool>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let actor = actor::Actor::new(settings, backend, memory, poll_now, tx.clone(), rx);
+        let runners = Runners::default();
+        let actor = actor::Actor::new(
+            settings,
+            backend,
+            memory,
+            poll_now,
+            tx.clone(),
+            rx,
+            runners.clone(),
+        );
         let task = tokio::spawn(actor.run(stop));
         (
             LifecycleHandle {
                 tx,
                 next_id: Arc::new(AtomicU64::new(1)),
+                runners,
             },
             task,
         )
@@ -367,23 +427,27 @@ impl LifecycleHandle {
         &self,
         model: &str,
         hint: Option<IdleHint>,
+        shape: Shape,
     ) -> Result<Lease, LifecycleError> {
         let id = self.next_id.fetch_add(1, Relaxed);
         self.ask(Some(id), |reply| Event::Acquire {
             id,
             model: model.into(),
             hint,
+            shape,
             reply,
         })
         .await?
     }
 
-    /// Loads `model` (as a request would, through the queue) and answers once it is ready.
-    pub async fn load(&self, model: &str) -> Result<ModelView, LifecycleError> {
+    /// Loads `model` (as a request would, through the queue; with `shape` if it is not loaded
+    /// yet) and answers once it is ready.
+    pub async fn load(&self, model: &str, shape: Shape) -> Result<ModelView, LifecycleError> {
         let id = self.next_id.fetch_add(1, Relaxed);
         self.ask(Some(id), |reply| Event::AdminLoad {
             id,
             model: model.into(),
+            shape,
             reply,
         })
         .await?
@@ -397,6 +461,12 @@ impl LifecycleHandle {
             reply,
         })
         .await?
+    }
+
+    /// The runner options the proxy loaded `model` with, when not the provider's defaults
+    /// (no round trip to the actor).
+    pub fn runner(&self, model: &str) -> Option<Shape> {
+        self.runners.get(model)
     }
 
     /// Every model the actor knows, sorted by name.

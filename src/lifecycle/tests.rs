@@ -41,19 +41,15 @@ impl FakeProvider {
 }
 
 impl Backend for FakeProvider {
-    fn load(
-        &self,
-        model: &str,
-        context: Option<u64>,
-    ) -> BoxFuture<'static, Result<Loaded, OpError>> {
-        match context {
-            Some(n) => self
-                .calls
-                .lock()
-                .unwrap()
-                .push(format!("load {model} ctx={n}")),
-            None => self.calls.lock().unwrap().push(format!("load {model}")),
+    fn load(&self, model: &str, shape: Shape) -> BoxFuture<'static, Result<Loaded, OpError>> {
+        let mut call = format!("load {model}");
+        if let Some(n) = shape.num_ctx {
+            call.push_str(&format!(" ctx={n}"));
         }
+        if let Some(n) = shape.num_batch {
+            call.push_str(&format!(" batch={n}"));
+        }
+        self.calls.lock().unwrap().push(call);
         let delay = *self.load_delay.lock().unwrap();
         let fail = self.fail_next.lock().unwrap().remove(model);
         let model = model.to_string();
@@ -149,7 +145,10 @@ impl Rig {
     }
 
     async fn lease(&self, model: &str) -> Lease {
-        self.lc.acquire(model, None).await.expect("a lease")
+        self.lc
+            .acquire(model, None, Shape::default())
+            .await
+            .expect("a lease")
     }
 
     /// Lets spawned operations finish and their events reach the actor.
@@ -255,11 +254,20 @@ async fn per_model_timeouts_pins_and_client_hints() {
     // A client's keep_alive: 0 unloads right after; -1 keeps it (until evicted).
     drop(
         rig.lc
-            .acquire("now", Some(IdleHint::After(Duration::ZERO)))
+            .acquire(
+                "now",
+                Some(IdleHint::After(Duration::ZERO)),
+                Shape::default(),
+            )
             .await
             .unwrap(),
     );
-    drop(rig.lc.acquire("kept", Some(IdleHint::Never)).await.unwrap());
+    drop(
+        rig.lc
+            .acquire("kept", Some(IdleHint::Never), Shape::default())
+            .await
+            .unwrap(),
+    );
     rig.settle().await;
     assert_eq!(rig.status("now").await, ModelStatus::Unloaded);
     assert_eq!(rig.view("pinned").await.inactivity_timeout_s, None);
@@ -288,7 +296,7 @@ async fn fifty_concurrent_first_requests_share_one_load() {
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let lc = rig.lc.clone();
-            tokio::spawn(async move { lc.acquire("a", None).await })
+            tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await })
         })
         .collect();
     let mut leases = Vec::new();
@@ -317,7 +325,7 @@ async fn a_failed_load_fails_every_waiter_and_the_next_request_retries() {
     let tasks: Vec<_> = (0..5)
         .map(|_| {
             let lc = rig.lc.clone();
-            tokio::spawn(async move { lc.acquire("a", None).await })
+            tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await })
         })
         .collect();
     for t in tasks {
@@ -352,7 +360,11 @@ async fn an_unknown_model_is_reported_and_forgotten() {
             model: "nope".into(),
         },
     );
-    let e = rig.lc.acquire("nope", None).await.unwrap_err();
+    let e = rig
+        .lc
+        .acquire("nope", None, Shape::default())
+        .await
+        .unwrap_err();
     assert!(matches!(e, LifecycleError::NotFound { .. }), "{e:?}");
     assert!(
         rig.lc.snapshot().await.is_empty(),
@@ -364,7 +376,11 @@ async fn an_unknown_model_is_reported_and_forgotten() {
 async fn a_caller_that_gives_up_while_waiting_leaves_nothing_behind() {
     let rig = start(settings());
     *rig.provider.load_delay.lock().unwrap() = Duration::from_secs(10);
-    let r = tokio::time::timeout(Duration::from_secs(1), rig.lc.acquire("a", None)).await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(1),
+        rig.lc.acquire("a", None, Shape::default()),
+    )
+    .await;
     assert!(r.is_err(), "still loading");
     rig.settle().await;
     let v = rig.view("a").await;
@@ -410,7 +426,7 @@ async fn a_model_answering_requests_is_never_evicted_and_never_unloaded() {
     });
     let busy = rig.lease("a").await;
     let lc = rig.lc.clone();
-    let waiting = tokio::spawn(async move { lc.acquire("b", None).await });
+    let waiting = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
     // An admin unload waits too.
     let lc = rig.lc.clone();
     let unload = tokio::spawn(async move { lc.unload("a").await });
@@ -461,7 +477,11 @@ async fn memory_admission_uses_the_providers_sizes_and_the_machines_memory() {
         ["load a", "load b", "unload a", "load c"]
     );
     // Larger than the whole budget: refused at once, not queued forever.
-    let e = rig.lc.acquire("huge", None).await.unwrap_err();
+    let e = rig
+        .lc
+        .acquire("huge", None, Shape::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             e,
@@ -490,7 +510,7 @@ async fn memory_admission_uses_the_providers_sizes_and_the_machines_memory() {
     let held_a = rig.lease("a").await;
     let held_c = rig.lease("c").await;
     let lc = rig.lc.clone();
-    let waiting = tokio::spawn(async move { lc.acquire("b", None).await });
+    let waiting = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
     rig.settle().await;
     assert_eq!(rig.view("b").await.queue_depth, 1);
     assert_eq!(rig.provider.calls().len(), 6, "nothing evicted while busy");
@@ -515,11 +535,15 @@ async fn a_full_queue_answers_at_once_with_retry_after() {
     let waiting: Vec<_> = (0..2)
         .map(|_| {
             let lc = rig.lc.clone();
-            tokio::spawn(async move { lc.acquire("a", None).await })
+            tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await })
         })
         .collect();
     rig.settle().await;
-    let e = rig.lc.acquire("a", None).await.unwrap_err();
+    let e = rig
+        .lc
+        .acquire("a", None, Shape::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, LifecycleError::QueueFull { max_waiting: 2, .. }),
         "{e:?}"
@@ -539,7 +563,11 @@ async fn a_request_that_waits_past_the_queue_timeout_gets_an_error() {
     let rig = start(s);
     let busy = rig.lease("a").await;
     let started = Instant::now();
-    let e = rig.lc.acquire("b", None).await.unwrap_err();
+    let e = rig
+        .lc
+        .acquire("b", None, Shape::default())
+        .await
+        .unwrap_err();
     assert_eq!(started.elapsed(), Duration::from_secs(10));
     assert!(matches!(e, LifecycleError::QueueTimeout { .. }), "{e:?}");
     assert!(e.retry_after().is_some());
@@ -556,11 +584,11 @@ async fn contend(policy: QueuePolicy) -> (Rig, Vec<String>) {
     let rig = start(s);
     let a1 = rig.lease("a").await;
     let lc = rig.lc.clone();
-    let b = tokio::spawn(async move { lc.acquire("b", None).await });
+    let b = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
     rig.settle().await;
     // Another request for a, while b waits.
     let lc = rig.lc.clone();
-    let a2 = tokio::spawn(async move { lc.acquire("a", None).await });
+    let a2 = tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await });
     rig.settle().await;
     let granted_at_once = a2.is_finished();
     drop(a1);
@@ -603,7 +631,7 @@ async fn aging_stops_a_busy_model_from_starving_another() {
     let rig = start(s);
     let mut a = rig.lease("a").await;
     let lc = rig.lc.clone();
-    let b = tokio::spawn(async move { lc.acquire("b", None).await });
+    let b = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
     rig.settle().await;
     assert_eq!(rig.view("b").await.queue_depth, 1);
     // Requests for a overlap forever; each is served at once until b has waited 30 s.
@@ -615,7 +643,7 @@ async fn aging_stops_a_busy_model_from_starving_another() {
     advance(Duration::from_secs(1)).await;
     rig.settle().await;
     let lc = rig.lc.clone();
-    let late_a = tokio::spawn(async move { lc.acquire("a", None).await });
+    let late_a = tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await });
     rig.settle().await;
     assert!(!late_a.is_finished(), "a drains: new requests for it wait");
     assert_eq!(rig.view("a").await.queue_depth, 1);
@@ -736,4 +764,54 @@ async fn lm_studio_loads_under_memory_pressure_get_a_smaller_context() {
         rig.provider.calls(),
         ["load calm", "load warm ctx=4096", "load hot ctx=2048"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_hold() {
+    let mut s = settings();
+    s.kind = crate::providers::ProviderKind::Ollama;
+    let rig = start(s);
+    let small = Shape {
+        num_ctx: Some(2048),
+        num_batch: Some(256),
+    };
+    let lease = rig.lc.acquire("a", None, small).await.expect("a lease");
+    assert_eq!(rig.provider.calls(), ["load a ctx=2048 batch=256"]);
+    assert_eq!(rig.lc.runner("a"), Some(small));
+    // A model loaded with the defaults is not listed.
+    drop(rig.lease("b").await);
+    assert_eq!(rig.lc.runner("b"), None);
+    // The provider's list agrees: still listed.
+    let seen = |m: &str, ctx: u64| crate::providers::LoadedModel {
+        model: m.into(),
+        size_bytes: None,
+        vram_bytes: None,
+        context_length: Some(ctx),
+    };
+    rig.lc
+        .report(vec![seen("a", 2048), seen("b", 4096)], Instant::now());
+    rig.settle().await;
+    assert_eq!(rig.lc.runner("a"), Some(small));
+    // Someone reloaded it with another context: the provider's list wins.
+    rig.lc
+        .report(vec![seen("a", 8192), seen("b", 4096)], Instant::now());
+    rig.settle().await;
+    assert_eq!(rig.lc.runner("a"), None);
+    drop(lease);
+
+    // Unloaded: forgotten; a failed load publishes nothing either.
+    let c = rig.lc.acquire("c", None, small).await.expect("a lease");
+    assert_eq!(rig.lc.runner("c"), Some(small));
+    drop(c);
+    rig.lc.unload("c").await.expect("unloaded");
+    assert_eq!(rig.lc.runner("c"), None);
+    rig.provider.fail_next(
+        "d",
+        OpError::Provider {
+            status: 500,
+            message: "boom".into(),
+        },
+    );
+    assert!(rig.lc.acquire("d", None, small).await.is_err());
+    assert_eq!(rig.lc.runner("d"), None);
 }

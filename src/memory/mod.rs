@@ -108,6 +108,8 @@ pub struct Geometry {
     pub value_length: Option<u64>,
     /// `<arch>.context_length`: the trained maximum context.
     pub context_length: Option<u64>,
+    /// `<arch>.vocab_size`, when the model file has it (the output layer's width).
+    pub vocab_size: Option<u64>,
 }
 
 impl Geometry {
@@ -144,6 +146,7 @@ impl Geometry {
             key_length: scalar("attention.key_length"),
             value_length: scalar("attention.value_length"),
             context_length: scalar("context_length"),
+            vocab_size: scalar("vocab_size"),
             arch,
         };
         let dims_known = geometry.key_length.is_some() && geometry.value_length.is_some();
@@ -305,6 +308,15 @@ impl MemoryTable {
         self.providers
             .get(provider)
             .is_some_and(|p| p.geometry.contains_key(model))
+    }
+
+    /// `model`'s geometry: `None` if never asked, `Some(None)` if the provider could not say.
+    pub fn geometry(&self, provider: usize, model: &str) -> Option<Option<Geometry>> {
+        self.providers
+            .get(provider)?
+            .geometry
+            .get(model)
+            .map(|g| g.clone())
     }
 
     pub fn set_geometry(&self, provider: usize, model: &str, g: Option<Geometry>) {

@@ -87,6 +87,7 @@ fn nomic_bert() -> Geometry {
         key_length: None,
         value_length: None,
         context_length: Some(2048),
+        vocab_size: None,
     }
 }
 
@@ -104,6 +105,7 @@ fn geometry_is_read_from_model_info() {
                 key_length: None,
                 value_length: None,
                 context_length: Some(131_072),
+                vocab_size: Some(128_256),
             },
             (128, 128),
         ),
@@ -118,6 +120,7 @@ fn geometry_is_read_from_model_info() {
                 key_length: None,
                 value_length: None,
                 context_length: Some(32_768),
+                vocab_size: None,
             },
             (128, 128),
         ),
@@ -132,6 +135,7 @@ fn geometry_is_read_from_model_info() {
                 key_length: Some(256),
                 value_length: Some(256),
                 context_length: Some(8192),
+                vocab_size: None,
             },
             (256, 256),
         ),
@@ -154,6 +158,7 @@ fn geometry_is_read_from_model_info() {
                 key_length: None,
                 value_length: None,
                 context_length: None,
+                vocab_size: None,
             },
             (106, 106),
         ),
@@ -225,6 +230,7 @@ fn kv_bytes_match_hand_computed_values() {
         key_length: Some(192),
         value_length: Some(128),
         context_length: None,
+        vocab_size: None,
     };
     // (what, geometry, context per slot, slots, bytes per element, bytes)
     let cases = [

@@ -93,6 +93,11 @@ impl MonitorHandle {
         self.rx.borrow().clone()
     }
 
+    /// The latest pressure level (no clone of the snapshot).
+    pub fn level(&self) -> Level {
+        self.rx.borrow().pressure_level
+    }
+
     /// A receiver whose `changed()` wakes on the next sample after this call (the current
     /// snapshot counts as seen).
     pub fn subscribe(&self) -> watch::Receiver<Snapshot> {

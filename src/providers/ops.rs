@@ -46,6 +46,8 @@ pub struct LoadOptions {
     pub keep_alive: Option<Duration>,
     /// Context to load with (Ollama `options.num_ctx`, LM Studio `context_length`).
     pub context_length: Option<u64>,
+    /// Ollama only: `options.num_batch` (tokens per batch; smaller = smaller compute buffers).
+    pub num_batch: Option<u64>,
     /// Give up after this long ([`OpError::Timeout`]).
     pub timeout: Duration,
 }
@@ -55,6 +57,7 @@ impl Default for LoadOptions {
         LoadOptions {
             keep_alive: None,
             context_length: None,
+            num_batch: None,
             timeout: LOAD_TIMEOUT,
         }
     }
@@ -210,8 +213,15 @@ async fn ollama_load(
         "keep_alive": ollama_keep_alive(opts.keep_alive),
         "stream": false,
     });
+    let mut options = serde_json::Map::new();
     if let Some(n) = opts.context_length {
-        body["options"] = json!({ "num_ctx": n });
+        options.insert("num_ctx".into(), n.into());
+    }
+    if let Some(n) = opts.num_batch {
+        options.insert("num_batch".into(), n.into());
+    }
+    if !options.is_empty() {
+        body["options"] = Value::Object(options);
     }
     let (status, bytes) = post_json(client, upstream, OLLAMA_GENERATE, &body).await?;
     if status == StatusCode::BAD_REQUEST

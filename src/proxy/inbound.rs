@@ -48,13 +48,15 @@ fn raw_even_null<'de, D: serde::Deserializer<'de>>(
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Limits {
     pub num_ctx: Option<u64>,
+    pub num_batch: Option<u64>,
     pub max_reply: Option<u64>,
 }
 
-/// The two Ollama options the proxy reads.
+/// The Ollama options the proxy reads.
 #[derive(Debug, Default, Deserialize)]
 struct Options {
     num_ctx: Option<serde_json::Value>,
+    num_batch: Option<serde_json::Value>,
     num_predict: Option<serde_json::Value>,
 }
 
@@ -73,7 +75,7 @@ impl<'a> ModelRequest<'a> {
         empty(self.prompt, "\"\"") && empty(self.messages, "[]")
     }
 
-    /// `options.num_ctx` and the reply limit (`options.num_predict`, `max_completion_tokens`,
+    /// `options.num_ctx`, `options.num_batch` and the reply limit (`options.num_predict`, `max_completion_tokens`,
     /// `max_tokens`), each when a positive integer; `options` is parsed once.
     pub fn limits(&self) -> Limits {
         let positive = |v: Option<serde_json::Value>| v?.as_u64().filter(|n| *n > 0);
@@ -84,6 +86,7 @@ impl<'a> ModelRequest<'a> {
         let n = |r: Option<&RawValue>| r.and_then(|r| r.get().trim().parse::<u64>().ok());
         Limits {
             num_ctx: positive(options.num_ctx),
+            num_batch: positive(options.num_batch),
             max_reply: positive(options.num_predict)
                 .or_else(|| n(self.max_completion_tokens))
                 .or_else(|| n(self.max_tokens)),

@@ -17,6 +17,7 @@ mod forward;
 mod inbound;
 mod observe;
 pub mod rewrite;
+pub mod shape;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -32,7 +33,7 @@ use hyper::body::Incoming;
 
 use crate::app::{AppState, ProviderState};
 use crate::context;
-use crate::lifecycle::{self, IdleHint, LifecycleError};
+use crate::lifecycle::{self, IdleHint, LifecycleError, Shape};
 use crate::providers::ops::OpError;
 use crate::providers::{Endpoint, ErrorStyle, Operation, UsageKeys};
 use crate::stats::InFlight;
@@ -164,7 +165,7 @@ async fn inspected(
     // The body goes upstream whole: the client sets its length from the bytes, so a stage
     // that rewrites them can never leave a stale Content-Length behind.
     parts.headers.remove(http::header::CONTENT_LENGTH);
-    let parsed = ModelRequest::parse(&bytes);
+    let mut parsed = ModelRequest::parse(&bytes);
     // No model (bad JSON, missing field): the upstream answers with its own error,
     // unchanged, and nothing is counted.
     let Some(model) = parsed.model().map(|m| kind.canonical_model(m).into_owned()) else {
@@ -182,12 +183,32 @@ async fn inspected(
         }
         return forward(state, p, endpoint, parts, bytes, None).await;
     }
+    let mut notes = Notes::default();
+    // Ollama's runner options under memory pressure (see `shape`).
+    if endpoint.usage == UsageKeys::OllamaNative {
+        if let Some((target, sent)) = shape::for_request(state, provider, &model, &parsed).await {
+            notes.shape = target;
+            if let Some(b) = shape::apply(&bytes, parsed.options, sent, target) {
+                notes.num_ctx = target
+                    .num_ctx
+                    .filter(|n| Some(*n) != sent.num_ctx)
+                    .map(|n| (sent.num_ctx, n));
+                notes.num_batch = target
+                    .num_batch
+                    .filter(|n| Some(*n) != sent.num_batch)
+                    .map(|n| (sent.num_batch, n));
+                drop(parsed);
+                bytes = b;
+                parsed = ModelRequest::parse(&bytes);
+            }
+        }
+    }
     // Fit the conversation into the model's window (before the lease: a slow summary must
     // not pin the target), and keep Ollama's num_ctx stable.
-    let mut notes = Notes::default();
     let mut estimate = None;
     if endpoint.operation == Operation::Chat && parsed.messages.is_some() {
-        match fit_context(state, provider, endpoint, &model, &bytes, &parsed).await {
+        let shaped = !notes.shape.is_default();
+        match fit_context(state, provider, endpoint, &model, &bytes, &parsed, shaped).await {
             Fitted::Unchanged { estimate: e } => estimate = e,
             Fitted::Rewritten {
                 body,
@@ -195,7 +216,7 @@ async fn inspected(
                 num_ctx,
             } => {
                 notes.compacted = compacted;
-                notes.num_ctx = num_ctx;
+                notes.num_ctx = num_ctx.or(notes.num_ctx);
                 estimate = compacted.map(|(_, after)| after);
                 drop(parsed);
                 bytes = body;
@@ -258,8 +279,12 @@ impl KeepAlivePlan {
 struct Notes {
     /// Prompt tokens before and after compaction.
     compacted: Option<(u64, u64)>,
-    /// Ollama `num_ctx` as sent and as forwarded.
-    num_ctx: Option<(u64, u64)>,
+    /// Ollama `num_ctx` as sent (`None`: absent) and as forwarded.
+    num_ctx: Option<(Option<u64>, u64)>,
+    /// Ollama `num_batch` as sent and as forwarded.
+    num_batch: Option<(Option<u64>, u64)>,
+    /// The runner options a load started by this request gets (Ollama under pressure).
+    shape: Shape,
 }
 
 enum Fitted {
@@ -269,7 +294,7 @@ enum Fitted {
     Rewritten {
         body: Bytes,
         compacted: Option<(u64, u64)>,
-        num_ctx: Option<(u64, u64)>,
+        num_ctx: Option<(Option<u64>, u64)>,
     },
     Reject(ProxyError),
 }
@@ -282,6 +307,7 @@ async fn fit_context(
     model: &str,
     bytes: &Bytes,
     parsed: &ModelRequest<'_>,
+    shaped: bool,
 ) -> Fitted {
     let cx = &state.compactor;
     let p = &state.providers[provider];
@@ -293,7 +319,12 @@ async fn fit_context(
         known = cx.configured_window(model);
         if known.is_none() {
             // Not seen loaded yet: load it now (as the request would) to learn its window.
-            if let Ok(view) = p.lifecycle.load(model).await {
+            let shape = lifecycle::Shape {
+                num_ctx: sent_ctx,
+                ..Default::default()
+            };
+            let shape = shape::for_load_capped(state, provider, model, shape).await;
+            if let Ok(view) = p.lifecycle.load(model, shape).await {
                 if let Some(ctx) = view.context_length {
                     cx.set_window(provider, model, ctx);
                     known = Some(ctx);
@@ -309,21 +340,22 @@ async fn fit_context(
         max_reply: limits.max_reply,
     };
     // Ollama reloads a model whose loaded num_ctx differs from the request's: keep the
-    // loaded one when the prompt fits it for sure.
+    // loaded one when the prompt fits it for sure (a request given a runner's options under
+    // memory pressure has them already).
     let mut body = bytes.clone();
     let mut num_ctx_note = None;
     let mut window = sent_ctx.or(known);
     if let (Some(sent), Some(loaded), true) = (
         sent_ctx,
         cx.window(provider, model),
-        endpoint.usage == UsageKeys::OllamaNative && cx.normalize_num_ctx(),
+        endpoint.usage == UsageKeys::OllamaNative && cx.normalize_num_ctx() && !shaped,
     ) {
         if sent != loaded
             && crate::tokens::upper_bound(messages_len) <= cx.prompt_budget(&req, loaded)
         {
             if let Some(b) = set_num_ctx(bytes, parsed.options, loaded) {
                 body = b;
-                num_ctx_note = Some((sent, loaded));
+                num_ctx_note = Some((Some(sent), loaded));
                 window = Some(loaded);
             }
         }
@@ -340,7 +372,7 @@ async fn fit_context(
         if sent > cap {
             if let Some(b) = set_num_ctx(bytes, parsed.options, cap) {
                 body = b;
-                num_ctx_note = Some((sent, cap));
+                num_ctx_note = Some((Some(sent), cap));
                 window = Some(cap);
             }
         }
@@ -415,11 +447,12 @@ async fn continue_with(
     if keep_alive.rewrite {
         // The body as read: its parse said where keep_alive is. Rewritten by the context
         // stage: parse it again.
-        let edited = if notes.compacted.is_none() && notes.num_ctx.is_none() {
-            rewrite::set_at(&bytes, "keep_alive", "-1", keep_alive.at.clone())
-        } else {
-            rewrite::set_top_level(&bytes, "keep_alive", "-1").map(|(b, _)| b)
-        };
+        let edited =
+            if notes.compacted.is_none() && notes.num_ctx.is_none() && notes.num_batch.is_none() {
+                rewrite::set_at(&bytes, "keep_alive", "-1", keep_alive.at.clone())
+            } else {
+                rewrite::set_top_level(&bytes, "keep_alive", "-1").map(|(b, _)| b)
+            };
         if let Ok(edited) = edited {
             bytes = Bytes::from(edited);
         }
@@ -443,7 +476,7 @@ async fn continue_with(
         }
         None => guard.not_estimated(),
     }
-    match p.lifecycle.acquire(&model, hint).await {
+    match p.lifecycle.acquire(&model, hint, notes.shape).await {
         Ok(lease) => guard.attach(lease),
         // The provider does not know the model: let it say so itself, in its own words.
         Err(LifecycleError::NotFound { .. }) => {}
@@ -471,9 +504,15 @@ async fn continue_with(
             resp.headers_mut().insert(COMPACTED_HEADER, v);
         }
     }
-    if let Some((sent, used)) = notes.num_ctx {
-        if let Ok(v) = http::HeaderValue::from_str(&format!("{sent}->{used}")) {
-            resp.headers_mut().insert(NUM_CTX_HEADER, v);
+    for (name, note) in [
+        (NUM_CTX_HEADER, notes.num_ctx),
+        (NUM_BATCH_HEADER, notes.num_batch),
+    ] {
+        if let Some((sent, used)) = note {
+            let sent = sent.map_or_else(|| "default".to_string(), |n| n.to_string());
+            if let Ok(v) = http::HeaderValue::from_str(&format!("{sent}->{used}")) {
+                resp.headers_mut().insert(name, v);
+            }
         }
     }
     resp
@@ -481,8 +520,11 @@ async fn continue_with(
 
 /// Set on a response whose request was compacted: `<tokens before>-><tokens after>`.
 pub const COMPACTED_HEADER: &str = "x-llm-warden-compacted";
-/// Set when Ollama's `num_ctx` was rewritten to the loaded model's: `<sent>-><used>`.
+/// Set when Ollama's `num_ctx` was rewritten (to the loaded model's, to a cap, or to the
+/// smaller context of a load under memory pressure): `<sent or "default">-><used>`.
 pub const NUM_CTX_HEADER: &str = "x-llm-warden-num-ctx";
+/// Set when Ollama's `num_batch` was rewritten (memory pressure): `<sent or "default">-><used>`.
+pub const NUM_BATCH_HEADER: &str = "x-llm-warden-num-batch";
 
 /// Sends an inspected request upstream and observes its response (when it is counted).
 async fn forward(

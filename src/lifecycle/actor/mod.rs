@@ -18,7 +18,8 @@ use tokio::time::Instant;
 
 use super::policy::RefuseReason;
 use super::{
-    Backend, Event, IdleHint, Lease, LifecycleError, MemoryProbe, ModelStatus, ModelView, Settings,
+    Backend, Event, IdleHint, Lease, LifecycleError, MemoryProbe, ModelStatus, ModelView, Runners,
+    Settings, Shape,
 };
 use crate::config::QueuePolicy;
 use crate::providers::ops::{Loaded, OpError};
@@ -50,6 +51,9 @@ struct Model {
     /// The context the model runs with: the load's answer, else the provider's list. Kept
     /// after an unload: a reload is likely to get the same.
     context_length: Option<u64>,
+    /// The runner options of the load in progress or of the loaded model, when the proxy
+    /// loaded it (default: the provider's own).
+    shape: Shape,
     loads: u64,
     unloads: u64,
     /// What `Backend::unload` takes (LM Studio: the instance id).
@@ -88,6 +92,8 @@ enum Reply {
 struct Waiter {
     id: u64,
     model: Arc<str>,
+    /// The runner options to load with, should this waiter's request start the load.
+    shape: Shape,
     enqueued: Instant,
     reply: Reply,
 }
@@ -101,6 +107,8 @@ pub(super) struct Actor {
     /// the channel never closes on its own: the actor stops on `stop`.
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
+    /// Shared with the handle: the options of models loaded with non-default ones.
+    runners: Runners,
     models: HashMap<Arc<str>, Model>,
     /// Arrival order; every waiter has the same timeout, so the front expires first.
     queue: VecDeque<Waiter>,
@@ -121,8 +129,10 @@ impl Actor {
         poll_now: Arc<Notify>,
         tx: mpsc::UnboundedSender<Event>,
         rx: mpsc::UnboundedReceiver<Event>,
+        runners: Runners,
     ) -> Self {
         Actor {
+            runners,
             settings,
             backend,
             memory,
@@ -176,21 +186,27 @@ impl Actor {
                 id,
                 model,
                 hint,
+                shape,
                 reply,
             } => {
                 let name = self.entry(&model);
                 if self.grantable_now(&name) {
                     self.grant(&name, reply, hint);
                 } else {
-                    self.enqueue(id, name, Reply::Request { reply, hint });
+                    self.enqueue(id, name, shape, Reply::Request { reply, hint });
                 }
             }
-            Event::AdminLoad { id, model, reply } => {
+            Event::AdminLoad {
+                id,
+                model,
+                shape,
+                reply,
+            } => {
                 let name = self.entry(&model);
                 if self.models[&name].status == ModelStatus::Ready {
                     let _ = reply.send(Ok(self.view(&self.models[&name])));
                 } else {
-                    self.enqueue(id, name, Reply::Admin(reply));
+                    self.enqueue(id, name, shape, Reply::Admin(reply));
                 }
             }
             Event::AdminUnload { model, reply } => self.admin_unload(&model, reply),
@@ -239,6 +255,7 @@ impl Actor {
                 hint: None,
                 load_time: None,
                 context_length: None,
+                shape: Shape::default(),
                 loads: 0,
                 unloads: 0,
                 instance_id: None,
@@ -292,7 +309,7 @@ impl Actor {
         let _ = reply.send(Ok(lease));
     }
 
-    fn enqueue(&mut self, id: u64, name: Arc<str>, reply: Reply) {
+    fn enqueue(&mut self, id: u64, name: Arc<str>, shape: Shape, reply: Reply) {
         if self.queue.len() >= self.settings.queue.max_waiting as usize {
             let retry_after = self.retry_after(&name);
             fail(
@@ -311,6 +328,7 @@ impl Actor {
         self.queue.push_back(Waiter {
             id,
             model: name,
+            shape,
             enqueued: Instant::now(),
             reply,
         });
@@ -380,6 +398,7 @@ impl Actor {
                 if loaded.context_length.is_some() {
                     m.context_length = loaded.context_length;
                 }
+
                 m.loads += 1;
                 m.instance_id = Some(loaded.instance_id);
                 m.loaded_by_proxy = true;
@@ -387,11 +406,15 @@ impl Actor {
                 if m.active == 0 {
                     m.idle_since = Some(now);
                 }
+                let (key, shape) = (m.name.clone(), m.shape);
+                self.runners.set(&key, shape);
                 tracing::info!(
                     provider = %provider,
                     model = %name,
                     load_ms = loaded.elapsed.as_millis() as u64,
                     jit = loaded.jit,
+                    num_ctx = shape.num_ctx,
+                    num_batch = shape.num_batch,
                     "model loaded"
                 );
                 self.poll_now.notify_one();
@@ -400,6 +423,8 @@ impl Actor {
                 m.status = ModelStatus::Error;
                 m.changed_at = now;
                 m.last_error = Some(e.to_string());
+                m.shape = Shape::default();
+                self.runners.forget(name);
                 tracing::warn!(provider = %provider, model = %name, error = %e, "model load failed");
                 let err = match e {
                     OpError::ModelNotFound { .. } => LifecycleError::NotFound {
@@ -444,6 +469,7 @@ impl Actor {
                 m.instance_id = None;
                 m.reported = None;
                 m.last_error = None;
+                m.shape = Shape::default();
                 tracing::info!(provider = %provider, model = %name, "model unloaded");
                 Ok(())
             }
@@ -459,6 +485,7 @@ impl Actor {
                 })
             }
         };
+        self.runners.forget(name);
         let view = self.view(&self.models[name]);
         for w in waiters {
             let _ = w.send(outcome.clone().map(|()| view.clone()));
@@ -477,11 +504,22 @@ impl Actor {
             let name = self.entry(&lm.model);
             self.seq += 1;
             let seq = self.seq;
-            let Some(m) = self.model(&name) else {
+            let Some(m) = self.models.get_mut(&name) else {
                 continue;
             };
             if lm.context_length.is_some() {
                 m.context_length = lm.context_length;
+            }
+            // Loaded with other options than the proxy's (a client reloaded it): the
+            // provider's list is the truth from now on.
+            if m.status == ModelStatus::Ready
+                && m.changed_at <= polled_at
+                && m.shape.num_ctx.is_some()
+                && lm.context_length.is_some()
+                && lm.context_length != m.shape.num_ctx
+            {
+                m.shape = Shape::default();
+                self.runners.forget(&name);
             }
             m.reported = Some(lm.clone());
             if matches!(m.status, ModelStatus::Unloaded | ModelStatus::Error)
@@ -511,6 +549,8 @@ impl Actor {
                 m.idle_since = None;
                 m.instance_id = None;
                 m.hint = None;
+                m.shape = Shape::default();
+                self.runners.forget(&m.name);
                 tracing::info!(provider = %provider, model = %m.name, "model no longer loaded on the provider");
             }
         }

@@ -218,8 +218,24 @@ impl Actor {
         m.changed_at = Instant::now();
         m.last_error = None;
         tracing::info!(provider = %self.settings.provider, model = %name, "loading model");
-        let context = self.load_context();
-        let op = self.backend.load(name, context);
+        // The options of the oldest waiter's request (Ollama reloads a runner whose options
+        // differ from a request's, so the request carries the same); LM Studio's context
+        // under pressure is the actor's to choose (requests there cannot change it).
+        let mut shape = self
+            .queue
+            .iter()
+            .find(|w| w.model == *name)
+            .map(|w| w.shape)
+            .unwrap_or_default();
+        if shape.num_ctx.is_none() {
+            shape.num_ctx = self.load_context();
+        }
+        if let Some(m) = self.models.get_mut(name) {
+            m.shape = shape;
+        }
+        // Published now: requests arriving during the load are given the same options.
+        self.runners.set(name, shape);
+        let op = self.backend.load(name, shape);
         let tx = self.tx.clone();
         let model = name.clone();
         tokio::spawn(async move {
@@ -299,10 +315,10 @@ impl Actor {
         shed
     }
 
-    /// The context a new load asks for: the provider's default, except for LM Studio under
-    /// memory pressure: `buffers.context.initial` at warning, half that at critical (a
-    /// smaller KV cache). Ollama loads keep their context: a runner loaded with another
-    /// `num_ctx` than its clients' requests imply is reloaded by Ollama on the next request.
+    /// The context an LM Studio load asks for when its request did not say: the provider's
+    /// default, except under memory pressure: `buffers.context.initial` at warning, half that
+    /// at critical (a smaller KV cache). Ollama's come with the request that starts the load
+    /// (see `crate::proxy::shape`), since its requests must then carry the same.
     pub(super) fn load_context(&self) -> Option<u64> {
         if self.settings.kind != crate::providers::ProviderKind::LmStudio {
             return None;

@@ -55,7 +55,8 @@ pub(super) async fn embed_core(
     dimensions: Option<i64>,
 ) -> Result<Embedded, ApiError> {
     let num_ctx = sim.effective_num_ctx(model, opts.num_ctx);
-    let acquired = sim.acquire(model, num_ctx, keep_alive).await?;
+    let num_batch = sim.effective_num_batch(opts.num_batch);
+    let acquired = sim.acquire(model, num_ctx, num_batch, keep_alive).await?;
     let mut tokens = 0;
     let mut vectors = Vec::with_capacity(inputs.len());
     for input in inputs {

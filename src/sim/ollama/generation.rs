@@ -75,7 +75,10 @@ impl OllamaSim {
     /// Schedules the runner and plans the reply; errors come before any byte is written.
     async fn prepare(self: &Arc<Self>, req: GenRequest) -> Result<Gen, ApiError> {
         let num_ctx = self.effective_num_ctx(&req.model, req.opts.num_ctx);
-        let acquired = self.acquire(&req.model, num_ctx, req.keep_alive).await?;
+        let num_batch = self.effective_num_batch(req.opts.num_batch);
+        let acquired = self
+            .acquire(&req.model, num_ctx, num_batch, req.keep_alive)
+            .await?;
         let slot = self.generation_slot(&req.model.name).await;
         let num_keep = req.opts.num_keep.unwrap_or(DEFAULT_NUM_KEEP);
         let prompt_tokens = match &req.prompt {

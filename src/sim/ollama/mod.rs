@@ -1,6 +1,6 @@
 //! Simulated Ollama server (API of 0.13, `provider-apis.md` §1 and §5.1): the native `/api/*`
 //! routes and the OpenAI `/v1/*` layer, byte-faithful framing, load latency, shared loads,
-//! keep-alive expiry on a steppable clock, LRU eviction, reloads on `num_ctx` changes and truncation.
+//! keep-alive expiry on a steppable clock, LRU eviction, reloads on `num_ctx` / `num_batch` changes and truncation.
 //! Not simulated: real inference, tool calls, thinking, images (only counted), the machine-hostname Host rule,
 //! `/api/push|create|blobs`, `/v1/responses|messages`, memory-based scheduling and per-model
 //! parallelism limits (a loaded model serves any number of requests at once).
@@ -179,6 +179,12 @@ impl OllamaSim {
     pub fn loaded_num_ctx(&self, model: &str) -> Option<u32> {
         let st = self.fresh();
         st.runners.get(&full_name(model)).map(|r| r.num_ctx)
+    }
+
+    /// The batch size a loaded model runs with.
+    pub fn loaded_num_batch(&self, model: &str) -> Option<u32> {
+        let st = self.fresh();
+        st.runners.get(&full_name(model)).map(|r| r.num_batch)
     }
 
     /// How many loads were started for `model` (bare names mean `:latest`).

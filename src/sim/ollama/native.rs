@@ -19,7 +19,7 @@ use super::keep_alive::{parse_keep_alive, KeepAlive};
 use super::render::Flavor;
 use super::request::{
     check_think_and_logprobs, parse_messages, parse_object, parse_options, require_model, ApiError,
-    Fields, Handled,
+    Fields, Handled, Opts,
 };
 use super::wire::{
     line, ok_json, ChatResponse, Details, ErrorBody, GenerateResponse, PsModel, PsResponse,
@@ -58,15 +58,16 @@ async fn load_or_unload(
     model: &SimModel,
     label: &str,
     keep_alive: Option<KeepAlive>,
-    num_ctx: Option<u32>,
+    opts: &Opts,
     chat: bool,
 ) -> Handled {
     if keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
         sim.expire_runner(&model.name);
         return Ok(lifecycle_reply(sim, label, chat, "unload"));
     }
-    let num_ctx = sim.effective_num_ctx(model, num_ctx);
-    let acquired = sim.acquire(model, num_ctx, keep_alive).await?;
+    let num_ctx = sim.effective_num_ctx(model, opts.num_ctx);
+    let num_batch = sim.effective_num_batch(opts.num_batch);
+    let acquired = sim.acquire(model, num_ctx, num_batch, keep_alive).await?;
     drop(acquired.lease);
     Ok(lifecycle_reply(sim, label, chat, "load"))
 }
@@ -82,14 +83,14 @@ pub(super) async fn chat(sim: &Arc<OllamaSim>, call: &Call) -> Handled {
     let opts = parse_options(map.get("options"))?;
     let model = require_model(sim, &label)?;
     if messages.is_empty() && keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
-        return load_or_unload(sim, &model, &label, keep_alive, opts.num_ctx, true).await;
+        return load_or_unload(sim, &model, &label, keep_alive, &opts, true).await;
     }
     if model.embedding {
         return Err(ApiError::unsupported(&label, "chat"));
     }
     check_think_and_logprobs(&f, &label)?;
     if messages.is_empty() {
-        return load_or_unload(sim, &model, &label, keep_alive, opts.num_ctx, true).await;
+        return load_or_unload(sim, &model, &label, keep_alive, &opts, true).await;
     }
     let req = GenRequest {
         label,
@@ -132,14 +133,14 @@ pub(super) async fn generate(sim: &Arc<OllamaSim>, call: &Call) -> Handled {
         .lookup(&label)
         .ok_or_else(|| ApiError::not_found(&label))?;
     if prompt.is_empty() && keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
-        return load_or_unload(sim, &model, &label, keep_alive, opts.num_ctx, false).await;
+        return load_or_unload(sim, &model, &label, keep_alive, &opts, false).await;
     }
     if model.embedding {
         return Err(ApiError::unsupported(&label, "generate"));
     }
     check_think_and_logprobs(&f, &label)?;
     if prompt.is_empty() {
-        return load_or_unload(sim, &model, &label, keep_alive, opts.num_ctx, false).await;
+        return load_or_unload(sim, &model, &label, keep_alive, &opts, false).await;
     }
     let overhead = if raw { 0 } else { TEMPLATE_OVERHEAD_TOKENS };
     let tokens = common::count_tokens(system) + common::count_tokens(&prompt) + overhead;
@@ -227,6 +228,11 @@ pub(super) fn show(sim: &OllamaSim, call: &Call) -> Handled {
         Value::from(g.kv_heads),
     );
     info.insert(format!("{arch}.embedding_length"), Value::from(g.embd));
+    // Llama 3's GGUF files carry their vocabulary size; Qwen 2.5's (as Ollama shows them) do
+    // not, so the proxy's estimate meets both.
+    if arch == "llama" {
+        info.insert(format!("{arch}.vocab_size"), Value::from(128_256));
+    }
     Ok(ok_json(&ShowResponse {
         parameters: parameters_text(&m),
         details: Details::of(&m),

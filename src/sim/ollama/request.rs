@@ -194,6 +194,8 @@ impl<'a> Fields<'a> {
 #[derive(Default)]
 pub(super) struct Opts {
     pub(super) num_ctx: Option<u32>,
+    /// A runner option like `num_ctx`: a different value reloads the model.
+    pub(super) num_batch: Option<u32>,
     pub(super) num_predict: Option<i64>,
     pub(super) num_keep: Option<u32>,
 }
@@ -221,6 +223,7 @@ pub(super) fn parse_options(v: Option<&Value>) -> Result<Opts, ApiError> {
     let to_u32 = |n: i64| u32::try_from(n.max(0)).unwrap_or(u32::MAX);
     Ok(Opts {
         num_ctx: int("num_ctx")?.map(to_u32),
+        num_batch: int("num_batch")?.map(to_u32),
         num_predict: int("num_predict")?,
         num_keep: int("num_keep")?.map(to_u32),
     })

@@ -13,6 +13,9 @@ use tokio::sync::watch;
 use super::config::full_name;
 use super::keep_alive::KeepAlive;
 use super::{relock, OllamaSim, WARM_LOAD_NS};
+
+/// Ollama's default `num_batch`.
+const DEFAULT_NUM_BATCH: u32 = 512;
 use crate::sim::SimModel;
 
 /// A loaded (or loading) model.
@@ -21,6 +24,7 @@ pub(super) struct Runner {
     id: u64,
     pub(super) model: SimModel,
     pub(super) num_ctx: u32,
+    pub(super) num_batch: u32,
     pub(super) ready: bool,
     load_rx: watch::Receiver<Option<Result<(), String>>>,
     /// Requests holding the runner (waiting for its load or generating).
@@ -166,11 +170,18 @@ impl OllamaSim {
         n.min(model.context_length).max(1)
     }
 
-    /// Gets a reference on a runner for `model` at `num_ctx`, loading (and evicting) as needed.
+    /// Effective `num_batch`: the request's, else Ollama's default 512.
+    pub(super) fn effective_num_batch(&self, requested: Option<u32>) -> u32 {
+        requested.filter(|n| *n > 0).unwrap_or(DEFAULT_NUM_BATCH)
+    }
+
+    /// Gets a reference on a runner for `model` at `num_ctx` and `num_batch`, loading (and
+    /// evicting) as needed.
     pub(super) async fn acquire(
         self: &Arc<Self>,
         model: &SimModel,
         num_ctx: u32,
+        num_batch: u32,
         keep_alive: Option<KeepAlive>,
     ) -> Result<Acquired, SchedError> {
         let start = tokio::time::Instant::now();
@@ -183,7 +194,7 @@ impl OllamaSim {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let step = self.try_take(model, num_ctx, keep_alive);
+            let step = self.try_take(model, num_ctx, num_batch, keep_alive);
             match step {
                 Step::Ready(lease) => {
                     return Ok(Acquired {
@@ -220,6 +231,7 @@ impl OllamaSim {
         self: &Arc<Self>,
         model: &SimModel,
         num_ctx: u32,
+        num_batch: u32,
         keep_alive: Option<KeepAlive>,
     ) -> Step {
         let now = self.clock.now();
@@ -229,7 +241,7 @@ impl OllamaSim {
         let name = model.name.clone();
         let unload = keep_alive == Some(KeepAlive::For(Duration::ZERO));
         if let Some(r) = st.runners.get_mut(&name) {
-            if r.num_ctx == num_ctx {
+            if r.num_ctx == num_ctx && r.num_batch == num_batch {
                 r.refs += 1;
                 r.idle_since = None;
                 r.last_used = seq;
@@ -271,6 +283,7 @@ impl OllamaSim {
                 id: seq,
                 model: model.clone(),
                 num_ctx,
+                num_batch,
                 ready: false,
                 load_rx: rx.clone(),
                 refs: 1,
