@@ -23,6 +23,9 @@ struct ProviderStatus<'a> {
     reachable: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<String>,
+    /// llama-server only: `router`, `single` or `unknown` (not read yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<&'static str>,
 }
 
 /// One model: the proxy's counters, and what the lifecycle knows of it.
@@ -133,7 +136,11 @@ async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response
         return error(StatusCode::BAD_REQUEST, "the model name is empty".into());
     }
     let model = p.config.kind.canonical_model(&model).into_owned();
-    let result = if action == "load" {
+    let result = if !p.managed() {
+        Err(LifecycleError::Unmanaged {
+            provider: p.config.name.clone(),
+        })
+    } else if action == "load" {
         let shape = crate::proxy::shape::for_load_capped(
             state,
             index,
@@ -270,6 +277,13 @@ async fn status(state: &AppState) -> Status<'_> {
                 upstream: p.config.upstream.to_string(),
                 reachable: p.reachable(),
                 last_error: p.last_error(),
+                mode: (p.config.kind == crate::providers::ProviderKind::LlamaCpp).then(|| match p
+                    .llama_mode()
+                {
+                    crate::app::LLAMA_ROUTER => "router",
+                    crate::app::LLAMA_SINGLE => "single",
+                    _ => "unknown",
+                }),
             })
             .collect(),
         models,

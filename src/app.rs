@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, ProviderConfig};
 use crate::lifecycle::{LifecycleHandle, MemoryProbe, OpsBackend, Settings};
+use crate::providers::ProviderKind;
 use crate::proxy::{self, ProxyError, UpstreamClient};
 use crate::stats::StatsTable;
 
@@ -63,9 +64,33 @@ pub struct ProviderState {
     pub lifecycle: LifecycleHandle,
     /// Wakes the poller now (the lifecycle does after each load and unload).
     poll_now: Arc<Notify>,
+    /// llama-server only: [`LLAMA_UNKNOWN`], [`LLAMA_ROUTER`] or [`LLAMA_SINGLE`], as its
+    /// `/models` last said.
+    llama_mode: AtomicU8,
+    /// llama-server models whose window (`/props`) and token ratio (`/tokenize`) were read
+    /// since they were loaded.
+    probed: dashmap::DashSet<String>,
 }
 
+/// llama-server's mode is not known yet (no `/models` read).
+pub const LLAMA_UNKNOWN: u8 = 0;
+/// llama-server in router mode: models are loaded and unloaded through its API.
+pub const LLAMA_ROUTER: u8 = 1;
+/// llama-server with one model (`-m`): always loaded, no lifecycle.
+pub const LLAMA_SINGLE: u8 = 2;
+
 impl ProviderState {
+    /// Whether the lifecycle manages this provider's models: always, but for a llama-server
+    /// that is not (known to be) a router, whose one model is always loaded.
+    pub fn managed(&self) -> bool {
+        self.config.kind != ProviderKind::LlamaCpp || self.llama_mode.load(Relaxed) == LLAMA_ROUTER
+    }
+
+    /// llama-server's mode ([`LLAMA_UNKNOWN`], [`LLAMA_ROUTER`], [`LLAMA_SINGLE`]).
+    pub fn llama_mode(&self) -> u8 {
+        self.llama_mode.load(Relaxed)
+    }
+
     pub fn reachable(&self) -> bool {
         self.reachable.load(Relaxed)
     }
@@ -215,11 +240,12 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     for (i, p) in config.providers.iter().enumerate() {
         let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
         let poll_now = Arc::new(Notify::new());
-        let backend = Arc::new(OpsBackend {
-            client: client.clone(),
-            upstream: p.upstream.clone(),
-            kind: p.kind,
-        });
+        let backend = Arc::new(OpsBackend::new(
+            client.clone(),
+            p.upstream.clone(),
+            p.kind,
+            p.slot_save,
+        ));
         let settings = Settings {
             pressure: Some(monitor.subscribe()),
             ..Settings::from_config(&config, i)
@@ -241,6 +267,8 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             polls: AtomicUsize::new(0),
             lifecycle,
             poll_now,
+            llama_mode: AtomicU8::new(LLAMA_UNKNOWN),
+            probed: Default::default(),
         });
         listeners.push(l);
     }
@@ -343,7 +371,7 @@ async fn probe(state: Arc<AppState>, i: usize) {
     let paths = p.config.kind.facts().loaded_paths;
     // Start from the path that answered last time (older LM Studio builds lack /api/v1).
     let first = p.loaded_path.load(Relaxed).min(paths.len() - 1);
-    for (n, path) in paths.iter().enumerate().skip(first) {
+    for (at, path) in paths.iter().enumerate().skip(first) {
         match tokio::time::timeout(POLL_TIMEOUT, fetch(&state.client, p, path)).await {
             Err(_) => {
                 return p.mark_unreachable(format!("no answer from {path} within {POLL_TIMEOUT:?}"))
@@ -360,10 +388,10 @@ async fn probe(state: Arc<AppState>, i: usize) {
             }
             Ok(Ok((status, body))) => {
                 p.mark_reachable();
-                if status == http::StatusCode::NOT_FOUND && n + 1 < paths.len() {
+                if status == http::StatusCode::NOT_FOUND && at + 1 < paths.len() {
                     continue;
                 }
-                p.loaded_path.store(n, Relaxed);
+                p.loaded_path.store(at, Relaxed);
                 if !status.is_success() {
                     tracing::debug!(provider = %p.config.name, %path, %status, "loaded-models list refused");
                     return;
@@ -382,9 +410,14 @@ async fn probe(state: Arc<AppState>, i: usize) {
                                 state.compactor.set_window(i, &m.model, ctx);
                             }
                         }
+                        if p.config.kind == ProviderKind::LlamaCpp {
+                            probe_llamacpp(&state, i, &body, &loaded).await;
+                        }
                         state.stats.apply_report(i, &loaded);
                         update_memory(&state, i, &loaded).await;
-                        p.lifecycle.report(loaded, polled_at);
+                        if p.managed() {
+                            p.lifecycle.report(loaded, polled_at);
+                        }
                     }
                     Err(why) => {
                         tracing::debug!(provider = %p.config.name, %why, "cannot read loaded models")
@@ -393,6 +426,57 @@ async fn probe(state: Arc<AppState>, i: usize) {
                 return;
             }
         }
+    }
+}
+
+/// llama-server: its mode (router or single) from `/models`, and for each model newly
+/// loaded its window (`/props` `n_ctx`) and the tokenizer's ratio to the estimator
+/// (`/tokenize` of a fixed sample: exact counts, so compaction fits prompts to the token).
+async fn probe_llamacpp(
+    state: &AppState,
+    i: usize,
+    body: &[u8],
+    loaded: &[crate::providers::LoadedModel],
+) {
+    let p = &state.providers[i];
+    let router = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| crate::providers::llamacpp::is_router(&v));
+    if let Some(router) = router {
+        let mode = if router { LLAMA_ROUTER } else { LLAMA_SINGLE };
+        if p.llama_mode.swap(mode, Relaxed) != mode {
+            tracing::info!(
+                provider = %p.config.name,
+                mode = if router { "router" } else { "single model" },
+                "llama-server mode"
+            );
+        }
+    }
+    p.probed.retain(|m| loaded.iter().any(|l| l.model == *m));
+    let routed = p.llama_mode() == LLAMA_ROUTER;
+    for m in loaded {
+        if p.probed.contains(&m.model) {
+            continue;
+        }
+        let model = routed.then_some(m.model.as_str());
+        let up = &p.config.upstream;
+        if let Some(n_ctx) = crate::providers::ops::llamacpp_n_ctx(&state.client, up, model).await {
+            state.compactor.set_window(i, &m.model, n_ctx);
+        }
+        let sample = crate::providers::llamacpp::CALIBRATION_SAMPLE;
+        match crate::providers::ops::llamacpp_tokenize(&state.client, up, model, sample).await {
+            Ok(exact) => {
+                let cx = &state.compactor;
+                let estimated = cx.counter.count_text(cx.encoding(&m.model), sample);
+                cx.counter
+                    .calibrate(&p.config.name, &m.model, estimated, exact);
+                tracing::debug!(provider = %p.config.name, model = %m.model, estimated, exact, "token ratio from /tokenize");
+            }
+            Err(e) => {
+                tracing::debug!(provider = %p.config.name, model = %m.model, error = %e, "cannot tokenize")
+            }
+        }
+        p.probed.insert(m.model.clone());
     }
 }
 

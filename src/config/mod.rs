@@ -59,6 +59,9 @@ pub struct ProviderConfig {
     pub max_models_loaded: u32,
     /// `[limits] memory_threshold`, unless this provider overrides it.
     pub memory_threshold: f64,
+    /// llamacpp only: the server runs with `--slot-save-path`, so the proxy saves a model's
+    /// KV cache (slot 0) before unloading it and restores it after loading it again.
+    pub slot_save: bool,
 }
 
 /// Where a provider lives: scheme and authority, plus an optional path prefix that is put in

@@ -42,6 +42,7 @@ pub(super) struct RawProvider {
     pub(super) poll_interval: Option<String>,
     pub(super) max_models_loaded: Option<u32>,
     pub(super) memory_threshold: Option<f64>,
+    pub(super) slot_save: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -113,6 +113,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 poll_interval: None,
                 max_models_loaded: None,
                 memory_threshold: None,
+                slot_save: None,
             })
             .collect()
     });
@@ -128,7 +129,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 c.bad(
                     at("kind"),
                     format!(
-                        "unknown provider kind `{}` (expected ollama or lmstudio)",
+                        "unknown provider kind `{}` (expected ollama, lmstudio or llamacpp)",
                         p.kind
                     ),
                 );
@@ -171,6 +172,13 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             p.memory_threshold,
             limits.memory_threshold,
         );
+        let slot_save = p.slot_save.unwrap_or(false);
+        if slot_save && kind != ProviderKind::LlamaCpp {
+            c.bad(
+                at("slot_save"),
+                "only a llamacpp provider has slots to save",
+            );
+        }
         if let (Some(listen), Some(upstream)) = (listen, upstream) {
             providers.push(ProviderConfig {
                 name,
@@ -180,6 +188,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 poll_interval,
                 max_models_loaded,
                 memory_threshold,
+                slot_save,
             });
         }
     }

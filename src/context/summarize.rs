@@ -134,16 +134,21 @@ async fn call_now(
                        "options": options}),
             )
         }
-        ProviderKind::LmStudio => (
+        ProviderKind::LmStudio | ProviderKind::LlamaCpp => (
             "/v1/chat/completions",
             json!({"model": model, "messages": messages, "stream": false, "max_tokens": max_tokens}),
         ),
     };
-    let _lease = p
-        .lifecycle
-        .acquire(model, None, shape)
-        .await
-        .map_err(|e| format!("summarizer model: {e}"))?;
+    let _lease = if p.managed() {
+        Some(
+            p.lifecycle
+                .acquire(model, None, shape)
+                .await
+                .map_err(|e| format!("summarizer model: {e}"))?,
+        )
+    } else {
+        None
+    };
     let up = &p.config.upstream;
     let req = Request::post(format!("{up}{path}"))
         .header(header::CONTENT_TYPE, "application/json")

@@ -1,7 +1,8 @@
 //! What the actor does to the outside world, behind traits so tests use fakes: load and unload
 //! through the provider ([`Backend`]), and read the machine's memory ([`MemoryProbe`]).
 
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 
@@ -22,10 +23,52 @@ pub trait Backend: Send + Sync + 'static {
 
 /// The real backend: `providers::ops` over the shared upstream client. Loads ask the provider
 /// to keep the model until told otherwise (Ollama `keep_alive: -1`).
+///
+/// llama-server with `slot_save` (its `--slot-save-path` set): before a model is unloaded
+/// its slot 0 KV cache is saved to `llm-warden-<model>.bin`, and after it is loaded again it
+/// is restored from there, so the prompt it was working on comes back without being
+/// evaluated again (TDR-007's "cache" stage: offload to disk, come back cheaply). Both are
+/// best effort: a failure is logged and the load or unload goes on.
 pub struct OpsBackend {
-    pub client: UpstreamClient,
-    pub upstream: Upstream,
-    pub kind: ProviderKind,
+    client: UpstreamClient,
+    upstream: Upstream,
+    kind: ProviderKind,
+    slot_save: bool,
+    /// Models whose slot was saved at their last unload.
+    saved: Arc<Mutex<HashSet<String>>>,
+}
+
+impl OpsBackend {
+    pub fn new(
+        client: UpstreamClient,
+        upstream: Upstream,
+        kind: ProviderKind,
+        slot_save: bool,
+    ) -> Self {
+        OpsBackend {
+            client,
+            upstream,
+            kind,
+            slot_save: slot_save && kind == ProviderKind::LlamaCpp,
+            saved: Default::default(),
+        }
+    }
+}
+
+/// The file a model's slot is saved to (under the server's `--slot-save-path`): the model
+/// name with anything but letters, digits, `-`, `_`, `.` made `_`.
+pub fn slot_file(model: &str) -> String {
+    let safe: String = model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("llm-warden-{safe}.bin")
 }
 
 impl Backend for OpsBackend {
@@ -36,13 +79,33 @@ impl Backend for OpsBackend {
             self.kind,
             model.to_string(),
         );
+        let restore = self.slot_save
+            && self
+                .saved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&model);
         Box::pin(async move {
             let opts = LoadOptions {
                 context_length: shape.num_ctx,
                 num_batch: shape.num_batch,
                 ..LoadOptions::default()
             };
-            ops::load(&client, &upstream, kind, &model, &opts).await
+            let loaded = ops::load(&client, &upstream, kind, &model, &opts).await?;
+            if restore {
+                let file = slot_file(&model);
+                match ops::llamacpp_slot(&client, &upstream, Some(&model), 0, "restore", &file)
+                    .await
+                {
+                    Ok(v) => tracing::info!(
+                        model = %model,
+                        tokens = v.get("n_restored").and_then(serde_json::Value::as_u64),
+                        "KV cache restored"
+                    ),
+                    Err(e) => tracing::warn!(model = %model, error = %e, "KV cache restore failed"),
+                }
+            }
+            Ok(loaded)
         })
     }
 
@@ -53,7 +116,28 @@ impl Backend for OpsBackend {
             self.kind,
             instance_id.to_string(),
         );
-        Box::pin(async move { ops::unload(&client, &upstream, kind, &id).await })
+        let save = self.slot_save.then(|| self.saved.clone());
+        Box::pin(async move {
+            if let Some(saved) = save {
+                let file = slot_file(&id);
+                match ops::llamacpp_slot(&client, &upstream, Some(&id), 0, "save", &file).await {
+                    Ok(v) => {
+                        tracing::info!(
+                            model = %id,
+                            tokens = v.get("n_saved").and_then(serde_json::Value::as_u64),
+                            file = %file,
+                            "KV cache saved before unloading"
+                        );
+                        saved
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(id.clone());
+                    }
+                    Err(e) => tracing::warn!(model = %id, error = %e, "KV cache save failed"),
+                }
+            }
+            ops::unload(&client, &upstream, kind, &id).await
+        })
     }
 }
 

@@ -53,7 +53,7 @@ use crate::config::{Config, ModelOverrides, QueueConfig};
 use crate::providers::ops::{Loaded, OpError};
 use crate::providers::{LoadedModel, ProviderKind};
 
-pub use backend::{Backend, MemoryProbe, MemoryReading, OpsBackend, SystemMemory};
+pub use backend::{slot_file, Backend, MemoryProbe, MemoryReading, OpsBackend, SystemMemory};
 
 /// The runner options a load asks for (Ollama `options.num_ctx` / `num_batch`, LM Studio
 /// `context_length`); `None` leaves the provider's default. Loads under memory pressure get
@@ -195,6 +195,9 @@ pub enum LifecycleError {
     },
     #[error("llm-warden is shutting down")]
     Stopped,
+    /// A llama-server with one model (`-m`): it is always loaded; nothing to load or unload.
+    #[error("`{provider}` serves a single model that is always loaded (llama-server without router mode); it cannot be loaded or unloaded")]
+    Unmanaged { provider: String },
 }
 
 impl LifecycleError {
@@ -208,6 +211,7 @@ impl LifecycleError {
             LifecycleError::UnloadFailed { .. } => "unload_failed",
             LifecycleError::TooLarge { .. } => "model_too_large",
             LifecycleError::Stopped => "shutting_down",
+            LifecycleError::Unmanaged { .. } => "lifecycle_off",
         }
     }
 

@@ -4,6 +4,7 @@
 //!
 //! The proxy consults these tables; it never matches on provider paths itself.
 
+pub mod llamacpp;
 mod lmstudio;
 mod ollama;
 pub mod ops;
@@ -13,6 +14,8 @@ pub mod ops;
 pub enum ProviderKind {
     Ollama,
     LmStudio,
+    /// llama.cpp's `llama-server`, single-model or router mode.
+    LlamaCpp,
 }
 
 /// Fixed facts about a provider kind.
@@ -48,6 +51,7 @@ impl ProviderKind {
         match s {
             "ollama" => Some(ProviderKind::Ollama),
             "lmstudio" => Some(ProviderKind::LmStudio),
+            "llamacpp" => Some(ProviderKind::LlamaCpp),
             _ => None,
         }
     }
@@ -56,6 +60,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Ollama => "ollama",
             ProviderKind::LmStudio => "lmstudio",
+            ProviderKind::LlamaCpp => "llamacpp",
         }
     }
 
@@ -63,6 +68,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Ollama => &ollama::FACTS,
             ProviderKind::LmStudio => &lmstudio::FACTS,
+            ProviderKind::LlamaCpp => &llamacpp::FACTS,
         }
     }
 
@@ -71,6 +77,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Ollama => ollama::classify(path),
             ProviderKind::LmStudio => lmstudio::classify(path),
+            ProviderKind::LlamaCpp => llamacpp::classify(path),
         }
     }
 
@@ -79,7 +86,7 @@ impl ProviderKind {
     pub fn canonical_model(self, model: &str) -> std::borrow::Cow<'_, str> {
         match self {
             ProviderKind::Ollama => ollama::canonical_model(model),
-            ProviderKind::LmStudio => std::borrow::Cow::Borrowed(model),
+            ProviderKind::LmStudio | ProviderKind::LlamaCpp => std::borrow::Cow::Borrowed(model),
         }
     }
 
@@ -90,6 +97,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Ollama => ollama::parse_loaded(&v),
             ProviderKind::LmStudio => lmstudio::parse_loaded(path, &v),
+            ProviderKind::LlamaCpp => llamacpp::parse_loaded(&v),
         }
         .ok_or_else(|| format!("{path}: unexpected shape"))
     }
@@ -123,6 +131,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Ollama => ollama::error_style(path),
             ProviderKind::LmStudio => ErrorStyle::OpenAi,
+            ProviderKind::LlamaCpp => ErrorStyle::LlamaCpp,
         }
     }
 }
@@ -134,6 +143,9 @@ pub enum ErrorStyle {
     Ollama,
     /// `{"error":{"message","type","param","code"}}` (OpenAI and LM Studio).
     OpenAi,
+    /// `{"error":{"code":<status>,"message","type"}}` (llama-server, every endpoint; the
+    /// OpenAI SDK reads it too).
+    LlamaCpp,
 }
 
 /// Which JSON keys carry the token counts in a response of this endpoint.
@@ -145,6 +157,13 @@ pub enum UsageKeys {
     OpenAi,
     /// `stats.input_tokens` / `stats.total_output_tokens` (LM Studio `/api/v1/chat`).
     LmStudioV1,
+    /// llama-server's OpenAI endpoints: `usage`, else `timings` (`prompt_n` + `cache_n`,
+    /// `predicted_n`), which every build puts on the last chunk while `usage` depends on the
+    /// build and on `stream_options.include_usage`.
+    LlamaCpp,
+    /// llama-server's native `/completion`: `tokens_evaluated` / `tokens_predicted`, else
+    /// `timings`.
+    LlamaCppNative,
 }
 
 /// What kind of work an inspected endpoint does.

@@ -119,6 +119,7 @@ pub async fn load(
         match kind {
             ProviderKind::Ollama => ollama_load(client, upstream, model, opts).await,
             ProviderKind::LmStudio => lmstudio_load(client, upstream, model, opts).await,
+            ProviderKind::LlamaCpp => llamacpp_load(client, upstream, model).await,
         }
     };
     let (instance_id, context_length, jit) = tokio::time::timeout(opts.timeout, op)
@@ -157,6 +158,7 @@ pub async fn unload_within(
                 json!({"model": instance_id, "keep_alive": 0, "stream": false}),
             ),
             ProviderKind::LmStudio => (LMSTUDIO_UNLOAD, json!({"instance_id": instance_id})),
+            ProviderKind::LlamaCpp => return llamacpp_unload(client, upstream, instance_id).await,
         };
         let (status, body) = post_json(client, upstream, path, &body).await?;
         if status.is_success() {
@@ -301,6 +303,185 @@ async fn lmstudio_load(
     Ok((id.to_string(), context_length, false))
 }
 
+/// How often a llama-server router's `/models` is read while a load or unload settles (both
+/// answer at once and finish in the background, §3.6).
+pub const LLAMACPP_SETTLE_POLL: Duration = Duration::from_millis(50);
+const LLAMACPP_MODELS: &str = "/models";
+
+/// Router mode: `POST /models/load`, then `/models` until the model is `loaded` (or its load
+/// failed: `unloaded` with `failed: true`). "Already running" is a load someone else started:
+/// wait for it the same way. The context is the child's `/props` `n_ctx`.
+async fn llamacpp_load(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: &str,
+) -> Result<(String, Option<u64>, bool), OpError> {
+    let (status, bytes) =
+        post_json(client, upstream, "/models/load", &json!({ "model": model })).await?;
+    let already = status == StatusCode::BAD_REQUEST
+        && error_message(status, &bytes).contains("already running");
+    if !status.is_success() && !already {
+        return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
+    }
+    loop {
+        let (status, bytes) = get(client, upstream, LLAMACPP_MODELS, LIST_LIMIT).await?;
+        if !status.is_success() {
+            return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
+        }
+        let v = parse_json(&bytes)?;
+        let entry = v
+            .get("data")
+            .and_then(Value::as_array)
+            .and_then(|d| {
+                d.iter()
+                    .find(|m| m.get("id").and_then(Value::as_str) == Some(model))
+            })
+            .ok_or_else(|| OpError::ModelNotFound {
+                model: model.to_string(),
+            })?;
+        match entry.pointer("/status/value").and_then(Value::as_str) {
+            Some("loaded" | "sleeping") | None => break,
+            Some("unloaded") if entry.pointer("/status/failed") == Some(&Value::Bool(true)) => {
+                let code = entry
+                    .pointer("/status/exit_code")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(-1);
+                return Err(OpError::Provider {
+                    status: 500,
+                    message: format!("llama-server could not load `{model}` (exit code {code})"),
+                });
+            }
+            _ => tokio::time::sleep(LLAMACPP_SETTLE_POLL).await,
+        }
+    }
+    let ctx = llamacpp_n_ctx(client, upstream, Some(model)).await;
+    Ok((model.to_string(), ctx, false))
+}
+
+/// Router mode: `POST /models/unload`, then `/models` until the model is `unloaded` ("not
+/// running" means it is already).
+async fn llamacpp_unload(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: &str,
+) -> Result<(), OpError> {
+    let (status, bytes) = post_json(
+        client,
+        upstream,
+        "/models/unload",
+        &json!({ "model": model }),
+    )
+    .await?;
+    if !status.is_success() {
+        if status == StatusCode::BAD_REQUEST
+            && error_message(status, &bytes).contains("not running")
+        {
+            return Ok(());
+        }
+        return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
+    }
+    loop {
+        let (status, bytes) = get(client, upstream, LLAMACPP_MODELS, LIST_LIMIT).await?;
+        if !status.is_success() {
+            return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
+        }
+        let v = parse_json(&bytes)?;
+        let gone = crate::providers::llamacpp::statuses(&v)
+            .into_iter()
+            .find(|(id, _)| id == model)
+            .is_none_or(|(_, s)| s.as_deref() == Some("unloaded"));
+        if gone {
+            return Ok(());
+        }
+        tokio::time::sleep(LLAMACPP_SETTLE_POLL).await;
+    }
+}
+
+/// llama-server's per-slot context: `/props` (`?model=` in router mode) `n_ctx`.
+pub async fn llamacpp_n_ctx(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: Option<&str>,
+) -> Option<u64> {
+    let path = match model {
+        Some(m) => format!("/props?model={}", encode_query(m)),
+        None => "/props".to_string(),
+    };
+    let (status, bytes) = get(client, upstream, &path, LIST_LIMIT).await.ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    crate::providers::llamacpp::props_n_ctx(&parse_json(&bytes).ok()?)
+}
+
+/// llama-server's exact token count of `text` (`POST /tokenize`, routed by `model` in router
+/// mode), without special tokens.
+pub async fn llamacpp_tokenize(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: Option<&str>,
+    text: &str,
+) -> Result<u64, OpError> {
+    let mut body = json!({ "content": text, "add_special": false });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    let (status, bytes) = post_json(client, upstream, "/tokenize", &body).await?;
+    if !status.is_success() {
+        return Err(failure(
+            ProviderKind::LlamaCpp,
+            status,
+            &bytes,
+            model.unwrap_or(""),
+        ));
+    }
+    parse_json(&bytes)?
+        .get("tokens")
+        .and_then(Value::as_array)
+        .map(|t| t.len() as u64)
+        .ok_or_else(|| OpError::BadResponse("tokenize answer without tokens".into()))
+}
+
+/// Saves (`save`) or restores (`restore`) slot `slot`'s KV cache to or from `filename` under
+/// the server's `--slot-save-path` (`POST /slots/N?action=...`, routed by `model`).
+pub async fn llamacpp_slot(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: Option<&str>,
+    slot: u32,
+    action: &str,
+    filename: &str,
+) -> Result<Value, OpError> {
+    let mut body = json!({ "filename": filename });
+    if let Some(m) = model {
+        body["model"] = json!(m);
+    }
+    let path = format!("/slots/{slot}?action={action}");
+    let (status, bytes) = post_json(client, upstream, &path, &body).await?;
+    if !status.is_success() {
+        return Err(failure(
+            ProviderKind::LlamaCpp,
+            status,
+            &bytes,
+            model.unwrap_or(""),
+        ));
+    }
+    parse_json(&bytes)
+}
+
+/// A query-string value, percent-encoded (unreserved characters kept).
+fn encode_query(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The context Ollama loaded `model` with (`/api/ps` `context_length`), if it says.
 async fn ollama_loaded_context(
     client: &UpstreamClient,
@@ -443,7 +624,7 @@ fn failure(kind: ProviderKind, status: StatusCode, body: &[u8], model: &str) -> 
     // 404 for endpoints it does not have, so its body decides.
     let about_model = match kind {
         ProviderKind::Ollama => true,
-        ProviderKind::LmStudio => is_model_not_found(body),
+        ProviderKind::LmStudio | ProviderKind::LlamaCpp => is_model_not_found(body),
     };
     if status == StatusCode::NOT_FOUND && about_model {
         return OpError::ModelNotFound {
@@ -798,7 +979,7 @@ mod tests {
     fn known_model(kind: ProviderKind) -> &'static str {
         match kind {
             ProviderKind::Ollama => LLAMA,
-            ProviderKind::LmStudio => QWEN,
+            ProviderKind::LmStudio | ProviderKind::LlamaCpp => QWEN,
         }
     }
 

@@ -54,6 +54,7 @@ impl ProxyError {
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Lifecycle(e) => match e {
                 LifecycleError::NotFound { .. } => StatusCode::NOT_FOUND,
+                LifecycleError::Unmanaged { .. } => StatusCode::CONFLICT,
                 LifecycleError::LoadFailed { source, .. }
                 | LifecycleError::UnloadFailed { source, .. } => match source {
                     OpError::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -100,6 +101,19 @@ impl ProxyError {
         }
     }
 
+    /// llama-server's `type` for this error (its `format_error_response` names).
+    fn llamacpp_type(&self) -> &'static str {
+        if matches!(self, ProxyError::ContextOverflow { .. }) {
+            return "exceed_context_size_error";
+        }
+        match self.status().as_u16() {
+            404 => "not_found_error",
+            503 => "unavailable_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        }
+    }
+
     /// Status plus a JSON body in `style`. Body and headers are all the caller needs.
     pub fn to_parts(&self, style: ErrorStyle) -> (StatusCode, &'static str, Bytes) {
         let message = self.to_string();
@@ -109,6 +123,23 @@ impl ProxyError {
                 "application/json; charset=utf-8",
                 Bytes::from(serde_json::json!({ "error": message }).to_string()),
             ),
+            ErrorStyle::LlamaCpp => {
+                let status = self.status();
+                let mut error = serde_json::json!({
+                    "code": status.as_u16(),
+                    "message": message,
+                    "type": self.llamacpp_type(),
+                });
+                if let ProxyError::ContextOverflow { tokens, window, .. } = self {
+                    error["n_prompt_tokens"] = (*tokens).into();
+                    error["n_ctx"] = (*window).into();
+                }
+                (
+                    status,
+                    "application/json; charset=utf-8",
+                    Bytes::from(serde_json::json!({ "error": error }).to_string()),
+                )
+            }
             ErrorStyle::OpenAi => {
                 let mut body = serde_json::json!({
                     "error": {
@@ -163,6 +194,28 @@ mod tests {
             upstream: "http://127.0.0.1:1".into(),
             reason: "connection refused".into(),
         };
+        let (status, _, body) = e.to_parts(ErrorStyle::LlamaCpp);
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], 502);
+        assert_eq!(v["error"]["type"], "server_error");
+        let overflow = ProxyError::ContextOverflow {
+            model: "m".into(),
+            tokens: 5000,
+            window: 4096,
+            why: "too long".into(),
+        };
+        let (status, _, body) = overflow.to_parts(ErrorStyle::LlamaCpp);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "exceed_context_size_error");
+        assert_eq!(
+            (
+                v["error"]["n_prompt_tokens"].as_u64(),
+                v["error"]["n_ctx"].as_u64()
+            ),
+            (Some(5000), Some(4096))
+        );
         let (status, _, body) = e.to_parts(ErrorStyle::OpenAi);
         assert_eq!(status, StatusCode::BAD_GATEWAY);
         assert!(body.ends_with(b"\n"));

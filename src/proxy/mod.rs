@@ -317,7 +317,7 @@ async fn fit_context(
     let mut known = cx.window(provider, model);
     if known.is_none() && sent_ctx.is_none() && messages_len > SMALL_PROMPT {
         known = cx.configured_window(model);
-        if known.is_none() {
+        if known.is_none() && p.managed() {
             // Not seen loaded yet: load it now (as the request would) to learn its window.
             let shape = lifecycle::Shape {
                 num_ctx: sent_ctx,
@@ -476,26 +476,29 @@ async fn continue_with(
         }
         None => guard.not_estimated(),
     }
-    match p.lifecycle.acquire(&model, hint, notes.shape).await {
-        Ok(lease) => guard.attach(lease),
-        // The provider does not know the model: let it say so itself, in its own words.
-        Err(LifecycleError::NotFound { .. }) => {}
-        Err(LifecycleError::LoadFailed {
-            source: OpError::Unreachable(reason),
-            ..
-        }) => {
-            guard.fail();
-            p.mark_unreachable(reason.clone());
-            let e = ProxyError::UpstreamUnreachable {
-                provider: p.config.name.clone(),
-                upstream: p.config.upstream.to_string(),
-                reason,
-            };
-            return local_error(&e, endpoint.errors);
-        }
-        Err(e) => {
-            guard.fail();
-            return local_error(&ProxyError::Lifecycle(e), endpoint.errors);
+    // A llama-server with one model: always loaded, nothing to acquire.
+    if p.managed() {
+        match p.lifecycle.acquire(&model, hint, notes.shape).await {
+            Ok(lease) => guard.attach(lease),
+            // The provider does not know the model: let it say so itself, in its own words.
+            Err(LifecycleError::NotFound { .. }) => {}
+            Err(LifecycleError::LoadFailed {
+                source: OpError::Unreachable(reason),
+                ..
+            }) => {
+                guard.fail();
+                p.mark_unreachable(reason.clone());
+                let e = ProxyError::UpstreamUnreachable {
+                    provider: p.config.name.clone(),
+                    upstream: p.config.upstream.to_string(),
+                    reason,
+                };
+                return local_error(&e, endpoint.errors);
+            }
+            Err(e) => {
+                guard.fail();
+                return local_error(&ProxyError::Lifecycle(e), endpoint.errors);
+            }
         }
     }
     let mut resp = forward(state, p, endpoint, parts, bytes, Some(guard)).await;

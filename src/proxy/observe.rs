@@ -35,6 +35,19 @@ static OPENAI: LazyLock<Patterns> = LazyLock::new(|| Patterns {
     prompt: Finder::new(b"\"prompt_tokens\""),
     completion: Finder::new(b"\"completion_tokens\""),
 });
+static LLAMACPP_NATIVE: LazyLock<Patterns> = LazyLock::new(|| Patterns {
+    prompt: Finder::new(b"\"tokens_evaluated\""),
+    completion: Finder::new(b"\"tokens_predicted\""),
+});
+/// llama-server's `timings`, on the last chunk of every build: prompt = `prompt_n` (newly
+/// evaluated) + `cache_n` (reused), reply = `predicted_n`.
+static TIMINGS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"prompt_n\""),
+        Finder::new(b"\"cache_n\""),
+        Finder::new(b"\"predicted_n\""),
+    ]
+});
 static LMSTUDIO_V1: LazyLock<Patterns> = LazyLock::new(|| Patterns {
     prompt: Finder::new(b"\"input_tokens\""),
     completion: Finder::new(b"\"total_output_tokens\""),
@@ -62,6 +75,8 @@ pub struct UsageScanner {
     at_start: bool,
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
+    /// llama-server `timings`: `prompt_n`, `cache_n`, `predicted_n`.
+    timings: [Option<u64>; 3],
     pub error: bool,
 }
 
@@ -74,6 +89,7 @@ impl UsageScanner {
             at_start: true,
             prompt: None,
             completion: None,
+            timings: [None; 3],
             error: false,
         }
     }
@@ -81,8 +97,9 @@ impl UsageScanner {
     fn patterns(&self) -> &'static Patterns {
         match self.keys {
             UsageKeys::OllamaNative => &OLLAMA,
-            UsageKeys::OpenAi => &OPENAI,
+            UsageKeys::OpenAi | UsageKeys::LlamaCpp => &OPENAI,
             UsageKeys::LmStudioV1 => &LMSTUDIO_V1,
+            UsageKeys::LlamaCppNative => &LLAMACPP_NATIVE,
         }
     }
 
@@ -109,6 +126,16 @@ impl UsageScanner {
         }
         self.scan(chunk, false);
         self.keep_tail(chunk);
+    }
+
+    /// Prompt and reply tokens: the usage keys, else llama-server's `timings`.
+    pub fn usage(&self) -> (Option<u64>, Option<u64>) {
+        let [prompt_n, cache_n, predicted_n] = self.timings;
+        let timed_prompt = prompt_n.map(|p| p + cache_n.unwrap_or(0));
+        (
+            self.prompt.or(timed_prompt),
+            self.completion.or(predicted_n),
+        )
     }
 
     /// The body ended: a number at the very end is complete now.
@@ -139,6 +166,13 @@ impl UsageScanner {
         }
         if let Some(v) = last_number(&p.completion, buf, at_end) {
             self.completion = Some(v);
+        }
+        if matches!(self.keys, UsageKeys::LlamaCpp | UsageKeys::LlamaCppNative) {
+            for (slot, key) in self.timings.iter_mut().zip(TIMINGS.iter()) {
+                if let Some(v) = last_number(key, buf, at_end) {
+                    *slot = Some(v);
+                }
+            }
         }
         if !self.error && ERROR_LINES.iter().any(|f| f.find(buf).is_some()) {
             self.error = true;
@@ -199,7 +233,8 @@ impl<B> ObservedBody<B> {
     fn settle(&mut self, ok: bool) {
         if let Some(mut g) = self.guard.take() {
             self.scanner.finish();
-            g.set_usage(self.scanner.prompt, self.scanner.completion);
+            let (prompt, completion) = self.scanner.usage();
+            g.set_usage(prompt, completion);
             if ok && !self.scanner.error {
                 g.complete();
             } else {
@@ -213,7 +248,8 @@ impl<B> Drop for ObservedBody<B> {
     fn drop(&mut self) {
         // Dropped before the end: the client went away. Keep whatever usage was seen.
         if let Some(mut g) = self.guard.take() {
-            g.set_usage(self.scanner.prompt, self.scanner.completion);
+            let (prompt, completion) = self.scanner.usage();
+            g.set_usage(prompt, completion);
         }
     }
 }
@@ -307,6 +343,28 @@ mod tests {
                 "piece {piece}"
             );
         }
+    }
+
+    #[test]
+    fn llamacpp_usage_else_timings() {
+        // Current builds without include_usage: timings on the finish chunk only.
+        let finish = b"data: {\"choices\":[{\"finish_reason\":\"stop\",\"index\":0,\"delta\":{}}],\"object\":\"chat.completion.chunk\",\"timings\":{\"cache_n\":3,\"prompt_n\":21,\"prompt_ms\":40.1,\"prompt_per_token_ms\":1.67,\"predicted_n\":2,\"predicted_ms\":30.2}}\n\ndata: [DONE]\n\n";
+        for piece in [1, 5, 17, 1000] {
+            let mut s = scan_in_pieces(UsageKeys::LlamaCpp, finish, piece);
+            s.finish();
+            assert_eq!(s.usage(), (Some(24), Some(2)), "piece {piece}");
+        }
+        // With a usage chunk, usage wins (prompt_tokens counts the cached tokens too).
+        let with_usage = b"data: {\"timings\":{\"cache_n\":0,\"prompt_n\":20,\"predicted_n\":2}}\n\ndata: {\"choices\":[],\"usage\":{\"completion_tokens\":2,\"prompt_tokens\":24,\"total_tokens\":26}}\n\n";
+        let s = scan_in_pieces(UsageKeys::LlamaCpp, with_usage, 9);
+        assert_eq!(s.usage(), (Some(24), Some(2)));
+        // Native /completion: tokens_evaluated / tokens_predicted.
+        let native = b"data: {\"content\":\"\",\"stop\":true,\"tokens_predicted\":7,\"tokens_evaluated\":30,\"timings\":{\"prompt_n\":30,\"predicted_n\":7}}\n\n";
+        let s = scan_in_pieces(UsageKeys::LlamaCppNative, native, 11);
+        assert_eq!(s.usage(), (Some(30), Some(7)));
+        // Other kinds ignore timings.
+        let s = scan_in_pieces(UsageKeys::OpenAi, finish, 1000);
+        assert_eq!(s.usage(), (None, None));
     }
 
     #[test]
