@@ -275,11 +275,16 @@ async fn router_mode_end_to_end_with_a_real_model() {
         server.status_of("smol-c").await == "unloaded"
     })
     .await;
-    let saved = server
-        .dir
-        .join("slots")
-        .join(llm_warden::lifecycle::slot_file("smol-c"));
-    assert!(saved.exists(), "{} saved before unloading", saved.display());
+    let saved: Vec<String> = std::fs::read_dir(server.dir.join("slots"))
+        .expect("the slot directory")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert!(
+        saved
+            .iter()
+            .any(|f| f.starts_with("llm-warden-smol-c-slot")),
+        "smol-c's KV cache saved before unloading: {saved:?}"
+    );
 
     // 3. Two models at most. b streams (busy) and was used before a; a third model evicts
     //    a, the idle one, never b, though b is the least recently used.
@@ -304,8 +309,11 @@ async fn router_mode_end_to_end_with_a_real_model() {
     .await;
     let r = post_json(&c, &chat, &chat_body("smol-a", "Hi", 2, false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = post_json(&c, &chat, &chat_body("smol-c", "Hi", 2, false)).await;
+    // smol-c again: loaded, its KV cache restored, so the same prompt is found cached.
+    let r = post_json(&c, &chat, &chat_body("smol-c", "Hi", 4, false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    let cached = r.json()["timings"]["cache_n"].as_u64().unwrap_or(0);
+    assert!(cached > 0, "the restored cache was used: {}", r.text());
     let during: Vec<(String, String)> = server.statuses().await;
     assert!(
         during.contains(&("smol-a".into(), "unloaded".into())),

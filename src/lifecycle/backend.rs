@@ -1,7 +1,7 @@
 //! What the actor does to the outside world, behind traits so tests use fakes: load and unload
 //! through the provider ([`Backend`]), and read the machine's memory ([`MemoryProbe`]).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
@@ -25,17 +25,18 @@ pub trait Backend: Send + Sync + 'static {
 /// to keep the model until told otherwise (Ollama `keep_alive: -1`).
 ///
 /// llama-server with `slot_save` (its `--slot-save-path` set): before a model is unloaded
-/// its slot 0 KV cache is saved to `llm-warden-<model>.bin`, and after it is loaded again it
-/// is restored from there, so the prompt it was working on comes back without being
-/// evaluated again (TDR-007's "cache" stage: offload to disk, come back cheaply). Both are
-/// best effort: a failure is logged and the load or unload goes on.
+/// the KV cache of each slot that holds a prompt (`/slots`: `n_prompt_tokens` > 0; recent
+/// builds run 4 slots by default) is saved to `llm-warden-<model>-slot<N>.bin`, and after the
+/// model is loaded again each is restored into its slot, so the conversations it was serving
+/// come back without their prompts being evaluated again (TDR-007's "cache" stage: offload to
+/// disk, come back cheaply). Best effort: a failure is logged and the load or unload goes on.
 pub struct OpsBackend {
     client: UpstreamClient,
     upstream: Upstream,
     kind: ProviderKind,
     slot_save: bool,
-    /// Models whose slot was saved at their last unload.
-    saved: Arc<Mutex<HashSet<String>>>,
+    /// The slots saved at each model's last unload.
+    saved: Arc<Mutex<HashMap<String, Vec<u64>>>>,
 }
 
 impl OpsBackend {
@@ -55,9 +56,9 @@ impl OpsBackend {
     }
 }
 
-/// The file a model's slot is saved to (under the server's `--slot-save-path`): the model
-/// name with anything but letters, digits, `-`, `_`, `.` made `_`.
-pub fn slot_file(model: &str) -> String {
+/// The file slot `slot` of `model` is saved to (under the server's `--slot-save-path`): the
+/// model name with anything but letters, digits, `-`, `_`, `.` made `_`.
+pub fn slot_file(model: &str, slot: u64) -> String {
     let safe: String = model
         .chars()
         .map(|c| {
@@ -68,7 +69,45 @@ pub fn slot_file(model: &str) -> String {
             }
         })
         .collect();
-    format!("llm-warden-{safe}.bin")
+    format!("llm-warden-{safe}-slot{slot}.bin")
+}
+
+/// Saves every slot of `model` that holds a prompt; the slots saved.
+async fn save_slots(client: &UpstreamClient, upstream: &Upstream, model: &str) -> Vec<u64> {
+    let slots = match ops::llamacpp_used_slots(client, upstream, Some(model)).await {
+        Ok(slots) => slots,
+        Err(e) => {
+            tracing::warn!(model = %model, error = %e, "cannot list slots to save");
+            return Vec::new();
+        }
+    };
+    let mut done = Vec::new();
+    for slot in slots {
+        let file = slot_file(model, slot);
+        match ops::llamacpp_slot(client, upstream, Some(model), slot, "save", &file).await {
+            Ok(v) => {
+                let tokens = v.get("n_saved").and_then(serde_json::Value::as_u64);
+                tracing::info!(model = %model, slot, tokens, file = %file, "KV cache saved before unloading");
+                done.push(slot);
+            }
+            Err(e) => tracing::warn!(model = %model, slot, error = %e, "KV cache save failed"),
+        }
+    }
+    done
+}
+
+/// Restores the slots [`save_slots`] saved.
+async fn restore_slots(client: &UpstreamClient, upstream: &Upstream, model: &str, slots: &[u64]) {
+    for &slot in slots {
+        let file = slot_file(model, slot);
+        match ops::llamacpp_slot(client, upstream, Some(model), slot, "restore", &file).await {
+            Ok(v) => {
+                let tokens = v.get("n_restored").and_then(serde_json::Value::as_u64);
+                tracing::info!(model = %model, slot, tokens, "KV cache restored");
+            }
+            Err(e) => tracing::warn!(model = %model, slot, error = %e, "KV cache restore failed"),
+        }
+    }
 }
 
 impl Backend for OpsBackend {
@@ -79,12 +118,15 @@ impl Backend for OpsBackend {
             self.kind,
             model.to_string(),
         );
-        let restore = self.slot_save
-            && self
-                .saved
+        let restore = if self.slot_save {
+            self.saved
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains(&model);
+                .remove(&model)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         Box::pin(async move {
             let opts = LoadOptions {
                 context_length: shape.num_ctx,
@@ -92,19 +134,7 @@ impl Backend for OpsBackend {
                 ..LoadOptions::default()
             };
             let loaded = ops::load(&client, &upstream, kind, &model, &opts).await?;
-            if restore {
-                let file = slot_file(&model);
-                match ops::llamacpp_slot(&client, &upstream, Some(&model), 0, "restore", &file)
-                    .await
-                {
-                    Ok(v) => tracing::info!(
-                        model = %model,
-                        tokens = v.get("n_restored").and_then(serde_json::Value::as_u64),
-                        "KV cache restored"
-                    ),
-                    Err(e) => tracing::warn!(model = %model, error = %e, "KV cache restore failed"),
-                }
-            }
+            restore_slots(&client, &upstream, &model, &restore).await;
             Ok(loaded)
         })
     }
@@ -119,21 +149,12 @@ impl Backend for OpsBackend {
         let save = self.slot_save.then(|| self.saved.clone());
         Box::pin(async move {
             if let Some(saved) = save {
-                let file = slot_file(&id);
-                match ops::llamacpp_slot(&client, &upstream, Some(&id), 0, "save", &file).await {
-                    Ok(v) => {
-                        tracing::info!(
-                            model = %id,
-                            tokens = v.get("n_saved").and_then(serde_json::Value::as_u64),
-                            file = %file,
-                            "KV cache saved before unloading"
-                        );
-                        saved
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(id.clone());
-                    }
-                    Err(e) => tracing::warn!(model = %id, error = %e, "KV cache save failed"),
+                let slots = save_slots(&client, &upstream, &id).await;
+                if !slots.is_empty() {
+                    saved
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone(), slots);
                 }
             }
             ops::unload(&client, &upstream, kind, &id).await

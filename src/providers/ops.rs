@@ -448,7 +448,7 @@ pub async fn llamacpp_slot(
     client: &UpstreamClient,
     upstream: &Upstream,
     model: Option<&str>,
-    slot: u32,
+    slot: u64,
     action: &str,
     filename: &str,
 ) -> Result<Value, OpError> {
@@ -467,6 +467,42 @@ pub async fn llamacpp_slot(
         ));
     }
     parse_json(&bytes)
+}
+
+/// The slots that hold a prompt (`GET /slots`, `?model=` in router mode: entries with
+/// `n_prompt_tokens` > 0).
+pub async fn llamacpp_used_slots(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: Option<&str>,
+) -> Result<Vec<u64>, OpError> {
+    let path = match model {
+        Some(m) => format!("/slots?model={}", encode_query(m)),
+        None => "/slots".to_string(),
+    };
+    let (status, bytes) = get(client, upstream, &path, LIST_LIMIT).await?;
+    if !status.is_success() {
+        return Err(failure(
+            ProviderKind::LlamaCpp,
+            status,
+            &bytes,
+            model.unwrap_or(""),
+        ));
+    }
+    let v = parse_json(&bytes)?;
+    let slots = v
+        .as_array()
+        .ok_or_else(|| OpError::BadResponse("slots answer is not a list".into()))?;
+    Ok(slots
+        .iter()
+        .filter(|s| {
+            s.get("n_prompt_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                > 0
+        })
+        .filter_map(|s| s.get("id").and_then(Value::as_u64))
+        .collect())
 }
 
 /// A query-string value, percent-encoded (unreserved characters kept).
