@@ -1,11 +1,12 @@
-//! Simulated providers: Ollama and LM Studio servers that speak the real wire formats
-//! (`../shared/docs/provider-apis.md` §5), for tests, benches, examples and
+//! Simulated providers: Ollama, LM Studio and llama.cpp `llama-server` servers that speak the
+//! real wire formats (`../shared/docs/provider-apis.md` §5), for tests, benches, examples and
 //! `llm-warden simulate`. They run in-process on any listener, keep a call log, and take
 //! typed knobs (load latency, per-token delay, catalogue, limits, clock).
 //!
 //! Not a provider: nothing here is used by the proxy itself.
 
 pub mod common;
+pub mod llamacpp;
 pub mod lmstudio;
 pub mod ollama;
 
