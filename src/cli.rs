@@ -18,27 +18,37 @@ pub struct SimulateArgs {
     /// Delay before each generated token, e.g. "20ms".
     #[arg(long, value_parser = parse_duration, default_value = "20ms")]
     pub token_delay: Duration,
-    /// Tokens per reply.
+    /// Tokens per reply (llama.cpp: when the request sets no limit).
     #[arg(long, default_value_t = 8)]
     pub reply_tokens: usize,
     /// Models: `name[=context_length][@size_mb]`, comma separated (default: a small catalogue).
     #[arg(long)]
     pub models: Option<String>,
-    /// Models resident at once (Ollama's OLLAMA_MAX_LOADED_MODELS; LM Studio keeps one JIT model).
-    #[arg(long, default_value_t = 3)]
-    pub max_loaded: usize,
+    /// Models resident at once (Ollama's OLLAMA_MAX_LOADED_MODELS, default 3; llama.cpp router
+    /// `--models-max`, default 4, 0 = unlimited; LM Studio keeps one JIT model).
+    #[arg(long)]
+    pub max_loaded: Option<usize>,
     /// Default keep-alive (Ollama) or JIT TTL (LM Studio), e.g. "5m".
     #[arg(long, value_parser = parse_duration)]
     pub keep_alive: Option<Duration>,
-    /// Ollama only: generations one model runs at once (`OLLAMA_NUM_PARALLEL`); 0 = unlimited.
+    /// Generations one model runs at once: Ollama `OLLAMA_NUM_PARALLEL` (0 = unlimited);
+    /// llama.cpp `--parallel` slots (0 = 1).
     #[arg(long, default_value_t = 0)]
     pub num_parallel: usize,
+    /// llama.cpp only: router mode (many models, `/models/load`), as `llama-server` started
+    /// without `-m`; otherwise single-model mode serving the first model.
+    #[arg(long)]
+    pub router: bool,
+    /// llama.cpp only: context of each slot (capped at the model's trained context).
+    #[arg(long, default_value_t = 4096)]
+    pub ctx_size: u32,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum SimKind {
     Ollama,
     Lmstudio,
+    Llamacpp,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -83,7 +93,7 @@ pub async fn later_signal() {
 
 /// Runs a simulator until Ctrl-C or SIGTERM.
 pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    use crate::sim::{lmstudio, ollama};
+    use crate::sim::{llamacpp, lmstudio, ollama};
     let models = match args.models.as_deref() {
         Some(spec) => {
             Some(crate::sim::parse_models(spec).map_err(|e| anyhow::anyhow!("--models: {e}"))?)
@@ -96,7 +106,7 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
                 load_latency: args.load_latency,
                 token_delay: args.token_delay,
                 reply_tokens: args.reply_tokens,
-                max_loaded_models: args.max_loaded,
+                max_loaded_models: args.max_loaded.unwrap_or(3),
                 num_parallel: args.num_parallel,
                 ..Default::default()
             };
@@ -131,6 +141,32 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
             tracing::info!(listen = %server.addr, "simulated LM Studio running");
+            shutdown_signal().await;
+        }
+        SimKind::Llamacpp => {
+            let mut cfg = llamacpp::LlamaCppConfig {
+                router: args.router,
+                models_max: args.max_loaded.unwrap_or(4),
+                n_ctx: args.ctx_size,
+                parallel: u32::try_from(args.num_parallel.max(1)).unwrap_or(u32::MAX),
+                load_latency: args.load_latency,
+                token_delay: args.token_delay,
+                max_tokens_default: u32::try_from(args.reply_tokens).unwrap_or(u32::MAX),
+                ..Default::default()
+            };
+            if let Some(m) = models {
+                cfg.models = m;
+            }
+            let addr = args.listen.as_deref().unwrap_or("127.0.0.1:8080");
+            let server = llamacpp::bind(cfg, addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            let mode = if args.router {
+                "router"
+            } else {
+                "single-model"
+            };
+            tracing::info!(listen = %server.addr, mode, "simulated llama-server running");
             shutdown_signal().await;
         }
     }

@@ -12,10 +12,11 @@ pub mod ollama;
 
 pub use common::{Call, CallLog, Clock, SimServer};
 
-/// What a simulated model is: the catalogue entry both simulators serve.
+/// What a simulated model is: the catalogue entry every simulator serves.
 #[derive(Clone, Debug)]
 pub struct SimModel {
-    /// Ollama: `name:tag` (a bare name means `:latest`); LM Studio: the model key.
+    /// Ollama: `name:tag` (a bare name means `:latest`); LM Studio: the model key; llama.cpp:
+    /// the model id (router: the file name in the models directory; single mode: `--alias`).
     pub name: String,
     /// Weights on disk, bytes (`/api/tags` `size`, LM Studio `size_bytes`).
     pub size_bytes: u64,
