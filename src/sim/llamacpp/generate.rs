@@ -75,6 +75,7 @@ impl Gen {
             "completion_tokens" => self.n_reply(),
             "prompt_tokens" => self.n_prompt(),
             "total_tokens" => self.n_prompt() + self.n_reply(),
+            "prompt_tokens_details" => obj! {"cached_tokens" => self.lease.cached},
         }
     }
 
@@ -215,8 +216,9 @@ impl LlamaCppSim {
         Ok(sse_response(body))
     }
 
-    /// The final chunks of an OpenAI stream: `finish`, usage as `UsagePlacement` says, `[DONE]`.
-    fn oai_tail(&self, g: &Gen, req: &Req, mut finish: J, base: impl Fn(J) -> J) -> Vec<Bytes> {
+    /// The final chunks of a chat stream: `finish`, usage as `UsagePlacement` says, `[DONE]`.
+    /// `timings` go on the usage chunk when there is one, else on the finish chunk.
+    fn chat_tail(&self, g: &Gen, req: &Req, mut finish: J, base: impl Fn(J) -> J) -> Vec<Bytes> {
         let include_usage = req
             .body
             .get("stream_options")
@@ -231,13 +233,15 @@ impl LlamaCppSim {
             UsagePlacement::SeparateChunkAlways => true,
             UsagePlacement::SeparateChunkIfAsked => include_usage,
         };
-        finish.push("timings", self.timings(g));
-        let mut tail = vec![sse_data(&finish)];
+        let mut tail = Vec::new();
         if separate {
             let mut usage = base(J::Arr(Vec::new()));
             usage.push("usage", g.usage());
             usage.push("timings", self.timings(g));
-            tail.push(sse_data(&usage));
+            tail.extend([sse_data(&finish), sse_data(&usage)]);
+        } else {
+            finish.push("timings", self.timings(g));
+            tail.push(sse_data(&finish));
         }
         tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
         tail
@@ -294,7 +298,7 @@ impl LlamaCppSim {
             .map(|p| sse_data(&delta(obj! {"content" => p.as_str()}, None)))
             .collect();
         let finish = delta(obj! {}, Some(g.finish_reason()));
-        let tail = self.oai_tail(&g, req, finish, base);
+        let tail = self.chat_tail(&g, req, finish, base);
         self.stream(g, vec![sse_data(&role)], tokens, tail)
     }
 
@@ -310,11 +314,12 @@ impl LlamaCppSim {
         let choice = |text: &str, finish: Option<&str>| {
             obj! {"text" => text, "index" => 0u32, "logprobs" => J::Null, "finish_reason" => finish}
         };
+        // Text completion chunks put the id last, and the final one carries usage and timings
+        // whatever the request asked (observed on a current build).
         let base = |choices: J| {
             obj! {
                 "choices" => choices,
                 "created" => g.created,
-                "id" => g.id.as_str(),
                 "model" => g.model.as_str(),
                 "system_fingerprint" => BUILD_INFO,
                 "object" => "text_completion",
@@ -337,10 +342,17 @@ impl LlamaCppSim {
         let tokens = g
             .pieces
             .iter()
-            .map(|p| sse_data(&base(J::Arr(vec![choice(p, None)]))))
+            .map(|p| {
+                let mut chunk = base(J::Arr(vec![choice(p, None)]));
+                chunk.push("id", g.id.as_str());
+                sse_data(&chunk)
+            })
             .collect();
-        let finish = base(J::Arr(vec![choice("", Some(g.finish_reason()))]));
-        let tail = self.oai_tail(&g, req, finish, base);
+        let mut finish = base(J::Arr(vec![choice("", Some(g.finish_reason()))]));
+        finish.push("usage", g.usage());
+        finish.push("id", g.id.as_str());
+        finish.push("timings", self.timings(&g));
+        let tail = vec![sse_data(&finish), Bytes::from_static(b"data: [DONE]\n\n")];
         self.stream(g, Vec::new(), tokens, tail)
     }
 
@@ -376,7 +388,8 @@ impl LlamaCppSim {
                 "truncated" => g.truncated,
                 "stop_type" => if g.capped { "limit" } else { "eos" },
                 "stopping_word" => "",
-                "tokens_cached" => g.n_prompt() + g.n_reply(),
+                // The last sampled token is not in the cache yet.
+                "tokens_cached" => (g.n_prompt() + g.n_reply()).saturating_sub(1),
             };
             o.push("timings", self.timings(&g));
             o
@@ -393,7 +406,7 @@ impl LlamaCppSim {
                 sse_data(&obj! {
                     "index" => 0u32,
                     "content" => p.as_str(),
-                    "tokens" => J::Arr(Vec::new()),
+                    "tokens" => vec![g.reply_ids.get(i).copied().unwrap_or(0)],
                     "stop" => false,
                     "id_slot" => -1i32,
                     "tokens_predicted" => i + 1,
@@ -496,12 +509,13 @@ fn is_stream(req: &Req) -> bool {
 /// The sampling parameters echoed in `generation_settings` and `/props`.
 pub(super) fn generation_params(stream: bool) -> J {
     obj! {
-        "n_predict" => -1i32,
         "seed" => 4_294_967_295u32,
         "temperature" => 0.8,
         "top_k" => 40u32,
         "top_p" => 0.95,
         "min_p" => 0.05,
+        "max_tokens" => -1i32,
+        "n_predict" => -1i32,
         "n_keep" => 0u32,
         "stream" => stream,
     }
@@ -550,7 +564,12 @@ fn text_prompt(v: Option<&Value>) -> Result<Vec<u32>, Fail> {
             .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
             .collect()),
         Some(Value::Array(items)) if items.len() == 1 => text_prompt(items.first()),
-        _ => Err(Fail::invalid("\"prompt\" must be provided")),
+        None => Err(Fail::invalid(
+            "[json.exception.out_of_range.403] key 'prompt' not found",
+        )),
+        _ => Err(Fail::invalid(
+            "\"prompt\" must be a string or a list of tokens",
+        )),
     }
 }
 

@@ -1,12 +1,17 @@
 //! Simulated llama.cpp `llama-server` (`provider-apis.md` §3, checklist §5.3), in single-model
 //! or router mode: the public handle (`LlamaCppSim`, `spawn`, `bind`) and the dispatch of
 //! requests to their routes. `state` owns the model table, loads, evictions and slots;
-//! `generate` the completion routes (OpenAI and native) and their streams; `native` the
-//! other per-model routes (props, slots, metrics, tokenizer, embeddings); `models` the model
+//! `generate` the completion routes (OpenAI and native), their streams and embeddings; `native`
+//! the other per-model routes (props, slots, metrics, tokenizer); `models` the model
 //! lists and the router's load/unload; `wire` the ordered JSON and the error shape.
 //!
+//! Shapes follow `provider-apis.md` §3 where a live build (router mode, checked against the
+//! simulator) agreed, and the live build where it did not: `/props` and `/slots` fields, `meta`
+//! with `n_ctx` and `ftype`, `prompt_tokens_details`, timings on the usage chunk, the 404 page.
+//!
 //! Not simulated: sleep on idle, `/models/sse`, API keys, `/infill`, `/rerank`, `/v1/messages`,
-//! `/v1/responses`, SSE comment pings.
+//! `/v1/responses`, SSE comment pings, and the moment between an unload request and the
+//! child's exit (a real router still reports `loaded` until then; here the unload is at once).
 
 mod config;
 mod generate;
@@ -324,13 +329,16 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// A POST body as a JSON object. A body that is not JSON (an empty one included) fails as
-/// nlohmann's parser does in the real server: an exception, hence a 500 `server_error`.
+/// nlohmann's parser does in the real server: 400 with the parser's message.
 fn parse_body(call: &Call) -> Result<Map<String, Value>, Fail> {
     match serde_json::from_slice::<Value>(&call.body) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(Fail::invalid("request body must be a JSON object")),
-        Err(e) => Err(Fail::server(format!(
-            "[json.exception.parse_error.101] parse error: {e}"
+        Err(e) => Err(Fail::invalid(format!(
+            "[json.exception.parse_error.101] parse error at line {}, column {}: syntax error \
+             while parsing value - invalid literal",
+            e.line(),
+            e.column()
         ))),
     }
 }

@@ -18,10 +18,12 @@ impl LlamaCppSim {
         obj! {
             "vocab_type" => 2u32,
             "n_vocab" => 32000u32,
+            "n_ctx" => self.cfg.n_ctx.min(m.context_length).max(1),
             "n_ctx_train" => m.context_length,
             "n_embd" => if m.embedding { self.cfg.embedding_dims } else { 4096 },
             "n_params" => parameter_count(&m.parameter_size),
             "size" => m.size_bytes,
+            "ftype" => m.quantization.as_str(),
         }
     }
 
@@ -35,10 +37,10 @@ impl LlamaCppSim {
             &port.to_string(),
             "--alias",
             name,
-            "--model",
-            &model_path(name),
             "--ctx-size",
             &self.cfg.n_ctx.to_string(),
+            "--model",
+            &model_path(name),
             "--parallel",
             &self.cfg.parallel.max(1).to_string(),
         ]
@@ -51,6 +53,12 @@ impl LlamaCppSim {
         let mut status = obj! {
             "value" => e.status(),
             "args" => self.args(name, e.port),
+            "preset" => format!(
+                "[{name}]\nctx-size = {}\nmodel = {}\nparallel = {}\n\n",
+                self.cfg.n_ctx,
+                model_path(name),
+                self.cfg.parallel.max(1)
+            ),
         };
         if e.instance.is_none() && e.exit_code != 0 {
             status.push("exit_code", e.exit_code);
@@ -113,8 +121,10 @@ impl LlamaCppSim {
             "models_autoload" => self.cfg.autoload,
             "model_alias" => "llama-server",
             "model_path" => "none",
-            "default_generation_settings" => obj! {"params" => obj! {}, "n_ctx" => 0u32},
+            "default_generation_settings" => obj! {"params" => J::Null, "n_ctx" => 0u32},
+            "ui_settings" => obj! {},
             "build_info" => BUILD_INFO,
+            "cors_proxy_enabled" => false,
         })
     }
 
@@ -123,6 +133,7 @@ impl LlamaCppSim {
         let name = req.str("model").unwrap_or_default();
         let mut st = self.lock();
         match st.entries.get(name) {
+            // The handler's "model is not found" body is replaced by the HTTP layer's 404 page.
             None => return Err(Fail::not_found("model is not found")),
             Some(e) if e.instance.is_some() => {
                 return Err(Fail::invalid("model is already running"))

@@ -10,15 +10,16 @@ use http::{Response, StatusCode};
 use serde_json::Value;
 
 use super::generate::{content_text, generation_params};
-use super::state::Instance;
+use super::state::{Instance, Slot};
 use super::wire::{obj, ok, Fail, J};
 use super::{Handled, LlamaCppSim, Req, BUILD_INFO};
 use crate::sim::common::{respond, tokenize, SimBody};
 
 /// Beginning-of-sequence id, prepended by `/tokenize` with `add_special`.
 const BOS: u32 = 1;
-/// Bytes of KV cache per token in a slot file (`n_written`).
+/// Bytes of KV cache per token in a slot file (`n_written`), and of its header.
 const BYTES_PER_TOKEN: u64 = 8192;
+const FILE_HEADER: u64 = 36;
 /// The chat template reported in `/props` (ChatML, what `/apply-template` renders).
 const CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + \
     '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt \
@@ -30,34 +31,56 @@ pub(super) fn model_path(name: &str) -> String {
 }
 
 impl LlamaCppSim {
-    fn slot_json(&self, inst: &Instance, id: usize, busy: bool, id_task: i64) -> J {
+    fn slot_json(&self, inst: &Instance, id: usize, slot: &Slot) -> J {
         obj! {
             "id" => id,
-            "id_task" => if busy { id_task } else { -1 },
             "n_ctx" => inst.n_ctx,
             "speculative" => false,
-            "is_processing" => busy,
+            "is_processing" => slot.busy,
+            "id_task" => slot.id_task,
+            "n_prompt_tokens" => slot.n_prompt,
+            "n_prompt_tokens_processed" => slot.n_prompt - slot.n_cached,
+            "n_prompt_tokens_cache" => slot.n_cached,
             "params" => generation_params(false),
-            "next_token" => obj! {
-                "has_next_token" => busy,
+            "next_token" => vec![obj! {
+                "has_next_token" => true,
                 "has_new_line" => false,
                 "n_remain" => -1i32,
                 "n_decoded" => 0u32,
-                "stopping_word" => "",
-            },
+            }],
         }
     }
 
+    /// `/props` of a model (single mode, or a router child), as a current build answers.
     pub(super) fn props(&self, inst: &Instance) -> Response<SimBody> {
+        let m = &inst.model;
         ok(&obj! {
-            "default_generation_settings" => self.slot_json(inst, 0, false, -1),
+            "default_generation_settings" => obj! {
+                "params" => generation_params(false),
+                "n_ctx" => inst.n_ctx,
+            },
             "total_slots" => self.cfg.parallel.max(1),
-            "model_path" => model_path(&inst.model.name),
+            "model_alias" => m.name.as_str(),
+            "model_ftype" => m.quantization.as_str(),
+            "model_path" => model_path(&m.name),
+            "modalities" => obj! {"vision" => false, "video" => false, "audio" => false},
+            "endpoint_slots" => true,
+            "endpoint_props" => false,
+            "endpoint_metrics" => self.cfg.metrics,
+            "ui" => true,
+            "ui_settings" => obj! {},
             "chat_template" => CHAT_TEMPLATE,
-            "chat_template_caps" => obj! {},
-            "modalities" => obj! {"vision" => false, "audio" => false},
+            "chat_template_caps" => obj! {
+                "supports_string_content" => true,
+                "supports_system_role" => true,
+                "supports_tool_calls" => false,
+                "supports_tools" => false,
+            },
+            "bos_token" => "<|im_start|>",
+            "eos_token" => "<|im_end|>",
             "build_info" => BUILD_INFO,
             "is_sleeping" => false,
+            "cors_proxy_enabled" => false,
         })
     }
 
@@ -70,7 +93,7 @@ impl LlamaCppSim {
         let items: Vec<J> = slots
             .iter()
             .enumerate()
-            .map(|(i, s)| self.slot_json(inst, i, s.busy, s.id_task))
+            .map(|(i, s)| self.slot_json(inst, i, s))
             .collect();
         Ok(ok(&J::Arr(items)))
     }
@@ -85,61 +108,20 @@ impl LlamaCppSim {
         let prompt = load(&inst.prompt_tokens_total);
         let predicted = load(&inst.predicted_tokens_total);
         let per_token_s = self.cfg.token_delay.as_secs_f64().max(0.001);
-        let metrics: [(&str, &str, &str, String); 9] = [
-            (
-                "counter",
-                "prompt_tokens_total",
-                "Number of prompt tokens processed.",
-                prompt.to_string(),
-            ),
-            (
-                "counter",
-                "prompt_seconds_total",
-                "Prompt process time",
-                fmt_f(prompt as f64 * 0.0005),
-            ),
-            (
-                "counter",
-                "tokens_predicted_total",
-                "Number of generation tokens processed.",
-                predicted.to_string(),
-            ),
-            (
-                "counter",
-                "tokens_predicted_seconds_total",
-                "Predict process time",
-                fmt_f(predicted as f64 * per_token_s),
-            ),
-            (
-                "counter",
-                "n_decode_total",
-                "Total number of llama_decode() calls",
-                load(&inst.decode_total).to_string(),
-            ),
-            (
-                "gauge",
-                "n_tokens_max",
-                "Largest observed n_tokens.",
-                load(&inst.n_tokens_max).to_string(),
-            ),
-            (
-                "gauge",
-                "prompt_tokens_seconds",
-                "Average prompt throughput in tokens/s.",
-                fmt_f(2000.0),
-            ),
-            (
-                "gauge",
-                "requests_processing",
-                "Number of requests processing.",
-                inst.processing.load(Ordering::SeqCst).to_string(),
-            ),
-            (
-                "gauge",
-                "requests_deferred",
-                "Number of requests deferred.",
-                inst.deferred.load(Ordering::SeqCst).to_string(),
-            ),
+        let gauge = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::SeqCst).to_string();
+        let metrics: [(&str, &str, &str, String); 12] = [
+            ("counter", "prompt_tokens_total", "Number of prompt tokens processed, excluding cached tokens", prompt.to_string()),
+            ("counter", "prompt_tokens_cached_total", "Number of prompt tokens reused from the cache", load(&inst.prompt_tokens_cached_total).to_string()),
+            ("counter", "prompt_seconds_total", "Total time spent processing prompts", fmt_f(prompt as f64 * 0.0005)),
+            ("counter", "tokens_predicted_total", "Number of generation tokens processed", predicted.to_string()),
+            ("counter", "tokens_predicted_seconds_total", "Total time spent generating tokens", fmt_f(predicted as f64 * per_token_s)),
+            ("counter", "n_decode_total", "Total number of llama_decode() calls, excluding speculative decoding and multimodal decoding", load(&inst.decode_total).to_string()),
+            ("counter", "n_tokens_max", "Largest observed sequence length (prompt + generation)", load(&inst.n_tokens_max).to_string()),
+            ("gauge", "prompt_tokens_seconds", "Average prompt throughput in tokens/s", fmt_f(if prompt > 0 { 2000.0 } else { 0.0 })),
+            ("gauge", "predicted_tokens_seconds", "Average generation throughput in tokens/s", fmt_f(if predicted > 0 { 1.0 / per_token_s } else { 0.0 })),
+            ("gauge", "requests_processing", "Number of requests processing", gauge(&inst.processing)),
+            ("gauge", "requests_deferred", "Number of requests deferred", gauge(&inst.deferred)),
+            ("gauge", "n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call", "1".to_string()),
         ];
         let mut text = String::new();
         for (kind, name, help, value) in metrics {
@@ -236,10 +218,9 @@ impl LlamaCppSim {
                 "This server does not support slots action. Start it with `--slot-save-path`",
             ));
         }
-        let n_slots = inst.lock_slots().len();
-        let id = match id.parse::<usize>() {
-            Ok(i) if i < n_slots => i,
-            _ => return Err(Fail::invalid("Invalid slot ID")),
+        // A current build accepts any number here: a slot it does not have saves nothing.
+        let Ok(id) = id.parse::<usize>() else {
+            return Err(Fail::invalid("Invalid slot ID"));
         };
         let filename = req.str("filename").unwrap_or_default().to_string();
         let valid_name = !filename.is_empty()
@@ -266,7 +247,7 @@ impl LlamaCppSim {
                     "id_slot" => id,
                     "filename" => filename,
                     "n_saved" => n,
-                    "n_written" => n as u64 * BYTES_PER_TOKEN,
+                    "n_written" => FILE_HEADER + n as u64 * BYTES_PER_TOKEN,
                     "timings" => obj! {"save_ms" => n as f64 * 0.01},
                 }))
             }
@@ -277,7 +258,7 @@ impl LlamaCppSim {
                 let saved = self.lock().saved.get(&filename).cloned();
                 let Some(tokens) = saved else {
                     return Err(Fail::invalid(
-                        "Unable to restore slot, no available space in KV cache or invalid slot \
+                        "Unable to restore slot: No available space in KV cache or invalid slot \
                          save file",
                     ));
                 };
@@ -290,7 +271,7 @@ impl LlamaCppSim {
                     "id_slot" => id,
                     "filename" => filename,
                     "n_restored" => n,
-                    "n_read" => n as u64 * BYTES_PER_TOKEN,
+                    "n_read" => FILE_HEADER + n as u64 * BYTES_PER_TOKEN,
                     "timings" => obj! {"restore_ms" => n as f64 * 0.01},
                 }))
             }

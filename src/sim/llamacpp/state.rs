@@ -36,6 +36,9 @@ pub(super) struct Slot {
     pub(super) id_task: i64,
     /// Token ids in the slot's cache (prompt and reply of its last request).
     pub(super) tokens: Vec<u32>,
+    /// Prompt tokens of its last request, and how many of them came from the cache.
+    pub(super) n_prompt: u32,
+    pub(super) n_cached: u32,
 }
 
 /// A running model: a child process in router mode, the server itself in single mode.
@@ -53,6 +56,7 @@ pub(super) struct Instance {
     /// Requests waiting for a slot (`llamacpp:requests_deferred`).
     pub(super) deferred: AtomicUsize,
     pub(super) prompt_tokens_total: AtomicU64,
+    pub(super) prompt_tokens_cached_total: AtomicU64,
     pub(super) predicted_tokens_total: AtomicU64,
     pub(super) decode_total: AtomicU64,
     pub(super) n_tokens_max: AtomicU64,
@@ -77,6 +81,7 @@ impl Instance {
             processing: AtomicUsize::new(0),
             deferred: AtomicUsize::new(0),
             prompt_tokens_total: AtomicU64::new(0),
+            prompt_tokens_cached_total: AtomicU64::new(0),
             predicted_tokens_total: AtomicU64::new(0),
             decode_total: AtomicU64::new(0),
             n_tokens_max: AtomicU64::new(0),
@@ -401,6 +406,9 @@ impl Lease {
             .prompt_tokens_total
             .fetch_add(evaluated, Ordering::SeqCst);
         self.inst
+            .prompt_tokens_cached_total
+            .fetch_add(u64::from(self.cached), Ordering::SeqCst);
+        self.inst
             .predicted_tokens_total
             .fetch_add(reply.len() as u64, Ordering::SeqCst);
         self.inst
@@ -410,6 +418,8 @@ impl Lease {
         self.inst.n_tokens_max.fetch_max(n, Ordering::SeqCst);
         if let Some(s) = self.inst.lock_slots().get_mut(self.slot) {
             s.tokens = prompt.iter().chain(reply).copied().collect();
+            s.n_prompt = prompt.len() as u32;
+            s.n_cached = self.cached;
         }
     }
 

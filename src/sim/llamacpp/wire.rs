@@ -199,7 +199,7 @@ impl Fail {
                 "exceed_context_size_error",
                 format!(
                     "request ({n_prompt_tokens} tokens) exceeds the available context size \
-                     ({n_ctx} tokens)"
+                     ({n_ctx} tokens), try increasing it"
                 ),
             )
         }
@@ -207,6 +207,15 @@ impl Fail {
 
     /// The `{"code","message","type"[,..]}` object.
     pub(super) fn body(&self) -> J {
+        // The HTTP layer's 404 page (it also replaces a handler's own 404 body) puts the keys
+        // in another order.
+        if self.status == StatusCode::NOT_FOUND {
+            return obj! {
+                "message" => "File Not Found",
+                "type" => self.kind,
+                "code" => 404u32,
+            };
+        }
         let mut e = obj! {
             "code" => u32::from(self.status.as_u16()),
             "message" => self.message.as_str(),
