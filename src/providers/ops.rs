@@ -318,6 +318,12 @@ async fn llamacpp_load(
 ) -> Result<(String, Option<u64>, bool), OpError> {
     let (status, bytes) =
         post_json(client, upstream, "/models/load", &json!({ "model": model })).await?;
+    if status == StatusCode::NOT_FOUND {
+        // The router answers an unknown model with its plain 404 ("File Not Found").
+        return Err(OpError::ModelNotFound {
+            model: model.to_string(),
+        });
+    }
     let already = status == StatusCode::BAD_REQUEST
         && error_message(status, &bytes).contains("already running");
     if !status.is_success() && !already {

@@ -151,7 +151,9 @@ impl LlamaCppSim {
         let limit = limit_keys
             .iter()
             .find_map(|k| req.body.get(*k).and_then(Value::as_i64));
-        let seed = hash_bytes(&req.call.body) ^ (lease.id_task as u64).wrapping_mul(0x9e37_79b9);
+        // The reply and its id follow from the request's bytes alone: the same request gets
+        // the same bytes (on a manual clock), so pass-through can be compared byte for byte.
+        let seed = hash_bytes(&req.call.body);
         let (pieces, capped, truncated) = self.reply(seed, limit, lease.inst.n_ctx - n_prompt);
         let reply_ids = pieces.iter().flat_map(|p| tokenize(p)).collect();
         {

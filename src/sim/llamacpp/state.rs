@@ -351,7 +351,6 @@ impl LlamaCppSim {
             sim: self.clone(),
             inst,
             slot,
-            id_task,
             // At least one prompt token is always evaluated.
             cached: cached.min(prompt.len().saturating_sub(1)) as u32,
             _permit: permit,
@@ -391,7 +390,6 @@ pub(super) struct Lease {
     sim: Arc<LlamaCppSim>,
     pub(super) inst: Arc<Instance>,
     pub(super) slot: usize,
-    pub(super) id_task: i64,
     /// Prompt tokens reused from the slot's cache (`timings.cache_n`).
     pub(super) cached: u32,
     _permit: OwnedSemaphorePermit,
