@@ -20,10 +20,12 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod context;
+pub mod demo;
 pub mod lifecycle;
 pub mod memory;
 pub mod monitor;

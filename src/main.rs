@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "llm-warden",
     version,
-    about = "A drop-in proxy that manages local LLM providers (Ollama, LM Studio)"
+    about = "A drop-in proxy that manages local LLM providers (Ollama, LM Studio, llama.cpp)",
+    long_about = "A drop-in proxy that manages local LLM providers (Ollama, LM Studio, llama.cpp's \
+llama-server): clients point at the proxy instead of the provider; it loads models on first use, \
+unloads idle ones, keeps within limits, compacts conversations that would overflow, and shows it \
+all at /status, /metrics and a dashboard. New here? Run `llm-warden demo`."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -20,19 +24,53 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy (built-in defaults when no config is given).
+    /// Run the proxy (built-in defaults when no config is given: Ollama on :11435 -> :11434,
+    /// LM Studio on :1235 -> :1234, admin API and dashboard on 127.0.0.1:11400).
     Serve {
-        /// Config file; defaults to $LLM_WARDEN_CONFIG, else built-in defaults.
+        /// Config file [default: $LLM_WARDEN_CONFIG, else built-in defaults]
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Check a config file and print the resolved listeners, then exit.
+    /// Validate a config file and print the effective config (every key, defaults filled in);
+    /// exits non-zero with each problem's key path if it is invalid.
     CheckConfig {
-        #[arg(long, short)]
+        /// Config file [default: --config, else $LLM_WARDEN_CONFIG, else built-in defaults]
+        path: Option<PathBuf>,
+        #[arg(long, short, hide = true)]
         config: Option<PathBuf>,
     },
-    /// Run a simulated provider for trying llm-warden without a GPU.
+    /// Show the models of a running proxy as a table (from its admin API).
+    Status {
+        #[command(flatten)]
+        admin: llm_warden::admin_client::AdminArgs,
+        /// Print the whole /status answer as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a model on a provider now (waits until it is loaded).
+    Load {
+        #[command(flatten)]
+        admin: llm_warden::admin_client::AdminArgs,
+        /// The provider's name in the config (e.g. ollama).
+        provider: String,
+        /// The model, as clients name it (e.g. llama3.2).
+        model: String,
+    },
+    /// Unload a model now, gracefully (requests in flight finish first).
+    Unload {
+        #[command(flatten)]
+        admin: llm_warden::admin_client::AdminArgs,
+        /// The provider's name in the config (e.g. ollama).
+        provider: String,
+        /// The model, as clients name it (e.g. llama3.2).
+        model: String,
+    },
+    /// Run a simulated provider (Ollama, LM Studio, llama-server) for trying llm-warden
+    /// without a GPU.
     Simulate(llm_warden::cli::SimulateArgs),
+    /// Start simulated providers and the proxy, drive a short workload that shows what the
+    /// proxy does, and keep the dashboard up until Ctrl-C.
+    Demo(llm_warden::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,10 +78,32 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Serve { config } => serve(config),
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig { path, config } => check_config(path.or(config)),
         Command::Simulate(args) => {
             runtime().and_then(|rt| rt.block_on(llm_warden::cli::simulate(args)))
         }
+        Command::Status { admin, json } => {
+            runtime().and_then(|rt| rt.block_on(llm_warden::admin_client::status(&admin, json)))
+        }
+        Command::Load {
+            admin,
+            provider,
+            model,
+        } => runtime().and_then(|rt| {
+            rt.block_on(llm_warden::admin_client::model_action(
+                &admin, "load", &provider, &model,
+            ))
+        }),
+        Command::Unload {
+            admin,
+            provider,
+            model,
+        } => runtime().and_then(|rt| {
+            rt.block_on(llm_warden::admin_client::model_action(
+                &admin, "unload", &provider, &model,
+            ))
+        }),
+        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(llm_warden::demo::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -86,18 +146,9 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
 fn check_config(config: Option<PathBuf>) -> anyhow::Result<()> {
     let (config, origin) = llm_warden::config::load(config.as_deref())?;
     println!(
-        "config: {}",
-        origin.as_deref().unwrap_or("(built-in defaults)")
+        "# llm-warden: the config is valid. Effective settings ({}):",
+        origin.as_deref().unwrap_or("built-in defaults")
     );
-    println!("admin: {}", config.admin.listen);
-    for p in &config.providers {
-        println!(
-            "provider {} ({}): {} -> {}",
-            p.name,
-            p.kind.as_str(),
-            p.listen,
-            p.upstream
-        );
-    }
+    print!("{}", config.to_toml());
     Ok(())
 }

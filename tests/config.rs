@@ -80,7 +80,34 @@ fn config_path_comes_from_the_environment_when_not_given() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("admin: 127.0.0.1:19999"), "{text}");
+    assert!(text.contains("listen = \"127.0.0.1:19999\""), "{text}");
+    assert!(text.contains(&p.display().to_string()), "{text}");
+    // The path as an argument, and the output is itself a valid config.
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let shown = String::from_utf8_lossy(&out.stdout).to_string();
+    let again = temp_file("again.toml", &shown);
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .collect::<Vec<_>>(),
+        shown.lines().skip(1).collect::<Vec<_>>()
+    );
     // Without either, the built-in defaults.
     let out = Command::new(BIN)
         .arg("check-config")
@@ -89,8 +116,9 @@ fn config_path_comes_from_the_environment_when_not_given() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("(built-in defaults)")
-            && text.contains("127.0.0.1:11435 -> http://127.0.0.1:11434"),
+        text.contains("built-in defaults")
+            && text.contains("listen = \"127.0.0.1:11435\"")
+            && text.contains("upstream = \"http://127.0.0.1:11434\""),
         "{text}"
     );
 }

@@ -248,6 +248,7 @@ impl ConfigError {
 }
 
 mod raw;
+mod show;
 mod validate;
 
 // === loading ===
