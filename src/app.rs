@@ -33,7 +33,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Everything a request handler needs. Shared as `Arc<AppState>`; cloning the `Arc` is the
 /// only per-connection cost.
 pub struct AppState {
-    pub config: Arc<Config>,
+    /// The config in force: replaced whole by a reload (read lock-free; see [`reload`]).
+    pub config: arc_swap::ArcSwap<Config>,
     /// Indexed like `config.providers`.
     pub providers: Vec<ProviderState>,
     pub stats: StatsTable,
@@ -170,6 +171,19 @@ pub struct Running {
 }
 
 impl Running {
+    /// Reloads the config from `path` on SIGHUP and whenever the file changes
+    /// ([`crate::reload`]).
+    /// `loaded` is the file's content the running config came from (`None`: read it now).
+    pub fn watch_config(&mut self, path: std::path::PathBuf, loaded: Option<Vec<u8>>) {
+        let seen = loaded.or_else(|| std::fs::read(&path).ok());
+        self.tasks.spawn(crate::reload::watch(
+            self.state.clone(),
+            path,
+            seen,
+            self.stop.subscribe(),
+        ));
+    }
+
     /// The bound address of provider `i`'s proxy listener.
     pub fn proxy_addr(&self, i: usize) -> SocketAddr {
         self.state.providers[i].listen
@@ -280,7 +294,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         memory: crate::memory::MemoryTable::new(config.providers.len()),
         pressure_events: crate::monitor::respond::PressureLog::new(crate::monitor::respond::KEPT),
         monitor,
-        config: config.clone(),
+        config: arc_swap::ArcSwap::new(config.clone()),
     });
 
     // One poll of every provider before serving, so /status is right from the first call
@@ -324,12 +338,20 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
 
 /// Runs until `shutdown` completes, then drains open requests; if `force` completes first
 /// during the drain (a second Ctrl-C), stops at once.
+/// With `config_path`, the config is reloaded from it on SIGHUP and when it changes.
 pub async fn serve(
     config: Config,
+    config_path: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()>,
     force: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let running = start(config).await?;
+    // The file as it is now, before anyone can see the proxy up: a change from here on is a
+    // change to reload.
+    let loaded = config_path.as_ref().and_then(|p| std::fs::read(p).ok());
+    let mut running = start(config).await?;
+    if let Some(path) = config_path {
+        running.watch_config(path, loaded);
+    }
     shutdown.await;
     tracing::info!(
         "shutting down: waiting up to {DRAIN_TIMEOUT:?} for open requests (interrupt again to stop now)"

@@ -32,6 +32,7 @@ pub mod monitor;
 pub mod providers;
 pub mod proxy;
 pub mod recent;
+pub mod reload;
 pub mod sim;
 pub mod stats;
 pub mod tokens;

@@ -138,7 +138,8 @@ fn serve(config: Option<PathBuf>) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         // Installed before anything starts; the second only once shutdown has begun.
         let shutdown = llm_warden::cli::shutdown_signal();
-        llm_warden::app::serve(config, shutdown, llm_warden::cli::later_signal()).await
+        let path = origin.map(PathBuf::from);
+        llm_warden::app::serve(config, path, shutdown, llm_warden::cli::later_signal()).await
     })?;
     Ok(())
 }

@@ -143,10 +143,13 @@ struct Served {
 
 impl Served {
     fn start(name: &str, config: &str) -> Served {
-        let p = temp_file(name, config);
+        Served::start_at(&temp_file(name, config))
+    }
+
+    fn start_at(p: &std::path::Path) -> Served {
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
-            .arg(&p)
+            .arg(p)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stderr(Stdio::piped())
@@ -175,6 +178,14 @@ impl Served {
             .status()
             .unwrap()
             .success());
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // A failed test must not leave the proxy running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -263,4 +274,36 @@ fn shutdown_drains_open_streams_and_a_second_signal_stops_at_once() {
     let _ = stream.read_to_end(&mut rest);
     assert!(!String::from_utf8_lossy(&rest).contains("\"done\":true"));
     drop(sim);
+}
+
+#[test]
+fn the_config_reloads_when_the_file_changes_and_on_sighup_and_a_bad_one_is_refused() {
+    let base = "[admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n";
+    let p = temp_file("reload.toml", base);
+    let mut served = Served::start_at(&p);
+    served.wait_for("watching the config");
+    std::fs::write(&p, format!("{base}[limits]\ninactivity_timeout = \"3m\"\n")).unwrap();
+    let line = served.wait_for("config reloaded");
+    assert!(line.contains("file changed"), "{line}");
+    std::fs::write(
+        &p,
+        format!("{base}[limits]\ninactivity_timeout = \"whenever\"\n"),
+    )
+    .unwrap();
+    let line = served.wait_for("config reload refused");
+    assert!(
+        line.contains("limits.inactivity_timeout"),
+        "the key path: {line}"
+    );
+    let pid = served.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let line = served.wait_for("config reload refused");
+    assert!(line.contains("SIGHUP"), "{line}");
+    // Still serving, and still the last good config.
+    served.sigterm();
+    assert!(served.child.wait().unwrap().success());
 }

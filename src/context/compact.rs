@@ -15,6 +15,7 @@
 //! The budget is `compression_threshold × window − room for the reply`. Kept messages are
 //! copied as raw bytes, so system messages and recent turns reach the provider unchanged.
 
+use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -53,9 +54,8 @@ pub struct Compactor {
     cache: tokio::sync::OnceCell<SummaryCache>,
     cache_path: std::path::PathBuf,
     pub events: EventLog,
-    settings: CompactionConfig,
-    threshold: f64,
-    models: BTreeMap<String, ModelOverrides>,
+    /// The settings that a config reload may change; read lock-free on each request.
+    live: ArcSwap<Live>,
     /// The context each model runs (or last ran) with, per provider index; from polls and loads.
     /// Indexed like the providers; looked up by `&str`, no allocation on the hot path.
     windows: Vec<DashMap<Box<str>, u64>>,
@@ -65,10 +65,38 @@ pub struct Compactor {
     compact_earlier: std::sync::atomic::AtomicBool,
     /// Where the learned token ratios are saved (next to the summaries).
     calibration_path: std::path::PathBuf,
+}
+
+/// The compaction settings in force (replaced whole on a config reload).
+pub struct Live {
+    pub settings: CompactionConfig,
+    threshold: f64,
+    models: BTreeMap<String, ModelOverrides>,
     /// `buffers.context.initial` and `.max`: the most context a request may ask of Ollama
     /// (under memory pressure, and otherwise).
     context_initial: u64,
     context_max: u64,
+}
+
+impl Live {
+    fn of(config: &Config) -> Self {
+        Live {
+            settings: config.compaction.clone(),
+            threshold: config.buffers.compression_threshold,
+            models: config.models.clone(),
+            context_initial: u64::from(config.buffers.context_initial),
+            context_max: u64::from(config.buffers.context_max),
+        }
+    }
+
+    fn overrides(&self, model: &str) -> Option<&ModelOverrides> {
+        self.models.get(model).or_else(|| {
+            // Config keys may be written without Ollama's `:latest`.
+            model
+                .strip_suffix(":latest")
+                .and_then(|m| self.models.get(m))
+        })
+    }
 }
 
 /// What the proxy should do with the request.
@@ -119,16 +147,12 @@ impl Compactor {
             }
         }
         Compactor {
-            context_initial: u64::from(config.buffers.context_initial),
-            context_max: u64::from(config.buffers.context_max),
+            live: ArcSwap::from_pointee(Live::of(config)),
             calibration_path,
             counter,
             cache: tokio::sync::OnceCell::new(),
             cache_path,
             events: EventLog::new(super::events::KEPT),
-            settings: c.clone(),
-            threshold: config.buffers.compression_threshold,
-            models: config.models.clone(),
             windows: config.providers.iter().map(|_| DashMap::new()).collect(),
             counts: DashMap::new(),
             compact_earlier: std::sync::atomic::AtomicBool::new(false),
@@ -141,7 +165,7 @@ impl Compactor {
         self.cache
             .get_or_init(|| async {
                 let path = self.cache_path.clone();
-                let entries = self.settings.cache_entries as usize;
+                let entries = self.live.load().settings.cache_entries as usize;
                 let opened = tokio::task::spawn_blocking(move || {
                     SummaryCache::open_or_memory(&path, entries)
                 })
@@ -224,34 +248,39 @@ impl Compactor {
         self.windows.get(provider)?.get(model).map(|w| *w)
     }
 
-    fn overrides(&self, model: &str) -> Option<&ModelOverrides> {
-        self.models.get(model).or_else(|| {
-            // Config keys may be written without Ollama's `:latest`.
-            model
-                .strip_suffix(":latest")
-                .and_then(|m| self.models.get(m))
-        })
+    /// The settings in force now.
+    pub fn live(&self) -> arc_swap::Guard<std::sync::Arc<Live>> {
+        self.live.load()
+    }
+
+    /// A config reload: thresholds, policies, per-model settings and buffer sizes from now on
+    /// (the cache's place and size stay until a restart).
+    pub fn reconfigure(&self, config: &Config) {
+        self.live.store(std::sync::Arc::new(Live::of(config)));
     }
 
     pub fn policy(&self, model: &str) -> OverflowPolicy {
-        self.overrides(model)
+        let live = self.live.load();
+        live.overrides(model)
             .and_then(|o| o.on_overflow)
-            .unwrap_or(self.settings.on_overflow)
+            .unwrap_or(live.settings.on_overflow)
     }
 
     pub fn encoding(&self, model: &str) -> Encoding {
-        self.overrides(model)
+        let live = self.live.load();
+        live.overrides(model)
             .and_then(|o| o.tokenizer.as_deref())
-            .or(self.settings.tokenizer.as_deref())
+            .or(live.settings.tokenizer.as_deref())
             .and_then(Encoding::parse)
             .unwrap_or_else(|| Encoding::for_model(model))
     }
 
     fn threshold(&self, model: &str) -> f64 {
-        let t = self
+        let live = self.live.load();
+        let t = live
             .overrides(model)
             .and_then(|o| o.compression_threshold)
-            .unwrap_or(self.threshold);
+            .unwrap_or(live.threshold);
         if self.pressed() {
             t * PRESSURE_FACTOR
         } else {
@@ -262,10 +291,11 @@ impl Compactor {
     /// The most context (`num_ctx`) a request may ask for: `buffers.context.max`, or
     /// `buffers.context.initial` while memory pressure says compact earlier.
     pub fn context_cap(&self) -> u64 {
+        let live = self.live.load();
         if self.pressed() {
-            self.context_initial
+            live.context_initial
         } else {
-            self.context_max
+            live.context_max
         }
     }
 
@@ -283,20 +313,22 @@ impl Compactor {
     }
 
     pub fn configured_window(&self, model: &str) -> Option<u64> {
-        self.overrides(model)
+        self.live
+            .load()
+            .overrides(model)
             .and_then(|o| o.context_window)
             .map(u64::from)
     }
 
     pub fn normalize_num_ctx(&self) -> bool {
-        self.settings.normalize_num_ctx
+        self.live.load().settings.normalize_num_ctx
     }
 
     /// Room for the reply: the request's own limit, else `reply_reserve`, at most a quarter
     /// of the window.
     fn reserve(&self, req: &ChatRequest, window: u64) -> u64 {
         req.max_reply
-            .unwrap_or_else(|| u64::from(self.settings.reply_reserve).min(window / 4))
+            .unwrap_or_else(|| u64::from(self.live.load().settings.reply_reserve).min(window / 4))
     }
 
     /// The budget for the prompt of `req` in a window of `window` tokens.
@@ -357,11 +389,11 @@ pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
         OverflowPolicy::Reject => report.rejected(before, "on_overflow = reject", None),
         OverflowPolicy::TruncateOldest => truncate(&report, &raws, &roles, &counts, budget, None),
         OverflowPolicy::Summarize => {
-            let tail = (cx.settings.keep_recent_share * window as f64) as u64;
+            let tail = (cx.live().settings.keep_recent_share * window as f64) as u64;
             let b = Budget {
                 prompt: budget,
                 tail,
-                summary: u64::from(cx.settings.summary_max_tokens),
+                summary: u64::from(cx.live().settings.summary_max_tokens),
             };
             let evict = match plan::plan(&roles, &counts, b) {
                 Plan::Fits => {
@@ -535,7 +567,7 @@ async fn summarized(
     // The summarizer has a window too: what it must read goes in pieces that fit it, each
     // piece's summary carried into the next (and cached: a later turn may stop there).
     let window_s = cx.window(sp, &sm).unwrap_or(window);
-    let max = u64::from(cx.settings.summary_max_tokens);
+    let max = u64::from(cx.live().settings.summary_max_tokens);
     let piece_budget = ((window_s as f64 * 0.9) as u64)
         .saturating_sub(2 * max + SUMMARIZER_OVERHEAD)
         .max(SUMMARIZER_OVERHEAD);
@@ -564,8 +596,8 @@ async fn summarized(
             sp,
             &sm,
             &transcript,
-            cx.settings.summary_max_tokens,
-            cx.settings.summarizer_timeout,
+            cx.live().settings.summary_max_tokens,
+            cx.live().settings.summarizer_timeout,
         )
         .await?;
         calls += 1;
@@ -631,7 +663,8 @@ fn truncate(
 
 /// The summarizer's provider index and model: configured, else the request's own.
 fn summarizer_of(state: &AppState, req: &ChatRequest<'_>) -> (usize, String) {
-    let c = &state.compactor.settings;
+    let live = state.compactor.live();
+    let c = &live.settings;
     let sp = c
         .summarizer_provider
         .as_ref()

@@ -312,6 +312,10 @@ enum Event {
         all: bool,
         reply: oneshot::Sender<Vec<String>>,
     },
+    /// A config reload: new limits, timeouts, queue and per-model settings.
+    Reconfigure {
+        settings: Box<Settings>,
+    },
 }
 
 /// The front of one provider's actor. Cloning is two `Arc` bumps.
@@ -344,6 +348,7 @@ impl std::fmt::Debug for Event {
         f.write_str(match self {
             Event::Acquire { .. } => "Acquire",
             Event::AdminLoad { .. } => "AdminLoad",
+            Event::Reconfigure { .. } => "Reconfigure",
             Event::AdminUnload { .. } => "AdminUnload",
             Event::Abandon { .. } => "Abandon",
             Event::Release { .. } => "Release",
@@ -465,6 +470,15 @@ impl LifecycleHandle {
             reply,
         })
         .await?
+    }
+
+    /// Applies reloaded settings (limits, idle timeouts, queue, per-model settings) from now
+    /// on. Models over a lowered `max_models_loaded` are unloaded if idle, least recently
+    /// used first; busy ones go when their requests end and the limit is next checked.
+    pub fn reconfigure(&self, settings: Settings) {
+        let _ = self.tx.send(Event::Reconfigure {
+            settings: Box::new(settings),
+        });
     }
 
     /// The runner options the proxy loaded `model` with, when not the provider's defaults

@@ -85,12 +85,19 @@ pub struct Snapshot {
 #[derive(Clone, Debug)]
 pub struct MonitorHandle {
     rx: watch::Receiver<Snapshot>,
+    /// The thresholds the next sample is classified with (a config reload changes them).
+    thresholds: std::sync::Arc<watch::Sender<Thresholds>>,
 }
 
 impl MonitorHandle {
     /// The most recent snapshot (a clone; the channel's read lock is held only for it).
     pub fn latest(&self) -> Snapshot {
         self.rx.borrow().clone()
+    }
+
+    /// Classifies samples with `t` from the next one on (a config reload).
+    pub fn set_thresholds(&self, t: Thresholds) {
+        self.thresholds.send_replace(t);
     }
 
     /// The latest pressure level (no clone of the snapshot).
@@ -122,14 +129,22 @@ pub fn spawn(
     stop: watch::Receiver<bool>,
 ) -> (MonitorHandle, JoinHandle<()>) {
     let (tx, rx) = watch::channel(Snapshot::default());
+    let (thresholds_tx, thresholds_rx) = watch::channel(thresholds);
     let task = tokio::spawn(run(
         probe,
         interval.max(MIN_INTERVAL),
         Tracker::new(thresholds),
+        thresholds_rx,
         stop,
         tx,
     ));
-    (MonitorHandle { rx }, task)
+    (
+        MonitorHandle {
+            rx,
+            thresholds: std::sync::Arc::new(thresholds_tx),
+        },
+        task,
+    )
 }
 
 /// The loop: a tick or `stop`, then a sample or `stop`, then publish.
@@ -137,6 +152,7 @@ async fn run(
     mut probe: Box<dyn ResourceProbe>,
     interval: Duration,
     mut tracker: Tracker,
+    thresholds: watch::Receiver<Thresholds>,
     mut stop: watch::Receiver<bool>,
     tx: watch::Sender<Snapshot>,
 ) {
@@ -170,6 +186,7 @@ async fn run(
             },
         };
         let from = tracker.level;
+        tracker.thresholds = *thresholds.borrow();
         let snapshot = tracker.observe(&sample, SystemTime::now());
         log_level_change(from, &snapshot);
         tx.send_replace(snapshot);

@@ -91,7 +91,7 @@ pub async fn run(
     mut samples: watch::Receiver<Snapshot>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let bound = state.config.memory_pressure.action;
+    let bound = state.config.load().memory_pressure.action;
     let mut previous = Level::Normal;
     let mut streak = 0u32;
     loop {

@@ -157,11 +157,16 @@ async fn inspected(
     let p = &state.providers[provider];
     let kind = p.config.kind;
     let (mut parts, body) = req.into_parts();
-    let mut bytes =
-        match inbound::read_body(&parts.headers, body, state.config.proxy.max_request_body).await {
-            Ok(b) => b,
-            Err(e) => return local_error(&e, endpoint.errors),
-        };
+    let mut bytes = match inbound::read_body(
+        &parts.headers,
+        body,
+        state.config.load().proxy.max_request_body,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => return local_error(&e, endpoint.errors),
+    };
     // The body goes upstream whole: the client sets its length from the bytes, so a stage
     // that rewrites them can never leave a stale Content-Length behind.
     parts.headers.remove(http::header::CONTENT_LENGTH);

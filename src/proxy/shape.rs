@@ -71,7 +71,7 @@ pub async fn for_load(state: &AppState, provider: usize, model: &str, level: Lev
     if p.config.kind != ProviderKind::Ollama {
         return Shape::default();
     }
-    let initial = u64::from(state.config.buffers.context_initial);
+    let initial = u64::from(state.config.load().buffers.context_initial);
     match level {
         Level::Normal => Shape::default(),
         Level::Warning => Shape {
@@ -81,7 +81,7 @@ pub async fn for_load(state: &AppState, provider: usize, model: &str, level: Lev
         Level::Critical => {
             let num_ctx = (initial / 2).max(MIN_CONTEXT);
             let geometry = geometry(state, provider, model).await;
-            let budget = u64::from(state.config.buffers.working_initial) * MIB;
+            let budget = u64::from(state.config.load().buffers.working_initial) * MIB;
             Shape {
                 num_ctx: Some(num_ctx),
                 num_batch: geometry.and_then(|g| batch_for(&g, num_ctx, budget)),

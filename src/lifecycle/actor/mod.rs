@@ -228,6 +228,7 @@ impl Actor {
             Event::Shed { all, reply } => {
                 let _ = reply.send(self.shed(all));
             }
+            Event::Reconfigure { settings } => self.reconfigure(*settings),
             Event::Snapshot { reply } => {
                 let mut views: Vec<ModelView> =
                     self.models.values().map(|m| self.view(m)).collect();
@@ -387,12 +388,17 @@ impl Actor {
     fn load_done(&mut self, name: &str, result: Result<Loaded, OpError>) {
         let now = Instant::now();
         let provider = self.settings.provider.clone();
+        // A load counts as a use: a model just loaded (by an admin too) is not the least
+        // recently used one.
+        self.seq += 1;
+        let seq = self.seq;
         let Some(m) = self.model(name) else {
             return;
         };
         match result {
             Ok(loaded) => {
                 m.status = ModelStatus::Ready;
+                m.last_used = m.last_used.max(seq);
                 m.changed_at = now;
                 m.load_time = Some(loaded.elapsed);
                 if loaded.context_length.is_some() {

@@ -315,6 +315,38 @@ impl Actor {
         shed
     }
 
+    /// New settings from a config reload (the pressure feed stays). Then the limit is
+    /// enforced on idle models, least recently used first, and the queue is looked at again.
+    pub(super) fn reconfigure(&mut self, mut settings: crate::lifecycle::Settings) {
+        settings.pressure = self.settings.pressure.take();
+        self.settings = settings;
+        let max = self.settings.max_models_loaded as usize;
+        let resident = self
+            .models
+            .values()
+            .filter(|m| matches!(m.status, ModelStatus::Ready | ModelStatus::Loading))
+            .count();
+        if resident > max {
+            let mut idle: Vec<(u64, Arc<str>)> = self
+                .models
+                .values()
+                .filter(|m| {
+                    m.status == ModelStatus::Ready
+                        && m.active == 0
+                        && m.queued == 0
+                        && !self.pinned(&m.name)
+                })
+                .map(|m| (m.last_used, m.name.clone()))
+                .collect();
+            idle.sort();
+            for (_, name) in idle.into_iter().take(resident - max) {
+                self.start_unload(&name, "limit lowered by a config reload");
+            }
+        }
+        tracing::info!(provider = %self.settings.provider, "lifecycle settings reloaded");
+        self.schedule();
+    }
+
     /// The context an LM Studio load asks for when its request did not say: the provider's
     /// default, except under memory pressure: `buffers.context.initial` at warning, half that
     /// at critical (a smaller KV cache). Ollama's come with the request that starts the load
