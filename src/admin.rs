@@ -50,6 +50,8 @@ struct Status<'a> {
     compaction: Compaction,
     /// What the memory-pressure response did recently (oldest first).
     pressure_events: Vec<crate::monitor::respond::PressureEvent>,
+    /// Recent loads and unloads of every provider, oldest first.
+    lifecycle_events: Vec<crate::lifecycle::LifecycleEvent>,
 }
 
 /// Recent compactions (oldest first) and the summary cache's counters.
@@ -262,11 +264,19 @@ async fn status(state: &AppState) -> Status<'_> {
         (order(&a.counters.provider), &a.counters.model)
             .cmp(&(order(&b.counters.provider), &b.counters.model))
     });
+    let mut lifecycle_events: Vec<_> = state
+        .providers
+        .iter()
+        .flat_map(|p| p.lifecycle.events())
+        .collect();
+    // Same format, UTC, so the text sorts by time; stable, so each provider keeps its order.
+    lifecycle_events.sort_by(|a, b| a.at.cmp(&b.at));
     let mut system = state.monitor.latest();
     system.allocated_memory_mb = state.memory.allocated_mb();
     Status {
         system,
         pressure_events: state.pressure_events.list(),
+        lifecycle_events,
         providers: state
             .providers
             .iter()

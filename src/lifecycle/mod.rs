@@ -11,6 +11,10 @@
 //!  Lease::drop ───release──────────►┘                 └──► replies on oneshots: Lease | error
 //! ```
 //!
+//! Besides replies, the actor writes what it did to two things shared with the handle, read
+//! without a round trip: [`Runners`] (options of loaded models) and [`LifecycleLog`] (the
+//! last loads and unloads, for `/status` and the dashboard).
+//!
 //! Events: `Acquire`, `AdminLoad`, `AdminUnload`, `Abandon` (a waiting client left),
 //! `Release` (a lease dropped), `LoadDone`, `UnloadDone`, `Report` (what the provider lists as
 //! loaded), `Catalog` (model sizes), `Snapshot`; and the actor's own timer (idle deadlines,
@@ -100,6 +104,38 @@ impl Runners {
             m.remove(model);
         }
     }
+}
+
+/// How many lifecycle events each provider keeps.
+pub const EVENTS_KEPT: usize = 100;
+
+/// One finished (or failed) load or unload, as the actor saw it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LifecycleEvent {
+    /// When it finished, RFC 3339 (UTC, milliseconds).
+    pub at: String,
+    pub provider: String,
+    pub model: String,
+    /// `load`, `load_failed`, `unload` or `unload_failed`.
+    pub event: &'static str,
+    /// Loads: `request` (a request needed it) or `asked` (the admin API). Unloads: `idle`,
+    /// `to make room`, `memory pressure` or `asked`.
+    pub reason: &'static str,
+    /// From the start of the load or unload to its end, as the proxy measured it.
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The recent lifecycle events of one provider, oldest first: written by its actor, read by
+/// `/status` (a short lock, never held across an await).
+pub type LifecycleLog = crate::recent::Recent<LifecycleEvent>;
+
+/// What the actor publishes for readers that must not wait on it; the handle holds the same.
+#[derive(Clone)]
+struct Published {
+    runners: Runners,
+    events: Arc<LifecycleLog>,
 }
 
 /// How long a model may stay idle, as a client asked (Ollama `keep_alive`).
@@ -318,12 +354,14 @@ enum Event {
     },
 }
 
-/// The front of one provider's actor. Cloning is two `Arc` bumps.
+/// The front of one provider's actor. Cloning is four `Arc` bumps.
 #[derive(Clone)]
 pub struct LifecycleHandle {
     tx: mpsc::UnboundedSender<Event>,
     next_id: Arc<AtomicU64>,
     runners: Runners,
+    /// Shared with the actor, which alone writes it.
+    events: Arc<LifecycleLog>,
 }
 
 /// A model request in flight: while it lives the model stays loaded. Dropping it (the response
@@ -389,6 +427,7 @@ impl LifecycleHandle {
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let runners = Runners::default();
+        let events = Arc::new(LifecycleLog::new(EVENTS_KEPT));
         let actor = actor::Actor::new(
             settings,
             backend,
@@ -396,7 +435,10 @@ impl LifecycleHandle {
             poll_now,
             tx.clone(),
             rx,
-            runners.clone(),
+            Published {
+                runners: runners.clone(),
+                events: events.clone(),
+            },
         );
         let task = tokio::spawn(actor.run(stop));
         (
@@ -404,6 +446,7 @@ impl LifecycleHandle {
                 tx,
                 next_id: Arc::new(AtomicU64::new(1)),
                 runners,
+                events,
             },
             task,
         )
@@ -485,6 +528,11 @@ impl LifecycleHandle {
     /// (no round trip to the actor).
     pub fn runner(&self, model: &str) -> Option<Shape> {
         self.runners.get(model)
+    }
+
+    /// The last [`EVENTS_KEPT`] loads and unloads, oldest first (no round trip to the actor).
+    pub fn events(&self) -> Vec<LifecycleEvent> {
+        self.events.list()
     }
 
     /// Every model the actor knows, sorted by name.

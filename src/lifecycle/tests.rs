@@ -23,7 +23,9 @@ const MS: Duration = Duration::from_millis(1);
 struct FakeProvider {
     calls: Mutex<Vec<String>>,
     load_delay: Mutex<Duration>,
+    unload_delay: Mutex<Duration>,
     fail_next: Mutex<HashMap<String, OpError>>,
+    fail_next_unload: Mutex<HashMap<String, OpError>>,
 }
 
 impl FakeProvider {
@@ -72,7 +74,12 @@ impl Backend for FakeProvider {
             .lock()
             .unwrap()
             .push(format!("unload {instance_id}"));
-        Box::pin(async { Ok(()) })
+        let delay = *self.unload_delay.lock().unwrap();
+        let fail = self.fail_next_unload.lock().unwrap().remove(instance_id);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            fail.map_or(Ok(()), Err)
+        })
     }
 }
 
@@ -814,4 +821,72 @@ async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_ho
     );
     assert!(rig.lc.acquire("d", None, small).await.is_err());
     assert_eq!(rig.lc.runner("d"), None);
+}
+
+// === lifecycle events ===
+
+#[tokio::test(start_paused = true)]
+async fn loads_and_unloads_are_listed_with_their_reason_and_duration() {
+    let rig = start(Settings {
+        max_models_loaded: 2,
+        inactivity_timeout: Duration::from_secs(60),
+        ..settings()
+    });
+    *rig.provider.load_delay.lock().unwrap() = Duration::from_millis(250);
+    *rig.provider.unload_delay.lock().unwrap() = Duration::from_millis(40);
+    assert!(rig.lc.events().is_empty());
+
+    rig.lc.load("a", Shape::default()).await.expect("loaded");
+    drop(rig.lease("b").await);
+    rig.provider
+        .fail_next_unload
+        .lock()
+        .unwrap()
+        .insert("b".into(), OpError::Timeout);
+    rig.lc.unload("b").await.expect_err("the unload fails");
+    let c = rig.lease("c").await;
+    // a and c loaded (b failed): d evicts a, the idle one, and then fails to load.
+    rig.provider.fail_next("d", OpError::Timeout);
+    rig.lc
+        .acquire("d", None, Shape::default())
+        .await
+        .expect_err("the load fails");
+    let e = rig.lease("e").await;
+    // c unloads once idle for 60 s.
+    drop(c);
+    rig.settle().await;
+    advance(Duration::from_secs(60)).await;
+    rig.settle().await;
+    advance(Duration::from_millis(40)).await;
+    rig.settle().await;
+    // Memory pressure sheds e.
+    drop(e);
+    rig.settle().await;
+    assert_eq!(rig.lc.shed(true).await, ["e"]);
+    advance(Duration::from_millis(40)).await;
+    rig.settle().await;
+
+    let got: Vec<_> = rig
+        .lc
+        .events()
+        .into_iter()
+        .map(|e| {
+            assert_eq!(e.provider, "p");
+            assert!(humantime::parse_rfc3339(&e.at).is_ok(), "{}", e.at);
+            (e.model, e.event, e.reason, e.duration_ms, e.error)
+        })
+        .collect();
+    let timeout = Some(OpError::Timeout.to_string());
+    let want: Vec<(String, &str, &str, u64, Option<String>)> = vec![
+        ("a".into(), "load", "asked", 250, None),
+        ("b".into(), "load", "request", 250, None),
+        ("b".into(), "unload_failed", "asked", 40, timeout.clone()),
+        ("c".into(), "load", "request", 250, None),
+        ("a".into(), "unload", "to make room", 40, None),
+        ("d".into(), "load_failed", "request", 250, timeout),
+        ("e".into(), "load", "request", 250, None),
+        ("c".into(), "unload", "idle", 40, None),
+        ("e".into(), "unload", "memory pressure", 40, None),
+    ];
+    assert_eq!(got, want);
 }

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 
 use super::policy::RefuseReason;
 use super::{
-    Backend, Event, IdleHint, Lease, LifecycleError, MemoryProbe, ModelStatus, ModelView, Runners,
-    Settings, Shape,
+    Backend, Event, IdleHint, Lease, LifecycleError, LifecycleEvent, LifecycleLog, MemoryProbe,
+    ModelStatus, ModelView, Published, Runners, Settings, Shape,
 };
 use crate::config::QueuePolicy;
 use crate::providers::ops::{Loaded, OpError};
@@ -64,6 +64,9 @@ struct Model {
     changed_at: Instant,
     loaded_by_proxy: bool,
     last_error: Option<String>,
+    /// When the load or unload under way started, and why (for its [`LifecycleEvent`]).
+    op_started: Instant,
+    op_reason: &'static str,
     /// An admin asked to unload it: no new leases, unload once the last one drops.
     unload_waiters: Vec<oneshot::Sender<Result<ModelView, LifecycleError>>>,
     unload_requested: bool,
@@ -109,6 +112,8 @@ pub(super) struct Actor {
     rx: mpsc::UnboundedReceiver<Event>,
     /// Shared with the handle: the options of models loaded with non-default ones.
     runners: Runners,
+    /// Shared with the handle: what loads and unloads finished or failed, for `/status`.
+    events: Arc<LifecycleLog>,
     models: HashMap<Arc<str>, Model>,
     /// Arrival order; every waiter has the same timeout, so the front expires first.
     queue: VecDeque<Waiter>,
@@ -129,10 +134,11 @@ impl Actor {
         poll_now: Arc<Notify>,
         tx: mpsc::UnboundedSender<Event>,
         rx: mpsc::UnboundedReceiver<Event>,
-        runners: Runners,
+        Published { runners, events }: Published,
     ) -> Self {
         Actor {
             runners,
+            events,
             settings,
             backend,
             memory,
@@ -264,6 +270,8 @@ impl Actor {
                 changed_at: self.epoch,
                 loaded_by_proxy: false,
                 last_error: None,
+                op_started: self.epoch,
+                op_reason: "",
                 unload_waiters: Vec::new(),
                 unload_requested: false,
                 draining: false,
@@ -397,6 +405,7 @@ impl Actor {
         };
         match result {
             Ok(loaded) => {
+                let event = m.event("load", loaded.elapsed, None);
                 m.status = ModelStatus::Ready;
                 m.last_used = m.last_used.max(seq);
                 m.changed_at = now;
@@ -414,6 +423,7 @@ impl Actor {
                 }
                 let (key, shape) = (m.name.clone(), m.shape);
                 self.runners.set(&key, shape);
+                self.record(event);
                 tracing::info!(
                     provider = %provider,
                     model = %name,
@@ -426,10 +436,12 @@ impl Actor {
                 self.poll_now.notify_one();
             }
             Err(e) => {
+                let event = m.event("load_failed", now - m.op_started, Some(e.to_string()));
                 m.status = ModelStatus::Error;
                 m.changed_at = now;
                 m.last_error = Some(e.to_string());
                 m.shape = Shape::default();
+                self.record(event);
                 self.runners.forget(name);
                 tracing::warn!(provider = %provider, model = %name, error = %e, "model load failed");
                 let err = match e {
@@ -464,6 +476,10 @@ impl Actor {
             return;
         };
         let waiters = std::mem::take(&mut m.unload_waiters);
+        let event = match &result {
+            Ok(()) => m.event("unload", now - m.op_started, None),
+            Err(e) => m.event("unload_failed", now - m.op_started, Some(e.to_string())),
+        };
         m.unload_requested = false;
         m.changed_at = now;
         m.idle_since = None;
@@ -492,6 +508,7 @@ impl Actor {
             }
         };
         self.runners.forget(name);
+        self.record(event);
         let view = self.view(&self.models[name]);
         for w in waiters {
             let _ = w.send(outcome.clone().map(|()| view.clone()));
@@ -584,6 +601,30 @@ impl Actor {
             fail(w.reply, err);
         }
         self.schedule();
+    }
+}
+
+impl Model {
+    /// The event that ends this model's load or unload; `provider` and `at` are the
+    /// actor's to fill in ([`Actor::record`]).
+    fn event(&self, event: &'static str, took: Duration, error: Option<String>) -> LifecycleEvent {
+        LifecycleEvent {
+            at: String::new(),
+            provider: String::new(),
+            model: self.name.to_string(),
+            event,
+            reason: self.op_reason,
+            duration_ms: took.as_millis() as u64,
+            error,
+        }
+    }
+}
+
+impl Actor {
+    fn record(&self, mut event: LifecycleEvent) {
+        event.at = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        event.provider = self.settings.provider.clone();
+        self.events.push(event);
     }
 }
 

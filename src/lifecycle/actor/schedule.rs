@@ -216,6 +216,7 @@ impl Actor {
         };
         m.status = ModelStatus::Loading;
         m.changed_at = Instant::now();
+        m.op_started = m.changed_at;
         m.last_error = None;
         tracing::info!(provider = %self.settings.provider, model = %name, "loading model");
         // The options of the oldest waiter's request (Ollama reloads a runner whose options
@@ -230,8 +231,19 @@ impl Actor {
         if shape.num_ctx.is_none() {
             shape.num_ctx = self.load_context();
         }
+        // Asked through the admin API, or needed by a request (the oldest waiter started it).
+        let reason = match self
+            .queue
+            .iter()
+            .find(|w| w.model == *name)
+            .map(|w| &w.reply)
+        {
+            Some(Reply::Admin(_)) => "asked",
+            _ => "request",
+        };
         if let Some(m) = self.models.get_mut(name) {
             m.shape = shape;
+            m.op_reason = reason;
         }
         // Published now: requests arriving during the load are given the same options.
         self.runners.set(name, shape);
@@ -244,7 +256,7 @@ impl Actor {
         });
     }
 
-    pub(super) fn start_unload(&mut self, name: &Arc<str>, why: &str) {
+    pub(super) fn start_unload(&mut self, name: &Arc<str>, why: &'static str) {
         let Some(m) = self.model(name) else {
             return;
         };
@@ -253,9 +265,11 @@ impl Actor {
         }
         m.status = ModelStatus::Unloading;
         m.changed_at = Instant::now();
+        m.op_started = m.changed_at;
         m.draining = false;
         let id = m.instance_id.clone().unwrap_or_else(|| m.name.to_string());
         let why = if m.unload_requested { "asked" } else { why };
+        m.op_reason = why;
         tracing::info!(provider = %self.settings.provider, model = %name, reason = why, "unloading model");
         let op = self.backend.unload(&id);
         let tx = self.tx.clone();
