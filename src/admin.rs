@@ -1,6 +1,7 @@
-//! The admin listener: `GET /status` (providers, and per model its counters and lifecycle
-//! state, as JSON), `GET /healthz`, and `POST /models/{provider}/{model}/load|unload`, which
-//! ask the provider's lifecycle actor (it decides; this module only reports and asks).
+//! The admin listener: `GET /` (the dashboard, one embedded page that polls `/status`),
+//! `GET /status` (providers, and per model its counters and lifecycle state, as JSON),
+//! `GET /healthz`, and `POST /models/{provider}/{model}/load|unload`, which ask the
+//! provider's lifecycle actor (it decides; this module only reports and asks).
 
 use std::sync::Arc;
 
@@ -68,6 +69,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
     }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &status(&state).await),
+        (&Method::GET | &Method::HEAD, "/" | "/dashboard") => dashboard(),
         (&Method::GET | &Method::HEAD, "/healthz") => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
             r.headers_mut().insert(
@@ -76,13 +78,13 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
             );
             r
         }
-        (_, "/status" | "/healthz") => json(
+        (_, "/status" | "/healthz" | "/" | "/dashboard") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             &serde_json::json!({"error": format!("method {} is not allowed here", req.method())}),
         ),
         (_, path) => json(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": format!("no admin endpoint at {path}; try /status, /healthz or POST /models/{{provider}}/{{model}}/load|unload")}),
+            &serde_json::json!({"error": format!("no admin endpoint at {path}; try / (the dashboard), /status, /healthz or POST /models/{{provider}}/{{model}}/load|unload")}),
         ),
     }
 }
@@ -302,6 +304,19 @@ async fn status(state: &AppState) -> Status<'_> {
             summary_cache: state.compactor.cache_stats(),
         },
     }
+}
+
+/// The dashboard: one self-contained page (no network but this listener), built into the binary.
+fn dashboard() -> Response<Full<Bytes>> {
+    static PAGE: &str = include_str!("../assets/dashboard.html");
+    let mut r = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
