@@ -1,7 +1,7 @@
 //! The admin listener: `GET /` (the dashboard, one embedded page that polls `/status`),
 //! `GET /status` (providers, and per model its counters and lifecycle state, as JSON),
-//! `GET /healthz`, and `POST /models/{provider}/{model}/load|unload`, which ask the
-//! provider's lifecycle actor (it decides; this module only reports and asks).
+//! `GET /metrics` (Prometheus), `GET /healthz`, and `POST /models/{provider}/{model}/load|unload`,
+//! which ask the provider's lifecycle actor (it decides; this module only reports and asks).
 
 use std::sync::Arc;
 
@@ -70,6 +70,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &status(&state).await),
         (&Method::GET | &Method::HEAD, "/" | "/dashboard") => dashboard(),
+        (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state).await,
         (&Method::GET | &Method::HEAD, "/healthz") => {
             let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
             r.headers_mut().insert(
@@ -78,15 +79,25 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
             );
             r
         }
-        (_, "/status" | "/healthz" | "/" | "/dashboard") => json(
+        (_, "/status" | "/healthz" | "/metrics" | "/" | "/dashboard") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             &serde_json::json!({"error": format!("method {} is not allowed here", req.method())}),
         ),
         (_, path) => json(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": format!("no admin endpoint at {path}; try / (the dashboard), /status, /healthz or POST /models/{{provider}}/{{model}}/load|unload")}),
+            &serde_json::json!({"error": format!("no admin endpoint at {path}; try / (the dashboard), /status, /metrics, /healthz or POST /models/{{provider}}/{{model}}/load|unload")}),
         ),
     }
+}
+
+/// `GET /metrics`: Prometheus text format (see `crate::metrics`).
+async fn metrics(state: &AppState) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(state).await)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    r
 }
 
 /// `POST /models/{provider}/{model}/load|unload`. The model may contain `/` (LM Studio keys

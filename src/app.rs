@@ -47,6 +47,8 @@ pub struct AppState {
     pub monitor: crate::monitor::MonitorHandle,
     /// What the pressure response did recently.
     pub pressure_events: crate::monitor::respond::PressureLog,
+    /// How often it acted, by action (`/metrics`).
+    pub pressure_counters: crate::metrics::PressureCounters,
 }
 
 /// One provider at run time: its config, the address it is served on, and its health.
@@ -63,6 +65,8 @@ pub struct ProviderState {
     polls: AtomicUsize,
     /// The owner of this provider's models: every load, unload and lease goes through it.
     pub lifecycle: LifecycleHandle,
+    /// Its histograms and error counters (the same as `stats.provider(i)`).
+    pub metrics: Arc<crate::metrics::ProviderMetrics>,
     /// Wakes the poller now (the lifecycle does after each load and unload).
     poll_now: Arc<Notify>,
     /// llama-server only: [`LLAMA_UNKNOWN`], [`LLAMA_ROUTER`] or [`LLAMA_SINGLE`], as its
@@ -251,6 +255,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         Some(m) => m,
         None => Arc::new(monitor.clone()),
     };
+    let stats = StatsTable::new(config.providers.iter().map(|p| p.name.clone()));
     for (i, p) in config.providers.iter().enumerate() {
         let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
         let poll_now = Arc::new(Notify::new());
@@ -262,6 +267,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         ));
         let settings = Settings {
             pressure: Some(monitor.subscribe()),
+            metrics: Some(stats.provider(i).clone()),
             ..Settings::from_config(&config, i)
         };
         let (lifecycle, actor) = LifecycleHandle::spawn(
@@ -280,6 +286,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             loaded_path: AtomicUsize::new(0),
             polls: AtomicUsize::new(0),
             lifecycle,
+            metrics: stats.provider(i).clone(),
             poll_now,
             llama_mode: AtomicU8::new(LLAMA_UNKNOWN),
             probed: Default::default(),
@@ -287,12 +294,13 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         listeners.push(l);
     }
     let state = Arc::new(AppState {
-        stats: StatsTable::new(config.providers.iter().map(|p| p.name.clone())),
+        stats,
         client,
         providers,
         compactor: crate::context::Compactor::new(&config),
         memory: crate::memory::MemoryTable::new(config.providers.len()),
         pressure_events: crate::monitor::respond::PressureLog::new(crate::monitor::respond::KEPT),
+        pressure_counters: Default::default(),
         monitor,
         config: arc_swap::ArcSwap::new(config.clone()),
     });

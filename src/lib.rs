@@ -11,11 +11,13 @@
 //!   requests hold leases);
 //! - accounting: [`stats`] (per-model in-flight guard and counters), [`tokens`] (token
 //!   estimates for chat requests, calibrated per model against what providers report),
-//!   [`memory`] (a loaded model's memory split into weights, KV cache and working buffers);
+//!   [`memory`] (a loaded model's memory split into weights, KV cache and working buffers),
+//!   [`metrics`] (Prometheus names, latency histograms, the `/metrics` page);
 //! - context: [`context`] (fitting a conversation into the model's window: plan, summarize,
 //!   cache, rewrite);
 //! - resources: [`monitor`] (RAM, CPU and GPU memory sampled in the background; pressure levels);
-//! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`);
+//! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`,
+//!   `/metrics`);
 //! - [`sim`]: simulated Ollama and LM Studio servers for tests, benches and `simulate`.
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,7 @@ pub mod context;
 pub mod demo;
 pub mod lifecycle;
 pub mod memory;
+pub mod metrics;
 pub mod monitor;
 pub mod providers;
 pub mod proxy;

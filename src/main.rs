@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +30,10 @@ enum Command {
         /// Config file [default: $LLM_WARDEN_CONFIG, else built-in defaults]
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Log lines as text, or as one JSON object per line (levels from RUST_LOG either
+        /// way, default `info`).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
     },
     /// Validate a config file and print the effective config (every key, defaults filled in);
     /// exits non-zero with each problem's key path if it is invalid.
@@ -73,11 +77,22 @@ enum Command {
     Demo(llm_warden::demo::DemoArgs),
 }
 
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let format = match cli.command {
+        Command::Serve { log_format, .. } => log_format,
+        _ => LogFormat::Text,
+    };
+    init_tracing(format);
     let result = match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, .. } => serve(config),
         Command::CheckConfig { path, config } => check_config(path.or(config)),
         Command::Simulate(args) => {
             runtime().and_then(|rt| rt.block_on(llm_warden::cli::simulate(args)))
@@ -114,13 +129,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

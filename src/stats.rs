@@ -5,25 +5,32 @@
 //! falls exactly once when the guard drops, whether the response ended, failed, or the client
 //! went away (hyper drops the body then; no end-of-stream callback would run). Counters are
 //! atomics so the hot path takes no lock after the first request for a model.
+//!
+//! Where the guard drops, the request ends: that is where its `/metrics` numbers (requests
+//! by endpoint and status, latency histograms) and its access log line are written, once.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
 use serde::Serialize;
 
+use crate::metrics::{ProviderMetrics, ENDPOINTS, STATUS};
 use crate::providers::LoadedModel;
 
 /// Counters for one model on one provider.
 #[derive(Debug, Default)]
 pub struct ModelStats {
-    /// `provider/model`, for the log line of each finished request.
-    name: Box<str>,
+    /// The provider's histograms and error counters (its name too, for the access log).
+    provider: Arc<ProviderMetrics>,
+    model: Box<str>,
     active: AtomicU64,
     total: AtomicU64,
     errors: AtomicU64,
     cancelled: AtomicU64,
+    /// Finished requests by endpoint and status class (`metrics::ENDPOINTS`, `STATUS`).
+    requests: [[AtomicU64; STATUS.len()]; ENDPOINTS.len()],
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     /// Unix time in milliseconds; 0 = never.
@@ -80,6 +87,9 @@ pub struct ModelSnapshot {
     /// provider reported them.
     pub context_tokens_estimated: Option<u64>,
     pub context_tokens_reported: Option<u64>,
+    /// Finished requests by endpoint label and status class, those with any (`/metrics`).
+    #[serde(skip)]
+    pub requests_by_endpoint: Vec<(&'static str, &'static str, u64)>,
 }
 
 impl ModelSnapshot {
@@ -96,11 +106,19 @@ impl ModelSnapshot {
 /// The models of one provider, by name.
 type ModelMap = DashMap<Box<str>, Arc<ModelStats>>;
 
+/// One provider's models, and what it records for `/metrics` as requests happen.
+#[derive(Debug)]
+struct ProviderStats {
+    name: String,
+    models: ModelMap,
+    metrics: Arc<ProviderMetrics>,
+}
+
 /// All models of all providers. Cloning is an `Arc` bump.
 #[derive(Clone, Debug)]
 pub struct StatsTable {
-    /// One `(provider name, models)` per provider, indexed like `Config::providers`.
-    providers: Arc<Vec<(String, ModelMap)>>,
+    /// Indexed like `Config::providers`.
+    providers: Arc<Vec<ProviderStats>>,
 }
 
 impl StatsTable {
@@ -109,32 +127,49 @@ impl StatsTable {
             providers: Arc::new(
                 provider_names
                     .into_iter()
-                    .map(|n| (n, DashMap::new()))
+                    .map(|name| ProviderStats {
+                        metrics: Arc::new(ProviderMetrics::new(&name)),
+                        name,
+                        models: DashMap::new(),
+                    })
                     .collect(),
             ),
         }
     }
 
+    /// What provider `provider` records for `/metrics` (histograms, errors, loads).
+    pub fn provider(&self, provider: usize) -> &Arc<ProviderMetrics> {
+        &self.providers[provider].metrics
+    }
+
     /// The counters of `model` on provider `provider`, created on first use.
     pub fn model(&self, provider: usize, model: &str) -> Arc<ModelStats> {
-        let map = &self.providers[provider].1;
-        if let Some(s) = map.get(model) {
+        let p = &self.providers[provider];
+        if let Some(s) = p.models.get(model) {
             return s.clone();
         }
-        let provider_name = &self.providers[provider].0;
-        map.entry(model.into())
+        p.models
+            .entry(model.into())
             .or_insert_with(|| {
                 Arc::new(ModelStats {
-                    name: format!("{provider_name}/{model}").into(),
+                    provider: p.metrics.clone(),
+                    model: model.into(),
                     ..Default::default()
                 })
             })
             .clone()
     }
 
-    /// Starts a request: counts it in flight until the guard drops.
-    pub fn begin(&self, provider: usize, model: &str) -> InFlight {
-        InFlight::new(self.model(provider, model))
+    /// Starts a request on `endpoint` (its label) that arrived at `arrived`: counts it in
+    /// flight until the guard drops.
+    pub fn begin(
+        &self,
+        provider: usize,
+        model: &str,
+        endpoint: &str,
+        arrived: Instant,
+    ) -> InFlight {
+        InFlight::new(self.model(provider, model), endpoint, arrived)
     }
 
     /// Records what provider `provider` lists as loaded: those models are `loaded` (and appear
@@ -148,7 +183,7 @@ impl StatsTable {
                 context_length: m.context_length,
             });
         }
-        for entry in self.providers[provider].1.iter() {
+        for entry in self.providers[provider].models.iter() {
             if !loaded.iter().any(|m| *m.model == **entry.key()) {
                 entry.value().set_reported(Reported::default());
             }
@@ -158,10 +193,11 @@ impl StatsTable {
     /// Every model, sorted by provider order then name.
     pub fn snapshot(&self) -> Vec<ModelSnapshot> {
         let mut out = Vec::new();
-        for (name, map) in self.providers.iter() {
-            let mut models: Vec<ModelSnapshot> = map
+        for p in self.providers.iter() {
+            let mut models: Vec<ModelSnapshot> = p
+                .models
                 .iter()
-                .map(|e| e.value().snapshot(name, e.key()))
+                .map(|e| e.value().snapshot(&p.name, e.key()))
                 .collect();
             models.sort_by(|a, b| a.model.cmp(&b.model));
             out.extend(models);
@@ -203,7 +239,21 @@ impl ModelStats {
             tokens_saved: self.tokens_saved.load(Relaxed),
             context_tokens_estimated: Some(self.context_estimated.load(Relaxed)).filter(|n| *n > 0),
             context_tokens_reported: Some(self.context_reported.load(Relaxed)).filter(|n| *n > 0),
+            requests_by_endpoint: self.requests_by_endpoint(),
         }
+    }
+
+    fn requests_by_endpoint(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut out = Vec::new();
+        for (endpoint, by_status) in ENDPOINTS.iter().zip(&self.requests) {
+            for (status, n) in STATUS.iter().zip(by_status) {
+                let n = n.load(Relaxed);
+                if n > 0 {
+                    out.push((*endpoint, *status, n));
+                }
+            }
+        }
+        out
     }
 
     /// Tokens in context now: the latest reported prompt + reply, else the latest estimate.
@@ -239,12 +289,24 @@ enum Outcome {
     Failed,
 }
 
-/// A request in flight. Drop it exactly once; dropping records the outcome and tokens, and
-/// writes the request's one log line (at debug level).
+/// A request in flight. Drop it exactly once; dropping records the outcome, tokens, latency
+/// and status, and writes the request's one access log line (target `llm_warden::access`).
 pub struct InFlight {
     stats: Arc<ModelStats>,
-    started: std::time::Instant,
+    /// When the request arrived at the proxy (before its body was read).
+    started: Instant,
+    /// Index in `metrics::ENDPOINTS`.
+    endpoint: usize,
+    /// The status the client got; 0 until one is known.
+    status: u16,
+    first_chunk: Option<Duration>,
+    queue_wait: Option<Duration>,
+    /// Prompt tokens before and after compaction.
+    compacted: Option<(u64, u64)>,
     outcome: Outcome,
+    /// A failure the provider reported (`metrics::ERROR_KINDS`); errors the proxy answered
+    /// itself are counted where they are written.
+    upstream_error: Option<&'static str>,
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
     /// The model's lease, when the lifecycle granted one: released with the guard.
@@ -256,21 +318,28 @@ pub struct InFlight {
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InFlight")
-            .field("model", &self.stats.name)
+            .field("provider", &self.stats.provider.name)
+            .field("model", &self.stats.model)
             .field("outcome", &self.outcome)
             .finish_non_exhaustive()
     }
 }
 
 impl InFlight {
-    fn new(stats: Arc<ModelStats>) -> Self {
+    fn new(stats: Arc<ModelStats>, endpoint: &str, started: Instant) -> Self {
         stats.active.fetch_add(1, Relaxed);
         stats.total.fetch_add(1, Relaxed);
         stats.touch();
         InFlight {
             stats,
-            started: std::time::Instant::now(),
+            started,
+            endpoint: crate::metrics::endpoint_index(endpoint),
+            status: 0,
+            first_chunk: None,
+            queue_wait: None,
+            compacted: None,
             outcome: Outcome::Open,
+            upstream_error: None,
             prompt_tokens: None,
             completion_tokens: None,
             lease: None,
@@ -292,14 +361,40 @@ impl InFlight {
         self.on_prompt_tokens = Some(on_reported);
     }
 
-    /// Holds `lease` until this request ends.
-    pub fn attach(&mut self, lease: crate::lifecycle::Lease) {
+    /// Holds `lease` until this request ends; getting it took `waited`.
+    pub fn attach(&mut self, lease: crate::lifecycle::Lease, waited: Duration) {
         self.lease = Some(lease);
+        self.queue_wait = Some(waited);
     }
 
-    /// The request failed (upstream error, error status, or an error inside the stream).
-    pub fn fail(&mut self) {
+    /// The conversation was compacted from `before` to `after` prompt tokens.
+    pub fn compacted(&mut self, before: u64, after: u64) {
+        self.compacted = Some((before, after));
+    }
+
+    /// The status sent to the client.
+    pub fn set_status(&mut self, status: http::StatusCode) {
+        self.status = status.as_u16();
+    }
+
+    /// The first body chunk from the provider is passing now.
+    pub fn first_chunk(&mut self) {
+        if self.first_chunk.is_none() {
+            self.first_chunk = Some(self.started.elapsed());
+        }
+    }
+
+    /// The request failed with an error the proxy answers itself, with `status`.
+    pub fn fail(&mut self, status: http::StatusCode) {
         self.outcome = Outcome::Failed;
+        self.set_status(status);
+    }
+
+    /// The provider failed the request (an error status, an error inside the stream, a
+    /// stream cut off): `kind` is its label in `metrics::ERROR_KINDS`. The first kind stays.
+    pub fn fail_upstream(&mut self, kind: &'static str) {
+        self.outcome = Outcome::Failed;
+        self.upstream_error.get_or_insert(kind);
     }
 
     /// The response ended normally (unless it already failed).
@@ -318,6 +413,20 @@ impl InFlight {
             self.completion_tokens = completion;
         }
     }
+}
+
+/// `before->after`, written without an allocation.
+struct Arrow(u64, u64);
+
+impl std::fmt::Display for Arrow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}->{}", self.0, self.1)
+    }
+}
+
+/// Milliseconds with two decimals.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
 impl Drop for InFlight {
@@ -347,13 +456,29 @@ impl Drop for InFlight {
         }
         s.touch();
         s.active.fetch_sub(1, Relaxed);
-        tracing::debug!(
-            model = &*s.name,
-            outcome = ?self.outcome,
+        let total = self.started.elapsed();
+        let status = crate::metrics::status_index(self.status);
+        s.requests[self.endpoint][status].fetch_add(1, Relaxed);
+        s.provider
+            .observe_request(self.endpoint, self.first_chunk, total);
+        if let Some(kind) = self.upstream_error {
+            s.provider.error(kind);
+        }
+        tracing::info!(
+            target: "llm_warden::access",
+            provider = &*s.provider.name,
+            model = &*s.model,
+            endpoint = ENDPOINTS[self.endpoint],
+            status = (self.status != 0).then_some(self.status),
             prompt_tokens = self.prompt_tokens,
             completion_tokens = self.completion_tokens,
-            elapsed_ms = self.started.elapsed().as_secs_f64() * 1e3,
-            "request finished"
+            ttfb_ms = self.first_chunk.map(ms),
+            total_ms = ms(total),
+            compacted = self.compacted.map(|(b, a)| tracing::field::display(Arrow(b, a))),
+            queue_ms = self.queue_wait.map(ms),
+            cancelled = self.outcome == Outcome::Open,
+            error = self.upstream_error,
+            "request"
         );
     }
 }
@@ -365,8 +490,8 @@ mod tests {
     #[test]
     fn guard_counts_in_flight_until_dropped() {
         let t = StatsTable::new(["ollama".to_string()]);
-        let a = t.begin(0, "m");
-        let mut b = t.begin(0, "m");
+        let a = t.begin(0, "m", "api_chat", Instant::now());
+        let mut b = t.begin(0, "m", "api_chat", Instant::now());
         assert_eq!(t.snapshot()[0].active_requests, 2);
         b.set_usage(Some(10), Some(3));
         b.complete();
@@ -383,7 +508,7 @@ mod tests {
     #[test]
     fn reports_mark_models_loaded_and_unloaded() {
         let t = StatsTable::new(["p".to_string(), "q".to_string()]);
-        drop(t.begin(0, "used"));
+        drop(t.begin(0, "used", "api_chat", Instant::now()));
         assert_eq!(t.snapshot()[0].loaded, None, "not asked yet");
         let big = LoadedModel {
             model: "big".into(),
@@ -412,8 +537,8 @@ mod tests {
     #[test]
     fn failure_is_counted_once() {
         let t = StatsTable::new(["p".to_string()]);
-        let mut g = t.begin(0, "m");
-        g.fail();
+        let mut g = t.begin(0, "m", "api_chat", Instant::now());
+        g.fail(http::StatusCode::BAD_GATEWAY);
         g.complete();
         drop(g);
         let s = &t.snapshot()[0];

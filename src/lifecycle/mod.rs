@@ -277,6 +277,8 @@ pub struct Settings {
     /// The monitor's latest sample, when there is a monitor: loads under pressure get a
     /// smaller context (LM Studio; see `actor::schedule`).
     pub pressure: Option<watch::Receiver<crate::monitor::Snapshot>>,
+    /// Where load durations are recorded for `/metrics`, when anyone reads them.
+    pub metrics: Option<Arc<crate::metrics::ProviderMetrics>>,
 }
 
 impl Settings {
@@ -297,6 +299,7 @@ impl Settings {
                 .collect(),
             context_initial: u64::from(config.buffers.context_initial),
             pressure: None,
+            metrics: None,
         }
     }
 }

@@ -115,6 +115,7 @@ fn settings() -> Settings {
         models: Default::default(),
         context_initial: 4096,
         pressure: None,
+        metrics: None,
     }
 }
 

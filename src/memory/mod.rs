@@ -303,6 +303,13 @@ impl MemoryTable {
         }
     }
 
+    /// Whether the provider's catalogue lists `model`.
+    pub fn listed(&self, provider: usize, model: &str) -> bool {
+        self.providers
+            .get(provider)
+            .is_some_and(|p| p.weights.contains_key(model))
+    }
+
     /// Whether `model`'s geometry was asked for already.
     pub fn knows_geometry(&self, provider: usize, model: &str) -> bool {
         self.providers

@@ -150,6 +150,7 @@ async fn act(state: &AppState, step: Step, snap: &Snapshot) {
         memory_pressure = snap.memory_pressure,
         "memory pressure response"
     );
+    state.pressure_counters.record(action);
     state.pressure_events.push(PressureEvent {
         at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         level: snap.pressure_level,

@@ -23,7 +23,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -126,7 +126,7 @@ async fn passthrough(
     let up = match forward::upstream_request(&p.config.upstream, parts, Either::Left(body), upgrade)
     {
         Ok(r) => r,
-        Err(e) => return local_error(&ProxyError::InvalidTarget(e.to_string()), style),
+        Err(e) => return local_error(p, &ProxyError::InvalidTarget(e.to_string()), style),
     };
     match state.client.request(up).await {
         Ok(mut resp) => {
@@ -140,7 +140,7 @@ async fn passthrough(
             forward::downstream_headers(&mut resp);
             resp.map(ProxyBody::Upstream)
         }
-        Err(e) => local_error(&p.upstream_error(&e), style),
+        Err(e) => local_error(p, &p.upstream_error(&e), style),
     }
 }
 
@@ -154,6 +154,7 @@ async fn inspected(
     endpoint: Endpoint,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let arrived = Instant::now();
     let p = &state.providers[provider];
     let kind = p.config.kind;
     let (mut parts, body) = req.into_parts();
@@ -165,7 +166,7 @@ async fn inspected(
     .await
     {
         Ok(b) => b,
-        Err(e) => return local_error(&e, endpoint.errors),
+        Err(e) => return local_error(p, &e, endpoint.errors),
     };
     // The body goes upstream whole: the client sets its length from the bytes, so a stage
     // that rewrites them can never leave a stale Content-Length behind.
@@ -227,14 +228,14 @@ async fn inspected(
                 bytes = body;
             }
             Fitted::Reject(e) => {
-                let mut g = state.stats.begin(provider, &model);
-                g.fail();
-                return local_error(&e, endpoint.errors);
+                let mut g = state.stats.begin(provider, &model, endpoint.label, arrived);
+                g.fail(e.status());
+                return local_error(p, &e, endpoint.errors);
             }
         }
     }
     continue_with(
-        state, provider, endpoint, parts, bytes, model, keep_alive, notes, estimate,
+        state, provider, endpoint, parts, bytes, model, keep_alive, notes, estimate, arrived,
     )
     .await
 }
@@ -447,6 +448,7 @@ async fn continue_with(
     keep_alive: KeepAlivePlan,
     notes: Notes,
     estimate: Option<u64>,
+    arrived: Instant,
 ) -> Response<ProxyBody> {
     let p = &state.providers[provider];
     if keep_alive.rewrite {
@@ -463,7 +465,10 @@ async fn continue_with(
         }
     }
     let hint = keep_alive.hint;
-    let mut guard = state.stats.begin(provider, &model);
+    let mut guard = state.stats.begin(provider, &model, endpoint.label, arrived);
+    if let Some((before, after)) = notes.compacted {
+        guard.compacted(before, after);
+    }
     match estimate {
         Some(e) => {
             let counter = state.compactor.counter.clone();
@@ -483,26 +488,28 @@ async fn continue_with(
     }
     // A llama-server with one model: always loaded, nothing to acquire.
     if p.managed() {
+        let asked = Instant::now();
         match p.lifecycle.acquire(&model, hint, notes.shape).await {
-            Ok(lease) => guard.attach(lease),
+            Ok(lease) => guard.attach(lease, asked.elapsed()),
             // The provider does not know the model: let it say so itself, in its own words.
             Err(LifecycleError::NotFound { .. }) => {}
             Err(LifecycleError::LoadFailed {
                 source: OpError::Unreachable(reason),
                 ..
             }) => {
-                guard.fail();
                 p.mark_unreachable(reason.clone());
                 let e = ProxyError::UpstreamUnreachable {
                     provider: p.config.name.clone(),
                     upstream: p.config.upstream.to_string(),
                     reason,
                 };
-                return local_error(&e, endpoint.errors);
+                guard.fail(e.status());
+                return local_error(p, &e, endpoint.errors);
             }
             Err(e) => {
-                guard.fail();
-                return local_error(&ProxyError::Lifecycle(e), endpoint.errors);
+                let e = ProxyError::Lifecycle(e);
+                guard.fail(e.status());
+                return local_error(p, &e, endpoint.errors);
             }
         }
     }
@@ -551,10 +558,11 @@ async fn forward(
     ) {
         Ok(r) => r,
         Err(e) => {
+            let e = ProxyError::InvalidTarget(e.to_string());
             if let Some(g) = guard.as_mut() {
-                g.fail();
+                g.fail(e.status());
             }
-            return local_error(&ProxyError::InvalidTarget(e.to_string()), endpoint.errors);
+            return local_error(p, &e, endpoint.errors);
         }
     };
     match state.client.request(up).await {
@@ -563,8 +571,9 @@ async fn forward(
             forward::downstream_headers(&mut resp);
             match guard.take() {
                 Some(mut g) => {
+                    g.set_status(resp.status());
                     if resp.status().is_client_error() || resp.status().is_server_error() {
-                        g.fail();
+                        g.fail_upstream("upstream_status");
                     }
                     resp.map(|b| {
                         ProxyBody::Observed(observe::ObservedBody::new(b, endpoint.usage, g))
@@ -574,15 +583,18 @@ async fn forward(
             }
         }
         Err(e) => {
+            let e = p.upstream_error(&e);
             if let Some(g) = guard.as_mut() {
-                g.fail();
+                g.fail(e.status());
             }
-            local_error(&p.upstream_error(&e), endpoint.errors)
+            local_error(p, &e, endpoint.errors)
         }
     }
 }
 
-fn local_error(e: &ProxyError, style: ErrorStyle) -> Response<ProxyBody> {
+/// An error the proxy answers itself: counted by kind, logged, written in `style`.
+fn local_error(p: &ProviderState, e: &ProxyError, style: ErrorStyle) -> Response<ProxyBody> {
+    p.metrics.error(e.kind());
     match e.fault() {
         Fault::Client => tracing::debug!(kind = e.kind(), error = %e, "client error"),
         Fault::Upstream => tracing::warn!(kind = e.kind(), error = %e, "upstream error"),

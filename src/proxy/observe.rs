@@ -235,10 +235,12 @@ impl<B> ObservedBody<B> {
             self.scanner.finish();
             let (prompt, completion) = self.scanner.usage();
             g.set_usage(prompt, completion);
-            if ok && !self.scanner.error {
-                g.complete();
+            if !ok {
+                g.fail_upstream("stream_aborted");
+            } else if self.scanner.error {
+                g.fail_upstream("stream_error");
             } else {
-                g.fail();
+                g.complete();
             }
         }
     }
@@ -269,6 +271,9 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
+                    if let Some(g) = this.guard.as_mut() {
+                        g.first_chunk();
+                    }
                     this.scanner.feed(data);
                 }
                 if this.inner.is_end_stream() {

@@ -395,6 +395,9 @@ impl Actor {
 
     fn load_done(&mut self, name: &str, result: Result<Loaded, OpError>) {
         let now = Instant::now();
+        if let (Ok(loaded), Some(metrics)) = (&result, &self.settings.metrics) {
+            metrics.observe_load(name, loaded.elapsed);
+        }
         let provider = self.settings.provider.clone();
         // A load counts as a use: a model just loaded (by an admin too) is not the least
         // recently used one.
