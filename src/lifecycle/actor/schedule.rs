@@ -329,10 +329,11 @@ impl Actor {
         shed
     }
 
-    /// New settings from a config reload (the pressure feed stays). Then the limit is
+    /// New settings from a config reload (the pressure feed and the metrics stay). Then the limit is
     /// enforced on idle models, least recently used first, and the queue is looked at again.
     pub(super) fn reconfigure(&mut self, mut settings: crate::lifecycle::Settings) {
         settings.pressure = self.settings.pressure.take();
+        settings.metrics = self.settings.metrics.take();
         self.settings = settings;
         let max = self.settings.max_models_loaded as usize;
         let resident = self
