@@ -429,8 +429,26 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
+/// How long a request whose client left keeps its model's lease. The provider stops
+/// generating only once it notices the closed connection (at its next token, or at its next
+/// check while it reads a long prompt); an unload sent before then reaches a model that is
+/// still busy. Found by the soak test: with clients leaving mid-stream and models swapping
+/// constantly, dozens of unloads a minute hit a simulator still generating for a request the
+/// proxy had already released.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if self.outcome == Outcome::Open {
+            if let (Some(lease), Ok(rt)) =
+                (self.lease.take(), tokio::runtime::Handle::try_current())
+            {
+                rt.spawn(async move {
+                    tokio::time::sleep(CANCEL_GRACE).await;
+                    drop(lease);
+                });
+            }
+        }
         let s = &self.stats;
         match self.outcome {
             Outcome::Failed => {

@@ -199,9 +199,15 @@ async fn counts_return_to_zero_and_totals_are_exact_under_mixed_load() {
         })
         .await
     );
+    // The simulators notice a closed connection at their next write: wait for that too.
     assert!(
-        ollama.state.cancelled() + lmstudio.state.cancelled() >= cancelled_total as usize,
-        "every request the proxy saw cancelled was dropped upstream"
+        eventually(Duration::from_secs(10), || async {
+            ollama.state.cancelled() + lmstudio.state.cancelled() >= cancelled_total as usize
+        })
+        .await,
+        "every request the proxy saw cancelled was dropped upstream: {} + {} < {cancelled_total}",
+        ollama.state.cancelled(),
+        lmstudio.state.cancelled()
     );
     proxy.shutdown().await;
 }
