@@ -60,12 +60,13 @@ pub const STATUS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// Error kinds: `ProxyError::kind()` (errors the proxy wrote) and three for failures the
 /// provider reported (an error status, an error inside a 200 stream, a stream cut off).
-pub const ERROR_KINDS: [&str; 18] = [
+pub const ERROR_KINDS: [&str; 19] = [
     "body_too_large",
     "body_read",
     "invalid_target",
     "upstream_unreachable",
     "upstream_failed",
+    "upstream_timeout",
     "context_length_exceeded",
     "queue_full",
     "queue_timeout",

@@ -46,6 +46,10 @@ pub struct ProxyConfig {
     pub max_request_body: u64,
     /// Give up connecting to an upstream after this long (→ 502).
     pub connect_timeout: Duration,
+    /// Give up on an upstream whose response (its status and headers) has not begun after
+    /// this long (→ 504 in the client's format). A non-streamed generation answers only when
+    /// it is done, so this bounds whole non-streamed requests too.
+    pub response_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]

@@ -30,6 +30,7 @@ pub(super) struct RawAdmin {
 pub(super) struct RawProxy {
     pub(super) max_request_body: Option<String>,
     pub(super) connect_timeout: Option<String>,
+    pub(super) response_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -64,6 +64,7 @@ impl Config {
             table([
                 ("max_request_body", size(self.proxy.max_request_body)),
                 ("connect_timeout", duration(self.proxy.connect_timeout)),
+                ("response_timeout", duration(self.proxy.response_timeout)),
             ]),
         );
         let providers = self

@@ -88,6 +88,14 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         raw.proxy.connect_timeout.as_deref(),
         Duration::from_secs(5),
     );
+    let response_timeout = c.duration(
+        "proxy.response_timeout",
+        raw.proxy.response_timeout.as_deref(),
+        Duration::from_secs(600),
+    );
+    if response_timeout.is_zero() {
+        c.bad("proxy.response_timeout", "must be greater than zero");
+    }
 
     let limits = Limits {
         max_models_loaded: raw.limits.max_models_loaded.unwrap_or(3),
@@ -410,6 +418,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         proxy: ProxyConfig {
             max_request_body,
             connect_timeout,
+            response_timeout,
         },
         providers,
         limits,

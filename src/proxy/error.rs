@@ -32,6 +32,13 @@ pub enum ProxyError {
     },
     #[error("upstream `{provider}` failed before answering: {reason}")]
     UpstreamFailed { provider: String, reason: String },
+    #[error(
+        "upstream `{provider}` did not begin to answer within {after:?} (proxy.response_timeout)"
+    )]
+    UpstreamTimeout {
+        provider: String,
+        after: std::time::Duration,
+    },
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
     #[error("this model's maximum context length is {window} tokens, but the request needs {tokens} tokens (prompt and room for the reply) and cannot be compacted: {why} (model `{model}`)")]
@@ -52,6 +59,7 @@ impl ProxyError {
             | ProxyError::ContextOverflow { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Lifecycle(e) => match e {
                 LifecycleError::NotFound { .. } => StatusCode::NOT_FOUND,
                 LifecycleError::Unmanaged { .. } => StatusCode::CONFLICT,
@@ -88,6 +96,7 @@ impl ProxyError {
             ProxyError::InvalidTarget(_) => "invalid_target",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::Lifecycle(e) => e.kind(),
             ProxyError::ContextOverflow { .. } => "context_length_exceeded",
         }

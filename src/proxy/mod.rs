@@ -128,7 +128,7 @@ async fn passthrough(
         Ok(r) => r,
         Err(e) => return local_error(p, &ProxyError::InvalidTarget(e.to_string()), style),
     };
-    match state.client.request(up).await {
+    match send(state, p, up).await {
         Ok(mut resp) => {
             p.mark_reachable();
             if let Some(client_upgrade) = client_upgrade {
@@ -140,7 +140,24 @@ async fn passthrough(
             forward::downstream_headers(&mut resp);
             resp.map(ProxyBody::Upstream)
         }
-        Err(e) => local_error(p, &p.upstream_error(&e), style),
+        Err(e) => local_error(p, &e, style),
+    }
+}
+
+/// Sends `up`, within `proxy.response_timeout` for the response to begin.
+async fn send(
+    state: &AppState,
+    p: &ProviderState,
+    up: Request<forward::UpstreamBody>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let limit = state.config.load().proxy.response_timeout;
+    match tokio::time::timeout(limit, state.client.request(up)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(p.upstream_error(&e)),
+        Err(_) => Err(ProxyError::UpstreamTimeout {
+            provider: p.config.name.clone(),
+            after: limit,
+        }),
     }
 }
 
@@ -565,7 +582,7 @@ async fn forward(
             return local_error(p, &e, endpoint.errors);
         }
     };
-    match state.client.request(up).await {
+    match send(state, p, up).await {
         Ok(mut resp) => {
             p.mark_reachable();
             forward::downstream_headers(&mut resp);
@@ -583,7 +600,6 @@ async fn forward(
             }
         }
         Err(e) => {
-            let e = p.upstream_error(&e);
             if let Some(g) = guard.as_mut() {
                 g.fail(e.status());
             }

@@ -419,6 +419,7 @@ where
             let _ = stream.set_nodelay(true);
             let st = st.clone();
             let handler = handler.clone();
+            let mut stopped = stop_rx.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let fut = handler(st.clone(), req);
@@ -427,9 +428,15 @@ where
                 let builder = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
                 );
-                let _ = builder
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                // Dropping the server closes its connections too, as a process that exits
+                // would (a client's pooled connection must not outlive the "process").
+                tokio::select! {
+                    _ = builder.serve_connection_with_upgrades(
+                        hyper_util::rt::TokioIo::new(stream),
+                        svc,
+                    ) => {}
+                    _ = stopped.changed() => {}
+                }
             });
         }
     });
