@@ -4,12 +4,16 @@
 //! What changes live: `[limits]` and each provider's `max_models_loaded` / `memory_threshold`,
 //! `[queue]`, `[models.*]` (idle timeouts, pinning, sizes, windows, tokenizers, thresholds,
 //! overflow policies), `[buffers]`, `[compaction]` (but for its cache's place and size),
-//! `[memory_pressure]` thresholds, action and hysteresis, and `[proxy] max_request_body`.
+//! `[memory_pressure]` thresholds, action and hysteresis, `[proxy] max_request_body` and
+//! `shutdown_grace`, and `[limits] unload_on_shutdown` (both read when shutdown begins).
 //! Idle models over a lowered `max_models_loaded` are unloaded, least recently used first.
 //!
-//! What needs a restart (a change is logged and the running value kept): `[admin] listen`;
-//! the providers' names, kinds, listen addresses, upstreams, `poll_interval` and `slot_save`
-//! (or their number); `[proxy] connect_timeout`; `compaction.cache_dir` and
+//! What needs a restart (a change is logged and the running value kept): `[admin] listen`
+//! and `token`; the providers' names, kinds, listen addresses, upstreams, `poll_interval`,
+//! `slot_save` and `api_keys` (or their number); `[proxy] connect_timeout`,
+//! `max_connections` and `header_read_timeout` (the listeners are set up with them once;
+//! secrets are fixed at start so a half-applied rotation never refuses a client that
+//! presented the key it was given); `compaction.cache_dir` and
 //! `compaction.cache_entries`; `memory_pressure.sample_interval` and `gpu`.
 //!
 //! A new config that does not validate is refused whole: the error, with each problem's key
@@ -43,7 +47,10 @@ pub fn apply(state: &AppState, new: Config) -> Vec<String> {
         };
     }
     keep!(admin.listen, "admin.listen");
+    keep!(admin.token, "admin.token");
     keep!(proxy.connect_timeout, "proxy.connect_timeout");
+    keep!(proxy.max_connections, "proxy.max_connections");
+    keep!(proxy.header_read_timeout, "proxy.header_read_timeout");
     keep!(compaction.cache_dir, "compaction.cache_dir");
     keep!(compaction.cache_entries, "compaction.cache_entries");
     keep!(
@@ -79,6 +86,10 @@ pub fn apply(state: &AppState, new: Config) -> Vec<String> {
             if n.slot_save != o.slot_save {
                 kept.push(format!("providers[{i}].slot_save"));
                 n.slot_save = o.slot_save;
+            }
+            if n.api_keys != o.api_keys {
+                kept.push(format!("providers[{i}].api_keys"));
+                n.api_keys = o.api_keys.clone();
             }
         }
     }

@@ -18,6 +18,81 @@ use crate::providers::ProviderKind;
 pub const CONFIG_ENV: &str = "LLM_WARDEN_CONFIG";
 /// Default admin listener.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:11400";
+/// Environment variable holding the admin token; wins over `[admin] token`.
+pub const ADMIN_TOKEN_ENV: &str = "LLM_WARDEN_ADMIN_TOKEN";
+/// Prefix of the environment variable holding a provider's API keys (comma-separated):
+/// `LLM_WARDEN_API_KEYS_` + the provider's name in upper case, `-` and `.` as `_`.
+pub const API_KEYS_ENV_PREFIX: &str = "LLM_WARDEN_API_KEYS_";
+
+/// The environment variable that holds provider `name`'s API keys.
+pub fn api_keys_env(name: &str) -> String {
+    let mut v = String::from(API_KEYS_ENV_PREFIX);
+    v.extend(name.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
+    v
+}
+
+// === impl Secret ===
+
+/// A token or API key: never shown by `Debug`, compared in constant time (through SHA-256
+/// digests, so neither the content nor the length leaks through timing).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    value: String,
+    digest: [u8; 32],
+    /// Read from the environment: `check-config` does not print it.
+    pub from_env: bool,
+}
+
+impl Secret {
+    pub fn new(value: String, from_env: bool) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(value.as_bytes()).into();
+        Secret {
+            value,
+            digest,
+            from_env,
+        }
+    }
+
+    /// The secret itself (to send it, or to write it back where it came from).
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+
+    /// Whether `presented` is this secret, in time independent of both.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use sha2::Digest;
+        let d: [u8; 32] = sha2::Sha256::digest(presented).into();
+        ct_eq(&d, &self.digest)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Constant-time equality of two digests: every byte is looked at, whatever differs.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if that is what it holds.
+pub fn bearer(headers: &http::HeaderMap) -> Option<&[u8]> {
+    let v = headers.get(http::header::AUTHORIZATION)?.as_bytes();
+    let (scheme, rest) = v.split_at(v.iter().position(|b| *b == b' ')?);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| rest.trim_ascii())
+}
 
 // === validated config ===
 
@@ -38,6 +113,10 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// Bearer token required by the admin API's state-changing endpoints (`POST
+    /// /models/...`); `$LLM_WARDEN_ADMIN_TOKEN` wins over the file. Required when `listen`
+    /// is not a loopback address.
+    pub token: Option<Secret>,
 }
 
 #[derive(Clone, Debug)]
@@ -50,6 +129,13 @@ pub struct ProxyConfig {
     /// this long (→ 504 in the client's format). A non-streamed generation answers only when
     /// it is done, so this bounds whole non-streamed requests too.
     pub response_timeout: Duration,
+    /// Open connections per listener; over it, new connections wait in the OS backlog.
+    pub max_connections: u32,
+    /// A client must send a request's headers (and, between requests on a keep-alive
+    /// connection, the next one's) within this long, else the connection is closed.
+    pub header_read_timeout: Duration,
+    /// On shutdown, how long open requests (streams) may finish before they are cut.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -66,6 +152,9 @@ pub struct ProviderConfig {
     /// llamacpp only: the server runs with `--slot-save-path`, so the proxy saves a model's
     /// KV cache (slot 0) before unloading it and restores it after loading it again.
     pub slot_save: bool,
+    /// Keys a client must present (`Authorization: Bearer <key>`); empty = no check, and the
+    /// client's `Authorization` goes upstream unchanged. When checked, it is not forwarded.
+    pub api_keys: Vec<Secret>,
 }
 
 /// Where a provider lives: scheme and authority, plus an optional path prefix that is put in
@@ -95,6 +184,9 @@ pub struct Limits {
     pub max_models_loaded: u32,
     pub memory_threshold: f64,
     pub inactivity_timeout: Duration,
+    /// On shutdown, unload the models the proxy manages (idle ones, within
+    /// `proxy.shutdown_grace`); by default they stay loaded.
+    pub unload_on_shutdown: bool,
 }
 
 /// Requests waiting for a model, per provider.
@@ -294,8 +386,17 @@ pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<String>), ConfigE
     }
 }
 
-/// Parses and validates a TOML document.
+/// Parses and validates a TOML document (secrets in the environment apply: see
+/// [`ADMIN_TOKEN_ENV`], [`api_keys_env`]).
 pub fn load_str(text: &str) -> Result<Config, ConfigError> {
+    load_str_with_env(text, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+/// [`load_str`] with the environment given as a lookup (tests).
+pub fn load_str_with_env(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
     let de = toml::Deserializer::new(text);
     let raw: raw::RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -316,7 +417,7 @@ pub fn load_str(text: &str) -> Result<Config, ConfigError> {
             }],
         }
     })?;
-    validate::validate(raw)
+    validate::validate(raw, env)
 }
 
 /// Parses `"90s"`, `"10m"`, `"1h30m"`, `"250ms"`.

@@ -23,6 +23,7 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
+    pub(super) token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -31,6 +32,9 @@ pub(super) struct RawProxy {
     pub(super) max_request_body: Option<String>,
     pub(super) connect_timeout: Option<String>,
     pub(super) response_timeout: Option<String>,
+    pub(super) max_connections: Option<u32>,
+    pub(super) header_read_timeout: Option<String>,
+    pub(super) shutdown_grace: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +48,7 @@ pub(super) struct RawProvider {
     pub(super) max_models_loaded: Option<u32>,
     pub(super) memory_threshold: Option<f64>,
     pub(super) slot_save: Option<bool>,
+    pub(super) api_keys: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +57,7 @@ pub(super) struct RawLimits {
     pub(super) max_models_loaded: Option<u32>,
     pub(super) memory_threshold: Option<f64>,
     pub(super) inactivity_timeout: Option<String>,
+    pub(super) unload_on_shutdown: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

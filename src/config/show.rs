@@ -55,16 +55,25 @@ impl Config {
     /// Every setting in force, as a TOML document that loads back to the same values.
     pub fn to_toml(&self) -> String {
         let mut doc = Table::new();
-        doc.insert(
-            "admin".into(),
-            table([("listen", s(self.admin.listen.to_string()))]),
-        );
+        // Secrets from the environment are not written out; those from the file are, since
+        // the output stands for the file.
+        let file_secret = |t: &super::Secret| (!t.from_env).then(|| s(t.expose()));
+        let mut admin = Table::new();
+        admin.insert("listen".into(), s(self.admin.listen.to_string()));
+        if let Some(t) = self.admin.token.as_ref().and_then(file_secret) {
+            admin.insert("token".into(), t);
+        }
+        doc.insert("admin".into(), Value::Table(admin));
+        let p = &self.proxy;
         doc.insert(
             "proxy".into(),
             table([
-                ("max_request_body", size(self.proxy.max_request_body)),
-                ("connect_timeout", duration(self.proxy.connect_timeout)),
-                ("response_timeout", duration(self.proxy.response_timeout)),
+                ("max_request_body", size(p.max_request_body)),
+                ("connect_timeout", duration(p.connect_timeout)),
+                ("response_timeout", duration(p.response_timeout)),
+                ("max_connections", int(p.max_connections)),
+                ("header_read_timeout", duration(p.header_read_timeout)),
+                ("shutdown_grace", duration(p.shutdown_grace)),
             ]),
         );
         let providers = self
@@ -82,6 +91,10 @@ impl Config {
                 if p.slot_save {
                     t.insert("slot_save".into(), Value::Boolean(true));
                 }
+                let keys: Vec<Value> = p.api_keys.iter().filter_map(file_secret).collect();
+                if !keys.is_empty() {
+                    t.insert("api_keys".into(), Value::Array(keys));
+                }
                 Value::Table(t)
             })
             .collect();
@@ -97,6 +110,10 @@ impl Config {
                 (
                     "inactivity_timeout",
                     duration(self.limits.inactivity_timeout),
+                ),
+                (
+                    "unload_on_shutdown",
+                    Value::Boolean(self.limits.unload_on_shutdown),
                 ),
             ]),
         );

@@ -43,6 +43,20 @@ impl Checker {
         v
     }
 
+    /// A token or key as a [`Secret`]: it travels in an HTTP header, so printable ASCII
+    /// without spaces only.
+    fn secret(&mut self, path: &str, value: String, from_env: bool) -> Option<Secret> {
+        if value.bytes().all(|b| b.is_ascii_graphic()) {
+            Some(Secret::new(value, from_env))
+        } else {
+            self.bad(
+                path,
+                "must be printable ASCII without spaces (it is sent in an HTTP header)",
+            );
+            None
+        }
+    }
+
     fn addr(&mut self, path: &str, value: &str) -> Option<SocketAddr> {
         match value.parse::<SocketAddr>() {
             Ok(a) => Some(a),
@@ -57,7 +71,10 @@ impl Checker {
     }
 }
 
-pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+pub(super) fn validate(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
     let mut c = Checker {
         problems: Vec::new(),
     };
@@ -68,6 +85,22 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
         )
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 11400)));
+    let admin_token = match env(ADMIN_TOKEN_ENV) {
+        Some(t) => c.secret(ADMIN_TOKEN_ENV, t, true),
+        None => raw
+            .admin
+            .token
+            .filter(|t| !t.is_empty())
+            .and_then(|t| c.secret("admin.token", t, false)),
+    };
+    if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+        c.bad(
+            "admin.token",
+            format!(
+                "admin.listen ({admin_listen}) is not a loopback address, so the admin API needs a token: set admin.token or ${ADMIN_TOKEN_ENV}"
+            ),
+        );
+    }
 
     let max_request_body = match raw.proxy.max_request_body.as_deref() {
         None => 64 << 20,
@@ -96,6 +129,23 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     if response_timeout.is_zero() {
         c.bad("proxy.response_timeout", "must be greater than zero");
     }
+    let max_connections = raw.proxy.max_connections.unwrap_or(10_000);
+    if max_connections == 0 {
+        c.bad("proxy.max_connections", "must be at least 1");
+    }
+    let header_read_timeout = c.duration(
+        "proxy.header_read_timeout",
+        raw.proxy.header_read_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    if header_read_timeout.is_zero() {
+        c.bad("proxy.header_read_timeout", "must be greater than zero");
+    }
+    let shutdown_grace = c.duration(
+        "proxy.shutdown_grace",
+        raw.proxy.shutdown_grace.as_deref(),
+        Duration::from_secs(30),
+    );
 
     let limits = Limits {
         max_models_loaded: raw.limits.max_models_loaded.unwrap_or(3),
@@ -105,6 +155,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             raw.limits.inactivity_timeout.as_deref(),
             Duration::from_secs(600),
         ),
+        unload_on_shutdown: raw.limits.unload_on_shutdown.unwrap_or(false),
     };
     if limits.max_models_loaded == 0 {
         c.bad("limits.max_models_loaded", "must be at least 1");
@@ -122,6 +173,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 max_models_loaded: None,
                 memory_threshold: None,
                 slot_save: None,
+                api_keys: None,
             })
             .collect()
     });
@@ -187,6 +239,29 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 "only a llamacpp provider has slots to save",
             );
         }
+        let env_var = api_keys_env(&name);
+        let api_keys: Vec<Secret> = match env(&env_var) {
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .filter_map(|k| c.secret(&env_var, k.to_string(), true))
+                .collect(),
+            None => p
+                .api_keys
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .filter_map(|(j, k)| {
+                    let path = format!("providers[{i}].api_keys[{j}]");
+                    if k.is_empty() {
+                        c.bad(path, "an API key must not be empty");
+                        return None;
+                    }
+                    c.secret(&path, k, false)
+                })
+                .collect(),
+        };
         if let (Some(listen), Some(upstream)) = (listen, upstream) {
             providers.push(ProviderConfig {
                 name,
@@ -197,6 +272,7 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 max_models_loaded,
                 memory_threshold,
                 slot_save,
+                api_keys,
             });
         }
     }
@@ -414,11 +490,15 @@ pub(super) fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     Ok(Config {
         admin: AdminConfig {
             listen: admin_listen,
+            token: admin_token,
         },
         proxy: ProxyConfig {
             max_request_body,
             connect_timeout,
             response_timeout,
+            max_connections,
+            header_read_timeout,
+            shutdown_grace,
         },
         providers,
         limits,
