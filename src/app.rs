@@ -3,6 +3,10 @@
 //!
 //! `start` binds before it returns, so a caller (a test on port 0, the binary) knows the real
 //! addresses; `serve` takes the shutdown signal as a future.
+//!
+//! Each listener serves at most `proxy.max_connections` connections at once (more wait in
+//! the OS backlog), cuts clients that do not send their headers within
+//! `proxy.header_read_timeout`, and on shutdown gives open requests `proxy.shutdown_grace`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,11 +18,11 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::{Config, ProviderConfig};
@@ -26,9 +30,6 @@ use crate::lifecycle::{LifecycleHandle, MemoryProbe, OpsBackend, Settings};
 use crate::providers::ProviderKind;
 use crate::proxy::{self, ProxyError, UpstreamClient};
 use crate::stats::StatsTable;
-
-/// How long shutdown waits for open connections (streams) before closing them.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything a request handler needs. Shared as `Arc<AppState>`; cloning the `Arc` is the
 /// only per-connection cost.
@@ -169,7 +170,11 @@ pub enum StartError {
 pub struct Running {
     pub state: Arc<AppState>,
     pub admin_addr: SocketAddr,
+    /// Stops the listeners (which then drain) and the background loops.
     stop: watch::Sender<bool>,
+    /// Stops the lifecycle actors and the monitor: only after the listeners drained (and the
+    /// unloads on shutdown, if any, are done), since those go through the actors.
+    stop_actors: watch::Sender<bool>,
     tasks: JoinSet<()>,
     actors: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -193,16 +198,54 @@ impl Running {
         self.state.providers[i].listen
     }
 
-    /// Stops accepting, lets open connections finish (up to a drain timeout), and returns.
+    /// Stops accepting, lets open connections finish (up to `proxy.shutdown_grace`, then
+    /// closes them), unloads the managed models if `limits.unload_on_shutdown` (within what
+    /// is left of the grace period), and returns.
     pub async fn shutdown(mut self) {
+        let config = self.state.config.load_full();
+        let deadline = tokio::time::Instant::now() + config.proxy.shutdown_grace;
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        if config.limits.unload_on_shutdown
+            && tokio::time::timeout_at(deadline, unload_all(&self.state))
+                .await
+                .is_err()
+        {
+            tracing::warn!("models still loaded when the shutdown grace period ended");
+        }
+        let _ = self.stop_actors.send(true);
         for a in self.actors {
             let _ = a.await;
         }
         let state = self.state.clone();
         let _ = tokio::task::spawn_blocking(move || state.compactor.save_calibration()).await;
     }
+}
+
+/// `limits.unload_on_shutdown`: every model a lifecycle manages that is loaded (or loading)
+/// and not pinned is unloaded through its actor, gracefully (requests still in flight
+/// finish first), all providers at once.
+async fn unload_all(state: &AppState) {
+    use crate::lifecycle::ModelStatus;
+    let mut unloads = Vec::new();
+    for p in state.providers.iter().filter(|p| p.managed()) {
+        for v in p.lifecycle.snapshot().await {
+            if v.pinned || !matches!(v.status, ModelStatus::Ready | ModelStatus::Loading) {
+                continue;
+            }
+            unloads.push(async move {
+                match p.lifecycle.unload(&v.model).await {
+                    Ok(_) => {
+                        tracing::info!(provider = %p.config.name, model = %v.model, "unloaded on shutdown")
+                    }
+                    Err(e) => {
+                        tracing::warn!(provider = %p.config.name, model = %v.model, error = %e, "cannot unload on shutdown")
+                    }
+                }
+            });
+        }
+    }
+    futures_util::future::join_all(unloads).await;
 }
 
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener, StartError> {
@@ -240,6 +283,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     let config = Arc::new(config);
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let (stop, stop_rx) = watch::channel(false);
+    let (stop_actors, actors_rx) = watch::channel(false);
     let client = proxy::build_client(&config.proxy);
     let mut listeners = Vec::new();
     let mut providers = Vec::new();
@@ -248,7 +292,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         resources,
         config.memory_pressure.sample_interval,
         crate::monitor::Thresholds::from(&config.memory_pressure),
-        stop_rx.clone(),
+        actors_rx.clone(),
     );
     actors.push(monitor_task);
     let memory: Arc<dyn MemoryProbe> = match memory {
@@ -275,7 +319,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             backend,
             memory.clone(),
             poll_now.clone(),
-            stop_rx.clone(),
+            actors_rx.clone(),
         );
         actors.push(actor);
         providers.push(ProviderState {
@@ -311,6 +355,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     futures_util::future::join_all(checks).await;
 
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
+    let limits = ConnLimits::from(&config.proxy);
     let mut tasks = JoinSet::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let st = state.clone();
@@ -320,9 +365,13 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             upstream = %state.providers[i].config.upstream,
             "proxy listening"
         );
-        tasks.spawn(accept_loop(listener, stop_rx.clone(), move |req| {
-            proxy::handle(st.clone(), i, req)
-        }));
+        tasks.spawn(accept_loop(
+            listener,
+            limits,
+            state.clone(),
+            stop_rx.clone(),
+            move |req| proxy::handle(st.clone(), i, req),
+        ));
         tasks.spawn(health_loop(state.clone(), i, stop_rx.clone()));
     }
     tasks.spawn(crate::monitor::respond::run(
@@ -332,13 +381,18 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     ));
     let st = state.clone();
     tracing::info!(listen = %admin_addr, "admin listening");
-    tasks.spawn(accept_loop(admin_listener, stop_rx, move |req| {
-        crate::admin::handle(st.clone(), req)
-    }));
+    tasks.spawn(accept_loop(
+        admin_listener,
+        limits,
+        state.clone(),
+        stop_rx,
+        move |req| crate::admin::handle(st.clone(), req),
+    ));
     Ok(Running {
         state,
         admin_addr,
         stop,
+        stop_actors,
         tasks,
         actors,
     })
@@ -361,8 +415,9 @@ pub async fn serve(
         running.watch_config(path, loaded);
     }
     shutdown.await;
+    let grace = running.state.config.load().proxy.shutdown_grace;
     tracing::info!(
-        "shutting down: waiting up to {DRAIN_TIMEOUT:?} for open requests (interrupt again to stop now)"
+        "shutting down: waiting up to {grace:?} for open requests (interrupt again to stop now)"
     );
     tokio::select! {
         _ = running.shutdown() => {}
@@ -584,21 +639,58 @@ async fn health_loop(state: Arc<AppState>, i: usize, mut stop: watch::Receiver<b
     }
 }
 
+/// What every listener enforces on its connections (`[proxy]`; fixed at start).
+#[derive(Clone, Copy)]
+struct ConnLimits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+}
+
+impl From<&crate::config::ProxyConfig> for ConnLimits {
+    fn from(p: &crate::config::ProxyConfig) -> Self {
+        ConnLimits {
+            max_connections: usize::try_from(p.max_connections).unwrap_or(usize::MAX),
+            header_read_timeout: p.header_read_timeout,
+        }
+    }
+}
+
 /// Accepts connections and serves `handler` on each (HTTP/1.1 with upgrades, or HTTP/2),
-/// until `stop`; then waits for open connections up to [`DRAIN_TIMEOUT`].
-async fn accept_loop<H, F, B>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: H)
-where
+/// until `stop`; then waits for open connections up to `proxy.shutdown_grace` (read when
+/// the stop comes, so a reload applies) and closes those still open.
+///
+/// At most `max_connections` are open at once: the next one is accepted only when one ends,
+/// so clients over the limit wait in the OS backlog instead of being refused by the proxy
+/// (a burst is served late rather than failed). A client gets `header_read_timeout` to send
+/// its first byte (hyper's own timer starts once the protocol is known, so it would not
+/// cover a client that sends nothing) and then its headers; hyper applies the same timeout
+/// between requests on a keep-alive connection.
+async fn accept_loop<H, F, B>(
+    listener: TcpListener,
+    limits: ConnLimits,
+    state: Arc<AppState>,
+    mut stop: watch::Receiver<bool>,
+    handler: H,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let graceful = GracefulShutdown::new();
+    let mut conns = JoinSet::new();
     loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
+        let (slot, stream) = tokio::select! {
+            r = accept_slot(&listener, &slots) => match r {
+                Ok(pair) => pair,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
@@ -606,6 +698,8 @@ where
                     continue;
                 }
             },
+            // Reap finished connections so the set holds only open ones.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
@@ -614,21 +708,51 @@ where
             let fut = handler(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let first_byte = limits.header_read_timeout;
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let mut conn_stop = stop.clone();
+        conns.spawn(async move {
+            let _slot = slot;
+            // Nothing sent yet: nothing in flight either, so a stop ends this wait at once
+            // (and lets go of the watcher, which the drain would otherwise wait for).
+            let mut probe = [0u8; 1];
+            tokio::select! {
+                r = tokio::time::timeout(first_byte, stream.peek(&mut probe)) => match r {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                },
+                _ = conn_stop.wait_for(|s| *s) => return,
+            }
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+    let grace = state.config.load().proxy.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("open connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
+        tracing::warn!("open connections did not finish within {grace:?}; closing them");
     }
+    conns.shutdown().await;
+}
+
+/// Waits for a free connection slot, then for a connection.
+async fn accept_slot(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+) -> std::io::Result<(OwnedSemaphorePermit, tokio::net::TcpStream)> {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| std::io::Error::other("connection slots closed"))?;
+    let (stream, _) = listener.accept().await?;
+    Ok((slot, stream))
 }
