@@ -2,6 +2,11 @@
 //! `GET /status` (providers, and per model its counters and lifecycle state, as JSON),
 //! `GET /metrics` (Prometheus), `GET /healthz`, and `POST /models/{provider}/{model}/load|unload`,
 //! which ask the provider's lifecycle actor (it decides; this module only reports and asks).
+//!
+//! With `[admin] token` set (required off loopback), the state-changing endpoints (`POST
+//! /models/...`) need `Authorization: Bearer <token>`; the read-only ones (`/`, `/status`,
+//! `/metrics`, `/healthz`) stay open, so a dashboard or Prometheus needs no secret, but a
+//! wrong token is refused there too. A refusal is 401 with `WWW-Authenticate: Bearer`.
 
 use std::sync::Arc;
 
@@ -64,6 +69,10 @@ struct Compaction {
 
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    let changes_state = path.starts_with("/models/");
+    if let Some(refused) = authorize(&state, req.headers(), changes_state) {
+        return refused;
+    }
     if let Some(rest) = path.strip_prefix("/models/") {
         return model_action(&state, req.method(), rest).await;
     }
@@ -88,6 +97,31 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
             &serde_json::json!({"error": format!("no admin endpoint at {path}; try / (the dashboard), /status, /metrics, /healthz or POST /models/{{provider}}/{{model}}/load|unload")}),
         ),
     }
+}
+
+/// `None` if the request may go on, else the 401 to answer: with a token configured, a
+/// request that changes state must present it, and any request that presents a credential
+/// must present the right one.
+fn authorize(
+    state: &AppState,
+    headers: &http::HeaderMap,
+    changes_state: bool,
+) -> Option<Response<Full<Bytes>>> {
+    let config = state.config.load();
+    let token = config.admin.token.as_ref()?;
+    let why = match (headers.get(header::AUTHORIZATION), crate::config::bearer(headers)) {
+        (None, _) if !changes_state => return None,
+        (None, _) => "this admin endpoint changes state and needs `Authorization: Bearer <token>` (admin.token)",
+        (Some(_), Some(t)) if token.matches(t) => return None,
+        (Some(_), _) => "the admin token is wrong (admin.token)",
+    };
+    let mut r = json(
+        StatusCode::UNAUTHORIZED,
+        &serde_json::json!({ "error": why }),
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(r)
 }
 
 /// `GET /metrics`: Prometheus text format (see `crate::metrics`).

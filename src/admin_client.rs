@@ -22,6 +22,9 @@ pub struct AdminArgs {
     /// Config file to read [admin] listen from [default: $LLM_WARDEN_CONFIG]
     #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// The admin token (the proxy's [admin] token), sent as `Authorization: Bearer`
+    #[arg(long, env = "LLM_WARDEN_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// The admin listener's default address.
@@ -49,14 +52,20 @@ impl AdminArgs {
     }
 }
 
-/// One request to the admin API: the status and the JSON answer.
-pub async fn call(method: Method, url: &str) -> anyhow::Result<(StatusCode, Value)> {
+/// One request to the admin API (with the token, if given, as a bearer token): the status
+/// and the JSON answer.
+pub async fn call(
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(StatusCode, Value)> {
     let client: Client<_, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Full::new(Bytes::new()))?;
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Full::new(Bytes::new()))?;
     let resp = tokio::time::timeout(TIMEOUT, client.request(req))
         .await
         .map_err(|_| anyhow::anyhow!("{url}: no answer within {TIMEOUT:?}"))?
@@ -71,7 +80,7 @@ pub async fn call(method: Method, url: &str) -> anyhow::Result<(StatusCode, Valu
 /// `llm-warden status`: the models as a table, or the whole `/status` as JSON.
 pub async fn status(args: &AdminArgs, json: bool) -> anyhow::Result<()> {
     let url = format!("{}/status", args.base_url()?);
-    let (code, v) = call(Method::GET, &url).await?;
+    let (code, v) = call(Method::GET, &url, args.token.as_deref()).await?;
     if !code.is_success() {
         anyhow::bail!("{url}: {code}: {v}");
     }
@@ -96,9 +105,12 @@ pub async fn model_action(
         encode(provider),
         encode(model)
     );
-    let (code, v) = call(Method::POST, &url).await?;
+    let (code, v) = call(Method::POST, &url, args.token.as_deref()).await?;
     if !code.is_success() {
         let why = v["error"].as_str().unwrap_or("failed");
+        if code == StatusCode::UNAUTHORIZED {
+            anyhow::bail!("{action} {provider}/{model}: {code}: {why}; pass the token with --token or $LLM_WARDEN_ADMIN_TOKEN");
+        }
         anyhow::bail!("{action} {provider}/{model}: {code}: {why}");
     }
     let m = &v["model"];
@@ -263,6 +275,7 @@ mod tests {
         let a = AdminArgs {
             admin: Some("127.0.0.1:9/".into()),
             config: None,
+            token: None,
         };
         assert_eq!(a.base_url().unwrap(), "http://127.0.0.1:9");
         assert_eq!(encode("hf.co/x/y:q4"), "hf.co%2Fx%2Fy:q4");

@@ -142,7 +142,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             chat("llama3.2", "Why is the sky blue?"),
         )
         .await?;
-    let s = crate::admin_client::call(Method::GET, &format!("{admin_url}/status"))
+    let s = crate::admin_client::call(Method::GET, &format!("{admin_url}/status"), None)
         .await?
         .1;
     let m = model(&s, "ollama", "llama3.2:latest");
@@ -176,7 +176,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             json!({"model": "nomic-embed-text", "input": ["a", "b"]}),
         )
         .await?;
-    let s = crate::admin_client::call(Method::GET, &format!("{admin_url}/status"))
+    let s = crate::admin_client::call(Method::GET, &format!("{admin_url}/status"), None)
         .await?
         .1;
     let evicted: Vec<&str> = s["models"]
@@ -236,7 +236,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // 6. The idle model goes once its timeout passes.
     let deadline = Instant::now() + IDLE + Duration::from_secs(10);
     loop {
-        let s = crate::admin_client::call(Method::GET, &format!("{admin_url}/status"))
+        let s = crate::admin_client::call(Method::GET, &format!("{admin_url}/status"), None)
             .await?
             .1;
         let m = model(&s, "ollama", "nomic-embed-text:latest");
@@ -254,7 +254,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let s = crate::admin_client::call(Method::GET, &format!("{admin_url}/status"))
+    let s = crate::admin_client::call(Method::GET, &format!("{admin_url}/status"), None)
         .await?
         .1;
     println!("\n{}", crate::admin_client::render_status(&s));
