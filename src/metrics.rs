@@ -60,7 +60,8 @@ pub const STATUS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// Error kinds: `ProxyError::kind()` (errors the proxy wrote) and three for failures the
 /// provider reported (an error status, an error inside a 200 stream, a stream cut off).
-pub const ERROR_KINDS: [&str; 19] = [
+pub const ERROR_KINDS: [&str; 20] = [
+    "invalid_api_key",
     "body_too_large",
     "body_read",
     "invalid_target",

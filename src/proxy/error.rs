@@ -18,6 +18,8 @@ pub enum Fault {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    #[error("{0} (providers[].api_keys)")]
+    Unauthorized(&'static str),
     #[error("request body is larger than the {limit}-byte limit (proxy.max_request_body)")]
     BodyTooLarge { limit: u64 },
     #[error("could not read the request body: {0}")]
@@ -53,6 +55,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyRead(_)
             | ProxyError::InvalidTarget(_)
@@ -79,7 +82,8 @@ impl ProxyError {
 
     pub fn fault(&self) -> Fault {
         match self {
-            ProxyError::BodyTooLarge { .. }
+            ProxyError::Unauthorized(_)
+            | ProxyError::BodyTooLarge { .. }
             | ProxyError::BodyRead(_)
             | ProxyError::InvalidTarget(_)
             | ProxyError::ContextOverflow { .. }
@@ -91,6 +95,8 @@ impl ProxyError {
     /// Short fixed label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
+            // OpenAI's own code for a missing or wrong key.
+            ProxyError::Unauthorized(_) => "invalid_api_key",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BodyRead(_) => "body_read",
             ProxyError::InvalidTarget(_) => "invalid_target",
@@ -116,6 +122,7 @@ impl ProxyError {
             return "exceed_context_size_error";
         }
         match self.status().as_u16() {
+            401 => "authentication_error",
             404 => "not_found_error",
             503 => "unavailable_error",
             400..=499 => "invalid_request_error",
@@ -173,6 +180,12 @@ impl ProxyError {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static(content_type),
         );
+        if let ProxyError::Unauthorized(_) = self {
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
         if let ProxyError::Lifecycle(e) = self {
             if let Some(after) = e.retry_after() {
                 resp.headers_mut().insert(

@@ -100,10 +100,18 @@ impl Body for ProxyBody {
 pub async fn handle(
     state: Arc<AppState>,
     provider: usize,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let p = &state.providers[provider];
     let kind = p.config.kind;
+    // Off by default (one length check); when on, the key stops here: it is the proxy's,
+    // not the provider's.
+    if !p.config.api_keys.is_empty() {
+        if let Err(e) = check_api_key(&p.config.api_keys, req.headers()) {
+            return local_error(p, &e, kind.error_style(req.uri().path()));
+        }
+        req.headers_mut().remove(http::header::AUTHORIZATION);
+    }
     if req.method() == Method::POST {
         if let Some(endpoint) = kind.classify(req.uri().path()) {
             return inspected(&state, provider, endpoint, req).await;
@@ -111,6 +119,27 @@ pub async fn handle(
     }
     let style = kind.error_style(req.uri().path());
     passthrough(&state, p, style, req).await
+}
+
+/// Whether the request presents one of `keys` as `Authorization: Bearer <key>`. Every key
+/// is compared (in constant time), whichever matches.
+fn check_api_key(
+    keys: &[crate::config::Secret],
+    headers: &http::HeaderMap,
+) -> Result<(), ProxyError> {
+    let Some(presented) = crate::config::bearer(headers) else {
+        return Err(ProxyError::Unauthorized(
+            "missing API key: send `Authorization: Bearer <key>`",
+        ));
+    };
+    let found = keys
+        .iter()
+        .fold(false, |found, k| k.matches(presented) | found);
+    if found {
+        Ok(())
+    } else {
+        Err(ProxyError::Unauthorized("invalid API key"))
+    }
 }
 
 /// Forwards a request the proxy does not inspect: the body streams through unread.
