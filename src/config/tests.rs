@@ -177,3 +177,77 @@ fn lifecycle_keys_parse_and_providers_may_override_limits() {
         ]
     );
 }
+
+#[test]
+fn an_admin_listener_off_loopback_needs_a_token() {
+    let none = |_: &str| None;
+    let err = load_str_with_env("[admin]\nlisten = \"0.0.0.0:11400\"\n", &none).unwrap_err();
+    assert!(
+        err.problems().iter().any(|p| p.path == "admin.token"),
+        "{err}"
+    );
+    let c = load_str_with_env(
+        "[admin]\nlisten = \"0.0.0.0:11400\"\ntoken = \"from-file\"\n",
+        &none,
+    )
+    .unwrap();
+    assert!(c.admin.token.as_ref().unwrap().matches(b"from-file"));
+    // The environment wins, and is never written back or shown.
+    let env = |k: &str| (k == ADMIN_TOKEN_ENV).then(|| "from-env".to_string());
+    let c = load_str_with_env(
+        "[admin]\nlisten = \"0.0.0.0:11400\"\ntoken = \"from-file\"\n",
+        &env,
+    )
+    .unwrap();
+    let t = c.admin.token.as_ref().unwrap();
+    assert!(t.matches(b"from-env") && !t.matches(b"from-file"));
+    assert!(!c.to_toml().contains("from-env"));
+    assert!(!format!("{c:?}").contains("from-env"));
+    // Loopback needs none; an empty token is none.
+    assert!(load_str_with_env("[admin]\ntoken = \"\"\n", &none)
+        .unwrap()
+        .admin
+        .token
+        .is_none());
+}
+
+#[test]
+fn api_keys_come_from_the_file_or_the_providers_environment_variable() {
+    let text =
+        "[[providers]]\nname = \"my-ollama\"\nkind = \"ollama\"\napi_keys = [\"a\", \"b\"]\n";
+    let none = |_: &str| None;
+    let c = load_str_with_env(text, &none).unwrap();
+    assert_eq!(c.providers[0].api_keys.len(), 2);
+    assert!(c.to_toml().contains("api_keys = [\"a\", \"b\"]"));
+    assert_eq!(api_keys_env("my-ollama"), "LLM_WARDEN_API_KEYS_MY_OLLAMA");
+    let env = |k: &str| (k == "LLM_WARDEN_API_KEYS_MY_OLLAMA").then(|| "x, y ,z".to_string());
+    let c = load_str_with_env(text, &env).unwrap();
+    let keys = &c.providers[0].api_keys;
+    assert_eq!(keys.len(), 3);
+    assert!(keys[1].matches(b"y") && !keys.iter().any(|k| k.matches(b"a")));
+    let err = load_str_with_env(
+        "[[providers]]\nkind = \"ollama\"\napi_keys = [\"\", \"has space\"]\n",
+        &none,
+    )
+    .unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["providers[0].api_keys[0]", "providers[0].api_keys[1]"]
+    );
+}
+
+#[test]
+fn connection_settings_have_generous_defaults_and_are_checked() {
+    let c = load_str("").unwrap();
+    assert_eq!(c.proxy.max_connections, 10_000);
+    assert_eq!(c.proxy.header_read_timeout, Duration::from_secs(30));
+    assert_eq!(c.proxy.shutdown_grace, Duration::from_secs(30));
+    assert!(!c.limits.unload_on_shutdown);
+    let err = load_str("[proxy]\nmax_connections = 0\nheader_read_timeout = \"0s\"\n").unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["proxy.max_connections", "proxy.header_read_timeout"]
+    );
+}
