@@ -307,3 +307,62 @@ fn the_config_reloads_when_the_file_changes_and_on_sighup_and_a_bad_one_is_refus
     served.sigterm();
     assert!(served.child.wait().unwrap().success());
 }
+
+#[test]
+fn after_shutdown_grace_open_streams_are_cut_and_the_proxy_exits_on_its_own() {
+    use std::io::{Read, Write};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt.block_on(async {
+        llm_warden::sim::ollama::bind(
+            llm_warden::sim::ollama::OllamaConfig {
+                token_delay: Duration::from_millis(100),
+                reply_tokens: 1000,
+                ..Default::default()
+            },
+            "127.0.0.1:0",
+        )
+        .await
+        .unwrap()
+    });
+    let mut served = Served::start(
+        "grace.toml",
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nshutdown_grace = \"1s\"\n[[providers]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n", sim.url()),
+    );
+    let proxy = listen_addr(&served.wait_for("proxy listening"));
+    served.wait_for("admin listening");
+    let mut stream = std::net::TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = r#"{"model":"llama3.2","prompt":"hi"}"#;
+    write!(
+        stream,
+        "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(stream.read(&mut buf).unwrap_or(0) > 0, "the stream started");
+
+    let signalled = std::time::Instant::now();
+    served.sigterm();
+    let line = served.wait_for("shutting down");
+    assert!(
+        line.contains("1s"),
+        "the grace period is the configured one: {line}"
+    );
+    // One signal only: the stream goes on for the grace period, then is cut, and the
+    // process exits by itself.
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let cut = signalled.elapsed();
+    let status = served.child.wait().unwrap();
+    let exited = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        cut >= Duration::from_millis(900) && exited < Duration::from_secs(5),
+        "cut after {cut:?}, exited after {exited:?}"
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("\"done\":true"));
+    drop(sim);
+}

@@ -554,3 +554,39 @@ async fn a_failed_load_is_a_clear_error_in_the_clients_format() {
     assert_eq!(r.status, 200);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn models_stay_loaded_on_shutdown_unless_unload_on_shutdown_is_set() {
+    for (unload, expected) in [(false, vec!["llama3.2:latest"]), (true, vec![])] {
+        let sim = start_ollama(Default::default()).await;
+        let extra = format!(
+            "[limits]\nunload_on_shutdown = {unload}\n[models.\"qwen2.5:7b\"]\npinned = true\n"
+        );
+        let proxy = start_proxy(&[("ollama", sim.url())], &extra).await;
+        let c = client();
+        let r = post_json(
+            &c,
+            &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+            CHAT,
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            admin_post(&c, &proxy, "/models/ollama0/qwen2.5:7b/load")
+                .await
+                .status,
+            200
+        );
+        assert_eq!(sim.state.loaded(), ["llama3.2:latest", "qwen2.5:7b"]);
+        proxy.shutdown().await;
+        // The pinned model stays either way.
+        let mut expected: Vec<&str> = expected.clone();
+        expected.push("qwen2.5:7b");
+        expected.sort();
+        assert_eq!(
+            sim.state.loaded(),
+            expected,
+            "unload_on_shutdown = {unload}"
+        );
+    }
+}
