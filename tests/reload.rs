@@ -136,3 +136,32 @@ async fn a_bad_config_is_refused_and_the_running_one_stays() {
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn connection_settings_and_secrets_need_a_restart_and_the_grace_period_does_not() {
+    let sim = start_ollama(Default::default()).await;
+    let proxy =
+        llm_warden::app::start(llm_warden::config::load_str(&config(&sim.url(), "")).unwrap())
+            .await
+            .unwrap();
+    let new = config(
+        &sim.url(),
+        "api_keys = [\"k\"]\n[proxy]\nmax_connections = 5\nheader_read_timeout = \"5s\"\nshutdown_grace = \"2s\"\n[limits]\nunload_on_shutdown = true\n",
+    )
+    .replace("[admin]\n", "[admin]\ntoken = \"t\"\n");
+    let kept = llm_warden::reload::apply(&proxy.state, llm_warden::config::load_str(&new).unwrap());
+    assert_eq!(
+        kept,
+        [
+            "admin.token",
+            "proxy.max_connections",
+            "proxy.header_read_timeout",
+            "providers[0].api_keys"
+        ]
+    );
+    let now = proxy.state.config.load();
+    assert_eq!(now.proxy.shutdown_grace, Duration::from_secs(2));
+    assert!(now.limits.unload_on_shutdown && now.admin.token.is_none());
+    assert!(now.providers[0].api_keys.is_empty());
+    proxy.shutdown().await;
+}
