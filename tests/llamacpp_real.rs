@@ -343,7 +343,7 @@ async fn router_mode_end_to_end_with_a_real_model() {
     //    what reaches the server fits: its own count of the prompt (the tokenizer /tokenize
     //    uses) is under n_ctx.
     let mut messages = vec![json!({"role": "system", "content": "You are a helpful assistant."})];
-    for i in 0..40 {
+    for i in 0..32 {
         messages.push(json!({"role": "user", "content": format!(
             "Turn {i}: please remember that item number {i} in the warehouse inventory is a box of {} screws, stored on shelf {}, row {}, and it was counted on day {} of the audit by inspector number {}.",
             i * 7 + 3, i % 9, i % 4, i + 1, 100 + i)}));
