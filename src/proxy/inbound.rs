@@ -63,8 +63,21 @@ struct Options {
 impl<'a> ModelRequest<'a> {
     /// Parses what it can; a body that is not a JSON object yields no model (the upstream
     /// then answers with its own error, byte for byte).
+    ///
+    /// Two things serde would let through are refused, so that a body that names a model is
+    /// always one the rewriters accept: a JSON array (serde reads a struct from a sequence,
+    /// so `["llama3.2"]` named a model; seen while writing `fuzz/`'s `request_body`), and
+    /// invalid UTF-8 in a value serde skips (JSON text is UTF-8, RFC 8259 §8.1; found by that
+    /// target: `set_at` edited such a body while `set_top_level` refused it).
     pub fn parse(body: &'a [u8]) -> Self {
-        serde_json::from_slice(body).unwrap_or_default()
+        let object = body
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+            .is_some_and(|b| *b == b'{');
+        match std::str::from_utf8(body) {
+            Ok(text) if object => serde_json::from_str(text).unwrap_or_default(),
+            _ => Self::default(),
+        }
     }
 
     /// No prompt and no messages: Ollama's load-only (or, with `keep_alive: 0`, unload) form.

@@ -14,6 +14,8 @@
 
 mod error;
 mod forward;
+#[cfg(test)]
+mod fuzz_regressions;
 mod inbound;
 mod observe;
 pub mod rewrite;

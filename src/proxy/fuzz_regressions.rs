@@ -1,0 +1,39 @@
+//! Inputs the fuzz targets in `fuzz/` found, replayed as unit tests (each names its target
+//! and what was wrong). See `fuzz/README.md`.
+
+use super::inbound::ModelRequest;
+use super::rewrite;
+
+/// Seen while writing `fuzz/`'s `request_body` property (a body that names a model is an
+/// object): a JSON array named a model (serde reads a struct from a sequence), so the proxy
+/// counted and loaded `m` for a body it then could not rewrite.
+#[test]
+fn an_array_body_names_no_model() {
+    for body in [&br#"["m"]"#[..], br#" ["llama3.2", true, 0]"#] {
+        let parsed = ModelRequest::parse(body);
+        assert_eq!(parsed.model(), None, "{body:?}");
+        assert!(rewrite::set_top_level(body, "keep_alive", "-1").is_err());
+    }
+}
+
+/// `fuzz/`, `request_body` (artifact crash-3bd08ddc…, minimized by hand): invalid UTF-8 in
+/// a value serde skips. The body parsed, so `set_at` edited it, while `set_top_level`
+/// (compaction, runner options) refused it.
+#[test]
+fn a_body_with_invalid_utf8_names_no_model() {
+    let body = b"{\"model\":\"m\",\"mod(l\":\"all-min\xe9lm\",\"input\":[],\"options\":{\"num_batch\":512}}";
+    assert!(rewrite::set_top_level(body, "keep_alive", "-1").is_err());
+    assert_eq!(ModelRequest::parse(body).model(), None);
+    // The valid-UTF-8 version of the same body is a model request, and both rewriters agree.
+    let valid =
+        "{\"model\":\"m\",\"mod(l\":\"all-minélm\",\"input\":[],\"options\":{\"num_batch\":512}}";
+    let parsed = ModelRequest::parse(valid.as_bytes());
+    assert_eq!(parsed.model(), Some("m"));
+    let at = parsed
+        .keep_alive
+        .map(|r| rewrite::span_in(valid.as_bytes(), r));
+    let fast = rewrite::set_at(valid.as_bytes(), "keep_alive", "-1", at).expect("an object");
+    let (slow, _) =
+        rewrite::set_top_level(valid.as_bytes(), "keep_alive", "-1").expect("an object");
+    assert_eq!(fast, slow);
+}
