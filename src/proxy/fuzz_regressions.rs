@@ -2,7 +2,9 @@
 //! and what was wrong). See `fuzz/README.md`.
 
 use super::inbound::ModelRequest;
+use super::observe::UsageScanner;
 use super::rewrite;
+use crate::providers::UsageKeys;
 
 /// Seen while writing `fuzz/`'s `request_body` property (a body that names a model is an
 /// object): a JSON array named a model (serde reads a struct from a sequence), so the proxy
@@ -36,4 +38,39 @@ fn a_body_with_invalid_utf8_names_no_model() {
     let (slow, _) =
         rewrite::set_top_level(valid.as_bytes(), "keep_alive", "-1").expect("an object");
     assert_eq!(fast, slow);
+}
+
+/// `fuzz/`, `stream_observer` (artifact crash-aca8b964…): an error body whose first frame
+/// ends inside the `{"error"` marker was not seen as an error.
+#[test]
+fn an_error_body_split_inside_its_marker_is_still_an_error() {
+    let body = br#"{"error":"model not found"}"#;
+    for keys in [
+        UsageKeys::OllamaNative,
+        UsageKeys::OpenAi,
+        UsageKeys::LmStudioV1,
+    ] {
+        for split in 0..body.len() {
+            let mut s = UsageScanner::new(keys);
+            s.feed(&body[..split]);
+            s.feed(&body[split..]);
+            s.finish();
+            assert!(s.error, "{keys:?}, split at {split}");
+        }
+        let mut s = UsageScanner::new(keys);
+        for b in body.chunks(1) {
+            s.feed(b);
+        }
+        assert!(s.error, "{keys:?}, byte by byte");
+    }
+    for body in [
+        &b"data: {\"error\":{\"message\":\"x\"}}\n\n"[..],
+        b"event: error\ndata: {}\n\n",
+    ] {
+        let mut s = UsageScanner::new(UsageKeys::OpenAi);
+        for b in body.chunks(3) {
+            s.feed(b);
+        }
+        assert!(s.error, "{body:?}");
+    }
 }

@@ -57,6 +57,8 @@ static LMSTUDIO_V1: LazyLock<Patterns> = LazyLock::new(|| Patterns {
 /// Ollama's `{"error":"..."}` NDJSON line, an OpenAI `data: {"error":{...}}` event, LM
 /// Studio's `event: error`. The first line of a body is checked separately.
 const ERROR_STARTS: [&[u8]; 3] = [b"{\"error\"", b"data: {\"error\"", b"event: error"];
+/// The longest of [`ERROR_STARTS`]: how much of the body's start is kept to check them.
+const START: usize = 14;
 static ERROR_LINES: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
     [
         Finder::new(b"\n{\"error\""),
@@ -71,8 +73,10 @@ pub struct UsageScanner {
     keys: UsageKeys,
     tail: [u8; TAIL],
     tail_len: usize,
-    /// Nothing has been fed yet: the next chunk starts the body (and its first line).
-    at_start: bool,
+    /// The body's first bytes (up to [`START`]), kept until an error marker could fit: a
+    /// first frame may end inside one (found by `fuzz/`, `stream_observer`).
+    start: [u8; START],
+    start_len: usize,
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
     /// llama-server `timings`: `prompt_n`, `cache_n`, `predicted_n`.
@@ -86,7 +90,8 @@ impl UsageScanner {
             keys,
             tail: [0; TAIL],
             tail_len: 0,
-            at_start: true,
+            start: [0; START],
+            start_len: 0,
             prompt: None,
             completion: None,
             timings: [None; 3],
@@ -105,11 +110,13 @@ impl UsageScanner {
 
     /// Feeds one frame of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
-        if self.at_start && !chunk.is_empty() {
-            self.at_start = false;
-            // The body's first line has no newline before it. (A first chunk shorter than the
-            // marker is not worth a buffer: error bodies come whole.)
-            if ERROR_STARTS.iter().any(|m| chunk.starts_with(m)) {
+        if self.start_len < START && !chunk.is_empty() {
+            // The body's first line has no newline before it.
+            let n = (START - self.start_len).min(chunk.len());
+            self.start[self.start_len..self.start_len + n].copy_from_slice(&chunk[..n]);
+            self.start_len += n;
+            let start = &self.start[..self.start_len];
+            if ERROR_STARTS.iter().any(|m| start.starts_with(m)) {
                 self.error = true;
             }
         }
