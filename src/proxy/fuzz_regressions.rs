@@ -74,3 +74,26 @@ fn an_error_body_split_inside_its_marker_is_still_an_error() {
         assert!(s.error, "{body:?}");
     }
 }
+
+/// `fuzz/`, `stream_observer` (artifact crash-3644b084…): a key and its number longer than
+/// the 64 bytes kept between frames (here a 46-digit count) were read when the body came in
+/// one frame and missed when it came byte by byte, so the usage depended on the framing.
+#[test]
+fn a_usage_number_longer_than_the_seam_is_ignored_however_it_is_framed() {
+    let body = b"data: {\"content\":\"\",\"stop\":true,\"tokens_predicted\":9999999999999999999999999999999999999999999997,\"tokens_evaluated\":30,\"timings\":{\"prompt_n\":30,\"predicted_n\":7}}\n\n";
+    let spaced =
+        b"{\"done\":true,\"eval_count\"                                                    : 12}\n";
+    for (keys, body, want) in [
+        (UsageKeys::LlamaCppNative, &body[..], (Some(30), Some(7))),
+        (UsageKeys::OllamaNative, &spaced[..], (None, None)),
+    ] {
+        for piece in [1, 2, 7, 64, body.len()] {
+            let mut s = UsageScanner::new(keys);
+            for c in body.chunks(piece) {
+                s.feed(c);
+            }
+            s.finish();
+            assert_eq!(s.usage(), want, "{keys:?}, piece {piece}");
+        }
+    }
+}

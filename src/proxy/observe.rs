@@ -187,8 +187,9 @@ impl UsageScanner {
     }
 }
 
-/// The number after the last complete `"key": <digits>` in `buf`. A number that runs to the
-/// end of `buf` counts only when `at_end` (it may go on in the next frame).
+/// The number after the last complete `"key": <digits>` in `buf`, key to last digit shorter
+/// than [`TAIL`]. A number that runs to the end of `buf` counts only when `at_end` (it may
+/// go on in the next frame).
 fn last_number(key: &Finder<'_>, buf: &[u8], at_end: bool) -> Option<u64> {
     let mut found = None;
     for start in key.find_iter(buf) {
@@ -212,6 +213,12 @@ fn last_number(key: &Finder<'_>, buf: &[u8], at_end: bool) -> Option<u64> {
             i += 1;
         }
         if i == digits_start || (i == buf.len() && !at_end) {
+            continue;
+        }
+        // Only a key and number shorter than the seam are seen whatever the framing: a longer
+        // one (padding, or a number of 40-odd digits) is not usage (found by `fuzz/`,
+        // `stream_observer`: it counted when it came in one frame, not when split).
+        if i - start >= TAIL {
             continue;
         }
         found = Some(v);
