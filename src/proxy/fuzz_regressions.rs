@@ -97,3 +97,20 @@ fn a_usage_number_longer_than_the_seam_is_ignored_however_it_is_framed() {
         }
     }
 }
+
+/// `fuzz/`, `stream_observer` (artifact crash-72e68e3d…, minimized by hand): a key that
+/// starts at the previous match's closing quote (`"input_tokens"input_tokens":42`) was
+/// skipped by a non-overlapping search in one frame, but read when a frame boundary fell
+/// inside the first match.
+#[test]
+fn an_overlapping_usage_key_is_read_however_it_is_framed() {
+    let body = br#"{"stats":{"input_tokens"input_tokens":42,"total_output_tokens":7}}"#;
+    for piece in 1..=body.len() {
+        let mut s = UsageScanner::new(UsageKeys::LmStudioV1);
+        for c in body.chunks(piece) {
+            s.feed(c);
+        }
+        s.finish();
+        assert_eq!(s.usage(), (Some(42), Some(7)), "piece {piece}");
+    }
+}

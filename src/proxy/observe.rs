@@ -192,7 +192,13 @@ impl UsageScanner {
 /// go on in the next frame).
 fn last_number(key: &Finder<'_>, buf: &[u8], at_end: bool) -> Option<u64> {
     let mut found = None;
-    for start in key.find_iter(buf) {
+    // Overlapping matches too: `find_iter` resumes after a match, and in `"k"k":1` the second
+    // key starts at the first one's closing quote (found by `fuzz/`, `stream_observer`: a
+    // frame boundary inside the first made the second count).
+    let mut from = 0;
+    while let Some(at) = key.find(&buf[from..]) {
+        let start = from + at;
+        from = start + 1;
         let mut i = start + key.needle().len();
         while i < buf.len() && buf[i] == b' ' {
             i += 1;
