@@ -306,8 +306,9 @@ impl Actor {
         }
     }
 
-    /// Unloads idle models for memory pressure, least recently used first: one, or `all`.
-    pub(super) fn shed(&mut self, all: bool) -> Vec<String> {
+    /// Loaded models nobody uses or waits for, unpinned, least recently used first: the ones
+    /// that may be unloaded to free memory or a place.
+    fn idle_lru(&self) -> Vec<Arc<str>> {
         let mut idle: Vec<(u64, Arc<str>)> = self
             .models
             .values()
@@ -320,9 +321,15 @@ impl Actor {
             .map(|m| (m.last_used, m.name.clone()))
             .collect();
         idle.sort();
+        idle.into_iter().map(|(_, name)| name).collect()
+    }
+
+    /// Unloads idle models for memory pressure, least recently used first: one, or `all`.
+    pub(super) fn shed(&mut self, all: bool) -> Vec<String> {
+        let idle = self.idle_lru();
         let take = if all { idle.len() } else { idle.len().min(1) };
         let mut shed = Vec::new();
-        for (_, name) in idle.into_iter().take(take) {
+        for name in idle.into_iter().take(take) {
             self.start_unload(&name, "memory pressure");
             shed.push(name.to_string());
         }
@@ -342,19 +349,7 @@ impl Actor {
             .filter(|m| matches!(m.status, ModelStatus::Ready | ModelStatus::Loading))
             .count();
         if resident > max {
-            let mut idle: Vec<(u64, Arc<str>)> = self
-                .models
-                .values()
-                .filter(|m| {
-                    m.status == ModelStatus::Ready
-                        && m.active == 0
-                        && m.queued == 0
-                        && !self.pinned(&m.name)
-                })
-                .map(|m| (m.last_used, m.name.clone()))
-                .collect();
-            idle.sort();
-            for (_, name) in idle.into_iter().take(resident - max) {
+            for name in self.idle_lru().into_iter().take(resident - max) {
                 self.start_unload(&name, "limit lowered by a config reload");
             }
         }
