@@ -3,8 +3,9 @@
 //! show a model the admin API loads, and its Unload button must unload it; the test checks
 //! that through `/status` and the simulator, and saves a screenshot to `target/dashboard.png`.
 //!
-//! Needs Chromium at `/usr/bin/chromium` or `$LLM_WARDEN_CHROMIUM` (`.ci/run` installs it);
-//! without it the test fails and says so.
+//! Uses Chromium at `$LLM_WARDEN_CHROMIUM`, else `/usr/bin/chromium`, installing Debian's
+//! package with `.ci/chromium-env.sh` when it is missing (needs root or sudo; the test fails
+//! and says so if that does not work).
 
 mod support;
 
@@ -154,14 +155,34 @@ struct Browser {
     cdp: Cdp,
 }
 
+/// Debian's Chromium, installed by `.ci/chromium-env.sh` if it is missing (as the Python
+/// clients and llama-server are for their tests).
+fn install_chromium() -> PathBuf {
+    let default = PathBuf::from("/usr/bin/chromium");
+    if default.exists() {
+        return default;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/chromium-env.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(out.status.success(), "{} failed", script.display());
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 impl Browser {
     async fn launch() -> Browser {
-        let exe = std::env::var_os("LLM_WARDEN_CHROMIUM")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+        let exe = match std::env::var_os("LLM_WARDEN_CHROMIUM") {
+            Some(p) => PathBuf::from(p),
+            None => tokio::task::spawn_blocking(install_chromium)
+                .await
+                .expect("the installer did not panic"),
+        };
         assert!(
             exe.exists(),
-            "Chromium not found at {} (set LLM_WARDEN_CHROMIUM, or `apt-get install -y chromium`; .ci/run installs it)",
+            "Chromium not found at {} (set LLM_WARDEN_CHROMIUM, or `apt-get install -y chromium`)",
             exe.display()
         );
         let profile = std::env::temp_dir().join(format!(
