@@ -88,25 +88,6 @@ pub(super) fn parse_loaded(v: &Value) -> Option<Vec<LoadedModel>> {
     Some(out)
 }
 
-/// `/models` entries: `(id, status.value)`; `None` for a single-mode entry's status.
-pub fn statuses(v: &Value) -> Vec<(String, Option<String>)> {
-    v.get("data")
-        .and_then(Value::as_array)
-        .map(|data| {
-            data.iter()
-                .filter_map(|m| {
-                    let id = m.get("id")?.as_str()?.to_string();
-                    let status = m
-                        .pointer("/status/value")
-                        .and_then(Value::as_str)
-                        .map(str::to_string);
-                    Some((id, status))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// `/props` `default_generation_settings.n_ctx`: the per-slot context (0 in a router's own
 /// answer, which is not a window).
 pub fn props_n_ctx(v: &Value) -> Option<u64> {
@@ -136,10 +117,6 @@ mod tests {
         let single = json!({"object":"list","data":[{"id":"smollm","object":"model","owned_by":"llamacpp","meta":{"size":5}}]});
         assert_eq!(is_router(&single), Some(false));
         assert_eq!(parse_loaded(&single).unwrap()[0].model, "smollm");
-        assert_eq!(
-            statuses(&router)[1],
-            ("b".to_string(), Some("unloaded".to_string()))
-        );
         assert_eq!(
             props_n_ctx(&json!({"default_generation_settings":{"n_ctx":0}})),
             None

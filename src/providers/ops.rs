@@ -330,18 +330,8 @@ async fn llamacpp_load(
         return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
     }
     loop {
-        let (status, bytes) = get(client, upstream, LLAMACPP_MODELS, LIST_LIMIT).await?;
-        if !status.is_success() {
-            return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
-        }
-        let v = parse_json(&bytes)?;
-        let entry = v
-            .get("data")
-            .and_then(Value::as_array)
-            .and_then(|d| {
-                d.iter()
-                    .find(|m| m.get("id").and_then(Value::as_str) == Some(model))
-            })
+        let entry = llamacpp_entry(client, upstream, model)
+            .await?
             .ok_or_else(|| OpError::ModelNotFound {
                 model: model.to_string(),
             })?;
@@ -387,20 +377,35 @@ async fn llamacpp_unload(
         return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
     }
     loop {
-        let (status, bytes) = get(client, upstream, LLAMACPP_MODELS, LIST_LIMIT).await?;
-        if !status.is_success() {
-            return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
-        }
-        let v = parse_json(&bytes)?;
-        let gone = crate::providers::llamacpp::statuses(&v)
-            .into_iter()
-            .find(|(id, _)| id == model)
-            .is_none_or(|(_, s)| s.as_deref() == Some("unloaded"));
+        let gone = llamacpp_entry(client, upstream, model)
+            .await?
+            .is_none_or(|e| e.pointer("/status/value").and_then(Value::as_str) == Some("unloaded"));
         if gone {
             return Ok(());
         }
         tokio::time::sleep(LLAMACPP_SETTLE_POLL).await;
     }
+}
+
+/// The router's `/models` entry for `model` (`None`: it lists no such model).
+async fn llamacpp_entry(
+    client: &UpstreamClient,
+    upstream: &Upstream,
+    model: &str,
+) -> Result<Option<Value>, OpError> {
+    let (status, bytes) = get(client, upstream, LLAMACPP_MODELS, LIST_LIMIT).await?;
+    if !status.is_success() {
+        return Err(failure(ProviderKind::LlamaCpp, status, &bytes, model));
+    }
+    let mut v = parse_json(&bytes)?;
+    Ok(v.get_mut("data")
+        .and_then(Value::as_array_mut)
+        .and_then(|data| {
+            let at = data
+                .iter()
+                .position(|m| m.get("id").and_then(Value::as_str) == Some(model))?;
+            Some(data.swap_remove(at))
+        }))
 }
 
 /// llama-server's per-slot context: `/props` (`?model=` in router mode) `n_ctx`.

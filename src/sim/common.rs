@@ -219,14 +219,18 @@ pub fn embedding(text: &str, dims: usize) -> Vec<f32> {
 
 /// Lowercase alphanumeric id of `len` characters, deterministic in `seed`.
 pub fn alnum_id(seed: u64, len: usize) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    id_from(b"abcdefghijklmnopqrstuvwxyz0123456789", seed, len)
+}
+
+/// An id of `len` characters drawn from `alphabet` by a xorshift seeded with `seed`.
+pub fn id_from(alphabet: &[u8], seed: u64, len: usize) -> String {
     let mut x = seed | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            ALPHABET[(x % ALPHABET.len() as u64) as usize] as char
+            alphabet[(x % alphabet.len() as u64) as usize] as char
         })
         .collect()
 }

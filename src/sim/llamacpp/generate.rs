@@ -594,14 +594,9 @@ fn split_pieces(text: &str) -> Vec<String> {
 /// A mixed-case alphanumeric id of `len` characters, deterministic in `seed` (the real
 /// server draws 32 random ones for `chatcmpl-`).
 fn mixed_id(seed: u64, len: usize) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ALPHABET[(x % ALPHABET.len() as u64) as usize] as char
-        })
-        .collect()
+    crate::sim::common::id_from(
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+        seed,
+        len,
+    )
 }
