@@ -91,6 +91,7 @@ fn main() -> ExitCode {
         _ => LogFormat::Text,
     };
     let _log = init_tracing(format);
+    raise_fd_limit();
     let result = match cli.command {
         Command::Serve { config, .. } => serve(config),
         Command::CheckConfig { path, config } => check_config(path.or(config)),
@@ -149,6 +150,21 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         LogFormat::Json => fmt.json().flatten_event(true).init(),
     }
     guard
+}
+
+/// Each proxied connection holds two descriptors (client and upstream), so the common soft
+/// limit of 1024 would cap a proxy at about 500 open streams, far below
+/// `proxy.max_connections` (10,000). Raise the soft limit to the hard one, as Go programs
+/// (Ollama among them) and nginx's `worker_rlimit_nofile` do. Failure is not fatal: the
+/// proxy then runs with what it has, and says so.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if n < 4096 => {
+            tracing::warn!(limit = n, "open-file limit is low; each proxied stream uses two")
+        }
+        Ok(n) => tracing::debug!(limit = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
