@@ -11,14 +11,16 @@
 //!  Lease::drop ───release──────────►┘                 └──► replies on oneshots: Lease | error
 //! ```
 //!
-//! Besides replies, the actor writes what it did to two things shared with the handle, read
-//! without a round trip: [`Runners`] (options of loaded models) and [`LifecycleLog`] (the
-//! last loads and unloads, for `/status` and the dashboard).
+//! Besides replies, the actor writes what it did to three things shared with the handle, read
+//! without a round trip: [`Runners`] (options of loaded models), [`LifecycleLog`] (the
+//! last loads and unloads, for `/status` and the dashboard), and each model's gate: a request
+//! for a ready model takes its lease there with one atomic operation and the actor hears
+//! nothing of it (the fast path; `gate.rs` says how the invariants below survive it).
 //!
 //! Events: `Acquire`, `AdminLoad`, `AdminUnload`, `Abandon` (a waiting client left),
-//! `Release` (a lease dropped), `LoadDone`, `UnloadDone`, `Report` (what the provider lists as
-//! loaded), `Catalog` (model sizes), `Snapshot`; and the actor's own timer (idle deadlines,
-//! queue timeouts, aging).
+//! `Release` (a lease dropped), `Drained` (the last lease through a closed gate dropped),
+//! `LoadDone`, `UnloadDone`, `Report` (what the provider lists as loaded), `Catalog` (model
+//! sizes), `Snapshot`; and the actor's own timer (idle deadlines, queue timeouts, aging).
 //!
 //! Invariants:
 //! - **only the actor mutates the table**; handlers never decide from a read of it;
@@ -41,6 +43,7 @@
 
 mod actor;
 mod backend;
+mod gate;
 pub mod policy;
 #[cfg(test)]
 mod tests;
@@ -136,6 +139,7 @@ pub type LifecycleLog = crate::recent::Recent<LifecycleEvent>;
 struct Published {
     runners: Runners,
     events: Arc<LifecycleLog>,
+    gates: Gates,
 }
 
 /// How long a model may stay idle, as a client asked (Ollama `keep_alive`).
@@ -328,6 +332,13 @@ enum Event {
     },
     Release {
         model: Arc<str>,
+        /// The use stamp, taken when the lease dropped (the actor may hear of it after a
+        /// later use through a gate).
+        seq: u64,
+    },
+    /// The last lease taken through a closed [`gate::Gate`] was given back.
+    Drained {
+        model: Arc<str>,
     },
     LoadDone {
         model: Arc<str>,
@@ -357,10 +368,15 @@ enum Event {
     },
 }
 
-/// The front of one provider's actor. Cloning is four `Arc` bumps.
+/// The gates of one provider's models, by name: replaced whole by the actor when it learns
+/// a model, read lock-free by every request.
+type Gates = Arc<arc_swap::ArcSwap<std::collections::HashMap<Arc<str>, Arc<gate::Gate>>>>;
+
+/// The front of one provider's actor. Cloning is five `Arc` bumps.
 #[derive(Clone)]
 pub struct LifecycleHandle {
     tx: mpsc::UnboundedSender<Event>,
+    gates: Gates,
     next_id: Arc<AtomicU64>,
     runners: Runners,
     /// Shared with the actor, which alone writes it.
@@ -368,19 +384,39 @@ pub struct LifecycleHandle {
 }
 
 /// A model request in flight: while it lives the model stays loaded. Dropping it (the response
-/// ended, failed, or the client left) tells the actor.
+/// ended, failed, or the client left) tells the actor, or its model's gate.
 #[derive(Debug)]
-pub struct Lease {
-    tx: mpsc::UnboundedSender<Event>,
-    model: Arc<str>,
+pub struct Lease(LeaseFrom);
+
+#[derive(Debug)]
+enum LeaseFrom {
+    /// Granted by the actor, which counts it.
+    Actor {
+        shared: Arc<gate::Shared>,
+        model: Arc<str>,
+    },
+    /// Taken through the model's open gate (see `gate`).
+    Gate(Arc<gate::Gate>),
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         // The actor is gone only at shutdown, when nothing needs to know.
-        let _ = self.tx.send(Event::Release {
-            model: self.model.clone(),
-        });
+        match &self.0 {
+            LeaseFrom::Actor { shared, model } => {
+                let _ = shared.tx.send(Event::Release {
+                    model: model.clone(),
+                    seq: shared.next_seq(),
+                });
+            }
+            LeaseFrom::Gate(g) => {
+                if g.give_back() {
+                    let _ = g.shared.tx.send(Event::Drained {
+                        model: g.model.clone(),
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -393,6 +429,7 @@ impl std::fmt::Debug for Event {
             Event::AdminUnload { .. } => "AdminUnload",
             Event::Abandon { .. } => "Abandon",
             Event::Release { .. } => "Release",
+            Event::Drained { .. } => "Drained",
             Event::LoadDone { .. } => "LoadDone",
             Event::UnloadDone { .. } => "UnloadDone",
             Event::Report { .. } => "Report",
@@ -431,6 +468,7 @@ impl LifecycleHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let runners = Runners::default();
         let events = Arc::new(LifecycleLog::new(EVENTS_KEPT));
+        let gates = Gates::default();
         let actor = actor::Actor::new(
             settings,
             backend,
@@ -441,12 +479,14 @@ impl LifecycleHandle {
             Published {
                 runners: runners.clone(),
                 events: events.clone(),
+                gates: gates.clone(),
             },
         );
         let task = tokio::spawn(actor.run(stop));
         (
             LifecycleHandle {
                 tx,
+                gates,
                 next_id: Arc::new(AtomicU64::new(1)),
                 runners,
                 events,
@@ -484,6 +524,15 @@ impl LifecycleHandle {
         hint: Option<IdleHint>,
         shape: Shape,
     ) -> Result<Lease, LifecycleError> {
+        // The fast path (see `gate`): a ready model whose gate is open. A client's idle
+        // hint is the actor's to record, so such requests ask it.
+        if hint.is_none() {
+            if let Some(g) = self.gates.load().get(model) {
+                if g.try_take() {
+                    return Ok(Lease(LeaseFrom::Gate(g.clone())));
+                }
+            }
+        }
         let id = self.next_id.fetch_add(1, Relaxed);
         self.ask(Some(id), |reply| Event::Acquire {
             id,

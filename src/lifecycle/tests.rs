@@ -26,7 +26,11 @@ struct FakeProvider {
     unload_delay: Mutex<Duration>,
     fail_next: Mutex<HashMap<String, OpError>>,
     fail_next_unload: Mutex<HashMap<String, OpError>>,
+    /// Called with each unload as the actor starts it.
+    on_unload: Mutex<Option<UnloadCheck>>,
 }
+
+type UnloadCheck = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl FakeProvider {
     fn calls(&self) -> Vec<String> {
@@ -70,6 +74,10 @@ impl Backend for FakeProvider {
     }
 
     fn unload(&self, instance_id: &str) -> BoxFuture<'static, Result<(), OpError>> {
+        let check = self.on_unload.lock().unwrap().clone();
+        if let Some(check) = check {
+            check(instance_id);
+        }
         self.calls
             .lock()
             .unwrap()
@@ -890,4 +898,130 @@ async fn loads_and_unloads_are_listed_with_their_reason_and_duration() {
         ("e".into(), "unload", "memory pressure", 40, None),
     ];
     assert_eq!(got, want);
+}
+
+// === the lease fast path (gate.rs) ===
+
+impl Rig {
+    /// A lease on a ready model, checked to come through its gate, not from the actor.
+    async fn gate_lease(&self, model: &str) -> Lease {
+        let before = self.gate_leases(model);
+        let lease = self.lease(model).await;
+        assert!(matches!(lease.0, LeaseFrom::Gate(_)), "{lease:?}");
+        assert_eq!(self.gate_leases(model), before + 1);
+        lease
+    }
+
+    fn gate_leases(&self, model: &str) -> u32 {
+        self.lc.gates.load().get(model).map_or(0, |g| g.leases())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_through_the_gate_keeps_the_model_and_its_release_starts_the_idle_clock() {
+    let rig = start(Settings {
+        inactivity_timeout: Duration::from_secs(10),
+        ..settings()
+    });
+    drop(rig.lease("a").await); // loads it; the actor grants this one
+    rig.settle().await;
+    let fast = rig.gate_lease("a").await;
+    assert_eq!(rig.view("a").await.leases, 1, "the view counts gate leases");
+    // The actor heard nothing of it, and must still not unload: it looks again later.
+    advance(Duration::from_secs(3600)).await;
+    rig.settle().await;
+    assert_eq!(rig.status("a").await, ModelStatus::Ready);
+    assert_eq!(rig.provider.calls(), ["load a"]);
+    drop(fast);
+    advance(Duration::from_secs(10) - MS).await;
+    rig.settle().await;
+    assert_eq!(rig.status("a").await, ModelStatus::Ready, "one tick early");
+    advance(2 * MS).await;
+    rig.settle().await;
+    assert_eq!(rig.provider.calls(), ["load a", "unload a"]);
+    assert_eq!(rig.status("a").await, ModelStatus::Unloaded);
+    // Unloaded: the gate is closed, so the next request goes to the actor and reloads.
+    let again = rig.lease("a").await;
+    assert!(matches!(again.0, LeaseFrom::Actor { .. }));
+    assert_eq!(rig.provider.count("load a"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_busy_through_its_gate_is_never_evicted_and_an_unload_waits_for_it() {
+    let rig = start(Settings {
+        max_models_loaded: 1,
+        ..settings()
+    });
+    drop(rig.lease("a").await);
+    rig.settle().await;
+    let busy = rig.gate_lease("a").await;
+    let lc = rig.lc.clone();
+    let waiting = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
+    let lc = rig.lc.clone();
+    let unload = tokio::spawn(async move { lc.unload("a").await });
+    advance(Duration::from_secs(3600)).await;
+    rig.settle().await;
+    assert_eq!(
+        rig.provider.calls(),
+        ["load a"],
+        "nothing unloads a busy model"
+    );
+    // Asked to unload, the model takes no new lease through its gate: this request waits.
+    let lc = rig.lc.clone();
+    let late = tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await });
+    rig.settle().await;
+    assert!(!late.is_finished() && !waiting.is_finished() && !unload.is_finished());
+    assert_eq!(rig.gate_leases("a"), 1);
+    drop(busy); // the last gate lease of a closed gate: the actor hears of it
+    assert_eq!(unload.await.unwrap().unwrap().status, ModelStatus::Unloaded);
+    let b = waiting.await.unwrap().expect("b once a is done");
+    assert_eq!(rig.provider.calls()[..3], ["load a", "unload a", "load b"]);
+    drop(b);
+    let a = late.await.unwrap().expect("a again, after b");
+    assert_eq!(rig.provider.count("load a"), 2);
+    drop(a);
+}
+
+/// Many tasks on several threads take and drop leases on two models that take turns in one
+/// place: every unload the provider sees happens with no lease of that model out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn no_unload_ever_happens_under_a_lease_from_either_path() {
+    let rig = start(Settings {
+        max_models_loaded: 1,
+        inactivity_timeout: Duration::from_millis(1),
+        ..settings()
+    });
+    let held: Arc<[std::sync::atomic::AtomicU32; 2]> = Arc::new(Default::default());
+    let bad = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    // Each unload, as it starts, against the leases held of that model (counted after a
+    // lease is had and before it drops, so never more than are out).
+    let (h, b) = (held.clone(), bad.clone());
+    *rig.provider.on_unload.lock().unwrap() = Some(Arc::new(move |model: &str| {
+        let i = usize::from(model == "b");
+        if h[i].load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            b.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }));
+    let mut tasks = Vec::new();
+    for t in 0..8usize {
+        let (lc, held) = (rig.lc.clone(), held.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0..200usize {
+                let i = (t + n / 50) % 2;
+                let lease = lc
+                    .acquire(["a", "b"][i], None, Shape::default())
+                    .await
+                    .expect("a lease");
+                held[i].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                held[i].fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                drop(lease);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(rig.provider.count("unload a") + rig.provider.count("unload b") > 0);
+    assert_eq!(bad.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

@@ -101,10 +101,17 @@ impl Actor {
             }
         }
         for m in self.models.values() {
-            if m.status == ModelStatus::Ready && m.active == 0 {
-                if let (Some(since), Some(t)) = (m.idle_since, self.idle_timeout(m)) {
-                    earlier(since + t);
-                }
+            if m.status != ModelStatus::Ready || m.active > 0 {
+                continue;
+            }
+            let Some(t) = self.idle_timeout(m) else {
+                continue;
+            };
+            match m.idle_from() {
+                Some(since) => earlier(since + t),
+                // Busy through the gate, which tells nobody when it drains: look again one
+                // timeout from now (the deadline then counts from the last release).
+                None => earlier(Instant::now() + t),
             }
         }
         wake
@@ -113,7 +120,7 @@ impl Actor {
     pub(super) fn view(&self, m: &Model) -> ModelView {
         let now = Instant::now();
         let timeout = self.idle_timeout(m);
-        let unloads_in = match (m.status, m.active, m.idle_since, timeout) {
+        let unloads_in = match (m.status, m.leases(), m.idle_from(), timeout) {
             (ModelStatus::Ready, 0, Some(since), Some(t)) => {
                 Some((since + t).saturating_duration_since(now).as_secs_f64())
             }
@@ -123,7 +130,7 @@ impl Actor {
             model: m.name.to_string(),
             status: m.status,
             platform: self.settings.kind.as_str(),
-            leases: m.active,
+            leases: m.leases(),
             queue_depth: m.queued,
             load_time_ms: m.load_time.map(|d| d.as_millis() as u64),
             context_length: m.context_length,

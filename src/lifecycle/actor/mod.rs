@@ -16,10 +16,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
+use super::gate::{Gate, Shared};
 use super::policy::RefuseReason;
 use super::{
-    Backend, Event, IdleHint, Lease, LifecycleError, LifecycleEvent, LifecycleLog, MemoryProbe,
-    ModelStatus, ModelView, Published, Runners, Settings, Shape,
+    Backend, Event, Gates, IdleHint, Lease, LeaseFrom, LifecycleError, LifecycleEvent,
+    LifecycleLog, MemoryProbe, ModelStatus, ModelView, Published, Runners, Settings, Shape,
 };
 use crate::config::QueuePolicy;
 use crate::providers::ops::{Loaded, OpError};
@@ -37,13 +38,19 @@ const FREED_GRACE: Duration = Duration::from_secs(10);
 struct Model {
     name: Arc<str>,
     status: ModelStatus,
-    /// Leases out. Only `ready` models hand them out; `unloading` begins only at zero.
+    /// Leases the actor granted and that are still out. With the gate's, the model's
+    /// leases ([`Model::leases`]): only `ready` models hand them out; `unloading` begins
+    /// only at zero.
     active: u32,
+    /// The fast path's side of this model (see `lifecycle::gate`).
+    gate: Arc<Gate>,
     /// Waiters in the queue for this model (kept equal to a count over the queue).
     queued: u32,
-    /// Sequence number of the last grant or release: smaller = less recently used.
+    /// Sequence number of the last grant or release by the actor: smaller = less recently
+    /// used ([`Model::used`] counts the gate's too).
     last_used: u64,
-    /// When the last lease dropped (or the model became ready with none): the idle clock.
+    /// When the last lease the actor granted dropped (or the model became ready with none):
+    /// the idle clock ([`Model::idle_from`] counts the gate's releases too).
     idle_since: Option<Instant>,
     /// A client's `keep_alive`; replaces the configured idle timeout until the model unloads.
     hint: Option<IdleHint>,
@@ -114,12 +121,15 @@ pub(super) struct Actor {
     runners: Runners,
     /// Shared with the handle: what loads and unloads finished or failed, for `/status`.
     events: Arc<LifecycleLog>,
+    /// Shared with the handle: each model's gate, for the lease fast path.
+    gates: Gates,
+    /// Shared with the gates: the use sequence, the clock's epoch, the channel.
+    shared: Arc<Shared>,
     models: HashMap<Arc<str>, Model>,
     /// Arrival order; every waiter has the same timeout, so the front expires first.
     queue: VecDeque<Waiter>,
     /// Size on disk of each model the provider has, bytes.
     catalog: HashMap<String, u64>,
-    seq: u64,
     /// When the actor started: the `changed_at` of a model that never changed.
     epoch: Instant,
     /// Bytes recent unloads freed, and when (see [`FREED_GRACE`]).
@@ -134,11 +144,22 @@ impl Actor {
         poll_now: Arc<Notify>,
         tx: mpsc::UnboundedSender<Event>,
         rx: mpsc::UnboundedReceiver<Event>,
-        Published { runners, events }: Published,
+        Published {
+            runners,
+            events,
+            gates,
+        }: Published,
     ) -> Self {
+        let epoch = Instant::now();
         Actor {
             runners,
             events,
+            gates,
+            shared: Arc::new(Shared {
+                seq: Default::default(),
+                epoch,
+                tx: tx.clone(),
+            }),
             settings,
             backend,
             memory,
@@ -148,8 +169,7 @@ impl Actor {
             models: HashMap::new(),
             queue: VecDeque::new(),
             catalog: HashMap::new(),
-            seq: 0,
-            epoch: Instant::now(),
+            epoch,
             freed: Default::default(),
         }
     }
@@ -178,6 +198,10 @@ impl Actor {
                     None => break,
                 },
             }
+            self.sync_gates();
+        }
+        for m in self.models.values() {
+            m.gate.close();
         }
         for w in self.queue.drain(..) {
             fail(w.reply, LifecycleError::Stopped);
@@ -224,7 +248,11 @@ impl Actor {
                     self.schedule();
                 }
             }
-            Event::Release { model } => self.release(&model),
+            Event::Release { model, seq } => self.release(&model, seq),
+            Event::Drained { model } => {
+                tracing::trace!(model = %model, "last lease through a closed gate returned");
+                self.schedule();
+            }
             Event::LoadDone { model, result } => self.load_done(&model, result),
             Event::UnloadDone { model, result } => self.unload_done(&model, result),
             Event::Report { loaded, polled_at } => self.apply_report(loaded, polled_at),
@@ -250,12 +278,17 @@ impl Actor {
             return k.clone();
         }
         let name: Arc<str> = model.into();
+        let gate = Arc::new(Gate::new(name.clone(), self.shared.clone()));
+        let mut gates = HashMap::clone(&self.gates.load());
+        gates.insert(name.clone(), gate.clone());
+        self.gates.store(Arc::new(gates));
         self.models.insert(
             name.clone(),
             Model {
                 name: name.clone(),
                 status: ModelStatus::Unloaded,
                 active: 0,
+                gate,
                 queued: 0,
                 last_used: 0,
                 idle_since: None,
@@ -284,7 +317,7 @@ impl Actor {
         self.models.get_mut(name)
     }
 
-    /// Whether a new request for `name` may have a lease right away (the hot path).
+    /// Whether a new request for `name` may have a lease right away.
     fn grantable_now(&self, name: &str) -> bool {
         let m = &self.models[name];
         m.status == ModelStatus::Ready
@@ -293,14 +326,29 @@ impl Actor {
             && (self.settings.queue.policy == QueuePolicy::Grouped || self.queue.is_empty())
     }
 
+    /// Opens the gate of every model a new request could have at once, and closes the
+    /// others (after every event). A model whose idle timeout is zero keeps its gate closed:
+    /// the actor must hear of each release to unload it right after.
+    fn sync_gates(&self) {
+        for m in self.models.values() {
+            let open = self.grantable_now(&m.name) && self.idle_timeout(m) != Some(Duration::ZERO);
+            if open != m.gate.is_open() {
+                if open {
+                    m.gate.open();
+                } else {
+                    m.gate.close();
+                }
+            }
+        }
+    }
+
     fn grant(
         &mut self,
         name: &Arc<str>,
         reply: oneshot::Sender<Result<Lease, LifecycleError>>,
         hint: Option<IdleHint>,
     ) {
-        self.seq += 1;
-        let seq = self.seq;
+        let seq = self.shared.next_seq();
         let Some(m) = self.models.get_mut(name) else {
             return;
         };
@@ -310,10 +358,10 @@ impl Actor {
         if hint.is_some() {
             m.hint = hint;
         }
-        let lease = Lease {
-            tx: self.tx.clone(),
+        let lease = Lease(LeaseFrom::Actor {
+            shared: self.shared.clone(),
             model: m.name.clone(),
-        };
+        });
         // A caller that left drops the reply, and with it the lease: that releases it.
         let _ = reply.send(Ok(lease));
     }
@@ -350,18 +398,16 @@ impl Actor {
         }
     }
 
-    fn release(&mut self, name: &str) {
-        self.seq += 1;
-        let seq = self.seq;
+    fn release(&mut self, name: &str, seq: u64) {
         let Some(m) = self.model(name) else {
             return;
         };
         m.active = m.active.saturating_sub(1);
-        m.last_used = seq;
+        m.last_used = m.last_used.max(seq);
         if m.active == 0 {
             m.idle_since = Some(Instant::now());
         }
-        let needs_work = m.active == 0 && (m.unload_requested || m.draining);
+        let needs_work = m.leases() == 0 && (m.unload_requested || m.draining);
         if needs_work
             || !self.queue.is_empty()
             || self.idle_timeout_of(name) == Some(Duration::ZERO)
@@ -401,8 +447,7 @@ impl Actor {
         let provider = self.settings.provider.clone();
         // A load counts as a use: a model just loaded (by an admin too) is not the least
         // recently used one.
-        self.seq += 1;
-        let seq = self.seq;
+        let seq = self.shared.next_seq();
         let Some(m) = self.model(name) else {
             return;
         };
@@ -528,8 +573,7 @@ impl Actor {
         let provider = self.settings.provider.clone();
         for lm in &loaded {
             let name = self.entry(&lm.model);
-            self.seq += 1;
-            let seq = self.seq;
+            let seq = self.shared.next_seq();
             let Some(m) = self.models.get_mut(&name) else {
                 continue;
             };
@@ -569,7 +613,12 @@ impl Actor {
                 continue;
             }
             m.reported = None;
-            if m.status == ModelStatus::Ready && m.active == 0 && !m.unload_requested {
+            // Closing the gate first: a lease taken through it keeps the model.
+            if m.status == ModelStatus::Ready
+                && m.active == 0
+                && !m.unload_requested
+                && m.gate.close_if_idle()
+            {
                 m.status = ModelStatus::Unloaded;
                 m.changed_at = now;
                 m.idle_since = None;
@@ -608,6 +657,26 @@ impl Actor {
 }
 
 impl Model {
+    /// Leases out: the actor's and the gate's.
+    fn leases(&self) -> u32 {
+        self.active.saturating_add(self.gate.leases())
+    }
+
+    /// The last use, by the actor's grants and releases or through the gate.
+    fn used(&self) -> u64 {
+        self.last_used.max(self.gate.last_used())
+    }
+
+    /// Since when the model has been idle, if it is: the later of the actor's idle clock
+    /// and the last release through the gate.
+    fn idle_from(&self) -> Option<Instant> {
+        if self.leases() > 0 {
+            return None;
+        }
+        let since = self.idle_since?;
+        Some(self.gate.released_at().map_or(since, |r| r.max(since)))
+    }
+
     /// The event that ends this model's load or unload; `provider` and `at` are the
     /// actor's to fill in ([`Actor::record`]).
     fn event(&self, event: &'static str, took: Duration, error: Option<String>) -> LifecycleEvent {

@@ -29,11 +29,11 @@ impl Actor {
         // Unloads that are due: asked by an admin, or idle past the timeout.
         let mut due = Vec::new();
         for m in self.models.values() {
-            if m.status != ModelStatus::Ready || m.active > 0 {
+            if m.status != ModelStatus::Ready || m.leases() > 0 {
                 continue;
             }
             let idle_due = m.queued == 0
-                && m.idle_since
+                && m.idle_from()
                     .is_some_and(|since| self.idle_timeout(m).is_some_and(|t| since + t <= now));
             if m.unload_requested || idle_due {
                 due.push(m.name.clone());
@@ -174,9 +174,9 @@ impl Actor {
                 Some(Resident {
                     name: &m.name,
                     residency,
-                    active: if assume_idle { 0 } else { m.active },
+                    active: if assume_idle { 0 } else { m.leases() },
                     pinned: self.pinned(&m.name),
-                    last_used: m.last_used,
+                    last_used: m.used(),
                     size_bytes: self.size_of(m),
                 })
             })
@@ -260,7 +260,9 @@ impl Actor {
         let Some(m) = self.model(name) else {
             return;
         };
-        if m.status != ModelStatus::Ready || m.active > 0 {
+        // The gate closes here or the unload does not start: a lease taken through it
+        // keeps the model (see `lifecycle::gate`).
+        if m.status != ModelStatus::Ready || m.active > 0 || !m.gate.close_if_idle() {
             return;
         }
         m.status = ModelStatus::Unloading;
@@ -300,9 +302,12 @@ impl Actor {
         if self
             .models
             .get(name)
-            .is_some_and(|m| m.active == 0 && m.queued == 0 && m.unload_waiters.is_empty())
+            .is_some_and(|m| m.leases() == 0 && m.queued == 0 && m.unload_waiters.is_empty())
         {
             self.models.remove(name);
+            let mut gates = std::collections::HashMap::clone(&self.gates.load());
+            gates.remove(name);
+            self.gates.store(Arc::new(gates));
         }
     }
 
@@ -314,11 +319,11 @@ impl Actor {
             .values()
             .filter(|m| {
                 m.status == ModelStatus::Ready
-                    && m.active == 0
+                    && m.leases() == 0
                     && m.queued == 0
                     && !self.pinned(&m.name)
             })
-            .map(|m| (m.last_used, m.name.clone()))
+            .map(|m| (m.used(), m.name.clone()))
             .collect();
         idle.sort();
         idle.into_iter().map(|(_, name)| name).collect()
