@@ -76,6 +76,8 @@ pub struct ProviderState {
     /// llama-server models whose window (`/props`) and token ratio (`/tokenize`) were read
     /// since they were loaded.
     probed: dashmap::DashSet<String>,
+    /// The data plane's connections to the provider (`proxy::pool`).
+    pub pool: Arc<crate::proxy::Pool>,
 }
 
 /// llama-server's mode is not known yet (no `/models` read).
@@ -125,6 +127,24 @@ impl ProviderState {
     }
 
     /// Classifies a failed upstream exchange, and records it when it says the provider is down.
+    /// A failed exchange of the data plane, as the client will read it.
+    pub fn pool_error(&self, e: &crate::proxy::PoolError) -> ProxyError {
+        match e {
+            crate::proxy::PoolError::Connect(reason) => {
+                self.mark_unreachable(reason.clone());
+                ProxyError::UpstreamUnreachable {
+                    provider: self.config.name.clone(),
+                    upstream: self.config.upstream.to_string(),
+                    reason: reason.clone(),
+                }
+            }
+            crate::proxy::PoolError::Send(e) => ProxyError::UpstreamFailed {
+                provider: self.config.name.clone(),
+                reason: error_chain(e),
+            },
+        }
+    }
+
     pub fn upstream_error(&self, e: &hyper_util::client::legacy::Error) -> ProxyError {
         let reason = error_chain(e);
         if e.is_connect() {
@@ -334,6 +354,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             poll_now,
             llama_mode: AtomicU8::new(LLAMA_UNKNOWN),
             probed: Default::default(),
+            pool: crate::proxy::Pool::new(&p.upstream, config.proxy.connect_timeout),
         });
         listeners.push(l);
     }

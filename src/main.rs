@@ -160,7 +160,10 @@ fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
 fn raise_fd_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) if n < 4096 => {
-            tracing::warn!(limit = n, "open-file limit is low; each proxied stream uses two")
+            tracing::warn!(
+                limit = n,
+                "open-file limit is low; each proxied stream uses two"
+            )
         }
         Ok(n) => tracing::debug!(limit = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),

@@ -96,34 +96,28 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// Turns a client request into the upstream request: same method, path, query, headers
-/// (less hop-by-hop and `Host`, which the client sets from the upstream authority).
+/// (less hop-by-hop), in origin form (`/path?query`, behind the upstream's path prefix) with
+/// `Host` set to `host` (the upstream's authority: Ollama answers 403 to a foreign one).
 pub fn upstream_request<B>(
     upstream: &Upstream,
+    host: &HeaderValue,
     mut parts: http::request::Parts,
     body: B,
     upgrade: bool,
 ) -> Result<Request<B>, http::Error> {
     let pq = parts.uri.path_and_query().cloned();
-    let uri = if upstream.path_prefix.is_empty() {
-        let mut b = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone());
-        if let Some(pq) = pq {
-            b = b.path_and_query(pq);
-        } else {
-            b = b.path_and_query("/");
+    let uri = match pq {
+        Some(pq) if upstream.path_prefix.is_empty() => Uri::from(pq),
+        None if upstream.path_prefix.is_empty() => Uri::from_static("/"),
+        pq => {
+            let pq = pq.as_ref().map(|p| p.as_str()).unwrap_or("/");
+            Uri::builder()
+                .path_and_query(format!("{}{}", upstream.path_prefix, pq))
+                .build()?
         }
-        b.build()?
-    } else {
-        let pq = pq.as_ref().map(|p| p.as_str()).unwrap_or("/");
-        Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
-            .path_and_query(format!("{}{}", upstream.path_prefix, pq))
-            .build()?
     };
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.headers.remove(header::HOST);
+    parts.headers.insert(header::HOST, host.clone());
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     Ok(Request::from_parts(parts, body))
@@ -220,8 +214,13 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        let r = upstream_request(&up, parts, (), false).unwrap();
-        assert_eq!(r.uri().to_string(), "http://127.0.0.1:9/pre/api/tags?x=1");
-        assert!(r.headers().get(header::HOST).is_none());
+        let host = HeaderValue::from_static("127.0.0.1:9");
+        let r = upstream_request(&up, &host, parts, (), false).unwrap();
+        assert_eq!(r.uri().to_string(), "/pre/api/tags?x=1");
+        assert_eq!(r.headers()[header::HOST], "127.0.0.1:9");
+        let (parts, ()) = Request::get("/api/version").body(()).unwrap().into_parts();
+        let up = crate::config::parse_upstream("http://127.0.0.1:9").unwrap();
+        let r = upstream_request(&up, &host, parts, (), false).unwrap();
+        assert_eq!(r.uri().to_string(), "/api/version");
     }
 }

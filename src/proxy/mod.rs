@@ -18,6 +18,7 @@ mod forward;
 mod fuzz_regressions;
 mod inbound;
 mod observe;
+mod pool;
 pub mod rewrite;
 pub mod shape;
 
@@ -43,6 +44,7 @@ pub use error::{Fault, ProxyError};
 pub use forward::{build_client, UpstreamClient};
 pub use inbound::ModelRequest;
 pub use observe::UsageScanner;
+pub use pool::{Pool, PoolError, PooledBody};
 
 // === impl ProxyBody ===
 
@@ -51,8 +53,8 @@ pub use observe::UsageScanner;
 // moved once into the response, and boxing it would cost an allocation per request.
 #[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
-    Upstream(Incoming),
-    Observed(observe::ObservedBody<Incoming>),
+    Upstream(PooledBody),
+    Observed(observe::ObservedBody<PooledBody>),
     Local(Full<Bytes>),
 }
 
@@ -154,8 +156,13 @@ async fn passthrough(
     let upgrade = forward::wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let up = match forward::upstream_request(&p.config.upstream, parts, Either::Left(body), upgrade)
-    {
+    let up = match forward::upstream_request(
+        &p.config.upstream,
+        p.pool.host_header(),
+        parts,
+        Either::Left(body),
+        upgrade,
+    ) {
         Ok(r) => r,
         Err(e) => return local_error(p, &ProxyError::InvalidTarget(e.to_string()), style),
     };
@@ -180,11 +187,11 @@ async fn send(
     state: &AppState,
     p: &ProviderState,
     up: Request<forward::UpstreamBody>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<PooledBody>, ProxyError> {
     let limit = state.config.load().proxy.response_timeout;
-    match tokio::time::timeout(limit, state.client.request(up)).await {
+    match tokio::time::timeout(limit, p.pool.send(up)).await {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => Err(p.upstream_error(&e)),
+        Ok(Err(e)) => Err(p.pool_error(&e)),
         Err(_) => Err(ProxyError::UpstreamTimeout {
             provider: p.config.name.clone(),
             after: limit,
@@ -600,6 +607,7 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let up = match forward::upstream_request(
         &p.config.upstream,
+        p.pool.host_header(),
         parts,
         Either::Right(Full::new(bytes)),
         false,

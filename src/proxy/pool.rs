@@ -1,0 +1,251 @@
+//! The data plane's upstream connections: one small pool of keep-alive HTTP/1.1 connections
+//! per provider, on hyper's connection API.
+//!
+//! Why not `hyper_util`'s pooled client, which the control plane (polls, loads) still uses:
+//! profiled with callgrind on the release build (`GET /api/version` through the proxy, one
+//! client), that client was about a quarter of the proxy's instructions per request. It
+//! hashes its pool key with SipHash three times a request, boxes and moves large futures
+//! (15 `memcpy` calls a request), and runs a checkout state machine with a waiter list and
+//! an executor hop, for generality (any host, HTTP/2, retries) a proxy with one fixed
+//! upstream per listener does not need. Here a request pops the most recently returned
+//! connection from a `Vec` under a mutex held for a few instructions, and the response body
+//! puts it back when it ends.
+//!
+//! Rules:
+//! - a connection goes back only after its response body ended (so the next request never
+//!   waits behind the rest of an old one); a body dropped early closes it, as nginx does;
+//! - an idle connection found closed, or idle longer than [`IDLE_TIMEOUT`], is dropped at
+//!   checkout; at most [`IDLE_MAX`] are kept (the rest close when returned);
+//! - a request that a reused connection could not send (closed by the provider meanwhile)
+//!   is sent again on another connection: hyper hands back a request it did not write, so
+//!   a streamed body is never half-sent twice;
+//! - a `101 Switching Protocols` answer keeps its connection (it becomes the tunnel);
+//! - HTTP/1.1 only, as every provider speaks; the proxy sets `Host` itself.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::forward::UpstreamBody;
+use crate::config::Upstream;
+
+/// An idle connection older than this is closed instead of reused (the same as the pooled
+/// client of the control plane).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per provider: enough for hundreds of concurrent clients; after a
+/// burst of thousands of streams the rest close instead of holding descriptors.
+pub const IDLE_MAX: usize = 512;
+
+/// Why a request could not be sent or answered.
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection could be made: the provider is down, or the address is wrong.
+    Connect(String),
+    /// The connection failed while sending or before the response head came.
+    Send(hyper::Error),
+}
+
+struct Idle {
+    tx: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+/// One provider's upstream connections.
+pub struct Pool {
+    host: String,
+    port: u16,
+    /// The address, when the host is an IP literal (no lookup per connect).
+    addr: Option<SocketAddr>,
+    /// `Host` of every request sent upstream.
+    host_header: HeaderValue,
+    connect_timeout: Duration,
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl Pool {
+    pub fn new(upstream: &Upstream, connect_timeout: Duration) -> Arc<Self> {
+        let host = upstream
+            .authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = upstream.authority.port_u16().unwrap_or(80);
+        let addr = host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, port));
+        Arc::new(Pool {
+            host,
+            port,
+            addr,
+            host_header: HeaderValue::from_str(upstream.authority.as_str())
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            connect_timeout,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The `Host` header requests to this upstream carry.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host_header
+    }
+
+    /// Connections idle in the pool now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map_or(0, |v| v.len())
+    }
+
+    /// Sends `req` on an idle connection, or a new one, and answers the response head; the
+    /// body returns the connection to the pool when it ends.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        loop {
+            let (mut tx, reused) = match self.take_idle() {
+                Some(tx) => (tx, true),
+                None => (self.connect().await?, false),
+            };
+            if let Err(e) = tx.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(PoolError::Send(e));
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
+                        .then(|| (tx, self.clone()));
+                    return Ok(resp.map(|body| PooledBody { body, back }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not written: the connection was closed under it. Another one.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(PoolError::Send(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn take_idle(&self) -> Option<SendRequest<UpstreamBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(i) = idle.pop() {
+            if !i.tx.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
+                return Some(i.tx);
+            }
+        }
+        None
+    }
+
+    fn put(&self, tx: SendRequest<UpstreamBody>) {
+        if tx.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < IDLE_MAX {
+                idle.push(Idle {
+                    tx,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<UpstreamBody>, PoolError> {
+        let connect = async {
+            match self.addr {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect((self.host.as_str(), self.port)).await,
+            }
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(PoolError::Connect(format!(
+                    "tcp connect error: {e} ({}:{})",
+                    self.host, self.port
+                )))
+            }
+            Err(_) => {
+                return Err(PoolError::Connect(format!(
+                    "tcp connect to {}:{} timed out after {:?}",
+                    self.host, self.port, self.connect_timeout
+                )))
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(PoolError::Send)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+}
+
+/// A response body from the pool: the provider's bytes as they come; at its end, the
+/// connection goes back to the pool.
+pub struct PooledBody {
+    body: Incoming,
+    back: Option<(SendRequest<UpstreamBody>, Arc<Pool>)>,
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        if let Some((tx, pool)) = self.back.take() {
+            pool.put(tx);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            None => this.give_back(),
+            Some(Ok(_)) if this.body.is_end_stream() => this.give_back(),
+            Some(Ok(_)) => {}
+            // A broken body: the connection is not reused.
+            Some(Err(_)) => this.back = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304, Content-Length: 0) may never be polled.
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
