@@ -391,7 +391,12 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             limits,
             state.clone(),
             stop_rx.clone(),
-            move |req| proxy::handle(st.clone(), i, req),
+            // Boxed: hyper keeps the handler's future inside each connection's state for
+            // as long as the connection lives, so an unboxed one (the inspected path's, with
+            // compaction and loading in it, is kilobytes) would cost every open stream that
+            // much. Measured with `loadgen --hold 2000`: 41 -> 33 KB of proxy RSS a stream,
+            // for about 1% more instructions a request (callgrind).
+            move |req| Box::pin(proxy::handle(st.clone(), i, req)),
         ));
         tasks.spawn(health_loop(state.clone(), i, stop_rx.clone()));
     }
