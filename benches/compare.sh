@@ -3,6 +3,7 @@
 # simulated Ollama, using examples/loadgen with --direct/--proxy/--proxy-pid.
 # Needs nginx on PATH (apt-get install -y nginx). Extra arguments go to loadgen for both
 # runs, e.g.: benches/compare.sh --rounds 3 --duration 3 --scenarios version,chat,stream
+# BIN=path/to/llm-warden compares another build (e.g. an older one) the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/llm-warden}
@@ -25,6 +26,9 @@ SIM_PID=$!; PIDS+=($SIM_PID)
 cat >"$TMP/warden.toml" <<TOML
 [admin]
 listen = "127.0.0.1:$ADMIN"
+# chat-32k asks num_ctx 40960; the default cap (32768) would compact it.
+[buffers.context]
+max = 65536
 [[providers]]
 kind = "ollama"
 listen = "127.0.0.1:$WARDEN"
@@ -82,8 +86,10 @@ echo "== nginx (worker pid $NGX_WORKER) vs direct =="
       --proxy http://127.0.0.1:$NGX --proxy-pid "$NGX_WORKER" "$@" 2>"$TMP/nginx-loadgen.err" | tee "$TMP/nginx.out"; grep -m3 warning "$TMP/nginx-loadgen.err" >&2 || true; tail -3 "$TMP/nginx/error.log" >&2 || true
 echo
 echo "== llm-warden / nginx (proxy rows: req/s, p50, p99, cpu µs) =="
-paste <(grep -E '^ +proxy ' "$TMP/warden.out") <(grep -E '^ +proxy ' "$TMP/nginx.out") |
-    awk -v names="$(grep -E '^[a-z-]+ c=' "$TMP/warden.out" | awk '{print $1"_"$2}' | tr '\n' ' ')" '
+# The first table only (the streams table below it has proxy rows too).
+main_table() { sed -n '/^medians over/,/^$/p' "$1"; }
+paste <(main_table "$TMP/warden.out" | grep -E '^ +proxy ') <(main_table "$TMP/nginx.out" | grep -E '^ +proxy ') |
+    awk -v names="$(main_table "$TMP/warden.out" | grep -E '^[a-z0-9-]+ c=' | awk '{print $1"_"$2}' | tr '\n' ' ')" '
     function num(s) { v = s; if (s ~ /ms$/) { sub(/ms$/, "", v); return v * 1000 } if (s ~ /µs$/) { sub(/µs$/, "", v); return v } if (s ~ /s$/) { sub(/s$/, "", v); return v * 1e6 } sub(/\*$/, "", v); return v + 0 }
     BEGIN { split(names, n, " "); printf "%-20s %10s %10s %10s %10s\n", "scenario", "req/s", "p50", "p99", "cpu µs" }
     { h = NF / 2; printf "%-20s %9.2fx %9.2fx %9.2fx %9.2fx\n", n[NR], $2/$(h+2), num($3)/num($(h+3)), num($5)/num($(h+5)), num($8)/num($(h+8)) }'
