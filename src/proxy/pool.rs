@@ -249,3 +249,95 @@ impl Drop for PooledBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Either, Full};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An HTTP/1.1 server answering `ok` with keep-alive headers. With `close`, it closes
+    /// each connection after its first answer, as a provider restarting or timing out idle
+    /// connections would: the pooled connection is dead when the next request takes it.
+    async fn server(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        let mut got = Vec::new();
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                        if close {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get(pool: &Arc<Pool>) -> Result<Bytes, PoolError> {
+        let req = Request::get("/api/version")
+            .header(http::header::HOST, pool.host_header().clone())
+            .body(Either::Right(Full::new(Bytes::new())))
+            .unwrap();
+        let resp = pool.send(req).await?;
+        Ok(resp.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn an_ended_body_returns_its_connection_and_the_next_request_reuses_it() {
+        let (addr, accepted) = server(false).await;
+        let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
+        let pool = Pool::new(&up, Duration::from_secs(5));
+        for _ in 0..3 {
+            assert_eq!(get(&pool).await.unwrap(), "ok");
+            assert_eq!(
+                pool.idle_count(),
+                1,
+                "the ended body gave its connection back"
+            );
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_provider_closed_is_replaced() {
+        let (addr, accepted) = server(true).await;
+        let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
+        let pool = Pool::new(&up, Duration::from_secs(5));
+        // Each connection is closed after its answer: the next request goes out on a new
+        // one, whether the pool sees the close at checkout or hyper hands the unsent request
+        // back. The client never sees the dead connection.
+        for n in 1..=3 {
+            assert_eq!(get(&pool).await.unwrap(), "ok");
+            assert_eq!(accepted.load(Ordering::SeqCst), n);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_provider_that_is_down_is_a_connect_error() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
+        let pool = Pool::new(&up, Duration::from_secs(5));
+        assert!(matches!(get(&pool).await, Err(PoolError::Connect(_))));
+        assert_eq!(pool.idle_count(), 0);
+    }
+}
