@@ -130,24 +130,19 @@ impl ProviderState {
     /// A failed exchange of the data plane, as the client will read it.
     pub fn pool_error(&self, e: &crate::proxy::PoolError) -> ProxyError {
         match e {
-            crate::proxy::PoolError::Connect(reason) => {
-                self.mark_unreachable(reason.clone());
-                ProxyError::UpstreamUnreachable {
-                    provider: self.config.name.clone(),
-                    upstream: self.config.upstream.to_string(),
-                    reason: reason.clone(),
-                }
-            }
-            crate::proxy::PoolError::Send(e) => ProxyError::UpstreamFailed {
-                provider: self.config.name.clone(),
-                reason: error_chain(e),
-            },
+            crate::proxy::PoolError::Connect(reason) => self.upstream_fault(true, reason.clone()),
+            crate::proxy::PoolError::Send(e) => self.upstream_fault(false, error_chain(e)),
         }
     }
 
+    /// The same for the control plane's pooled client (polls, loads).
     pub fn upstream_error(&self, e: &hyper_util::client::legacy::Error) -> ProxyError {
-        let reason = error_chain(e);
-        if e.is_connect() {
+        self.upstream_fault(e.is_connect(), error_chain(e))
+    }
+
+    /// No connection (`connect`: the provider is marked unreachable), or a failed exchange.
+    fn upstream_fault(&self, connect: bool, reason: String) -> ProxyError {
+        if connect {
             self.mark_unreachable(reason.clone());
             ProxyError::UpstreamUnreachable {
                 provider: self.config.name.clone(),

@@ -279,9 +279,9 @@ impl Actor {
         }
         let name: Arc<str> = model.into();
         let gate = Arc::new(Gate::new(name.clone(), self.shared.clone()));
-        let mut gates = HashMap::clone(&self.gates.load());
-        gates.insert(name.clone(), gate.clone());
-        self.gates.store(Arc::new(gates));
+        self.publish_gates(|gates| {
+            gates.insert(name.clone(), gate.clone());
+        });
         self.models.insert(
             name.clone(),
             Model {
@@ -311,6 +311,14 @@ impl Actor {
             },
         );
         name
+    }
+
+    /// Replaces the gate map the handle reads with an edited copy (only when a model is
+    /// first mentioned or forgotten: never per request).
+    pub(super) fn publish_gates(&self, edit: impl FnOnce(&mut HashMap<Arc<str>, Arc<Gate>>)) {
+        let mut gates = HashMap::clone(&self.gates.load());
+        edit(&mut gates);
+        self.gates.store(Arc::new(gates));
     }
 
     fn model(&mut self, name: &str) -> Option<&mut Model> {

@@ -305,9 +305,9 @@ impl Actor {
             .is_some_and(|m| m.leases() == 0 && m.queued == 0 && m.unload_waiters.is_empty())
         {
             self.models.remove(name);
-            let mut gates = std::collections::HashMap::clone(&self.gates.load());
-            gates.remove(name);
-            self.gates.store(Arc::new(gates));
+            self.publish_gates(|gates| {
+                gates.remove(name);
+            });
         }
     }
 
