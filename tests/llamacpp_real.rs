@@ -417,6 +417,35 @@ async fn single_mode_passes_through_with_the_lifecycle_off() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.text().contains("\"stop\":true") && !r.text().contains("[DONE]"));
+    // llama-server closes the connection right after each streamed answer, without
+    // `Connection: close`: a request right behind a stream may be written on the closed
+    // connection before the proxy sees the close. It must still be answered, an inspected
+    // request (chat) and a passed-through one (/tokenize) alike.
+    for round in 0..8 {
+        let r = post_json(
+            &c,
+            &format!("{base}/completion"),
+            r#"{"prompt":"One","n_predict":2,"stream":true}"#,
+        )
+        .await;
+        assert_eq!(r.status, 200, "round {round}: {}", r.text());
+        let path = if round % 2 == 0 {
+            "/tokenize"
+        } else {
+            "/v1/models"
+        };
+        let r = if path == "/tokenize" {
+            post_json(&c, &format!("{base}{path}"), r#"{"content":"hi"}"#).await
+        } else {
+            get(&c, &format!("{base}{path}")).await
+        };
+        assert_eq!(
+            r.status,
+            200,
+            "round {round}, {path} after a stream: {}",
+            r.text()
+        );
+    }
     let r = post_json(
         &c,
         &format!("{base}/v1/chat/completions"),

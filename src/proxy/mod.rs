@@ -146,7 +146,15 @@ fn check_api_key(
     }
 }
 
-/// Forwards a request the proxy does not inspect: the body streams through unread.
+/// A pass-through body of at most this many bytes, with a declared length, is read whole
+/// before it goes upstream; a longer or chunked one streams through.
+const SMALL_BODY: u64 = 64 * 1024;
+
+/// Forwards a request the proxy does not inspect. A small body with a declared length
+/// (`/tokenize`, `/api/show`, `/models/load`) is read first, as nginx reads every body
+/// (`proxy_request_buffering on`): then the pool can send it again when a reused keep-alive
+/// connection turns out closed (see `pool`). A larger or chunked body (an `/api/blobs`
+/// upload) streams through unread.
 async fn passthrough(
     state: &AppState,
     p: &ProviderState,
@@ -156,11 +164,20 @@ async fn passthrough(
     let upgrade = forward::wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
+    let body = match body.size_hint().exact() {
+        Some(n) if n > 0 && n <= SMALL_BODY => {
+            match inbound::read_body(&parts.headers, body, SMALL_BODY).await {
+                Ok(bytes) => Either::Right(Full::new(bytes)),
+                Err(e) => return local_error(p, &e, style),
+            }
+        }
+        _ => Either::Left(body),
+    };
     let up = match forward::upstream_request(
         &p.config.upstream,
         p.pool.host_header(),
         parts,
-        Either::Left(body),
+        body,
         upgrade,
     ) {
         Ok(r) => r,

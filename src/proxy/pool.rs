@@ -19,6 +19,17 @@
 //! - a request that a reused connection could not send (closed by the provider meanwhile)
 //!   is sent again on another connection: hyper hands back a request it did not write, so
 //!   a streamed body is never half-sent twice;
+//! - a request that was written on a reused connection which the provider then closed (or
+//!   reset) before answering a byte is sent once more, on a new connection, when its body is
+//!   all in hand (every model request: the proxy has read it; a bodiless `GET`). This is
+//!   the keep-alive close race, and with llama-server it is not rare: it closes the
+//!   connection right after every streamed answer, without `Connection: close`, so the next
+//!   request can take the connection before the close arrives (CI met it). Decided: repeat
+//!   it even for a `POST`, unlike Go's client (idempotent methods only), because the
+//!   provider sent nothing back, so it either never read the request or died with it (then
+//!   the new connection fails and the client gets the 502), and for these APIs a repeated
+//!   generation costs compute, not state. A streamed pass-through body (an `/api/create`
+//!   upload) is never repeated: it fails as 502;
 //! - a `101 Switching Protocols` answer keeps its connection (it becomes the tunnel);
 //! - HTTP/1.1 only, as every provider speaks; the proxy sets `Host` itself.
 
@@ -31,6 +42,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -112,8 +124,12 @@ impl Pool {
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
+        // After a request was written on a reused connection that the provider then closed
+        // unanswered, the copy goes out once more, on a new connection.
+        let mut replayed = false;
         loop {
-            let (mut tx, reused) = match self.take_idle() {
+            let idle = if replayed { None } else { self.take_idle() };
+            let (mut tx, reused) = match idle {
                 Some(tx) => (tx, true),
                 None => (self.connect().await?, false),
             };
@@ -123,15 +139,24 @@ impl Pool {
                 }
                 return Err(PoolError::Send(e));
             }
+            let copy = if reused { replica(&req) } else { None };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (tx, self.clone()));
                     return Ok(resp.map(|body| PooledBody { body, back }));
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), copy) {
                     // Not written: the connection was closed under it. Another one.
-                    Some(unsent) if reused => req = unsent,
+                    (Some(unsent), _) if reused => req = unsent,
+                    (None, Some(copy)) if closed_unanswered(e.error()) => {
+                        tracing::debug!(
+                            error = %e.error(),
+                            "a reused upstream connection closed without answering; sending again on a new one"
+                        );
+                        req = copy;
+                        replayed = true;
+                    }
                     _ => return Err(PoolError::Send(e.into_error())),
                 },
             }
@@ -197,6 +222,47 @@ impl Pool {
     }
 }
 
+/// A copy of `req` to send again, when its body is all in hand (a buffered body, or none).
+/// A streamed body is not copied: once written, it is gone.
+fn replica(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    let body = match req.body() {
+        Either::Right(full) => full.clone(),
+        Either::Left(incoming) if incoming.is_end_stream() => Full::new(Bytes::new()),
+        Either::Left(_) => return None,
+    };
+    let mut copy = Request::new(Either::Right(body));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether a request failed because the connection closed (or was reset) before any answer
+/// came: what a provider that drops a keep-alive connection looks like from this side. It
+/// is a race no client can avoid, only recover from: llama-server (cpp-httplib) closes the
+/// connection right after each streamed answer without saying `Connection: close`, and Node
+/// servers (LM Studio) close connections idle for 5 s; a request written just before the
+/// close arrives meets a closed socket.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// A response body from the pool: the provider's bytes as they come; at its end, the
 /// connection goes back to the pool.
 pub struct PooledBody {
@@ -253,7 +319,7 @@ impl Drop for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, Either, Full};
+    use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -289,6 +355,72 @@ mod tests {
             }
         });
         (addr, accepted)
+    }
+
+    /// Reads one request (head, then a `Content-Length` body) off `s`; `None` at EOF.
+    async fn read_request(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        while got.len() < head_end + len {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        Some(got[head_end..head_end + len].to_vec())
+    }
+
+    /// A server like llama-server after a streamed answer: each connection answers its first
+    /// request (echoing the body), keeps the connection open with no `Connection: close`,
+    /// then reads the next request and closes without a byte of answer. `reset` closes it
+    /// with a TCP reset instead of a FIN.
+    async fn closes_after_one(reset: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Some(body) = read_request(&mut s).await else {
+                        return;
+                    };
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+                    s.write_all(head.as_bytes()).await.unwrap();
+                    s.write_all(&body).await.unwrap();
+                    if read_request(&mut s).await.is_some() && reset {
+                        s.set_zero_linger().unwrap();
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn post(pool: &Arc<Pool>, body: &'static str) -> Result<Bytes, PoolError> {
+        let req = Request::post("/api/chat")
+            .header(http::header::HOST, pool.host_header().clone())
+            .body(Either::Right(Full::new(Bytes::from_static(
+                body.as_bytes(),
+            ))))
+            .unwrap();
+        let resp = pool.send(req).await?;
+        Ok(resp.into_body().collect().await.unwrap().to_bytes())
     }
 
     async fn get(pool: &Arc<Pool>) -> Result<Bytes, PoolError> {
@@ -338,6 +470,48 @@ mod tests {
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
         let pool = Pool::new(&up, Duration::from_secs(5));
         assert!(matches!(get(&pool).await, Err(PoolError::Connect(_))));
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_written_on_a_connection_closed_unanswered_goes_again_on_a_new_one() {
+        for reset in [false, true] {
+            let (addr, accepted) = closes_after_one(reset).await;
+            let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
+            let pool = Pool::new(&up, Duration::from_secs(5));
+            for (n, body) in [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]
+                .iter()
+                .enumerate()
+            {
+                // The first request opens a connection; each later one is written on the
+                // pooled one, which the server closes (reset: {reset}) unanswered, and goes
+                // again, whole, on a new one.
+                let got = post(&pool, body).await.unwrap();
+                assert_eq!(got, body.as_bytes(), "reset: {reset}");
+                assert_eq!(accepted.load(Ordering::SeqCst), n + 1, "reset: {reset}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_closed_unanswered_is_an_error_and_not_repeated() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move { read_request(&mut s).await });
+            }
+        });
+        let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
+        let pool = Pool::new(&up, Duration::from_secs(5));
+        match post(&pool, "{}").await {
+            Err(PoolError::Send(e)) => assert!(e.is_incomplete_message(), "{e}"),
+            other => panic!("expected a send error, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle_count(), 0);
     }
 }
