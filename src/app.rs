@@ -179,6 +179,8 @@ pub enum StartError {
         what: String,
         source: std::io::Error,
     },
+    #[error("cannot start the data-plane threads: {0}")]
+    Lanes(std::io::Error),
 }
 
 /// A started llm-warden: addresses are bound and requests are being served.
@@ -192,6 +194,9 @@ pub struct Running {
     stop_actors: watch::Sender<bool>,
     tasks: JoinSet<()>,
     actors: Vec<tokio::task::JoinHandle<()>>,
+    /// The data plane's threads (`crate::lanes`); they stop when this and the accept
+    /// loops' clones are dropped.
+    _lanes: crate::lanes::Lanes,
 }
 
 impl Running {
@@ -299,6 +304,8 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let (stop, stop_rx) = watch::channel(false);
     let (stop_actors, actors_rx) = watch::channel(false);
+    let lanes =
+        crate::lanes::Lanes::start(crate::lanes::default_count()).map_err(StartError::Lanes)?;
     let client = proxy::build_client(&config.proxy);
     let mut listeners = Vec::new();
     let mut providers = Vec::new();
@@ -349,7 +356,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             poll_now,
             llama_mode: AtomicU8::new(LLAMA_UNKNOWN),
             probed: Default::default(),
-            pool: crate::proxy::Pool::new(&p.upstream, config.proxy.connect_timeout),
+            pool: crate::proxy::Pool::new(&p.upstream, config.proxy.connect_timeout, lanes.len()),
         });
         listeners.push(l);
     }
@@ -383,6 +390,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         );
         tasks.spawn(accept_loop(
             listener,
+            Some(lanes.clone()),
             limits,
             state.clone(),
             stop_rx.clone(),
@@ -404,6 +412,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     tracing::info!(listen = %admin_addr, "admin listening");
     tasks.spawn(accept_loop(
         admin_listener,
+        None,
         limits,
         state.clone(),
         stop_rx,
@@ -416,6 +425,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         stop_actors,
         tasks,
         actors,
+        _lanes: lanes,
     })
 }
 
@@ -677,7 +687,8 @@ impl From<&crate::config::ProxyConfig> for ConnLimits {
 }
 
 /// Accepts connections and serves `handler` on each (HTTP/1.1 with upgrades, or HTTP/2),
-/// until `stop`; then waits for open connections up to `proxy.shutdown_grace` (read when
+/// each connection on the next of `lanes` (`crate::lanes`; `None`: on this runtime), until
+/// `stop`; then waits for open connections up to `proxy.shutdown_grace` (read when
 /// the stop comes, so a reload applies) and closes those still open.
 ///
 /// At most `max_connections` are open at once: the next one is accepted only when one ends,
@@ -688,6 +699,7 @@ impl From<&crate::config::ProxyConfig> for ConnLimits {
 /// between requests on a keep-alive connection.
 async fn accept_loop<H, F, B>(
     listener: TcpListener,
+    lanes: Option<crate::lanes::Lanes>,
     limits: ConnLimits,
     state: Arc<AppState>,
     mut stop: watch::Receiver<bool>,
@@ -733,8 +745,29 @@ async fn accept_loop<H, F, B>(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let mut conn_stop = stop.clone();
-        conns.spawn(async move {
+        // To a lane: the socket leaves this runtime's reactor and joins the lane's.
+        let (stream, lane) = match &lanes {
+            Some(lanes) => match stream.into_std() {
+                Ok(s) => (Err(s), Some(lanes.next().clone())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot hand a connection to a lane");
+                    continue;
+                }
+            },
+            None => (Ok(stream), None),
+        };
+        let serve = async move {
             let _slot = slot;
+            let stream = match stream {
+                Ok(s) => s,
+                Err(std) => match tokio::net::TcpStream::from_std(std) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a lane cannot take a connection");
+                        return;
+                    }
+                },
+            };
             // Nothing sent yet: nothing in flight either, so a stop ends this wait at once
             // (and lets go of the watcher, which the drain would otherwise wait for).
             let mut probe = [0u8; 1];
@@ -751,7 +784,11 @@ async fn accept_loop<H, F, B>(
             if let Err(e) = watcher.watch(conn).await {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
-        });
+        };
+        match &lane {
+            Some(lane) => conns.spawn_on(serve, lane),
+            None => conns.spawn(serve),
+        };
     }
     drop(listener);
     let grace = state.config.load().proxy.shutdown_grace;

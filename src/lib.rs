@@ -28,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod demo;
+pub mod lanes;
 pub mod lifecycle;
 pub mod memory;
 pub mod metrics;

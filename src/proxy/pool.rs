@@ -15,7 +15,7 @@
 //! - a connection goes back only after its response body ended (so the next request never
 //!   waits behind the rest of an old one); a body dropped early closes it, as nginx does;
 //! - an idle connection found closed, or idle longer than [`IDLE_TIMEOUT`], is dropped at
-//!   checkout; at most [`IDLE_MAX`] are kept (the rest close when returned);
+//!   checkout; at most [`IDLE_MAX`] are kept per lane (the rest close when returned);
 //! - a request that a reused connection could not send (closed by the provider meanwhile)
 //!   is sent again on another connection: hyper hands back a request it did not write, so
 //!   a streamed body is never half-sent twice;
@@ -54,8 +54,8 @@ use crate::config::Upstream;
 /// An idle connection older than this is closed instead of reused (the same as the pooled
 /// client of the control plane).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle connections kept per provider: enough for hundreds of concurrent clients; after a
-/// burst of thousands of streams the rest close instead of holding descriptors.
+/// Idle connections kept per provider and lane: enough for hundreds of concurrent clients;
+/// after a burst of thousands of streams the rest close instead of holding descriptors.
 pub const IDLE_MAX: usize = 512;
 
 /// Why a request could not be sent or answered.
@@ -81,11 +81,15 @@ pub struct Pool {
     /// `Host` of every request sent upstream.
     host_header: HeaderValue,
     connect_timeout: Duration,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections, per lane (`crate::lanes`): a connection's task runs on the lane
+    /// that opened it, so a request takes one from its own lane's list and stays on its
+    /// thread. Any other thread uses the first list.
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 impl Pool {
-    pub fn new(upstream: &Upstream, connect_timeout: Duration) -> Arc<Self> {
+    /// A pool for `upstream`, with idle lists for `lanes` lanes.
+    pub fn new(upstream: &Upstream, connect_timeout: Duration, lanes: usize) -> Arc<Self> {
         let host = upstream
             .authority
             .host()
@@ -104,7 +108,7 @@ impl Pool {
             host_header: HeaderValue::from_str(upstream.authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             connect_timeout,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..lanes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
         })
     }
 
@@ -115,7 +119,15 @@ impl Pool {
 
     /// Connections idle in the pool now.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map_or(0, |v| v.len())
+        self.idle
+            .iter()
+            .map(|l| l.lock().map_or(0, |v| v.len()))
+            .sum()
+    }
+
+    /// This thread's idle list.
+    fn idle_here(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[crate::lanes::current() % self.idle.len()]
     }
 
     /// Sends `req` on an idle connection, or a new one, and answers the response head; the
@@ -164,7 +176,7 @@ impl Pool {
     }
 
     fn take_idle(&self) -> Option<SendRequest<UpstreamBody>> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = self.idle_here().lock().ok()?;
         while let Some(i) = idle.pop() {
             if !i.tx.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
                 return Some(i.tx);
@@ -177,7 +189,7 @@ impl Pool {
         if tx.is_closed() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
+        if let Ok(mut idle) = self.idle_here().lock() {
             if idle.len() < IDLE_MAX {
                 idle.push(Idle {
                     tx,
@@ -436,7 +448,7 @@ mod tests {
     async fn an_ended_body_returns_its_connection_and_the_next_request_reuses_it() {
         let (addr, accepted) = server(false).await;
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-        let pool = Pool::new(&up, Duration::from_secs(5));
+        let pool = Pool::new(&up, Duration::from_secs(5), 1);
         for _ in 0..3 {
             assert_eq!(get(&pool).await.unwrap(), "ok");
             assert_eq!(
@@ -452,7 +464,7 @@ mod tests {
     async fn a_connection_the_provider_closed_is_replaced() {
         let (addr, accepted) = server(true).await;
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-        let pool = Pool::new(&up, Duration::from_secs(5));
+        let pool = Pool::new(&up, Duration::from_secs(5), 1);
         // Each connection is closed after its answer: the next request goes out on a new
         // one, whether the pool sees the close at checkout or hyper hands the unsent request
         // back. The client never sees the dead connection.
@@ -468,7 +480,7 @@ mod tests {
         let addr = free.local_addr().unwrap();
         drop(free);
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-        let pool = Pool::new(&up, Duration::from_secs(5));
+        let pool = Pool::new(&up, Duration::from_secs(5), 1);
         assert!(matches!(get(&pool).await, Err(PoolError::Connect(_))));
         assert_eq!(pool.idle_count(), 0);
     }
@@ -478,7 +490,7 @@ mod tests {
         for reset in [false, true] {
             let (addr, accepted) = closes_after_one(reset).await;
             let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-            let pool = Pool::new(&up, Duration::from_secs(5));
+            let pool = Pool::new(&up, Duration::from_secs(5), 1);
             for (n, body) in [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]
                 .iter()
                 .enumerate()
@@ -506,7 +518,7 @@ mod tests {
             }
         });
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-        let pool = Pool::new(&up, Duration::from_secs(5));
+        let pool = Pool::new(&up, Duration::from_secs(5), 1);
         match post(&pool, "{}").await {
             Err(PoolError::Send(e)) => assert!(e.is_incomplete_message(), "{e}"),
             other => panic!("expected a send error, got {:?}", other.map(|_| ())),
