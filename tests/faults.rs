@@ -29,6 +29,10 @@ enum Fault {
     ClosesEarly,
     /// Never answers.
     Silent,
+    /// Answers, but closes the connection after a streamed answer, as llama-server does,
+    /// without `Connection: close`: it reads the next request on it, then closes unanswered
+    /// (the close arriving just after the proxy wrote the request, deterministically).
+    ClosesAfterStream,
 }
 
 /// Reads one request (head and body by Content-Length); its path.
@@ -81,7 +85,11 @@ async fn fake_llama(fault: Fault) -> String {
                 return;
             };
             tokio::spawn(async move {
+                let mut streamed = false;
                 while let Some(path) = read_request(&mut s).await {
+                    if streamed {
+                        return;
+                    }
                     let reply = match path.as_str() {
                         "/models" | "/v1/models" => json_response(
                             r#"{"object":"list","data":[{"id":"m","object":"model","owned_by":"llamacpp"}]}"#,
@@ -110,7 +118,24 @@ async fn fake_llama(fault: Fault) -> String {
                                 tokio::time::sleep(Duration::from_secs(3600)).await;
                                 return;
                             }
+                            Fault::ClosesAfterStream => {
+                                // Every chat is answered as a stream here; its usage is in
+                                // the last event.
+                                streamed = true;
+                                let mut out = String::from("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n");
+                                for event in [
+                                    r#"data: {"choices":[{"delta":{"content":"ok"}}]}"#,
+                                    r#"data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+                                    "data: [DONE]",
+                                ] {
+                                    let event = format!("{event}\n\n");
+                                    out.push_str(&format!("{:x}\r\n{event}\r\n", event.len()));
+                                }
+                                out.push_str("0\r\n\r\n");
+                                out
+                            }
                         },
+                        "/tokenize" => json_response(r#"{"tokens":[1,2]}"#),
                         _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
                     };
                     if s.write_all(reply.as_bytes()).await.is_err() {
@@ -418,6 +443,34 @@ async fn a_failed_load_is_a_clear_error_and_the_model_is_not_stuck() {
             m["active_requests"].as_u64()
         ),
         (Some("ready"), Some(1), Some(0)),
+        "{m}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_connection_closed_after_a_stream_does_not_fail_the_next_request() {
+    let proxy = proxy_for(fake_llama(Fault::ClosesAfterStream).await, "").await;
+    let c = client();
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    for round in 0..4 {
+        let r = post_json(&c, &format!("{base}/v1/chat/completions"), &chat(true)).await;
+        assert_eq!(r.status, 200, "round {round}: {}", r.text());
+        assert!(r.text().ends_with("data: [DONE]\n\n"), "{}", r.text());
+        // Written on the connection the stream came on, which the provider then closes
+        // unanswered: a pass-through request (its small body read first) and, the next
+        // round, an inspected one each go again on a new connection.
+        let r = if round % 2 == 0 {
+            post_json(&c, &format!("{base}/tokenize"), r#"{"content":"hi"}"#).await
+        } else {
+            post_json(&c, &format!("{base}/v1/chat/completions"), &chat(false)).await
+        };
+        assert_eq!(r.status, 200, "round {round}, after a stream: {}", r.text());
+    }
+    let m = settled(&c, &proxy).await;
+    assert_eq!(
+        (m["total_requests"].as_u64(), m["errors"].as_u64()),
+        (Some(6), Some(0)),
         "{m}"
     );
     proxy.shutdown().await;
