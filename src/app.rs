@@ -132,6 +132,7 @@ impl ProviderState {
         match e {
             crate::proxy::PoolError::Connect(reason) => self.upstream_fault(true, reason.clone()),
             crate::proxy::PoolError::Send(e) => self.upstream_fault(false, error_chain(e)),
+            crate::proxy::PoolError::Exchange(e) => self.upstream_fault(false, error_chain(e)),
         }
     }
 

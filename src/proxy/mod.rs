@@ -16,6 +16,7 @@ mod error;
 mod forward;
 #[cfg(test)]
 mod fuzz_regressions;
+mod h1;
 mod inbound;
 mod observe;
 mod pool;
@@ -66,12 +67,12 @@ impl From<Bytes> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = pool::BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, pool::BoxError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Observed(b) => Pin::new(b).poll_frame(cx),

@@ -49,6 +49,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::forward::UpstreamBody;
+use super::h1::{self, H1Body, H1Error};
 use crate::config::Upstream;
 
 /// An idle connection older than this is closed instead of reused (the same as the pooled
@@ -65,10 +66,17 @@ pub enum PoolError {
     Connect(String),
     /// The connection failed while sending or before the response head came.
     Send(hyper::Error),
+    /// The same, on a connection of [`h1`].
+    Exchange(H1Error),
 }
 
 struct Idle {
     tx: SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+struct IdleH1 {
+    conn: h1::Conn,
     since: Instant,
 }
 
@@ -85,6 +93,8 @@ pub struct Pool {
     /// that opened it, so a request takes one from its own lane's list and stays on its
     /// thread. Any other thread uses the first list.
     idle: Box<[Mutex<Vec<Idle>>]>,
+    /// The same for connections of [`h1`] (requests with their body in hand).
+    idle_h1: Box<[Mutex<Vec<IdleH1>>]>,
 }
 
 impl Pool {
@@ -109,6 +119,7 @@ impl Pool {
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             connect_timeout,
             idle: (0..lanes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+            idle_h1: (0..lanes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
         })
     }
 
@@ -119,10 +130,17 @@ impl Pool {
 
     /// Connections idle in the pool now.
     pub fn idle_count(&self) -> usize {
-        self.idle
+        let hyper: usize = self
+            .idle
             .iter()
             .map(|l| l.lock().map_or(0, |v| v.len()))
-            .sum()
+            .sum();
+        let h1: usize = self
+            .idle_h1
+            .iter()
+            .map(|l| l.lock().map_or(0, |v| v.len()))
+            .sum();
+        hyper + h1
     }
 
     /// This thread's idle list.
@@ -131,8 +149,76 @@ impl Pool {
     }
 
     /// Sends `req` on an idle connection, or a new one, and answers the response head; the
-    /// body returns the connection to the pool when it ends.
+    /// body returns the connection to the pool when it ends. A request with its body in
+    /// hand goes through [`h1`]; a streamed upload or an upgrade through hyper's client
+    /// connection.
     pub async fn send(
+        self: &Arc<Self>,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        match h1::Encoded::of(req) {
+            Ok(encoded) => self.send_h1(&encoded).await,
+            Err(req) => self.send_hyper(req).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        req: &h1::Encoded,
+    ) -> Result<Response<PooledBody>, PoolError> {
+        // After a request was written on a reused connection that the provider then closed
+        // unanswered, it goes out once more, on a new connection.
+        let mut replayed = false;
+        loop {
+            let idle = if replayed { None } else { self.take_h1() };
+            let (mut conn, reused) = match idle {
+                Some(conn) => (conn, true),
+                None => (h1::Conn::new(self.dial().await?), false),
+            };
+            match conn.exchange(req).await {
+                Ok((parts, framing, keep_alive)) => {
+                    let body = H1Body::new(conn, framing, keep_alive, self.clone());
+                    return Ok(Response::from_parts(parts, PooledBody::H1(body)));
+                }
+                Err(e) if reused && e.unanswered() => {
+                    tracing::debug!(
+                        error = %e,
+                        "a reused upstream connection closed without answering; sending again on a new one"
+                    );
+                    replayed = true;
+                }
+                Err(e) => return Err(PoolError::Exchange(e)),
+            }
+        }
+    }
+
+    fn take_h1(&self) -> Option<h1::Conn> {
+        let mut idle = self.idle_here_h1().lock().ok()?;
+        while let Some(i) = idle.pop() {
+            if i.since.elapsed() < IDLE_TIMEOUT && i.conn.looks_alive() {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// Takes back a connection of [`h1`] whose answer was read to the end.
+    pub(super) fn put_h1(&self, conn: h1::Conn) {
+        if let Ok(mut idle) = self.idle_here_h1().lock() {
+            if idle.len() < IDLE_MAX {
+                idle.push(IdleH1 {
+                    conn,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    fn idle_here_h1(&self) -> &Mutex<Vec<IdleH1>> {
+        &self.idle_h1[crate::lanes::current() % self.idle_h1.len()]
+    }
+
+    async fn send_hyper(
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<PooledBody>, PoolError> {
@@ -156,7 +242,7 @@ impl Pool {
                 Ok(resp) => {
                     let back = (resp.status() != StatusCode::SWITCHING_PROTOCOLS)
                         .then(|| (tx, self.clone()));
-                    return Ok(resp.map(|body| PooledBody { body, back }));
+                    return Ok(resp.map(|body| PooledBody::Hyper(HyperBody { body, back })));
                 }
                 Err(mut e) => match (e.take_message(), copy) {
                     // Not written: the connection was closed under it. Another one.
@@ -200,6 +286,20 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<SendRequest<UpstreamBody>, PoolError> {
+        let stream = self.dial().await?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(PoolError::Send)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// A new TCP connection to the provider (no delay on small writes).
+    async fn dial(&self) -> Result<TcpStream, PoolError> {
         let connect = async {
             match self.addr {
                 Some(addr) => TcpStream::connect(addr).await,
@@ -222,15 +322,7 @@ impl Pool {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(PoolError::Send)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(tx)
+        Ok(stream)
     }
 }
 
@@ -277,12 +369,52 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
 
 /// A response body from the pool: the provider's bytes as they come; at its end, the
 /// connection goes back to the pool.
-pub struct PooledBody {
+pub enum PooledBody {
+    /// From hyper's client connection.
+    Hyper(HyperBody),
+    /// Read from the socket by whoever polls it ([`h1`]).
+    H1(H1Body),
+}
+
+/// Errors of a body: hyper's or [`h1`]'s.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            PooledBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            PooledBody::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            PooledBody::Hyper(b) => b.is_end_stream(),
+            PooledBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            PooledBody::Hyper(b) => b.size_hint(),
+            PooledBody::H1(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A body from hyper's client connection.
+pub struct HyperBody {
     body: Incoming,
     back: Option<(SendRequest<UpstreamBody>, Arc<Pool>)>,
 }
 
-impl PooledBody {
+impl HyperBody {
     fn give_back(&mut self) {
         if let Some((tx, pool)) = self.back.take() {
             pool.put(tx);
@@ -290,7 +422,7 @@ impl PooledBody {
     }
 }
 
-impl Body for PooledBody {
+impl Body for HyperBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -319,7 +451,7 @@ impl Body for PooledBody {
     }
 }
 
-impl Drop for PooledBody {
+impl Drop for HyperBody {
     fn drop(&mut self) {
         // An empty body (HEAD, 204, 304, Content-Length: 0) may never be polled.
         if self.body.is_end_stream() {
@@ -520,7 +652,10 @@ mod tests {
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
         let pool = Pool::new(&up, Duration::from_secs(5), 1);
         match post(&pool, "{}").await {
-            Err(PoolError::Send(e)) => assert!(e.is_incomplete_message(), "{e}"),
+            Err(PoolError::Exchange(e)) => {
+                assert!(e.unanswered(), "{e}");
+                assert_eq!(e.to_string(), "connection closed before message completed");
+            }
             other => panic!("expected a send error, got {:?}", other.map(|_| ())),
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);

@@ -1,0 +1,601 @@
+//! The data plane's own HTTP/1.1 exchange, for requests whose body the proxy holds (every
+//! model request, every bodiless `GET`, small pass-through bodies): the request goes out in
+//! one vectored write, the response head is parsed with `httparse` (hyper's parser), and the
+//! response body is read from the provider's socket by whoever polls it: the client
+//! connection's own task. Streamed uploads and protocol upgrades keep going through hyper's
+//! client connection (`pool`).
+//!
+//! Why not hyper's client here too: hyper runs each upstream connection as a task of its own
+//! and hands every body chunk across a channel to the task that writes it to the client. For
+//! a proxy that is two tasks, a channel hop and two wakes per chunk, and about 30 KB of
+//! buffers and channel blocks per open stream (heaptrack: read and write buffers on the
+//! connection, a 32-slot request channel). Here a chunk is read and handed to the client
+//! connection in the same poll, and an open stream holds one socket and one 4 KB buffer,
+//! like nginx's `proxy_buffer_size`.
+//!
+//! What it implements of RFC 9112, for responses: the status line and headers (at most
+//! [`MAX_HEADERS`], head at most [`MAX_HEAD`] bytes); `1xx` answers skipped; the body framed
+//! by the request method and status (`HEAD`, `204`, `304`: none), `Transfer-Encoding:
+//! chunked` (extensions ignored, trailers read and dropped), `Content-Length`, or the close
+//! of the connection; keep-alive unless `Connection: close` or HTTP/1.0 without
+//! `Connection: keep-alive`. A connection goes back to the pool only when its body was read
+//! to the end with nothing after it.
+//!
+//! The request is written as hyper writes it: `METHOD target HTTP/1.1`, the headers in map
+//! order, lowercase; a body gets `content-length` when the headers have none, an empty body
+//! none.
+
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Either;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::forward::UpstreamBody;
+use super::pool::Pool;
+
+/// The most headers a response may have (hyper's default).
+pub const MAX_HEADERS: usize = 100;
+/// The largest response head.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// A connection's first read buffer; it grows (to [`MAX_READ`]) while reads fill it.
+const FIRST_READ: usize = 4096;
+const MAX_READ: usize = 64 * 1024;
+/// The longest chunk-size line or trailer line.
+const MAX_LINE: usize = 4096;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    /// The connection closed (or was reset) before a byte of the answer: on a reused
+    /// connection, the keep-alive race, and the request may go again.
+    #[error("connection closed before message completed")]
+    Unanswered(#[source] Option<std::io::Error>),
+    #[error("connection closed before message completed")]
+    Incomplete,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid HTTP response: {0}")]
+    Invalid(String),
+}
+
+impl H1Error {
+    /// Whether the provider sent nothing back: the request can go again, on a new
+    /// connection.
+    pub fn unanswered(&self) -> bool {
+        matches!(self, H1Error::Unanswered(_))
+    }
+}
+
+/// A request ready to write: its head, and its body (which it owns, so it can be written
+/// again).
+pub struct Encoded {
+    head: Vec<u8>,
+    body: Bytes,
+    /// A `HEAD` request: its answer has no body, whatever its headers say.
+    head_method: bool,
+}
+
+impl Encoded {
+    /// Encodes `req`, or gives it back when its body is a stream (not in hand) or it asks
+    /// for a protocol upgrade.
+    #[allow(clippy::result_large_err)]
+    pub fn of(req: Request<UpstreamBody>) -> Result<Encoded, Request<UpstreamBody>> {
+        let in_hand = match req.body() {
+            Either::Right(_) => true,
+            Either::Left(incoming) => incoming.is_end_stream(),
+        };
+        if !in_hand || req.headers().contains_key(header::UPGRADE) {
+            return Err(req);
+        }
+        let (parts, body) = req.into_parts();
+        let body = match body {
+            Either::Right(full) => full_bytes(full),
+            Either::Left(_) => Bytes::new(),
+        };
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut size = parts.method.as_str().len() + target.len() + 48;
+        for (name, value) in &parts.headers {
+            size += name.as_str().len() + value.len() + 4;
+        }
+        let mut head = Vec::with_capacity(size);
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        for (name, value) in &parts.headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        if !body.is_empty() && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            head.extend_from_slice(b"content-length: ");
+            head.extend_from_slice(body.len().to_string().as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        Ok(Encoded {
+            head,
+            body,
+            head_method: parts.method == Method::HEAD,
+        })
+    }
+}
+
+/// The bytes of a `Full` (the proxy's own, never polled before).
+fn full_bytes(mut full: http_body_util::Full<Bytes>) -> Bytes {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(&mut full).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+/// An upstream connection of this module.
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    next_read: usize,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            next_read: FIRST_READ,
+        }
+    }
+
+    /// Whether an idle connection can take a request: the provider has not closed it (or
+    /// sent something unasked). Costs nothing while the socket has had nothing to read; a
+    /// `recv` otherwise.
+    pub fn looks_alive(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(())) => {
+                let mut byte = [0u8; 1];
+                matches!(self.io.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            Poll::Ready(Err(_)) => false,
+        }
+    }
+
+    /// Reads what the socket has (at least one byte, or 0 at EOF).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 512 {
+            self.buf.reserve(self.next_read);
+        }
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            let room = self.buf.capacity() - self.buf.len();
+            match self.io.try_read_buf(&mut self.buf) {
+                Ok(n) => {
+                    if n == room && self.next_read < MAX_READ {
+                        self.next_read *= 2;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx)).await
+    }
+
+    /// Writes `req` and reads the answer's head.
+    pub async fn exchange(
+        &mut self,
+        req: &Encoded,
+    ) -> Result<(http::response::Parts, Framing, bool), H1Error> {
+        let unanswered = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted => H1Error::Unanswered(Some(e)),
+            _ => H1Error::Io(e),
+        };
+        if req.body.is_empty() {
+            self.io.write_all(&req.head).await.map_err(unanswered)?;
+        } else {
+            let mut slices = [IoSlice::new(&req.head), IoSlice::new(&req.body)];
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                let n = self.io.write_vectored(rest).await.map_err(unanswered)?;
+                if n == 0 {
+                    return Err(H1Error::Unanswered(None));
+                }
+                IoSlice::advance_slices(&mut rest, n);
+            }
+        }
+        let mut answered = false;
+        loop {
+            if !self.buf.is_empty() {
+                answered = true;
+                if let Some((parts, framing, keep_alive)) = self.parse_head(req.head_method)? {
+                    return Ok((parts, framing, keep_alive));
+                }
+            }
+            match self.fill().await {
+                Ok(0) if answered => return Err(H1Error::Incomplete),
+                Ok(0) => return Err(H1Error::Unanswered(None)),
+                Ok(_) => {}
+                Err(e) if !answered => return Err(unanswered(e)),
+                Err(e) => return Err(H1Error::Io(e)),
+            }
+        }
+    }
+
+    /// The response head at the front of the buffer, if it is all there (`1xx` heads are
+    /// skipped).
+    #[allow(clippy::type_complexity)]
+    fn parse_head(
+        &mut self,
+        head_method: bool,
+    ) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut headers);
+            let len = match parsed.parse(&self.buf) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
+                    return Err(H1Error::Invalid(format!(
+                        "response head larger than {MAX_HEAD} bytes"
+                    )))
+                }
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(H1Error::Invalid(e.to_string())),
+            };
+            let code = parsed.code.unwrap_or(0);
+            if (100..200).contains(&code) && code != 101 {
+                self.buf.advance(len);
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let status = StatusCode::from_u16(code)
+                .map_err(|_| H1Error::Invalid(format!("status code {code}")))?;
+            let version = if parsed.version == Some(0) {
+                Version::HTTP_10
+            } else {
+                Version::HTTP_11
+            };
+            // Where each name and value lies in the head, to cut them out of it once it is
+            // frozen (no copy of a value).
+            let base = self.buf.as_ptr() as usize;
+            let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+            let count = parsed.headers.len();
+            for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+                let name = h.name.as_ptr() as usize - base;
+                let value = h.value.as_ptr() as usize - base;
+                *span = (name, name + h.name.len(), value, value + h.value.len());
+            }
+            let head = self.buf.split_to(len).freeze();
+            let mut map = HeaderMap::with_capacity(count);
+            for &(n0, n1, v0, v1) in &spans[..count] {
+                let name = HeaderName::from_bytes(&head[n0..n1])
+                    .map_err(|e| H1Error::Invalid(format!("header name: {e}")))?;
+                let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+                    .map_err(|e| H1Error::Invalid(format!("header value: {e}")))?;
+                map.append(name, value);
+            }
+            let framing = framing(head_method, status, &map)?;
+            let keep_alive = keep_alive(version, &map) && !matches!(framing, Framing::Close);
+            let mut resp = Response::new(());
+            *resp.status_mut() = status;
+            *resp.version_mut() = version;
+            *resp.headers_mut() = map;
+            let (parts, ()) = resp.into_parts();
+            return Ok(Some((parts, framing, keep_alive)));
+        }
+    }
+}
+
+/// How a response body ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body, or the end of one.
+    Done,
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the provider closes the connection.
+    Close,
+}
+
+/// Where a chunked body stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// In a chunk's data, this many bytes left.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines up to an empty one.
+    Trailers,
+}
+
+fn framing(head_method: bool, status: StatusCode, headers: &HeaderMap) -> Result<Framing, H1Error> {
+    if head_method
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Done);
+    }
+    if let Some(te) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        let last = te
+            .to_str()
+            .ok()
+            .and_then(|s| s.rsplit(',').next())
+            .map(str::trim);
+        return Ok(match last {
+            Some(l) if l.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
+            _ => Framing::Close,
+        });
+    }
+    let mut length = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let n: u64 = part
+                .trim()
+                .parse()
+                .map_err(|_| H1Error::Invalid("invalid content-length".into()))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Invalid("conflicting content-length".into()));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut keep = version == Version::HTTP_11;
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.to_str().unwrap_or("").split(',').map(str::trim) {
+            if token.eq_ignore_ascii_case("close") {
+                return false;
+            }
+            if token.eq_ignore_ascii_case("keep-alive") {
+                keep = true;
+            }
+        }
+    }
+    keep
+}
+
+/// A response body read from the provider's socket as it is polled; at its end, the
+/// connection goes back to the pool (when it may be reused).
+pub struct H1Body {
+    conn: Option<Conn>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Arc<Pool>,
+    /// Data went out since the last time this body waited on the socket: the client's
+    /// connection may still hold it unwritten.
+    unflushed: bool,
+    /// An error held back until that data is written (see `poll_frame`).
+    failed: Option<H1Error>,
+}
+
+impl H1Body {
+    pub fn new(conn: Conn, framing: Framing, keep_alive: bool, pool: Arc<Pool>) -> H1Body {
+        let mut body = H1Body {
+            conn: Some(conn),
+            framing,
+            keep_alive,
+            pool,
+            unflushed: false,
+            failed: None,
+        };
+        if framing == Framing::Done {
+            body.finish();
+        }
+        body
+    }
+
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.buf.is_empty() {
+                self.pool.put_h1(conn);
+            }
+        }
+    }
+
+    /// The next frame out of the buffer (`Some(None)`: the end), or `None` when more bytes
+    /// must be read first.
+    #[allow(clippy::option_option)]
+    fn next_frame(&mut self) -> Result<Option<Option<Bytes>>, H1Error> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(Some(None));
+            };
+            let buf = &mut conn.buf;
+            match self.framing {
+                Framing::Done => return Ok(Some(None)),
+                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+                    let data = buf.split_to(take).freeze();
+                    let left = left - take as u64;
+                    match self.framing {
+                        Framing::Length(_) if left == 0 => self.finish(),
+                        Framing::Length(_) => self.framing = Framing::Length(left),
+                        _ if left == 0 => self.framing = Framing::Chunked(Chunk::DataEnd),
+                        _ => self.framing = Framing::Chunked(Chunk::Data(left)),
+                    }
+                    return Ok(Some(Some(data)));
+                }
+                Framing::Close => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Some(buf.split().freeze())));
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(None);
+                    };
+                    if !line.is_empty() {
+                        return Err(H1Error::Invalid("chunk data longer than its size".into()));
+                    }
+                    self.framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(None);
+                    };
+                    let size = chunk_size(&line)?;
+                    self.framing = Framing::Chunked(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Framing::Chunked(Chunk::Trailers) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(None);
+                    };
+                    if line.is_empty() {
+                        self.finish();
+                        return Ok(Some(None));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes one line (without its CRLF, or bare LF) off the front of `buf`, if it is all there.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, H1Error> {
+    match memchr::memchr(b'\n', buf) {
+        Some(end) => {
+            let mut line = buf.split_to(end + 1);
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > MAX_LINE => Err(H1Error::Invalid("chunk line too long".into())),
+        None => Ok(None),
+    }
+}
+
+/// The size of a chunk-size line (`1a` or `1a;ext=...`).
+fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(H1Error::Invalid("invalid chunk size line".into()));
+    }
+    let mut size = 0u64;
+    for &d in digits {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            b'A'..=b'F' => d - b'A' + 10,
+            _ => return Err(H1Error::Invalid("invalid chunk size line".into())),
+        };
+        size = size * 16 + u64::from(v);
+    }
+    Ok(size)
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = &mut *self;
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
+        loop {
+            let failed = match this.next_frame() {
+                Ok(Some(Some(data))) => {
+                    this.unflushed = true;
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Some(None)) => return Poll::Ready(None),
+                Ok(None) => {
+                    let Some(conn) = this.conn.as_mut() else {
+                        return Poll::Ready(None);
+                    };
+                    match conn.poll_fill(cx) {
+                        Poll::Pending => {
+                            this.unflushed = false;
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Ok(0)) if this.framing == Framing::Close => {
+                            this.framing = Framing::Done;
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Poll::Ready(Ok(0)) => H1Error::Incomplete,
+                        Poll::Ready(Ok(_)) => continue,
+                        Poll::Ready(Err(e)) => H1Error::Io(e),
+                    }
+                }
+                Err(e) => e,
+            };
+            this.conn = None;
+            if this.unflushed {
+                // hyper's server connection writes what it has only when a body waits; an
+                // error now would drop the data that came in the same read (a provider
+                // that sent its last chunks and died). Wait once, so it goes out first.
+                this.unflushed = false;
+                this.failed = Some(failed);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            return Poll::Ready(Some(Err(failed)));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
