@@ -599,3 +599,269 @@ impl Body for H1Body {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    fn pool() -> Arc<Pool> {
+        let up = crate::config::parse_upstream("http://127.0.0.1:9").unwrap();
+        Pool::new(&up, Duration::from_secs(1), 1)
+    }
+
+    /// A connection to a peer that says nothing (tests feed its buffer by hand), and the
+    /// peer's end.
+    async fn quiet_conn() -> (Conn, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (Conn::new(a.unwrap()), b.unwrap().0)
+    }
+
+    /// Parses `head` (fed one byte at a time) and reads its body fed the same way: the
+    /// response parts, the body's bytes, and whether the connection went back to the pool.
+    async fn feed(head_method: bool, bytes: &[u8]) -> (http::response::Parts, Vec<u8>, bool) {
+        let (mut conn, _peer) = quiet_conn().await;
+        let mut fed = 0;
+        let (parts, framing, keep_alive) = loop {
+            conn.buf.extend_from_slice(&bytes[fed..=fed]);
+            fed += 1;
+            if let Some(head) = conn.parse_head(head_method).unwrap() {
+                break head;
+            }
+        };
+        let pool = pool();
+        let mut body = H1Body::new(conn, framing, keep_alive, pool.clone());
+        let mut got = Vec::new();
+        loop {
+            match body.next_frame().unwrap() {
+                Some(Some(data)) => got.extend_from_slice(&data),
+                Some(None) => break,
+                None => {
+                    let conn = body.conn.as_mut().unwrap();
+                    conn.buf.extend_from_slice(&bytes[fed..=fed]);
+                    fed += 1;
+                }
+            }
+        }
+        assert!(body.is_end_stream());
+        (parts, got, pool.idle_count() == 1)
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_split_anywhere_is_read_whole_and_the_connection_kept() {
+        let wire = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n\
+            4\r\nWiki\r\n5;name=value\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nExpires: never\r\n\r\n";
+        let (parts, body, kept) = feed(false, wire).await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.headers["content-type"], "application/x-ndjson");
+        assert_eq!(parts.headers["transfer-encoding"], "chunked");
+        assert_eq!(body, b"Wikipedia in\r\n\r\nchunks.");
+        assert!(kept, "a keep-alive connection read to its end goes back");
+    }
+
+    #[tokio::test]
+    async fn a_length_body_is_read_to_its_length() {
+        let (parts, body, kept) = feed(
+            false,
+            b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        .await;
+        assert_eq!(
+            (parts.status.as_u16(), &body[..], kept),
+            (201, &b"hello"[..], true)
+        );
+        // Connection: close, or HTTP/1.0 without keep-alive: not reused.
+        let (_, body, kept) = feed(
+            false,
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+        )
+        .await;
+        assert_eq!((&body[..], kept), (&b"ok"[..], false));
+        let (parts, _, kept) = feed(false, b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        assert_eq!((parts.version, kept), (Version::HTTP_10, false));
+        let (_, _, kept) = feed(
+            false,
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+        )
+        .await;
+        assert!(kept);
+    }
+
+    #[tokio::test]
+    async fn no_body_after_head_204_304_and_1xx_heads_are_skipped() {
+        let (parts, body, kept) =
+            feed(true, b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n").await;
+        assert_eq!((parts.status.as_u16(), body.len(), kept), (200, 0, true));
+        for code in ["204 No Content", "304 Not Modified"] {
+            let wire = format!("HTTP/1.1 {code}\r\nETag: \"x\"\r\n\r\n");
+            let (parts, body, kept) = feed(false, wire.as_bytes()).await;
+            assert_eq!((body.len(), kept), (0, true), "{}", parts.status);
+        }
+        let (parts, body, _) = feed(
+            false,
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        )
+        .await;
+        assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+        assert!(!parts.headers.contains_key("link"));
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        let ok = StatusCode::OK;
+        let f = |pairs: &[(&str, &str)]| framing(false, ok, &h(pairs));
+        assert_eq!(f(&[]).unwrap(), Framing::Close);
+        assert_eq!(f(&[("content-length", "0")]).unwrap(), Framing::Done);
+        assert_eq!(
+            f(&[("content-length", "7, 7")]).unwrap(),
+            Framing::Length(7)
+        );
+        assert!(f(&[("content-length", "7"), ("content-length", "8")]).is_err());
+        assert!(f(&[("content-length", "-1")]).is_err());
+        // Transfer-Encoding wins over Content-Length; only a final `chunked` is chunked.
+        assert_eq!(
+            f(&[
+                ("transfer-encoding", "gzip, chunked"),
+                ("content-length", "3")
+            ])
+            .unwrap(),
+            Framing::Chunked(Chunk::Size)
+        );
+        assert_eq!(
+            f(&[("transfer-encoding", "chunked, gzip")]).unwrap(),
+            Framing::Close
+        );
+        assert_eq!(
+            framing(true, ok, &h(&[("transfer-encoding", "chunked")])).unwrap(),
+            Framing::Done
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_heads_and_chunks_are_errors() {
+        let (mut conn, _peer) = quiet_conn().await;
+        conn.buf.extend_from_slice(b"this is not HTTP\r\n\r\n");
+        assert!(matches!(conn.parse_head(false), Err(H1Error::Invalid(_))));
+        let (mut conn, _peer) = quiet_conn().await;
+        conn.buf.extend_from_slice(b"HTTP/1.1 200 OK\r\nX: ");
+        conn.buf.extend_from_slice(&vec![b'a'; MAX_HEAD]);
+        assert!(matches!(conn.parse_head(false), Err(H1Error::Invalid(_))));
+        for bad in [&b"zz\r\n"[..], b"\r\n", b"1ffffffffffffffff\r\n"] {
+            assert!(chunk_size(&bad[..bad.len() - 2]).is_err(), "{bad:?}");
+        }
+        let (mut conn, _peer) = quiet_conn().await;
+        conn.buf.extend_from_slice(b"2\r\nabc\r\n");
+        let mut body = H1Body::new(conn, Framing::Chunked(Chunk::Size), true, pool());
+        assert_eq!(
+            body.next_frame().unwrap(),
+            Some(Some(Bytes::from_static(b"ab")))
+        );
+        assert!(
+            body.next_frame().is_err(),
+            "data longer than the chunk's size"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_up_to_the_close_ends_clean_and_a_cut_one_is_an_error_after_its_data() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            for wire in [
+                &b"HTTP/1.1 200 OK\r\n\r\nuntil the close"[..],
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut short",
+            ] {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut req = [0u8; 1024];
+                let _ = s.read(&mut req).await.unwrap();
+                tokio::io::AsyncWriteExt::write_all(&mut s, wire)
+                    .await
+                    .unwrap();
+            }
+        });
+        let req = |_: ()| {
+            let r = Request::get("/x")
+                .header(header::HOST, "h")
+                .body(Either::Right(Full::new(Bytes::new())))
+                .unwrap();
+            Encoded::of(r).ok().unwrap()
+        };
+        let p = pool();
+        let mut conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        let (_, framing, keep_alive) = conn.exchange(&req(())).await.unwrap();
+        assert_eq!((framing, keep_alive), (Framing::Close, false));
+        let body = H1Body::new(conn, framing, keep_alive, p.clone());
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(got, "until the close");
+
+        let mut conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        let (_, framing, keep_alive) = conn.exchange(&req(())).await.unwrap();
+        let mut body = H1Body::new(conn, framing, keep_alive, p.clone());
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "cut short");
+        let end = body.frame().await.unwrap();
+        assert!(matches!(end, Err(H1Error::Incomplete)), "{end:?}");
+        assert_eq!(p.idle_count(), 0);
+        server.await.unwrap();
+    }
+
+    #[test]
+    fn a_request_is_written_as_hyper_writes_it() {
+        let r = Request::post("/api/chat?x=1")
+            .header(header::HOST, "127.0.0.1:11434")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Either::Right(Full::new(Bytes::from_static(b"{}"))))
+            .unwrap();
+        let e = Encoded::of(r).ok().unwrap();
+        assert_eq!(
+            String::from_utf8(e.head.clone()).unwrap(),
+            "POST /api/chat?x=1 HTTP/1.1\r\nhost: 127.0.0.1:11434\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+        );
+        assert_eq!(e.body, "{}");
+        // No body: no content-length (as hyper); a HEAD's answer has no body.
+        let r = Request::head("/")
+            .header(header::HOST, "h")
+            .body(Either::Right(Full::new(Bytes::new())))
+            .unwrap();
+        let e = Encoded::of(r).ok().unwrap();
+        assert_eq!(e.head, b"HEAD / HTTP/1.1\r\nhost: h\r\n\r\n");
+        assert!(e.head_method);
+        // An upgrade is not this module's.
+        let r = Request::get("/ws")
+            .header(header::UPGRADE, "websocket")
+            .header(header::CONNECTION, "upgrade")
+            .body(Either::Right(Full::new(Bytes::new())))
+            .unwrap();
+        assert!(Encoded::of(r).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_provider_closed_or_wrote_to_is_not_reused() {
+        let (conn, peer) = quiet_conn().await;
+        assert!(conn.looks_alive());
+        drop(peer);
+        conn.io.readable().await.unwrap();
+        assert!(!conn.looks_alive(), "closed by the provider");
+        let (conn, peer) = quiet_conn().await;
+        peer.try_write(b"HTTP/1.1 200 OK\r\n").unwrap();
+        conn.io.readable().await.unwrap();
+        assert!(!conn.looks_alive(), "bytes nobody asked for");
+        let (conn, _peer) = quiet_conn().await;
+        assert!(conn.looks_alive());
+    }
+}
