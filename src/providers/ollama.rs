@@ -57,7 +57,12 @@ pub(super) fn canonical_model(model: &str) -> std::borrow::Cow<'_, str> {
     if last.contains(':') {
         std::borrow::Cow::Borrowed(model)
     } else {
-        std::borrow::Cow::Owned(format!("{model}:latest"))
+        // Not `format!`: this runs on every request, and the formatting machinery costs
+        // several times the copy.
+        let mut tagged = String::with_capacity(model.len() + 7);
+        tagged.push_str(model);
+        tagged.push_str(":latest");
+        std::borrow::Cow::Owned(tagged)
     }
 }
 

@@ -26,6 +26,7 @@
 //! none.
 
 use std::io::IoSlice;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
@@ -248,9 +249,15 @@ impl Conn {
         head_method: bool,
     ) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut headers);
-            let len = match parsed.parse(&self.buf) {
+            // Uninitialized: zeroing 100 headers cost more than parsing the few there are.
+            let mut headers =
+                [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut parsed = httparse::Response::new(&mut []);
+            let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut parsed,
+                &self.buf,
+                &mut headers,
+            ) {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
                     return Err(H1Error::Invalid(format!(
@@ -278,8 +285,15 @@ impl Conn {
             // Where each name and value lies in the head, to cut them out of it once it is
             // frozen (no copy of a value).
             let base = self.buf.as_ptr() as usize;
-            let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
             let count = parsed.headers.len();
+            let mut few = [(0usize, 0usize, 0usize, 0usize); 24];
+            let mut many = Vec::new();
+            let spans = if count <= few.len() {
+                &mut few[..count]
+            } else {
+                many.resize(count, (0, 0, 0, 0));
+                &mut many[..]
+            };
             for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
                 let name = h.name.as_ptr() as usize - base;
                 let value = h.value.as_ptr() as usize - base;
@@ -287,7 +301,7 @@ impl Conn {
             }
             let head = self.buf.split_to(len).freeze();
             let mut map = HeaderMap::with_capacity(count);
-            for &(n0, n1, v0, v1) in &spans[..count] {
+            for &(n0, n1, v0, v1) in spans.iter() {
                 let name = HeaderName::from_bytes(&head[n0..n1])
                     .map_err(|e| H1Error::Invalid(format!("header name: {e}")))?;
                 let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
