@@ -25,6 +25,7 @@
 //! order, lowercase; a body gets `content-length` when the headers have none, an empty body
 //! none.
 
+use std::future::Future;
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -36,7 +37,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Either;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use super::forward::UpstreamBody;
@@ -156,20 +157,19 @@ impl Conn {
         }
     }
 
-    /// Whether an idle connection can take a request: the provider has not closed it (or
-    /// sent something unasked). Costs nothing while the socket has had nothing to read; a
-    /// `recv` otherwise.
+    /// Whether an idle connection can take a request: the provider has not closed it, as
+    /// far as the lane's reactor has seen (its readiness says `read closed` once the FIN
+    /// is in). No system call: a close the reactor has not seen yet is the race the
+    /// replay in `pool` covers.
     pub fn looks_alive(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
+        let ready = std::pin::pin!(self.io.ready(Interest::READABLE));
+        match ready.poll(&mut cx) {
             Poll::Pending => true,
-            Poll::Ready(Ok(())) => {
-                let mut byte = [0u8; 1];
-                matches!(self.io.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            }
+            Poll::Ready(Ok(r)) => !r.is_read_closed() && !r.is_error(),
             Poll::Ready(Err(_)) => false,
         }
     }
@@ -865,16 +865,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_idle_connection_the_provider_closed_or_wrote_to_is_not_reused() {
+    async fn an_idle_connection_the_provider_closed_is_not_reused() {
         let (conn, peer) = quiet_conn().await;
         assert!(conn.looks_alive());
         drop(peer);
         conn.io.readable().await.unwrap();
         assert!(!conn.looks_alive(), "closed by the provider");
-        let (conn, peer) = quiet_conn().await;
-        peer.try_write(b"HTTP/1.1 200 OK\r\n").unwrap();
-        conn.io.readable().await.unwrap();
-        assert!(!conn.looks_alive(), "bytes nobody asked for");
+        // Bytes nobody asked for are not checked for here (that would cost a read a
+        // request); the exchange fails on them.
         let (conn, _peer) = quiet_conn().await;
         assert!(conn.looks_alive());
     }
