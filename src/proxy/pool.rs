@@ -1,5 +1,8 @@
 //! The data plane's upstream connections: one small pool of keep-alive HTTP/1.1 connections
-//! per provider, on hyper's connection API.
+//! per provider and lane (`crate::lanes`), of two kinds. A request whose body the proxy
+//! holds (every model request, a bodiless `GET`, a small pass-through body) goes over the
+//! proxy's own exchange ([`h1`]: the client connection's task reads the provider's socket
+//! itself); a streamed upload or a protocol upgrade over hyper's client connection API.
 //!
 //! Why not `hyper_util`'s pooled client, which the control plane (polls, loads) still uses:
 //! profiled with callgrind on the release build (`GET /api/version` through the proxy, one
@@ -14,8 +17,8 @@
 //! Rules:
 //! - a connection goes back only after its response body ended (so the next request never
 //!   waits behind the rest of an old one); a body dropped early closes it, as nginx does;
-//! - an idle connection found closed, or idle longer than [`IDLE_TIMEOUT`], is dropped at
-//!   checkout; at most [`IDLE_MAX`] are kept per lane (the rest close when returned);
+//! - an idle connection found closed (for [`h1`]: the reactor saw the provider's FIN), or
+//!   idle longer than [`IDLE_TIMEOUT`], is dropped at checkout; at most [`IDLE_MAX`] are kept per lane (the rest close when returned);
 //! - a request that a reused connection could not send (closed by the provider meanwhile)
 //!   is sent again on another connection: hyper hands back a request it did not write, so
 //!   a streamed body is never half-sent twice;
