@@ -20,7 +20,6 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -711,15 +710,22 @@ async fn accept_loop<H, F, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // HTTP/1.1 connections (all but those that open with HTTP/2's preface) are served by
+    // hyper's HTTP/1 builder directly: the auto builder's protocol sniffing re-reads every
+    // read through a rewind buffer and keeps a larger state per connection (callgrind:
+    // about 3% of a chat's instructions).
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    let mut h1_builder = hyper::server::conn::http1::Builder::new();
+    h1_builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     let slots = Arc::new(Semaphore::new(
         limits.max_connections.min(Semaphore::MAX_PERMITS),
     ));
-    let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
     loop {
         let (slot, stream) = tokio::select! {
@@ -744,7 +750,7 @@ async fn accept_loop<H, F, B>(
         });
         let first_byte = limits.header_read_timeout;
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let h1_builder = h1_builder.clone();
         let mut conn_stop = stop.clone();
         // To a lane: the socket leaves this runtime's reactor and joins the lane's.
         let (stream, lane) = match &lanes {
@@ -769,21 +775,43 @@ async fn accept_loop<H, F, B>(
                     }
                 },
             };
-            // Nothing sent yet: nothing in flight either, so a stop ends this wait at once
-            // (and lets go of the watcher, which the drain would otherwise wait for).
-            let mut probe = [0u8; 1];
-            tokio::select! {
+            // Nothing sent yet: nothing in flight either, so a stop ends this wait at once.
+            let mut probe = [0u8; 4];
+            let n = tokio::select! {
                 r = tokio::time::timeout(first_byte, stream.peek(&mut probe)) => match r {
-                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(Ok(n)) if n > 0 => n,
                     _ => return,
                 },
                 _ = conn_stop.wait_for(|s| *s) => return,
+            };
+            // A stop lets the request in flight finish, then closes the connection; the
+            // accept loop gives the drain `shutdown_grace`.
+            macro_rules! serve_until_stop {
+                ($conn:expr) => {{
+                    let mut conn = std::pin::pin!($conn);
+                    let ended = tokio::select! {
+                        r = conn.as_mut() => Some(r),
+                        _ = conn_stop.wait_for(|s| *s) => None,
+                    };
+                    let ended = match ended {
+                        Some(r) => r,
+                        None => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = ended {
+                        tracing::trace!(error = %e, "connection ended with an error");
+                    }
+                }};
             }
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::trace!(error = %e, "connection ended with an error");
+            if probe[..n] == b"PRI "[..n] {
+                // HTTP/2's preface (or too little of it yet to tell).
+                serve_until_stop!(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
+            } else {
+                serve_until_stop!(h1_builder
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades());
             }
         };
         match &lane {
@@ -793,10 +821,8 @@ async fn accept_loop<H, F, B>(
     }
     drop(listener);
     let grace = state.config.load().proxy.shutdown_grace;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drain = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drain).await.is_err() {
         tracing::warn!("open connections did not finish within {grace:?}; closing them");
     }
     conns.shutdown().await;
