@@ -59,13 +59,15 @@ static LMSTUDIO_V1: LazyLock<Patterns> = LazyLock::new(|| Patterns {
 const ERROR_STARTS: [&[u8]; 3] = [b"{\"error\"", b"data: {\"error\"", b"event: error"];
 /// The longest of [`ERROR_STARTS`]: how much of the body's start is kept to check them.
 const START: usize = 14;
-static ERROR_LINES: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
-    [
-        Finder::new(b"\n{\"error\""),
-        Finder::new(b"\ndata: {\"error\""),
-        Finder::new(b"\nevent: error"),
-    ]
-});
+
+/// Whether a line after the first in `buf` starts as an error does: one pass for the
+/// newlines, instead of one search per form.
+fn has_error_line(buf: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', buf).any(|nl| {
+        let line = &buf[nl + 1..];
+        ERROR_STARTS.iter().any(|m| line.starts_with(m))
+    })
+}
 
 /// Reads token counts and in-stream errors out of a response as it passes.
 #[derive(Debug)]
@@ -181,7 +183,7 @@ impl UsageScanner {
                 }
             }
         }
-        if !self.error && ERROR_LINES.iter().any(|f| f.find(buf).is_some()) {
+        if !self.error && has_error_line(buf) {
             self.error = true;
         }
     }
@@ -325,6 +327,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_line_is_found_wherever_it_starts_in_a_buffer() {
+        // The same as searching for each form with a newline before it.
+        let forms: [&[u8]; 3] = [b"\n{\"error\"", b"\ndata: {\"error\"", b"\nevent: error"];
+        let body = b"{\"a\":1}\n{\"error\":\"x\"}\ndata: {\"error\":{}}\nevent: error\n{\"b\":\"\\n{\\\"error\\\"\"}\nevent: err";
+        for start in 0..body.len() {
+            for end in start..=body.len() {
+                let buf = &body[start..end];
+                let searched = forms.iter().any(|f| buf.windows(f.len()).any(|w| w == *f));
+                assert_eq!(
+                    has_error_line(buf),
+                    searched,
+                    "{:?}",
+                    String::from_utf8_lossy(buf)
+                );
+            }
+        }
+    }
 
     fn scan_in_pieces(keys: UsageKeys, body: &[u8], piece: usize) -> UsageScanner {
         let mut s = UsageScanner::new(keys);
