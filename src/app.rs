@@ -752,22 +752,22 @@ async fn accept_loop<H, F, B>(
         let builder = builder.clone();
         let h1_builder = h1_builder.clone();
         let mut conn_stop = stop.clone();
-        // To a lane: the socket leaves this runtime's reactor and joins the lane's.
+        // To a lane: the socket leaves this runtime's reactor, to join the lane's.
         let (stream, lane) = match &lanes {
             Some(lanes) => match stream.into_std() {
-                Ok(s) => (Err(s), Some(lanes.next().clone())),
+                Ok(s) => (Socket::Moving(s), Some(lanes.next().clone())),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot hand a connection to a lane");
                     continue;
                 }
             },
-            None => (Ok(stream), None),
+            None => (Socket::Here(stream), None),
         };
         let serve = async move {
             let _slot = slot;
             let stream = match stream {
-                Ok(s) => s,
-                Err(std) => match tokio::net::TcpStream::from_std(std) {
+                Socket::Here(s) => s,
+                Socket::Moving(s) => match tokio::net::TcpStream::from_std(s) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::warn!(error = %e, "a lane cannot take a connection");
@@ -826,6 +826,13 @@ async fn accept_loop<H, F, B>(
         tracing::warn!("open connections did not finish within {grace:?}; closing them");
     }
     conns.shutdown().await;
+}
+
+/// An accepted connection: registered with this runtime's reactor, or on its way to a
+/// lane's (registered there by the task that serves it).
+enum Socket {
+    Here(tokio::net::TcpStream),
+    Moving(std::net::TcpStream),
 }
 
 /// Waits for a free connection slot, then for a connection.

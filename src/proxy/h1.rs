@@ -309,7 +309,11 @@ impl Conn {
                 map.append(name, value);
             }
             let framing = framing(head_method, status, &map)?;
-            let keep_alive = keep_alive(version, &map) && !matches!(framing, Framing::Close);
+            // After a 101 the connection speaks another protocol (upgrades go through hyper's
+            // client, so this is a provider answering one nobody asked for): never reused.
+            let keep_alive = keep_alive(version, &map)
+                && !matches!(framing, Framing::Close)
+                && status != StatusCode::SWITCHING_PROTOCOLS;
             let mut resp = Response::new(());
             *resp.status_mut() = status;
             *resp.version_mut() = version;
@@ -723,6 +727,16 @@ mod tests {
         .await;
         assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
         assert!(!parts.headers.contains_key("link"));
+        let (parts, _, kept) = feed(
+            false,
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            (parts.status.as_u16(), kept),
+            (101, false),
+            "a 101 is not skipped nor reused"
+        );
     }
 
     #[test]
