@@ -470,38 +470,41 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// An HTTP/1.1 server answering `ok` with keep-alive headers. With `close`, it closes
-    /// each connection after its first answer, as a provider restarting or timing out idle
-    /// connections would: the pooled connection is dead when the next request takes it.
-    async fn server(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A server on a free port that runs `per_conn` on each connection it accepts, and
+    /// counts them.
+    async fn serve_each<F, Fut>(per_conn: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
+            while let Ok((s, _)) = l.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    loop {
-                        let mut got = Vec::new();
-                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => got.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        let _ = s
-                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                            .await;
-                        if close {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(per_conn(s));
             }
         });
         (addr, accepted)
+    }
+
+    /// An HTTP/1.1 server answering `ok` with keep-alive headers. With `close`, it closes
+    /// each connection after its first answer, as a provider restarting or timing out idle
+    /// connections would: the pooled connection is dead when the next request takes it.
+    async fn server(close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        serve_each(move |mut s| async move {
+            while read_request(&mut s).await.is_some() {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                if close {
+                    return;
+                }
+            }
+        })
+        .await
     }
 
     /// Reads one request (head, then a `Content-Length` body) off `s`; `None` at EOF.
@@ -536,27 +539,18 @@ mod tests {
     /// then reads the next request and closes without a byte of answer. `reset` closes it
     /// with a TCP reset instead of a FIN.
     async fn closes_after_one(reset: bool) -> (SocketAddr, Arc<AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let Some(body) = read_request(&mut s).await else {
-                        return;
-                    };
-                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
-                    s.write_all(head.as_bytes()).await.unwrap();
-                    s.write_all(&body).await.unwrap();
-                    if read_request(&mut s).await.is_some() && reset {
-                        s.set_zero_linger().unwrap();
-                    }
-                });
+        serve_each(move |mut s| async move {
+            let Some(body) = read_request(&mut s).await else {
+                return;
+            };
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(&body).await.unwrap();
+            if read_request(&mut s).await.is_some() && reset {
+                s.set_zero_linger().unwrap();
             }
-        });
-        (addr, accepted)
+        })
+        .await
     }
 
     async fn post(pool: &Arc<Pool>, body: &'static str) -> Result<Bytes, PoolError> {
@@ -642,16 +636,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_connection_closed_unanswered_is_an_error_and_not_repeated() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move { read_request(&mut s).await });
-            }
-        });
+        // Reads the request, then closes without a byte of answer.
+        let (addr, accepted) = serve_each(|mut s| async move {
+            read_request(&mut s).await;
+        })
+        .await;
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
         let pool = Pool::new(&up, Duration::from_secs(5), 1);
         match post(&pool, "{}").await {
