@@ -165,6 +165,16 @@ async fn proxy_for(url: String, extra: &str) -> llm_warden::app::Running {
     proxy
 }
 
+/// The model's request and error counts, once nothing is in flight, are `total` and `errors`.
+async fn assert_counts(c: &TestClient, proxy: &llm_warden::app::Running, total: u64, errors: u64) {
+    let m = settled(c, proxy).await;
+    assert_eq!(
+        (m["total_requests"].as_u64(), m["errors"].as_u64()),
+        (Some(total), Some(errors)),
+        "{m}"
+    );
+}
+
 /// The model's counters once nothing is in flight.
 async fn settled(c: &TestClient, proxy: &llm_warden::app::Running) -> Value {
     assert!(
@@ -214,12 +224,7 @@ async fn killed_mid_stream_the_client_sees_the_stream_cut_and_it_counts_as_an_er
         String::from_utf8_lossy(&got).contains("\"b\""),
         "what arrived was relayed"
     );
-    let m = settled(&c, &proxy).await;
-    assert_eq!(
-        (m["total_requests"].as_u64(), m["errors"].as_u64()),
-        (Some(1), Some(1)),
-        "{m}"
-    );
+    assert_counts(&c, &proxy, 1, 1).await;
     // The proxy is fine: the next request is answered.
     let r = get(&c, &format!("http://{}/v1/models", proxy.proxy_addr(0))).await;
     assert_eq!(r.status, 200);
@@ -259,12 +264,7 @@ async fn garbage_or_an_early_close_is_a_502_in_the_clients_format() {
                 assert!(resp.into_body().collect().await.is_err(), "the cut is seen");
             }
         }
-        let m = settled(&c, &proxy).await;
-        assert_eq!(
-            (m["total_requests"].as_u64(), m["errors"].as_u64()),
-            (Some(1), Some(1)),
-            "{m}"
-        );
+        assert_counts(&c, &proxy, 1, 1).await;
         proxy.shutdown().await;
     }
 }
@@ -293,12 +293,7 @@ async fn a_provider_slow_to_answer_gets_a_504_in_the_clients_format() {
             .contains("proxy.response_timeout"),
         "{e}"
     );
-    let m = settled(&c, &proxy).await;
-    assert_eq!(
-        (m["total_requests"].as_u64(), m["errors"].as_u64()),
-        (Some(1), Some(1)),
-        "{m}"
-    );
+    assert_counts(&c, &proxy, 1, 1).await;
     proxy.shutdown().await;
 }
 
@@ -467,11 +462,6 @@ async fn a_connection_closed_after_a_stream_does_not_fail_the_next_request() {
         };
         assert_eq!(r.status, 200, "round {round}, after a stream: {}", r.text());
     }
-    let m = settled(&c, &proxy).await;
-    assert_eq!(
-        (m["total_requests"].as_u64(), m["errors"].as_u64()),
-        (Some(6), Some(0)),
-        "{m}"
-    );
+    assert_counts(&c, &proxy, 6, 0).await;
     proxy.shutdown().await;
 }

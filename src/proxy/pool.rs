@@ -73,14 +73,55 @@ pub enum PoolError {
     Exchange(H1Error),
 }
 
-struct Idle {
-    tx: SendRequest<UpstreamBody>,
-    since: Instant,
+/// Idle connections of one kind, per lane (`crate::lanes`): a connection's task (or, for
+/// [`h1`], its socket's registration) belongs to the lane that opened it, so a request takes
+/// one from its own lane's list and stays on its thread. Any other thread uses the first
+/// list.
+struct IdleLists<C> {
+    lanes: Box<[IdleList<C>]>,
 }
 
-struct IdleH1 {
-    conn: h1::Conn,
-    since: Instant,
+/// One lane's idle connections, each with the time it was returned.
+type IdleList<C> = Mutex<Vec<(C, Instant)>>;
+
+impl<C> IdleLists<C> {
+    fn new(lanes: usize) -> Self {
+        IdleLists {
+            lanes: (0..lanes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    fn here(&self) -> &IdleList<C> {
+        &self.lanes[crate::lanes::current() % self.lanes.len()]
+    }
+
+    /// The most recently returned connection of this lane that is not older than
+    /// [`IDLE_TIMEOUT`] and passes `usable`; the others found on the way are dropped.
+    fn take(&self, usable: impl Fn(&C) -> bool) -> Option<C> {
+        let mut idle = self.here().lock().ok()?;
+        while let Some((conn, since)) = idle.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && usable(&conn) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps `conn` for later, unless this lane holds [`IDLE_MAX`] already (it closes).
+    fn put(&self, conn: C) {
+        if let Ok(mut idle) = self.here().lock() {
+            if idle.len() < IDLE_MAX {
+                idle.push((conn, Instant::now()));
+            }
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.lanes
+            .iter()
+            .map(|l| l.lock().map_or(0, |v| v.len()))
+            .sum()
+    }
 }
 
 /// One provider's upstream connections.
@@ -92,12 +133,10 @@ pub struct Pool {
     /// `Host` of every request sent upstream.
     host_header: HeaderValue,
     connect_timeout: Duration,
-    /// Idle connections, per lane (`crate::lanes`): a connection's task runs on the lane
-    /// that opened it, so a request takes one from its own lane's list and stays on its
-    /// thread. Any other thread uses the first list.
-    idle: Box<[Mutex<Vec<Idle>>]>,
-    /// The same for connections of [`h1`] (requests with their body in hand).
-    idle_h1: Box<[Mutex<Vec<IdleH1>>]>,
+    /// Idle hyper client connections (streamed uploads, upgrades).
+    idle: IdleLists<SendRequest<UpstreamBody>>,
+    /// Idle connections of [`h1`] (requests with their body in hand).
+    idle_h1: IdleLists<h1::Conn>,
 }
 
 impl Pool {
@@ -121,8 +160,8 @@ impl Pool {
             host_header: HeaderValue::from_str(upstream.authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             connect_timeout,
-            idle: (0..lanes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
-            idle_h1: (0..lanes.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+            idle: IdleLists::new(lanes),
+            idle_h1: IdleLists::new(lanes),
         })
     }
 
@@ -133,22 +172,7 @@ impl Pool {
 
     /// Connections idle in the pool now.
     pub fn idle_count(&self) -> usize {
-        let hyper: usize = self
-            .idle
-            .iter()
-            .map(|l| l.lock().map_or(0, |v| v.len()))
-            .sum();
-        let h1: usize = self
-            .idle_h1
-            .iter()
-            .map(|l| l.lock().map_or(0, |v| v.len()))
-            .sum();
-        hyper + h1
-    }
-
-    /// This thread's idle list.
-    fn idle_here(&self) -> &Mutex<Vec<Idle>> {
-        &self.idle[crate::lanes::current() % self.idle.len()]
+        self.idle.count() + self.idle_h1.count()
     }
 
     /// Sends `req` on an idle connection, or a new one, and answers the response head; the
@@ -173,7 +197,11 @@ impl Pool {
         // unanswered, it goes out once more, on a new connection.
         let mut replayed = false;
         loop {
-            let idle = if replayed { None } else { self.take_h1() };
+            let idle = if replayed {
+                None
+            } else {
+                self.idle_h1.take(h1::Conn::looks_alive)
+            };
             let (mut conn, reused) = match idle {
                 Some(conn) => (conn, true),
                 None => (h1::Conn::new(self.dial().await?), false),
@@ -195,30 +223,9 @@ impl Pool {
         }
     }
 
-    fn take_h1(&self) -> Option<h1::Conn> {
-        let mut idle = self.idle_here_h1().lock().ok()?;
-        while let Some(i) = idle.pop() {
-            if i.since.elapsed() < IDLE_TIMEOUT && i.conn.looks_alive() {
-                return Some(i.conn);
-            }
-        }
-        None
-    }
-
     /// Takes back a connection of [`h1`] whose answer was read to the end.
     pub(super) fn put_h1(&self, conn: h1::Conn) {
-        if let Ok(mut idle) = self.idle_here_h1().lock() {
-            if idle.len() < IDLE_MAX {
-                idle.push(IdleH1 {
-                    conn,
-                    since: Instant::now(),
-                });
-            }
-        }
-    }
-
-    fn idle_here_h1(&self) -> &Mutex<Vec<IdleH1>> {
-        &self.idle_h1[crate::lanes::current() % self.idle_h1.len()]
+        self.idle_h1.put(conn);
     }
 
     async fn send_hyper(
@@ -229,7 +236,11 @@ impl Pool {
         // unanswered, the copy goes out once more, on a new connection.
         let mut replayed = false;
         loop {
-            let idle = if replayed { None } else { self.take_idle() };
+            let idle = if replayed {
+                None
+            } else {
+                self.idle.take(|tx| !tx.is_closed())
+            };
             let (mut tx, reused) = match idle {
                 Some(tx) => (tx, true),
                 None => (self.connect().await?, false),
@@ -264,27 +275,9 @@ impl Pool {
         }
     }
 
-    fn take_idle(&self) -> Option<SendRequest<UpstreamBody>> {
-        let mut idle = self.idle_here().lock().ok()?;
-        while let Some(i) = idle.pop() {
-            if !i.tx.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
-                return Some(i.tx);
-            }
-        }
-        None
-    }
-
     fn put(&self, tx: SendRequest<UpstreamBody>) {
-        if tx.is_closed() {
-            return;
-        }
-        if let Ok(mut idle) = self.idle_here().lock() {
-            if idle.len() < IDLE_MAX {
-                idle.push(Idle {
-                    tx,
-                    since: Instant::now(),
-                });
-            }
+        if !tx.is_closed() {
+            self.idle.put(tx);
         }
     }
 
