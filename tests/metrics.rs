@@ -466,6 +466,15 @@ async fn a_client_that_leaves_mid_stream_is_counted_cancelled_and_logged_once() 
         "the status was sent before the client left"
     );
     assert_eq!(page.sum("llm_warden_requests_in_flight", &m), 0.0);
+    // The proxy counts the request before it writes its access line (both when the body is
+    // dropped, on the proxy's own thread): wait for the line too.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !access_lines("cancel-me:latest").is_empty()
+        })
+        .await,
+        "no access line"
+    );
     let lines = access_lines("cancel-me:latest");
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["cancelled"], true, "{}", lines[0]);
