@@ -388,18 +388,22 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             upstream = %state.providers[i].config.upstream,
             "proxy listening"
         );
+        let timeout = limits.header_read_timeout;
         tasks.spawn(accept_loop(
             listener,
             Some(lanes.clone()),
             limits,
             state.clone(),
             stop_rx.clone(),
-            // Boxed: hyper keeps the handler's future inside each connection's state for
-            // as long as the connection lives, so an unboxed one (the inspected path's, with
-            // compaction and loading in it, is kilobytes) would cost every open stream that
-            // much. Measured with `loadgen --hold 2000`: 41 -> 33 KB of proxy RSS a stream,
-            // for about 1% more instructions a request (callgrind).
-            move |req| Box::pin(proxy::handle(st.clone(), i, req)),
+            move |stream, h2, stop| {
+                let st = st.clone();
+                // Boxed: the connection's task is as large as its largest state, and an
+                // unboxed handler future (the inspected path's, with compaction and loading
+                // in it, is kilobytes) would cost every open connection that much, idle or
+                // streaming.
+                let handler = move |req| Box::pin(proxy::handle(st.clone(), i, req));
+                serve_data_plane(stream, h2, stop, timeout, handler)
+            },
         ));
         tasks.spawn(health_loop(state.clone(), i, stop_rx.clone()));
     }
@@ -410,13 +414,19 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     ));
     let st = state.clone();
     tracing::info!(listen = %admin_addr, "admin listening");
+    let timeout = limits.header_read_timeout;
     tasks.spawn(accept_loop(
         admin_listener,
         None,
         limits,
         state.clone(),
         stop_rx,
-        move |req| crate::admin::handle(st.clone(), req),
+        move |stream, h2, stop| {
+            let st = st.clone();
+            serve_hyper(stream, h2, stop, timeout, move |req| {
+                crate::admin::handle(st.clone(), req)
+            })
+        },
     ));
     Ok(Running {
         state,
@@ -686,43 +696,33 @@ impl From<&crate::config::ProxyConfig> for ConnLimits {
     }
 }
 
-/// Accepts connections and serves `handler` on each (HTTP/1.1 with upgrades, or HTTP/2),
-/// each connection on the next of `lanes` (`crate::lanes`; `None`: on this runtime), until
-/// `stop`; then waits for open connections up to `proxy.shutdown_grace` (read when
-/// the stop comes, so a reload applies) and closes those still open.
+/// Accepts connections and serves each with `serve` (given the socket, whether it opened
+/// with HTTP/2's preface, and the stop signal), each connection on the next of `lanes`
+/// (`crate::lanes`; `None`: on this runtime), until `stop`; then waits for open connections
+/// up to `proxy.shutdown_grace` (read when the stop comes, so a reload applies) and closes
+/// those still open.
 ///
 /// At most `max_connections` are open at once: the next one is accepted only when one ends,
 /// so clients over the limit wait in the OS backlog instead of being refused by the proxy
 /// (a burst is served late rather than failed). A client gets `header_read_timeout` to send
-/// its first byte (hyper's own timer starts once the protocol is known, so it would not
-/// cover a client that sends nothing) and then its headers; hyper applies the same timeout
+/// its first byte (the servers' own timers start once the protocol is known, so they would
+/// not cover a client that sends nothing) and then its headers; the same timeout applies
 /// between requests on a keep-alive connection.
-async fn accept_loop<H, F, B>(
+async fn accept_loop<S, Fut>(
     listener: TcpListener,
     lanes: Option<crate::lanes::Lanes>,
     limits: ConnLimits,
     state: Arc<AppState>,
     mut stop: watch::Receiver<bool>,
-    handler: H,
+    serve: S,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<B>> + Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: Fn(tokio::net::TcpStream, bool, watch::Receiver<bool>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
 {
-    // HTTP/1.1 connections (all but those that open with HTTP/2's preface) are served by
-    // hyper's HTTP/1 builder directly: the auto builder's protocol sniffing re-reads every
-    // read through a rewind buffer and keeps a larger state per connection (callgrind:
-    // about 3% of a chat's instructions).
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    let mut h1_builder = hyper::server::conn::http1::Builder::new();
-    h1_builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
     let slots = Arc::new(Semaphore::new(
         limits.max_connections.min(Semaphore::MAX_PERMITS),
     ));
@@ -743,14 +743,8 @@ async fn accept_loop<H, F, B>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let fut = handler(req);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
+        let serve = serve.clone();
         let first_byte = limits.header_read_timeout;
-        let builder = builder.clone();
-        let h1_builder = h1_builder.clone();
         let mut conn_stop = stop.clone();
         // To a lane: the socket leaves this runtime's reactor, to join the lane's.
         let (stream, lane) = match &lanes {
@@ -763,7 +757,7 @@ async fn accept_loop<H, F, B>(
             },
             None => (Socket::Here(stream), None),
         };
-        let serve = async move {
+        let task = async move {
             let _slot = slot;
             let stream = match stream {
                 Socket::Here(s) => s,
@@ -784,39 +778,13 @@ async fn accept_loop<H, F, B>(
                 },
                 _ = conn_stop.wait_for(|s| *s) => return,
             };
-            // A stop lets the request in flight finish, then closes the connection; the
-            // accept loop gives the drain `shutdown_grace`.
-            macro_rules! serve_until_stop {
-                ($conn:expr) => {{
-                    let mut conn = std::pin::pin!($conn);
-                    let ended = tokio::select! {
-                        r = conn.as_mut() => Some(r),
-                        _ = conn_stop.wait_for(|s| *s) => None,
-                    };
-                    let ended = match ended {
-                        Some(r) => r,
-                        None => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    };
-                    if let Err(e) = ended {
-                        tracing::trace!(error = %e, "connection ended with an error");
-                    }
-                }};
-            }
-            if probe[..n] == b"PRI "[..n] {
-                // HTTP/2's preface (or too little of it yet to tell).
-                serve_until_stop!(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
-            } else {
-                serve_until_stop!(h1_builder
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades());
-            }
+            // HTTP/2's preface (or too little of it yet to tell).
+            let h2 = probe[..n] == b"PRI "[..n];
+            serve(stream, h2, conn_stop).await;
         };
         match &lane {
-            Some(lane) => conns.spawn_on(serve, lane),
-            None => conns.spawn(serve),
+            Some(lane) => conns.spawn_on(task, lane),
+            None => conns.spawn(task),
         };
     }
     drop(listener);
@@ -826,6 +794,85 @@ async fn accept_loop<H, F, B>(
         tracing::warn!("open connections did not finish within {grace:?}; closing them");
     }
     conns.shutdown().await;
+}
+
+/// Serves one connection with hyper (HTTP/1.1 with upgrades, or HTTP/2 when `h2`): the
+/// admin listener's connections, and HTTP/2 clients of a provider listener. A stop lets
+/// the request in flight finish, then closes the connection.
+async fn serve_hyper<H, F, B>(
+    stream: tokio::net::TcpStream,
+    h2: bool,
+    mut stop: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+    handler: H,
+) where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let fut = handler(req);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    macro_rules! serve_until_stop {
+        ($conn:expr) => {{
+            let mut conn = std::pin::pin!($conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => Some(r),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let ended = match ended {
+                Some(r) => r,
+                None => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        }};
+    }
+    if h2 {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        serve_until_stop!(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        serve_until_stop!(builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades());
+    }
+}
+
+/// Serves one connection of a provider listener: HTTP/1.x with the data plane's own server
+/// (`proxy::server`), HTTP/2 with hyper.
+async fn serve_data_plane<H, F>(
+    stream: tokio::net::TcpStream,
+    h2: bool,
+    stop: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+    handler: H,
+) where
+    H: Fn(Request<proxy::RequestBody>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<proxy::ProxyBody>> + Send + 'static,
+{
+    if h2 {
+        let handler = move |req: Request<Incoming>| handler(req.map(proxy::RequestBody::Hyper));
+        serve_hyper(stream, true, stop, header_read_timeout, handler).await;
+    } else {
+        let settings = proxy::server::Settings {
+            header_read_timeout,
+        };
+        proxy::server::serve(stream, settings, stop, handler).await;
+    }
 }
 
 /// An accepted connection: registered with this runtime's reactor, or on its way to a

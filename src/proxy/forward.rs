@@ -5,15 +5,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::server::{ClientUpgrade, RequestBody};
 use crate::config::{ProxyConfig, Upstream};
 
 /// Body sent upstream: the client's own stream, or bytes the proxy read.
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamBody = Either<RequestBody, Full<Bytes>>;
 
 /// The one pooled HTTP/1.1 client every provider shares.
 pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
@@ -125,17 +125,31 @@ pub fn upstream_request<B>(
 
 /// Splices an upgraded client connection to the upgraded upstream connection until either
 /// side closes.
-pub fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+pub fn splice_upgrade(client: ClientUpgrade, upstream: hyper::upgrade::OnUpgrade) {
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
-            Ok(pair) => pair,
-            Err(e) => {
+        let Some(client) = client.take() else {
+            return;
+        };
+        let (client, upstream) = match tokio::join!(client, upstream) {
+            (Ok(c), Ok(u)) => (c, u),
+            (Err(_), _) => {
+                tracing::debug!("upgrade failed: the client connection ended first");
+                return;
+            }
+            (_, Err(e)) => {
                 tracing::debug!(error = %e, "upgrade failed");
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
+        // What the client sent after its request, before the switch, goes first.
+        if !client.read.is_empty() {
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut upstream, &client.read).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+                return;
+            }
+        }
+        let mut client = client.io;
         if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             tracing::debug!(error = %e, "upgraded connection ended with an error");
         }

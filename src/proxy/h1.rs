@@ -92,7 +92,7 @@ impl Encoded {
     pub fn of(req: Request<UpstreamBody>) -> Result<Encoded, Request<UpstreamBody>> {
         let in_hand = match req.body() {
             Either::Right(_) => true,
-            Either::Left(incoming) => incoming.is_end_stream(),
+            Either::Left(body) => body.is_end_stream() || body.in_hand().is_some(),
         };
         if !in_hand || req.headers().contains_key(header::UPGRADE) {
             return Err(req);
@@ -100,12 +100,14 @@ impl Encoded {
         let (parts, body) = req.into_parts();
         let body = match body {
             Either::Right(full) => full_bytes(full),
-            Either::Left(_) => Bytes::new(),
+            Either::Left(body) => body.in_hand().cloned().unwrap_or_default(),
         };
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut size = parts.method.as_str().len() + target.len() + 48;
+        let mut has_length = false;
         for (name, value) in &parts.headers {
             size += name.as_str().len() + value.len() + 4;
+            has_length |= *name == header::CONTENT_LENGTH;
         }
         let mut head = Vec::with_capacity(size);
         head.extend_from_slice(parts.method.as_str().as_bytes());
@@ -118,7 +120,7 @@ impl Encoded {
             head.extend_from_slice(value.as_bytes());
             head.extend_from_slice(b"\r\n");
         }
-        if !body.is_empty() && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        if !body.is_empty() && !has_length {
             head.extend_from_slice(b"content-length: ");
             head.extend_from_slice(body.len().to_string().as_bytes());
             head.extend_from_slice(b"\r\n");
@@ -294,7 +296,9 @@ impl Conn {
                 many.resize(count, (0, 0, 0, 0));
                 &mut many[..]
             };
+            let mut hints = Hints::default();
             for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
+                hints.note(h.name.as_bytes());
                 let name = h.name.as_ptr() as usize - base;
                 let value = h.value.as_ptr() as usize - base;
                 *span = (name, name + h.name.len(), value, value + h.value.len());
@@ -308,11 +312,14 @@ impl Conn {
                     .map_err(|e| H1Error::Invalid(format!("header value: {e}")))?;
                 map.append(name, value);
             }
-            let framing = framing(head_method, status, &map)?;
+            let framing = framing(head_method, status, &map, &hints)?;
             // After a 101 the connection speaks another protocol (upgrades go through hyper's
             // client, so this is a provider answering one nobody asked for): never reused.
-            let keep_alive = keep_alive(version, &map)
-                && !matches!(framing, Framing::Close)
+            let keep_alive = (if hints.connection {
+                keep_alive(version, &map)
+            } else {
+                version == Version::HTTP_11
+            }) && !matches!(framing, Framing::Close)
                 && status != StatusCode::SWITCHING_PROTOCOLS;
             let mut resp = Response::new(());
             *resp.status_mut() = status;
@@ -349,7 +356,49 @@ pub enum Chunk {
     Trailers,
 }
 
-fn framing(head_method: bool, status: StatusCode, headers: &HeaderMap) -> Result<Framing, H1Error> {
+/// Which of the headers that frame a message or steer its connection a head has, noted
+/// while its map is built, so that the common head (none but a length) costs no lookups.
+#[derive(Default)]
+pub(super) struct Hints {
+    pub content_length: bool,
+    pub transfer_encoding: bool,
+    pub connection: bool,
+    pub expect: bool,
+    pub upgrade: bool,
+}
+
+impl Hints {
+    pub(super) fn note(&mut self, name: &[u8]) {
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            14 if is(b"content-length") => self.content_length = true,
+            17 if is(b"transfer-encoding") => self.transfer_encoding = true,
+            10 if is(b"connection") => self.connection = true,
+            6 if is(b"expect") => self.expect = true,
+            7 if is(b"upgrade") => self.upgrade = true,
+            _ => {}
+        }
+    }
+
+    /// Every kind present, for a map built elsewhere.
+    #[cfg(test)]
+    pub(super) fn all() -> Hints {
+        Hints {
+            content_length: true,
+            transfer_encoding: true,
+            connection: true,
+            expect: true,
+            upgrade: true,
+        }
+    }
+}
+
+fn framing(
+    head_method: bool,
+    status: StatusCode,
+    headers: &HeaderMap,
+    hints: &Hints,
+) -> Result<Framing, H1Error> {
     if head_method
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -357,10 +406,18 @@ fn framing(head_method: bool, status: StatusCode, headers: &HeaderMap) -> Result
     {
         return Ok(Framing::Done);
     }
-    if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
+    if !hints.content_length && !hints.transfer_encoding {
+        return Ok(Framing::Close);
+    }
+    if let Some(te) = hints
+        .transfer_encoding
+        .then(|| {
+            headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .next_back()
+        })
+        .flatten()
     {
         let last = te
             .to_str()
@@ -392,7 +449,7 @@ fn framing(head_method: bool, status: StatusCode, headers: &HeaderMap) -> Result
     })
 }
 
-fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+pub(super) fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
     let mut keep = version == Version::HTTP_11;
     for v in headers.get_all(header::CONNECTION) {
         for token in v.to_str().unwrap_or("").split(',').map(str::trim) {
@@ -450,62 +507,76 @@ impl H1Body {
     /// must be read first.
     #[allow(clippy::option_option)]
     fn next_frame(&mut self) -> Result<Option<Option<Bytes>>, H1Error> {
-        loop {
-            let Some(conn) = self.conn.as_mut() else {
-                return Ok(Some(None));
-            };
-            let buf = &mut conn.buf;
-            match self.framing {
-                Framing::Done => return Ok(Some(None)),
-                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let take = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
-                    let data = buf.split_to(take).freeze();
-                    let left = left - take as u64;
-                    match self.framing {
-                        Framing::Length(_) if left == 0 => self.finish(),
-                        Framing::Length(_) => self.framing = Framing::Length(left),
-                        _ if left == 0 => self.framing = Framing::Chunked(Chunk::DataEnd),
-                        _ => self.framing = Framing::Chunked(Chunk::Data(left)),
-                    }
-                    return Ok(Some(Some(data)));
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Some(None));
+        };
+        let next = decode(&mut self.framing, &mut conn.buf)?;
+        if self.framing == Framing::Done {
+            self.finish();
+        }
+        Ok(next)
+    }
+}
+
+/// The next piece of a body framed by `framing` out of `buf`: `Some(Some(data))`,
+/// `Some(None)` at its end (`framing` is then `Done`), or `None` when more bytes must be
+/// read first. Used for response bodies here and request bodies in `server`.
+#[allow(clippy::option_option)]
+pub(super) fn decode(
+    framing: &mut Framing,
+    buf: &mut BytesMut,
+) -> Result<Option<Option<Bytes>>, H1Error> {
+    loop {
+        match *framing {
+            Framing::Done => return Ok(Some(None)),
+            Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
+                if buf.is_empty() {
+                    return Ok(None);
                 }
-                Framing::Close => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    return Ok(Some(Some(buf.split().freeze())));
+                let take = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+                let data = buf.split_to(take).freeze();
+                let left = left - take as u64;
+                *framing = match *framing {
+                    Framing::Length(_) if left == 0 => Framing::Done,
+                    Framing::Length(_) => Framing::Length(left),
+                    _ if left == 0 => Framing::Chunked(Chunk::DataEnd),
+                    _ => Framing::Chunked(Chunk::Data(left)),
+                };
+                return Ok(Some(Some(data)));
+            }
+            Framing::Close => {
+                if buf.is_empty() {
+                    return Ok(None);
                 }
-                Framing::Chunked(Chunk::DataEnd) => {
-                    let Some(line) = take_line(buf)? else {
-                        return Ok(None);
-                    };
-                    if !line.is_empty() {
-                        return Err(H1Error::Invalid("chunk data longer than its size".into()));
-                    }
-                    self.framing = Framing::Chunked(Chunk::Size);
+                return Ok(Some(Some(buf.split().freeze())));
+            }
+            Framing::Chunked(Chunk::DataEnd) => {
+                let Some(line) = take_line(buf)? else {
+                    return Ok(None);
+                };
+                if !line.is_empty() {
+                    return Err(H1Error::Invalid("chunk data longer than its size".into()));
                 }
-                Framing::Chunked(Chunk::Size) => {
-                    let Some(line) = take_line(buf)? else {
-                        return Ok(None);
-                    };
-                    let size = chunk_size(&line)?;
-                    self.framing = Framing::Chunked(if size == 0 {
-                        Chunk::Trailers
-                    } else {
-                        Chunk::Data(size)
-                    });
-                }
-                Framing::Chunked(Chunk::Trailers) => {
-                    let Some(line) = take_line(buf)? else {
-                        return Ok(None);
-                    };
-                    if line.is_empty() {
-                        self.finish();
-                        return Ok(Some(None));
-                    }
+                *framing = Framing::Chunked(Chunk::Size);
+            }
+            Framing::Chunked(Chunk::Size) => {
+                let Some(line) = take_line(buf)? else {
+                    return Ok(None);
+                };
+                let size = chunk_size(&line)?;
+                *framing = Framing::Chunked(if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                });
+            }
+            Framing::Chunked(Chunk::Trailers) => {
+                let Some(line) = take_line(buf)? else {
+                    return Ok(None);
+                };
+                if line.is_empty() {
+                    *framing = Framing::Done;
+                    return Ok(Some(None));
                 }
             }
         }
@@ -752,7 +823,7 @@ mod tests {
             m
         };
         let ok = StatusCode::OK;
-        let f = |pairs: &[(&str, &str)]| framing(false, ok, &h(pairs));
+        let f = |pairs: &[(&str, &str)]| framing(false, ok, &h(pairs), &Hints::all());
         assert_eq!(f(&[]).unwrap(), Framing::Close);
         assert_eq!(f(&[("content-length", "0")]).unwrap(), Framing::Done);
         assert_eq!(
@@ -775,7 +846,13 @@ mod tests {
             Framing::Close
         );
         assert_eq!(
-            framing(true, ok, &h(&[("transfer-encoding", "chunked")])).unwrap(),
+            framing(
+                true,
+                ok,
+                &h(&[("transfer-encoding", "chunked")]),
+                &Hints::all()
+            )
+            .unwrap(),
             Framing::Done
         );
     }

@@ -6,7 +6,6 @@ use std::borrow::Cow;
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -116,7 +115,7 @@ impl<'a> ModelRequest<'a> {
 /// first, so an honest oversized upload is refused before it is read).
 pub async fn read_body(
     headers: &HeaderMap,
-    body: Incoming,
+    body: super::RequestBody,
     limit: u64,
 ) -> Result<Bytes, ProxyError> {
     let declared = headers
@@ -125,6 +124,14 @@ pub async fn read_body(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
+    }
+    // Read by the server before the handler ran: nothing to wait for.
+    if let super::RequestBody::Full(b) = body {
+        let b = b.unwrap_or_default();
+        if b.len() as u64 > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        return Ok(b);
     }
     let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
     match limited.collect().await {

@@ -21,6 +21,7 @@ mod inbound;
 mod observe;
 mod pool;
 pub mod rewrite;
+pub mod server;
 pub mod shape;
 
 use std::convert::Infallible;
@@ -33,7 +34,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use crate::app::{AppState, ProviderState};
 use crate::context;
@@ -46,6 +46,7 @@ pub use forward::{build_client, UpstreamClient};
 pub use inbound::ModelRequest;
 pub use observe::UsageScanner;
 pub use pool::{Pool, PoolError, PooledBody};
+pub use server::RequestBody;
 
 // === impl ProxyBody ===
 
@@ -105,7 +106,7 @@ impl Body for ProxyBody {
 pub async fn handle(
     state: Arc<AppState>,
     provider: usize,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> Response<ProxyBody> {
     let p = &state.providers[provider];
     let kind = p.config.kind;
@@ -160,13 +161,15 @@ async fn passthrough(
     state: &AppState,
     p: &ProviderState,
     style: ErrorStyle,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> Response<ProxyBody> {
-    let upgrade = forward::wants_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // Only this proxy's own HTTP/1 server hands over upgraded connections (HTTP/2 has no
+    // `Upgrade`).
+    let client_upgrade = req.extensions_mut().remove::<server::ClientUpgrade>();
+    let upgrade = client_upgrade.is_some();
     let (parts, body) = req.into_parts();
     let body = match body.size_hint().exact() {
-        Some(n) if n > 0 && n <= SMALL_BODY => {
+        Some(n) if n > 0 && n <= SMALL_BODY && body.in_hand().is_none() => {
             match inbound::read_body(&parts.headers, body, SMALL_BODY).await {
                 Ok(bytes) => Either::Right(Full::new(bytes)),
                 Err(e) => return local_error(p, &e, style),
@@ -225,7 +228,7 @@ async fn inspected(
     state: &AppState,
     provider: usize,
     endpoint: Endpoint,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Response<ProxyBody> {
     let arrived = Instant::now();
     let p = &state.providers[provider];

@@ -327,7 +327,10 @@ impl Pool {
 fn replica(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
     let body = match req.body() {
         Either::Right(full) => full.clone(),
-        Either::Left(incoming) if incoming.is_end_stream() => Full::new(Bytes::new()),
+        Either::Left(body) if body.is_end_stream() => Full::new(Bytes::new()),
+        Either::Left(body) if body.in_hand().is_some() => {
+            Full::new(body.in_hand().cloned().unwrap_or_default())
+        }
         Either::Left(_) => return None,
     };
     let mut copy = Request::new(Either::Right(body));
