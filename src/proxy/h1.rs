@@ -83,6 +83,8 @@ pub struct Encoded {
     body: Bytes,
     /// A `HEAD` request: its answer has no body, whatever its headers say.
     head_method: bool,
+    /// The answer's header lines may stay raw (see [`RawHeaders`]).
+    pub raw_ok: bool,
 }
 
 impl Encoded {
@@ -130,6 +132,7 @@ impl Encoded {
             head,
             body,
             head_method: parts.method == Method::HEAD,
+            raw_ok: false,
         })
     }
 }
@@ -148,6 +151,8 @@ pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
     next_read: usize,
+    /// The last answer's header lines, when they may stay raw; taken by its body.
+    raw: Option<RawHeaders>,
 }
 
 impl Conn {
@@ -156,6 +161,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             next_read: FIRST_READ,
+            raw: None,
         }
     }
 
@@ -229,7 +235,9 @@ impl Conn {
         loop {
             if !self.buf.is_empty() {
                 answered = true;
-                if let Some((parts, framing, keep_alive)) = self.parse_head(req.head_method)? {
+                if let Some((parts, framing, keep_alive)) =
+                    self.parse_head(req.head_method, req.raw_ok)?
+                {
                     return Ok((parts, framing, keep_alive));
                 }
             }
@@ -249,6 +257,7 @@ impl Conn {
     fn parse_head(
         &mut self,
         head_method: bool,
+        raw_ok: bool,
     ) -> Result<Option<(http::response::Parts, Framing, bool)>, H1Error> {
         loop {
             // Uninitialized: zeroing 100 headers cost more than parsing the few there are.
@@ -284,35 +293,26 @@ impl Conn {
             } else {
                 Version::HTTP_11
             };
-            // Where each name and value lies in the head, to cut them out of it once it is
-            // frozen (no copy of a value).
-            let base = self.buf.as_ptr() as usize;
-            let count = parsed.headers.len();
-            let mut few = [(0usize, 0usize, 0usize, 0usize); 24];
-            let mut many = Vec::new();
-            let spans = if count <= few.len() {
-                &mut few[..count]
-            } else {
-                many.resize(count, (0, 0, 0, 0));
-                &mut many[..]
-            };
             let mut hints = Hints::default();
-            for (span, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-                hints.note(h.name.as_bytes());
-                let name = h.name.as_ptr() as usize - base;
-                let value = h.value.as_ptr() as usize - base;
-                *span = (name, name + h.name.len(), value, value + h.value.len());
-            }
+            let spans = Spans::locate(self.buf.as_ptr() as usize, parsed.headers, &mut hints);
             let head = self.buf.split_to(len).freeze();
-            let mut map = HeaderMap::with_capacity(count);
-            for &(n0, n1, v0, v1) in spans.iter() {
-                let name = HeaderName::from_bytes(&head[n0..n1])
-                    .map_err(|e| H1Error::Invalid(format!("header name: {e}")))?;
-                let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
-                    .map_err(|e| H1Error::Invalid(format!("header value: {e}")))?;
-                map.append(name, value);
-            }
-            let framing = framing(head_method, status, &map, &hints)?;
+            // Header lines with nothing hop-by-hop in them can go to an HTTP/1 client as
+            // they came: no map built here, none written out again there.
+            let raw = raw_ok && !hints.hop_by_hop;
+            let map = if raw {
+                HeaderMap::new()
+            } else {
+                spans.map(&head, 0).map_err(H1Error::Invalid)?
+            };
+            let framing = if raw {
+                let lengths = spans
+                    .iter()
+                    .filter(|s| head[s[0]..s[1]].eq_ignore_ascii_case(b"content-length"))
+                    .map(|s| &head[s[2]..s[3]]);
+                framing_of(head_method, status, None, lengths)?
+            } else {
+                framing(head_method, status, &map, &hints)?
+            };
             // After a 101 the connection speaks another protocol (upgrades go through hyper's
             // client, so this is a provider answering one nobody asked for): never reused.
             let keep_alive = (if hints.connection {
@@ -325,6 +325,11 @@ impl Conn {
             *resp.status_mut() = status;
             *resp.version_mut() = version;
             *resp.headers_mut() = map;
+            self.raw = raw.then(|| RawHeaders {
+                lines: spans.lines(&head),
+                date: hints.date,
+                length: hints.content_length,
+            });
             let (parts, ()) = resp.into_parts();
             return Ok(Some((parts, framing, keep_alive)));
         }
@@ -365,6 +370,9 @@ pub(super) struct Hints {
     pub connection: bool,
     pub expect: bool,
     pub upgrade: bool,
+    pub date: bool,
+    /// Any of the hop-by-hop headers (RFC 9110 §7.6.1; `Connection` included).
+    pub hop_by_hop: bool,
 }
 
 impl Hints {
@@ -372,10 +380,26 @@ impl Hints {
         let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
         match name.len() {
             14 if is(b"content-length") => self.content_length = true,
-            17 if is(b"transfer-encoding") => self.transfer_encoding = true,
-            10 if is(b"connection") => self.connection = true,
+            17 if is(b"transfer-encoding") => {
+                self.transfer_encoding = true;
+                self.hop_by_hop = true;
+            }
+            10 if is(b"connection") => {
+                self.connection = true;
+                self.hop_by_hop = true;
+            }
             6 if is(b"expect") => self.expect = true,
-            7 if is(b"upgrade") => self.upgrade = true,
+            7 if is(b"upgrade") => {
+                self.upgrade = true;
+                self.hop_by_hop = true;
+            }
+            4 if is(b"date") => self.date = true,
+            2 if is(b"te") => self.hop_by_hop = true,
+            7 if is(b"trailer") => self.hop_by_hop = true,
+            10 if is(b"keep-alive") => self.hop_by_hop = true,
+            16 if is(b"proxy-connection") => self.hop_by_hop = true,
+            18 if is(b"proxy-authenticate") => self.hop_by_hop = true,
+            19 if is(b"proxy-authorization") => self.hop_by_hop = true,
             _ => {}
         }
     }
@@ -389,7 +413,102 @@ impl Hints {
             connection: true,
             expect: true,
             upgrade: true,
+            date: true,
+            hop_by_hop: true,
         }
+    }
+}
+
+/// A response's header lines as the provider sent them, carried by the body of a response
+/// whose map is then empty: `server` writes them after the map's headers. Only for an
+/// HTTP/1 client and a head with nothing hop-by-hop in it.
+#[derive(Clone, Debug)]
+pub struct RawHeaders {
+    /// Each line with its line ending; no final empty line.
+    pub lines: Bytes,
+    /// A `Date` is among them.
+    pub date: bool,
+    /// A `Content-Length` is among them.
+    pub length: bool,
+}
+
+/// Where a head's header lines lie in its bytes, to cut names and values out of it once it
+/// is frozen (no copy of a value); up to 24 without an allocation.
+pub(super) struct Spans {
+    few: [Span; 16],
+    many: Vec<Span>,
+    count: usize,
+}
+
+/// Name start, name end, value start, value end (a head is at most a few hundred KB).
+type Span = (u32, u32, u32, u32);
+
+impl Spans {
+    /// Locates `headers`, parsed out of a buffer that starts at address `base`, and notes
+    /// their names in `hints`.
+    pub(super) fn locate(
+        base: usize,
+        headers: &[httparse::Header<'_>],
+        hints: &mut Hints,
+    ) -> Spans {
+        let count = headers.len();
+        let mut spans = Spans {
+            few: [(0, 0, 0, 0); 16],
+            many: Vec::new(),
+            count,
+        };
+        let slots = if count <= spans.few.len() {
+            &mut spans.few[..count]
+        } else {
+            spans.many.resize(count, (0, 0, 0, 0));
+            &mut spans.many[..]
+        };
+        let at = |p: *const u8| (p as usize - base) as u32;
+        for (span, h) in slots.iter_mut().zip(headers) {
+            hints.note(h.name.as_bytes());
+            let (name, value) = (at(h.name.as_ptr()), at(h.value.as_ptr()));
+            *span = (
+                name,
+                name + h.name.len() as u32,
+                value,
+                value + h.value.len() as u32,
+            );
+        }
+        spans
+    }
+
+    /// (name start, name end, value start, value end) of each header, in order.
+    pub(super) fn iter(&self) -> impl DoubleEndedIterator<Item = [usize; 4]> + '_ {
+        let all = if self.count <= self.few.len() {
+            &self.few[..self.count]
+        } else {
+            &self.many[..]
+        };
+        all.iter()
+            .map(|&(a, b, c, d)| [a as usize, b as usize, c as usize, d as usize])
+    }
+
+    /// The headers as a map with room for `extra` more, cut out of `head`.
+    pub(super) fn map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, String> {
+        let mut map = HeaderMap::with_capacity(self.count + extra);
+        for [n0, n1, v0, v1] in self.iter() {
+            let name =
+                HeaderName::from_bytes(&head[n0..n1]).map_err(|e| format!("header name: {e}"))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
+                .map_err(|e| format!("header value: {e}"))?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+
+    /// The header lines of `head`, each with its line ending, without the final empty line.
+    pub(super) fn lines(&self, head: &Bytes) -> Bytes {
+        let (Some(first), Some(last)) = (self.iter().next(), self.iter().next_back()) else {
+            return Bytes::new();
+        };
+        // Past the last value (and any whitespace after it) to its line's LF.
+        let end = memchr::memchr(b'\n', &head[last[3]..]).map_or(head.len(), |i| last[3] + i + 1);
+        head.slice(first[0]..end)
     }
 }
 
@@ -409,7 +528,7 @@ fn framing(
     if !hints.content_length && !hints.transfer_encoding {
         return Ok(Framing::Close);
     }
-    if let Some(te) = hints
+    let te = hints
         .transfer_encoding
         .then(|| {
             headers
@@ -417,8 +536,29 @@ fn framing(
                 .iter()
                 .next_back()
         })
-        .flatten()
+        .flatten();
+    let lengths = headers
+        .get_all(header::CONTENT_LENGTH)
+        .into_iter()
+        .map(|v| v.as_bytes());
+    framing_of(head_method, status, te, lengths)
+}
+
+/// [`framing`] from the last `Transfer-Encoding` value and every `Content-Length` value.
+fn framing_of<'a>(
+    head_method: bool,
+    status: StatusCode,
+    te: Option<&HeaderValue>,
+    lengths: impl Iterator<Item = &'a [u8]>,
+) -> Result<Framing, H1Error> {
+    if head_method
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
     {
+        return Ok(Framing::Done);
+    }
+    if let Some(te) = te {
         let last = te
             .to_str()
             .ok()
@@ -430,8 +570,8 @@ fn framing(
         });
     }
     let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().unwrap_or("x").split(',') {
+    for v in lengths {
+        for part in std::str::from_utf8(v).unwrap_or("x").split(',') {
             let n: u64 = part
                 .trim()
                 .parse()
@@ -467,6 +607,8 @@ pub(super) fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
 /// A response body read from the provider's socket as it is polled; at its end, the
 /// connection goes back to the pool (when it may be reused).
 pub struct H1Body {
+    /// The head's lines, when they may go to the client as they came.
+    raw: Option<RawHeaders>,
     conn: Option<Conn>,
     framing: Framing,
     keep_alive: bool,
@@ -479,8 +621,10 @@ pub struct H1Body {
 }
 
 impl H1Body {
-    pub fn new(conn: Conn, framing: Framing, keep_alive: bool, pool: Arc<Pool>) -> H1Body {
+    pub fn new(mut conn: Conn, framing: Framing, keep_alive: bool, pool: Arc<Pool>) -> H1Body {
+        let raw = conn.raw.take();
         let mut body = H1Body {
+            raw,
             conn: Some(conn),
             framing,
             keep_alive,
@@ -492,6 +636,10 @@ impl H1Body {
             body.finish();
         }
         body
+    }
+
+    pub fn raw_headers(&self) -> Option<&RawHeaders> {
+        self.raw.as_ref()
     }
 
     fn finish(&mut self) {
@@ -719,7 +867,7 @@ mod tests {
         let (parts, framing, keep_alive) = loop {
             conn.buf.extend_from_slice(&bytes[fed..=fed]);
             fed += 1;
-            if let Some(head) = conn.parse_head(head_method).unwrap() {
+            if let Some(head) = conn.parse_head(head_method, false).unwrap() {
                 break head;
             }
         };
@@ -861,11 +1009,17 @@ mod tests {
     async fn bad_heads_and_chunks_are_errors() {
         let (mut conn, _peer) = quiet_conn().await;
         conn.buf.extend_from_slice(b"this is not HTTP\r\n\r\n");
-        assert!(matches!(conn.parse_head(false), Err(H1Error::Invalid(_))));
+        assert!(matches!(
+            conn.parse_head(false, false),
+            Err(H1Error::Invalid(_))
+        ));
         let (mut conn, _peer) = quiet_conn().await;
         conn.buf.extend_from_slice(b"HTTP/1.1 200 OK\r\nX: ");
         conn.buf.extend_from_slice(&vec![b'a'; MAX_HEAD]);
-        assert!(matches!(conn.parse_head(false), Err(H1Error::Invalid(_))));
+        assert!(matches!(
+            conn.parse_head(false, false),
+            Err(H1Error::Invalid(_))
+        ));
         for bad in [&b"zz\r\n"[..], b"\r\n", b"1ffffffffffffffff\r\n"] {
             assert!(chunk_size(&bad[..bad.len() - 2]).is_err(), "{bad:?}");
         }

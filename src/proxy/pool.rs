@@ -179,13 +179,22 @@ impl Pool {
     /// body returns the connection to the pool when it ends. A request with its body in
     /// hand goes through [`h1`]; a streamed upload or an upgrade through hyper's client
     /// connection.
+    ///
+    /// With `raw_ok`, an answer whose head has nothing hop-by-hop keeps its header lines as
+    /// they came ([`h1::RawHeaders`]), for an HTTP/1 client.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
+        raw_ok: bool,
     ) -> Result<Response<PooledBody>, PoolError> {
         match h1::Encoded::of(req) {
-            Ok(encoded) => self.send_h1(&encoded).await,
-            Err(req) => self.send_hyper(req).await,
+            Ok(mut encoded) => {
+                encoded.raw_ok = raw_ok;
+                self.send_h1(&encoded).await
+            }
+            // Boxed: hyper's handshake makes this future kilobytes, and it is the rare path
+            // (streamed uploads, upgrades); the common one stays small.
+            Err(req) => Box::pin(self.send_hyper(req)).await,
         }
     }
 
@@ -556,7 +565,7 @@ mod tests {
                 body.as_bytes(),
             ))))
             .unwrap();
-        let resp = pool.send(req).await?;
+        let resp = pool.send(req, false).await?;
         Ok(resp.into_body().collect().await.unwrap().to_bytes())
     }
 
@@ -565,7 +574,7 @@ mod tests {
             .header(http::header::HOST, pool.host_header().clone())
             .body(Either::Right(Full::new(Bytes::new())))
             .unwrap();
-        let resp = pool.send(req).await?;
+        let resp = pool.send(req, false).await?;
         Ok(resp.into_body().collect().await.unwrap().to_bytes())
     }
 

@@ -43,7 +43,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
@@ -51,7 +51,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use super::h1::{decode, Chunk, Framing, Hints};
+use super::h1::{decode, Chunk, Framing, Hints, RawHeaders, Spans};
 use super::pool::BoxError;
 
 /// The most headers a request may have (hyper's default).
@@ -267,6 +267,18 @@ impl FeedTx {
     }
 }
 
+/// A response body that may carry its head's header lines as the provider wrote them
+/// (`h1::RawHeaders`), for the server to write after the map's.
+pub trait WireHead {
+    fn raw_headers(&self) -> Option<&RawHeaders> {
+        None
+    }
+}
+
+impl WireHead for http_body_util::Full<Bytes> {}
+
+impl<S> WireHead for http_body_util::StreamBody<S> {}
+
 // === upgrades ===
 
 /// In the extensions of a request that asks to switch protocols: once the handler answers
@@ -302,7 +314,7 @@ pub async fn serve<H, F, B>(
 ) where
     H: Fn(Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + WireHead,
     B::Error: std::fmt::Display,
 {
     let mut conn = Conn {
@@ -646,7 +658,7 @@ impl Conn {
         input: &mut Input,
     ) -> Next
     where
-        B: Body<Data = Bytes>,
+        B: Body<Data = Bytes> + WireHead,
         B::Error: std::fmt::Display,
     {
         let (parts, body) = resp.into_parts();
@@ -691,6 +703,14 @@ impl Conn {
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
+        }
+        // The provider's own lines, as it wrote them (`h1::RawHeaders`).
+        if let Some(raw) = body.raw_headers() {
+            out.extend_from_slice(&raw.lines);
+            has_date |= raw.date;
+            if raw.length {
+                declared = body.size_hint().exact();
+            }
         }
         // How the body is framed on the wire.
         let mut encoder = if no_body {
@@ -901,39 +921,17 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, StatusCode> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    // Where the target, each name and each value lie in the head, to cut them out of it
-    // once it is frozen (no copy of a value).
+    // Where the target and each header lie in the head, to cut them out of it once it is
+    // frozen (no copy of a value).
     let base = buf.as_ptr() as usize;
-    let span = |s: &str| {
-        let at = s.as_ptr() as usize - base;
-        (at, at + s.len())
-    };
-    let target = span(parsed.path.unwrap_or("/"));
-    let count = parsed.headers.len();
-    let mut few = [(0usize, 0usize, 0usize, 0usize); 24];
-    let mut many = Vec::new();
-    let spans = if count <= few.len() {
-        &mut few[..count]
-    } else {
-        many.resize(count, (0, 0, 0, 0));
-        &mut many[..]
-    };
+    let target = parsed.path.unwrap_or("/");
+    let target = (target.as_ptr() as usize - base, target.len());
     let mut hints = Hints::default();
-    for (sp, h) in spans.iter_mut().zip(parsed.headers.iter()) {
-        hints.note(h.name.as_bytes());
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *sp = (name, name + h.name.len(), value, value + h.value.len());
-    }
+    let spans = Spans::locate(base, parsed.headers, &mut hints);
     let head = buf.split_to(len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).map_err(|_| bad)?;
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1)).map_err(|_| bad)?;
     // Room for one more: the upstream request sets `Host` when the client sent none.
-    let mut map = HeaderMap::with_capacity(count + 1);
-    for &(n0, n1, v0, v1) in spans.iter() {
-        let name = HeaderName::from_bytes(&head[n0..n1]).map_err(|_| bad)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0..v1)).map_err(|_| bad)?;
-        map.append(name, value);
-    }
+    let map = spans.map(&head, 1).map_err(|_| bad)?;
     let framing = if hints.content_length || hints.transfer_encoding {
         request_framing(version, &map)?
     } else {
@@ -1063,7 +1061,7 @@ mod tests {
     where
         H: Fn(Request<RequestBody>) -> F + Clone + Send + 'static,
         F: Future<Output = Response<B>> + Send + 'static,
-        B: Body<Data = Bytes> + Send + 'static,
+        B: Body<Data = Bytes> + WireHead + Send + 'static,
         B::Error: std::fmt::Display,
     {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
