@@ -31,8 +31,11 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
+pub mod deadline;
+
 thread_local! {
     static LANE: Cell<usize> = const { Cell::new(0) };
+    static ON_LANE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The index of the lane this thread runs (0 on any other thread).
@@ -40,16 +43,22 @@ pub fn current() -> usize {
     LANE.with(Cell::get)
 }
 
+/// Whether this thread is a lane's.
+pub fn on_lane() -> bool {
+    ON_LANE.with(Cell::get)
+}
+
 /// The lanes' count when none is configured: one per core.
 pub fn default_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Keeps a timer due within a second on the lane, so that the timers every request sets
-/// (hyper's wait for the next request head, the response timeout), all further out, never
-/// wake the lane's driver: tokio's timer writes to the driver's eventfd whenever a timer is
-/// set earlier than the one the driver last parked on, and with none nearer than those,
-/// every request did (strace: one `write` and one extra `epoll_wait` a request).
+/// Keeps a timer due within a second on the lane, so that the timers the data plane sets
+/// (a connection's wait for its next request head, the lane's deadline timer), all further
+/// out, never wake the lane's driver: tokio's timer writes to the driver's eventfd whenever
+/// a timer is set earlier than the one the driver last parked on, and with none nearer than
+/// those, every request did when each set its own (strace: one `write` and one extra
+/// `epoll_wait` a request).
 async fn heartbeat() {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -84,6 +93,7 @@ impl Lanes {
                 .name(format!("warden-lane-{i}"))
                 .spawn(move || {
                     LANE.with(|l| l.set(i));
+                    ON_LANE.with(|l| l.set(true));
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -99,6 +109,7 @@ impl Lanes {
                         tokio::select! {
                             _ = stopped => {}
                             () = heartbeat() => {}
+                            () = deadline::drive() => {}
                         }
                     });
                     // Connections still open were given their grace by the accept loop;

@@ -226,7 +226,9 @@ async fn send(
     raw_ok: bool,
 ) -> Result<Response<PooledBody>, ProxyError> {
     let limit = state.config.load().proxy.response_timeout;
-    match tokio::time::timeout(limit, p.pool.send(up, raw_ok)).await {
+    // On a lane, without a tokio timer per request (`lanes::deadline`).
+    let sent = std::pin::pin!(p.pool.send(up, raw_ok));
+    match crate::lanes::deadline::within(limit, sent).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(e)) => Err(p.pool_error(&e)),
         Err(_) => Err(ProxyError::UpstreamTimeout {
