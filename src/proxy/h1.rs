@@ -518,15 +518,8 @@ fn framing(
     headers: &HeaderMap,
     hints: &Hints,
 ) -> Result<Framing, H1Error> {
-    if head_method
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok(Framing::Done);
-    }
     if !hints.content_length && !hints.transfer_encoding {
-        return Ok(Framing::Close);
+        return framing_of(head_method, status, None, std::iter::empty());
     }
     let te = hints
         .transfer_encoding
