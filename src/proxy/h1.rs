@@ -298,7 +298,7 @@ impl Conn {
             let head = self.buf.split_to(len).freeze();
             // Header lines with nothing hop-by-hop in them can go to an HTTP/1 client as
             // they came: no map built here, none written out again there.
-            let raw = raw_ok && !hints.hop_by_hop;
+            let raw = raw_ok && !hints.hop_by_hop && !hints.ours;
             let map = if raw {
                 HeaderMap::new()
             } else {
@@ -373,6 +373,9 @@ pub(super) struct Hints {
     pub date: bool,
     /// Any of the hop-by-hop headers (RFC 9110 §7.6.1; `Connection` included).
     pub hop_by_hop: bool,
+    /// A header of the kind this proxy sets on answers (`x-llm-warden-*`): one in front of
+    /// another set it, and this one may set it again.
+    pub ours: bool,
 }
 
 impl Hints {
@@ -400,6 +403,7 @@ impl Hints {
             16 if is(b"proxy-connection") => self.hop_by_hop = true,
             18 if is(b"proxy-authenticate") => self.hop_by_hop = true,
             19 if is(b"proxy-authorization") => self.hop_by_hop = true,
+            n if n > 13 && name[..13].eq_ignore_ascii_case(b"x-llm-warden-") => self.ours = true,
             _ => {}
         }
     }
@@ -415,6 +419,7 @@ impl Hints {
             upgrade: true,
             date: true,
             hop_by_hop: true,
+            ours: true,
         }
     }
 }
@@ -880,6 +885,39 @@ mod tests {
         }
         assert!(body.is_end_stream());
         (parts, got, pool.idle_count() == 1)
+    }
+
+    #[tokio::test]
+    async fn header_lines_stay_raw_only_when_asked_and_nothing_in_them_must_change() {
+        let parse = |head: &'static [u8], raw_ok: bool| async move {
+            let (mut conn, _peer) = quiet_conn().await;
+            conn.buf.extend_from_slice(head);
+            let (parts, framing, _) = conn.parse_head(false, raw_ok).unwrap().unwrap();
+            let body = H1Body::new(conn, framing, true, pool());
+            (parts, framing, body.raw_headers().cloned())
+        };
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDate: x\r\nContent-Length: 2\r\n\r\nhi";
+        // Kept as they came: case, order, line endings; framing still read off them.
+        let (parts, framing, raw) = parse(plain, true).await;
+        let raw = raw.expect("raw lines");
+        assert_eq!(
+            &raw.lines[..],
+            b"Content-Type: application/json\r\nDate: x\r\nContent-Length: 2\r\n"
+        );
+        assert!(raw.date && raw.length && parts.headers.is_empty());
+        assert_eq!(framing, Framing::Length(2));
+        // Not asked (a model request, an HTTP/2 client): the map.
+        let (parts, _, raw) = parse(plain, false).await;
+        assert!(raw.is_none());
+        assert_eq!(parts.headers["content-type"], "application/json");
+        // A hop-by-hop header must go, and a header this proxy sets may be set again: the map.
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nX-LLM-Warden-Compacted: 9->3\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let (parts, _, raw) = parse(head, true).await;
+            assert!(raw.is_none() && !parts.headers.is_empty(), "{head:?}");
+        }
     }
 
     #[tokio::test]

@@ -64,8 +64,9 @@ pub enum ProxyBody {
 impl server::WireHead for ProxyBody {
     fn raw_headers(&self) -> Option<&h1::RawHeaders> {
         match self {
-            ProxyBody::Upstream(PooledBody::H1(b)) => b.raw_headers(),
-            _ => None,
+            ProxyBody::Upstream(b) => b.raw_headers(),
+            ProxyBody::Observed(b) => b.inner().raw_headers(),
+            ProxyBody::Local(_) => None,
         }
     }
 }
@@ -644,6 +645,9 @@ async fn forward(
     bytes: Bytes,
     mut guard: Option<InFlight>,
 ) -> Response<ProxyBody> {
+    // The answer's headers are only added to here (`continue_with`'s notes), never read:
+    // for an HTTP/1 client they may stay as the provider wrote them (`h1::RawHeaders`).
+    let raw_ok = parts.version < http::Version::HTTP_2;
     let up = match forward::upstream_request(
         &p.config.upstream,
         p.pool.host_header(),
@@ -660,7 +664,7 @@ async fn forward(
             return local_error(p, &e, endpoint.errors);
         }
     };
-    match send(state, p, up, false).await {
+    match send(state, p, up, raw_ok).await {
         Ok(mut resp) => {
             p.mark_reachable();
             forward::downstream_headers(&mut resp);

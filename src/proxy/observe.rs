@@ -244,6 +244,10 @@ pub struct ObservedBody<B> {
 }
 
 impl<B> ObservedBody<B> {
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
     pub fn new(inner: B, keys: UsageKeys, guard: InFlight) -> Self {
         ObservedBody {
             inner,

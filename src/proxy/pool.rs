@@ -387,6 +387,16 @@ pub enum PooledBody {
 /// Errors of a body: hyper's or [`h1`]'s.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+impl PooledBody {
+    /// The answer's header lines as the provider wrote them, when they were kept raw.
+    pub fn raw_headers(&self) -> Option<&h1::RawHeaders> {
+        match self {
+            PooledBody::H1(b) => b.raw_headers(),
+            PooledBody::Hyper(_) => None,
+        }
+    }
+}
+
 impl Body for PooledBody {
     type Data = Bytes;
     type Error = BoxError;
