@@ -20,8 +20,9 @@
 //! `Connection: keep-alive`; upgrades (`101`: the socket goes to whoever asked, with the
 //! bytes already read). For responses: `content-length` when the length is known,
 //! `transfer-encoding: chunked` when not (HTTP/1.0: the body runs to the close), none for
-//! `HEAD`, `1xx`, `204` and `304`; `date` when the handler set none; header names as hyper
-//! writes them (lowercase).
+//! `HEAD`, `1xx`, `204` and `304`; `date` when the handler set none; the map's header names
+//! as hyper writes them (lowercase), then the provider's own lines when the body carries
+//! them (`h1::RawHeaders`, see `WireHead`) as they came.
 //!
 //! Decisions, each as hyper's server made them, so nothing changes for a client:
 //! - `proxy.header_read_timeout` runs whenever a head is awaited, between keep-alive
