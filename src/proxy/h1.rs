@@ -810,9 +810,11 @@ impl Body for H1Body {
             };
             this.conn = None;
             if this.unflushed {
-                // hyper's server connection writes what it has only when a body waits; an
-                // error now would drop the data that came in the same read (a provider
-                // that sent its last chunks and died). Wait once, so it goes out first.
+                // hyper's server connection (HTTP/2 clients) writes what it has only when a
+                // body waits; an error now would drop the data that came in the same read
+                // (a provider that sent its last chunks and died). Wait once, so it goes
+                // out first. (The proxy's own HTTP/1 server flushes before it fails anyway;
+                // for it the wait costs one poll.)
                 this.unflushed = false;
                 this.failed = Some(failed);
                 cx.waker().wake_by_ref();

@@ -635,22 +635,19 @@ impl Conn {
     /// Answers a head the server cannot take, and closes.
     async fn refuse(&mut self, status: StatusCode) {
         self.out.clear();
-        self.out.extend_from_slice(b"HTTP/1.1 ");
-        self.out.extend_from_slice(status.as_str().as_bytes());
-        self.out.push(b' ');
+        push_status_line(&mut self.out, Version::HTTP_11, status);
         self.out
-            .extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        self.out
-            .extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\ndate: ");
-        push_date(&mut self.out);
-        self.out.extend_from_slice(b"\r\n\r\n");
+            .extend_from_slice(b"content-length: 0\r\nconnection: close\r\n");
+        push_date_line(&mut self.out);
+        self.out.extend_from_slice(b"\r\n");
         let out = std::mem::take(&mut self.out);
         if self.io.write_all(&out).await.is_ok() {
             self.close(true).await;
         }
     }
 
-    /// Writes `resp`: `Ok(true)` when the connection may take the next request.
+    /// Writes `resp` (feeding the request body on while the answer waits), and says what
+    /// the connection does next.
     async fn respond<B>(
         &mut self,
         resp: Response<B>,
@@ -675,15 +672,7 @@ impl Conn {
         // that decide the framing (one pass, no lookups).
         let out = &mut self.out;
         out.clear();
-        out.extend_from_slice(if ctx.version == Version::HTTP_10 {
-            b"HTTP/1.0 "
-        } else {
-            b"HTTP/1.1 "
-        });
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_status_line(out, ctx.version, status);
         let mut declared = None;
         let mut has_connection = false;
         let mut has_date = false;
@@ -738,9 +727,7 @@ impl Conn {
             }
         }
         if !has_date {
-            out.extend_from_slice(b"date: ");
-            push_date(out);
-            out.extend_from_slice(b"\r\n");
+            push_date_line(out);
         }
         out.extend_from_slice(b"\r\n");
         let done = |r: Result<(), ()>, keep_alive: bool| match r {
@@ -1001,6 +988,19 @@ fn request_framing(version: Version, headers: &HeaderMap) -> Result<Framing, Sta
     })
 }
 
+/// `HTTP/1.x <code> <reason>` and its line end, in the client's version.
+fn push_status_line(out: &mut Vec<u8>, version: Version, status: StatusCode) {
+    out.extend_from_slice(if version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
@@ -1034,7 +1034,8 @@ thread_local! {
     static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
 }
 
-fn push_date(out: &mut Vec<u8>) {
+/// `date: <now>` and its line end.
+fn push_date_line(out: &mut Vec<u8>) {
     let now = std::time::SystemTime::now();
     let secs = now
         .duration_since(std::time::UNIX_EPOCH)
@@ -1044,7 +1045,9 @@ fn push_date(out: &mut Vec<u8>) {
         if d.0 != secs || d.1.is_empty() {
             *d = (secs, httpdate::fmt_http_date(now));
         }
+        out.extend_from_slice(b"date: ");
         out.extend_from_slice(d.1.as_bytes());
+        out.extend_from_slice(b"\r\n");
     });
 }
 
