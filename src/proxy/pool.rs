@@ -215,7 +215,8 @@ impl Pool {
                 Some(conn) => (conn, true),
                 None => (h1::Conn::new(self.dial().await?), false),
             };
-            match conn.exchange(req).await {
+            let exchanged = conn.exchange(req).await;
+            match exchanged {
                 Ok((parts, framing, keep_alive)) => {
                     let body = H1Body::new(conn, framing, keep_alive, self.clone());
                     return Ok(Response::from_parts(parts, PooledBody::H1(body)));

@@ -331,15 +331,15 @@ pub async fn serve<H, F, B>(
     }));
     let mut stopped = false;
     loop {
-        let head = match conn
+        let read = conn
             .read_head(
                 settings.header_read_timeout,
                 timer.as_mut(),
                 stop_wait.as_mut(),
                 &mut stopped,
             )
-            .await
-        {
+            .await;
+        let head = match read {
             Ok(Some(head)) => head,
             Ok(None) => return,
             Err(status) => {
