@@ -85,11 +85,21 @@ echo "== nginx (worker pid $NGX_WORKER) vs direct =="
 "$LG" --direct http://127.0.0.1:$SIM --direct-pid $SIM_PID \
       --proxy http://127.0.0.1:$NGX --proxy-pid "$NGX_WORKER" "$@" 2>"$TMP/nginx-loadgen.err" | tee "$TMP/nginx.out"; grep -m3 warning "$TMP/nginx-loadgen.err" >&2 || true; tail -3 "$TMP/nginx/error.log" >&2 || true
 echo
-echo "== llm-warden / nginx (proxy rows: req/s, p50, p99, cpu µs) =="
-# The first table only (the streams table below it has proxy rows too).
+echo "== llm-warden vs nginx, alternating in one run (nginx in the \"direct\" rows) =="
+# The ratios below come from this run: each round runs nginx, then llm-warden, back to back,
+# so slow drift of the machine (which the two runs above, one after the other, do see) falls
+# on both alike.
+"$LG" --direct http://127.0.0.1:$NGX --direct-pid "$NGX_WORKER" \
+      --proxy http://127.0.0.1:$WARDEN --proxy-pid $WARDEN_PID "$@" 2>/dev/null | tee "$TMP/head.out"
+echo
+echo "== llm-warden / nginx (from the alternating run: req/s, p50, p99, cpu µs per request) =="
+# The first table only (the streams table below it has rows of the same names). In the
+# alternating run the "direct" row is nginx: its CPU is in the "sim µs" column (the
+# --direct-pid process), llm-warden's in the proxy row's "cpu µs".
 main_table() { sed -n '/^medians over/,/^$/p' "$1"; }
-paste <(main_table "$TMP/warden.out" | grep -E '^ +proxy ') <(main_table "$TMP/nginx.out" | grep -E '^ +proxy ') |
-    awk -v names="$(main_table "$TMP/warden.out" | grep -E '^[a-z0-9-]+ c=' | awk '{print $1"_"$2}' | tr '\n' ' ')" '
+main_table "$TMP/head.out" | awk '
     function num(s) { v = s; if (s ~ /ms$/) { sub(/ms$/, "", v); return v * 1000 } if (s ~ /µs$/) { sub(/µs$/, "", v); return v } if (s ~ /s$/) { sub(/s$/, "", v); return v * 1e6 } sub(/\*$/, "", v); return v + 0 }
-    BEGIN { split(names, n, " "); printf "%-20s %10s %10s %10s %10s\n", "scenario", "req/s", "p50", "p99", "cpu µs" }
-    { h = NF / 2; printf "%-20s %9.2fx %9.2fx %9.2fx %9.2fx\n", n[NR], $2/$(h+2), num($3)/num($(h+3)), num($5)/num($(h+5)), num($8)/num($(h+8)) }'
+    BEGIN { printf "%-20s %10s %10s %10s %10s %10s %10s\n", "scenario", "req/s", "p50", "p99", "cpu µs", "warden µs", "nginx µs" }
+    /^[a-z0-9-]+ c=/ { name = $1 "_" $2; n_rps = $4; n_p50 = num($5); n_p99 = num($7); n_cpu = num($11); next }
+    /^ +proxy / { w_rps = $2; w_p50 = num($3); w_p99 = num($5); w_cpu = num($8)
+        printf "%-20s %9.2fx %9.2fx %9.2fx %9.2fx %10.1f %10.1f\n", name, w_rps / n_rps, w_p50 / n_p50, w_p99 / n_p99, (n_cpu > 0 ? w_cpu / n_cpu : 0), w_cpu, n_cpu }'
