@@ -14,7 +14,8 @@ use super::error::ProxyError;
 /// The fields of a model request the proxy reads. Everything else stays in the raw bytes.
 #[derive(Debug, Default, Deserialize)]
 pub struct ModelRequest<'a> {
-    #[serde(borrow)]
+    /// Borrowed from the body unless it has escapes.
+    #[serde(borrow, default, deserialize_with = "borrowed_str")]
     pub model: Option<Cow<'a, str>>,
     pub stream: Option<bool>,
     /// Ollama's `keep_alive`, as written (`null` included, so its place in the body is known).
@@ -34,6 +35,15 @@ pub struct ModelRequest<'a> {
     pub max_tokens: Option<&'a RawValue>,
     #[serde(borrow)]
     pub max_completion_tokens: Option<&'a RawValue>,
+}
+
+/// An optional string, borrowed from the body where it has no escapes. serde borrows a
+/// `Cow<str>` field only when it is not wrapped: `Option<Cow<str>>` with `#[serde(borrow)]`
+/// always allocated (one `String` per model request, seen in callgrind).
+fn borrowed_str<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+    Option::<Borrowed<'de>>::deserialize(d).map(|o| o.map(|b| b.0))
 }
 
 /// A field's raw value, `null` too (plain `Option<&RawValue>` reads `null` as absent).
@@ -153,9 +163,19 @@ mod tests {
             br#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#,
         );
         assert_eq!(r.model(), Some("llama3.2"));
+        assert!(
+            matches!(r.model, Some(Cow::Borrowed(_))),
+            "no copy of a plain name"
+        );
         assert_eq!(r.stream, Some(false));
         let r = ModelRequest::parse(br#"{"model":"a\"b"}"#);
         assert_eq!(r.model(), Some("a\"b"));
+        let r = ModelRequest::parse(br#"{"model":"\u006c\u006c"}"#);
+        assert_eq!(r.model(), Some("ll"));
+        let r = ModelRequest::parse(br#"{"model":null,"stream":true}"#);
+        assert_eq!((r.model(), r.stream), (None, Some(true)));
+        let r = ModelRequest::parse(br#"{"stream":true}"#);
+        assert_eq!((r.model(), r.stream), (None, Some(true)));
     }
 
     #[test]

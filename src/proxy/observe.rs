@@ -149,7 +149,9 @@ impl UsageScanner {
 
     /// The body ended: a number at the very end is complete now.
     pub fn finish(&mut self) {
-        if self.tail_len > 0 {
+        // Only a number that runs to the very end is new to this scan: every other match in
+        // the tail (a suffix of what was fed) was seen, with the same outcome, when it was fed.
+        if self.tail_len > 0 && self.tail[self.tail_len - 1].is_ascii_digit() {
             let tail = self.tail;
             self.scan(&tail[..self.tail_len], true);
         }

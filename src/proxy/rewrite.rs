@@ -78,13 +78,16 @@ pub fn set_at(
     raw: &str,
     at: Option<std::ops::Range<usize>>,
 ) -> Result<Vec<u8>, RewriteError> {
-    let mut out = Vec::with_capacity(body.len() + key.len() + raw.len() + 4);
+    // The exact length is allocated, so that `Bytes::from` takes the vector over without a
+    // second allocation (it allocates when capacity and length differ).
     match at {
         Some(range) => {
             let range = range.start.min(body.len())..range.end.min(body.len());
+            let mut out = Vec::with_capacity(body.len() - range.len() + raw.len());
             out.extend_from_slice(&body[..range.start]);
             out.extend_from_slice(raw.as_bytes());
             out.extend_from_slice(&body[range.end..]);
+            Ok(out)
         }
         None => {
             // Valid object: the first non-space byte is `{`.
@@ -96,18 +99,32 @@ pub fn set_at(
                 .iter()
                 .find(|b| !b.is_ascii_whitespace())
                 .is_some_and(|b| *b == b'}');
-            let quoted = serde_json::to_string(key).unwrap_or_default();
+            // The proxy's keys are plain ASCII: quoted as they are, without serde.
+            let plain = key
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+            let escaped = (!plain).then(|| serde_json::to_string(key).unwrap_or_default());
+            let key_len = escaped.as_ref().map_or(key.len() + 2, String::len);
+            let len = body.len() + key_len + 1 + raw.len() + usize::from(!empty);
+            let mut out = Vec::with_capacity(len);
             out.extend_from_slice(&body[..=open]);
-            out.extend_from_slice(quoted.as_bytes());
+            match &escaped {
+                Some(quoted) => out.extend_from_slice(quoted.as_bytes()),
+                None => {
+                    out.push(b'"');
+                    out.extend_from_slice(key.as_bytes());
+                    out.push(b'"');
+                }
+            }
             out.push(b':');
             out.extend_from_slice(raw.as_bytes());
             if !empty {
                 out.push(b',');
             }
             out.extend_from_slice(&body[open + 1..]);
+            Ok(out)
         }
     }
-    Ok(out)
 }
 
 /// Where `value` (borrowed from a parse of `body`) sits in `body`.
@@ -242,5 +259,24 @@ mod set_at_tests {
             );
         }
         assert_eq!(set_at(b"{ }", "k", "1", None).unwrap(), br#"{"k":1 }"#);
+    }
+
+    #[test]
+    fn set_at_allocates_exactly_and_escapes_keys_that_need_it() {
+        // Capacity equal to length: `Bytes::from` then takes the vector over as it is.
+        let body = br#"{"model":"m","keep_alive":"5m","stream":false}"#;
+        for at in [None, Some(26..30)] {
+            let out = set_at(body, "keep_alive", "-1", at.clone()).unwrap();
+            assert_eq!(out.len(), out.capacity(), "{at:?}");
+        }
+        let out = set_at(br#"{"a":1}"#, "keep_alive", "-1", None).unwrap();
+        assert_eq!(out, br#"{"keep_alive":-1,"a":1}"#);
+        assert_eq!(out.len(), out.capacity());
+        // A key that is not plain goes through serde's escaping.
+        let out = set_at(b"{}", "a\"b\\c d", "1", None).unwrap();
+        assert_eq!(out, br#"{"a\"b\\c d":1}"#);
+        assert_eq!(out.len(), out.capacity());
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["a\"b\\c d"], 1);
     }
 }
