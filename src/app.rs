@@ -532,11 +532,6 @@ async fn probe(state: Arc<AppState>, i: usize) {
                 }
                 match p.config.kind.parse_loaded(path, &body) {
                     Ok(loaded) => {
-                        for m in &loaded {
-                            if let Some(ctx) = m.context_length {
-                                state.compactor.set_window(i, &m.model, ctx);
-                            }
-                        }
                         if p.config.kind == ProviderKind::LlamaCpp {
                             probe_llamacpp(&state, i, &body, &loaded).await;
                         }
@@ -588,7 +583,7 @@ async fn probe_llamacpp(
         let model = routed.then_some(m.model.as_str());
         let up = &p.config.upstream;
         if let Some(n_ctx) = crate::providers::ops::llamacpp_n_ctx(&state.client, up, model).await {
-            state.compactor.set_window(i, &m.model, n_ctx);
+            p.lifecycle.observe_window(&m.model, n_ctx);
         }
         let sample = crate::providers::llamacpp::CALIBRATION_SAMPLE;
         match crate::providers::ops::llamacpp_tokenize(&state.client, up, model, sample).await {

@@ -358,6 +358,38 @@ async fn a_different_num_ctx_is_normalized_instead_of_reloading_the_model() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// Issue 17's first bug: right after the proxy's own load, before any poll has listed the
+/// model, a request with another `num_ctx` must be normalized to the window the load
+/// answered with, not forwarded (Ollama would reload the model). Clients such as aider send
+/// exactly this: a first chat without options, then one with `num_ctx`.
+#[tokio::test]
+async fn num_ctx_is_normalized_right_after_the_proxys_own_load() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::with(sim_with_window(512).await, "numctx-load", "").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let short = [json!({"role": "user", "content": "hi"})];
+    let r = post_json(&c, &url, &chat(&short)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.state.load_count("llama3.2:latest"), 1);
+    for _ in 0..2 {
+        let body = json!({"model": "llama3.2", "messages": short, "stream": false,
+                          "options": {"num_ctx": 2048}})
+        .to_string();
+        let r = post_json(&c, &url, &body).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["x-llm-warden-num-ctx"], "2048->512");
+    }
+    assert_eq!(sim.state.load_count("llama3.2:latest"), 1, "no reload");
+    let (_, forwarded) = upstream_chats(&sim);
+    assert_eq!(forwarded[1]["options"], json!({"num_ctx": 512}));
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
 #[tokio::test]
 async fn streams_and_lm_studio_are_compacted_too_and_the_token_ratio_is_learned() {
     let ollama = sim().await;

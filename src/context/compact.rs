@@ -47,7 +47,7 @@ pub const PRESSURE_FACTOR: f64 = 0.75;
 /// Tokens the summarizer's own instructions and the transcript's labels take, about.
 const SUMMARIZER_OVERHEAD: u64 = 256;
 
-/// Shared compaction state: the counter, the summary cache, known windows, recent events.
+/// Shared compaction state: the counter, the summary cache, recent events.
 pub struct Compactor {
     pub counter: TokenCounter,
     /// Opened on first use (a proxy that never compacts touches no disk).
@@ -56,9 +56,6 @@ pub struct Compactor {
     pub events: EventLog,
     /// The settings that a config reload may change; read lock-free on each request.
     live: ArcSwap<Live>,
-    /// The context each model runs (or last ran) with, per provider index; from polls and loads.
-    /// Indexed like the providers; looked up by `&str`, no allocation on the hot path.
-    windows: Vec<DashMap<Box<str>, u64>>,
     /// Token counts of messages seen, by a hash of (encoding, raw message); see `count_messages`.
     counts: DashMap<u64, u64>,
     /// Memory pressure says compact earlier (stage 1, set by the pressure response).
@@ -153,7 +150,6 @@ impl Compactor {
             cache: tokio::sync::OnceCell::new(),
             cache_path,
             events: EventLog::new(super::events::KEPT),
-            windows: config.providers.iter().map(|_| DashMap::new()).collect(),
             counts: DashMap::new(),
             compact_earlier: std::sync::atomic::AtomicBool::new(false),
         }
@@ -233,19 +229,6 @@ impl Compactor {
             }
         }
         counts.into_iter().map(|c| c.unwrap_or(0)).collect()
-    }
-
-    /// Remembers the context `model` runs with on provider `provider`.
-    pub fn set_window(&self, provider: usize, model: &str, tokens: u64) {
-        if tokens > 0 {
-            if let Some(w) = self.windows.get(provider) {
-                w.insert(model.into(), tokens);
-            }
-        }
-    }
-
-    pub fn window(&self, provider: usize, model: &str) -> Option<u64> {
-        self.windows.get(provider)?.get(model).map(|w| *w)
     }
 
     /// The settings in force now.
@@ -566,7 +549,7 @@ async fn summarized(
     }
     // The summarizer has a window too: what it must read goes in pieces that fit it, each
     // piece's summary carried into the next (and cached: a later turn may stop there).
-    let window_s = cx.window(sp, &sm).unwrap_or(window);
+    let window_s = state.providers[sp].lifecycle.window(&sm).unwrap_or(window);
     let max = u64::from(cx.live().settings.summary_max_tokens);
     let piece_budget = ((window_s as f64 * 0.9) as u64)
         .saturating_sub(2 * max + SUMMARIZER_OVERHEAD)

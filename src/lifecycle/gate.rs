@@ -20,7 +20,10 @@
 //!   close (and the unload does not start) or not taken at all (and the request goes to the
 //!   actor, which queues it);
 //! - **the actor learns when a closed model drains**: the release that brings a closed
-//!   gate's count to zero sends `Drained`; releases through an open gate send nothing;
+//!   gate's count to zero sends `Drained`; releases through an open gate send nothing,
+//!   unless the gate is *watched* (a request is queued for a model it cannot have yet, under
+//!   any queue policy): then its last release sends `Drained` too, and the actor schedules in
+//!   that step instead of at the next poll;
 //! - **the idle timer starts when the last lease drops**: each release stores its time;
 //!   the actor reads it when its timer fires and, if the model was used since, sleeps
 //!   until the new deadline (while leases are out it looks again one timeout later);
@@ -37,6 +40,12 @@ use tokio::time::Instant;
 use super::Event;
 
 const OPEN: u64 = 1 << 63;
+/// Set while a request waits for a model it cannot have yet: then the release that brings
+/// the count to zero tells the actor even through an open gate (the model in the way may be
+/// the one to evict). Without it the actor heard of an open gate's last release only at the
+/// next poll or timer, and a queued request waited for it.
+const WATCH: u64 = 1 << 62;
+const FLAGS: u64 = OPEN | WATCH;
 
 /// What gates of one provider share with its actor.
 #[derive(Debug)]
@@ -101,8 +110,8 @@ impl Gate {
         }
     }
 
-    /// Gives a lease back. True when the gate is closed and this was its last lease: the
-    /// actor may be waiting for that.
+    /// Gives a lease back. True when the gate is closed or watched and this was its last
+    /// lease: the actor may be waiting for that.
     pub(super) fn give_back(&self) -> bool {
         let nanos = Instant::now()
             .saturating_duration_since(self.shared.epoch)
@@ -115,12 +124,12 @@ impl Gate {
             .store(self.shared.next_seq(), Ordering::Relaxed);
         // Release: the stores above are seen by whoever sees the smaller count.
         let before = self.word.fetch_sub(1, Ordering::AcqRel);
-        before & OPEN == 0 && before & !OPEN == 1
+        before & !FLAGS == 1 && (before & OPEN == 0 || before & WATCH != 0)
     }
 
     /// Leases out through the gate.
     pub(super) fn leases(&self) -> u32 {
-        u32::try_from(self.word.load(Ordering::Acquire) & !OPEN).unwrap_or(u32::MAX)
+        u32::try_from(self.word.load(Ordering::Acquire) & !FLAGS).unwrap_or(u32::MAX)
     }
 
     pub(super) fn is_open(&self) -> bool {
@@ -135,12 +144,25 @@ impl Gate {
         self.word.fetch_and(!OPEN, Ordering::AcqRel);
     }
 
+    pub(super) fn is_watched(&self) -> bool {
+        self.word.load(Ordering::Acquire) & WATCH != 0
+    }
+
+    /// Whether the last release must tell the actor even while the gate is open.
+    pub(super) fn set_watched(&self, on: bool) {
+        if on {
+            self.word.fetch_or(WATCH, Ordering::AcqRel);
+        } else {
+            self.word.fetch_and(!WATCH, Ordering::AcqRel);
+        }
+    }
+
     /// Closes the gate if no lease is out through it; false (and the gate unchanged) if
     /// one is. The one way an unload may start.
     pub(super) fn close_if_idle(&self) -> bool {
         let mut cur = self.word.load(Ordering::Acquire);
         loop {
-            if cur & !OPEN != 0 {
+            if cur & !FLAGS != 0 {
                 return false;
             }
             match self
@@ -197,6 +219,26 @@ mod tests {
         assert!(g.close_if_idle());
         assert!(g.released_at().is_some());
         assert!(g.last_used() > 0);
+    }
+
+    #[tokio::test]
+    async fn a_watched_open_gate_reports_its_last_release() {
+        let (g, _rx) = gate();
+        g.open();
+        g.set_watched(true);
+        assert!(g.is_open() && g.is_watched());
+        assert!(g.try_take() && g.try_take());
+        assert_eq!(g.leases(), 2, "the flags are not leases");
+        assert!(!g.give_back(), "one lease still out");
+        assert!(
+            g.give_back(),
+            "open but watched: the last release is reported"
+        );
+        g.set_watched(false);
+        assert!(g.try_take());
+        assert!(!g.give_back(), "open and not watched: nobody waits");
+        assert!(g.close_if_idle());
+        assert!(!g.is_watched() && !g.is_open());
     }
 
     /// Many threads take and give back while another closes the gate whenever it is idle:

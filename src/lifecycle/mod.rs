@@ -12,7 +12,7 @@
 //! ```
 //!
 //! Besides replies, the actor writes what it did to three things shared with the handle, read
-//! without a round trip: [`Runners`] (options of loaded models), [`LifecycleLog`] (the
+//! without a round trip: [`Facts`] (each model's state, window and runner options), [`LifecycleLog`] (the
 //! last loads and unloads, for `/status` and the dashboard), and each model's gate: a request
 //! for a ready model takes its lease there with one atomic operation and the actor hears
 //! nothing of it (the fast path; `gate.rs` says how the invariants below survive it).
@@ -80,32 +80,41 @@ impl Shape {
     }
 }
 
-/// Models the proxy loaded with runner options other than the defaults, and those options:
-/// written by the actor, read by request handlers without a round trip (Ollama reloads a
-/// runner whose options differ from a request's, so requests are given the same).
-#[derive(Clone, Debug, Default)]
-pub struct Runners(Arc<std::sync::RwLock<std::collections::HashMap<Arc<str>, Shape>>>);
+/// What the actor knows of one model that others act on: its state, the window it runs
+/// (or last ran) with, and the runner options the proxy loaded it with. The actor is the
+/// one owner; it publishes a new map whenever one of these changes (its own loads and
+/// unloads at once, the provider's polls when they say something new), and request
+/// handlers, the compactor, the admin API and the metrics read it without a round trip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModelFacts {
+    pub status: ModelStatus,
+    /// The context the model runs with (or last ran with: a reload likely gets the same),
+    /// in tokens: the load's answer, else the provider's list, else llama-server's `/props`.
+    pub window: Option<u64>,
+    /// The runner options of the load in progress or of the loaded model, when the proxy
+    /// loaded it with other than the provider's defaults (Ollama reloads a runner whose
+    /// options differ from a request's, so requests are given the same).
+    pub runner: Shape,
+}
 
-impl Runners {
-    /// The options `model` was loaded with, if not the defaults.
-    pub fn get(&self, model: &str) -> Option<Shape> {
-        self.0.read().ok()?.get(model).copied()
+/// The published [`ModelFacts`] of one provider's models, by name: replaced whole by the
+/// actor, read lock-free.
+#[derive(Clone, Default)]
+pub struct Facts(Arc<arc_swap::ArcSwap<std::collections::HashMap<Arc<str>, ModelFacts>>>);
+
+impl Facts {
+    /// What is known of `model`, if anything.
+    pub fn get(&self, model: &str) -> Option<ModelFacts> {
+        self.0.load().get(model).copied()
     }
 
-    fn set(&self, model: &Arc<str>, shape: Shape) {
-        if let Ok(mut m) = self.0.write() {
-            if shape.is_default() {
-                m.remove(model);
-            } else {
-                m.insert(model.clone(), shape);
-            }
-        }
+    /// Every model's facts, for views that list them.
+    pub fn all(&self) -> Arc<std::collections::HashMap<Arc<str>, ModelFacts>> {
+        self.0.load_full()
     }
 
-    fn forget(&self, model: &str) {
-        if let Ok(mut m) = self.0.write() {
-            m.remove(model);
-        }
+    fn store(&self, map: std::collections::HashMap<Arc<str>, ModelFacts>) {
+        self.0.store(Arc::new(map));
     }
 }
 
@@ -137,7 +146,7 @@ pub type LifecycleLog = crate::recent::Recent<LifecycleEvent>;
 /// What the actor publishes for readers that must not wait on it; the handle holds the same.
 #[derive(Clone)]
 struct Published {
-    runners: Runners,
+    facts: Facts,
     events: Arc<LifecycleLog>,
     gates: Gates,
 }
@@ -355,6 +364,12 @@ enum Event {
     Catalog {
         sizes: Vec<(String, u64)>,
     },
+    /// The window a model runs with, learned outside a load or a list (llama-server's
+    /// `/props`), for a model the actor may not manage.
+    Window {
+        model: Box<str>,
+        tokens: u64,
+    },
     Snapshot {
         reply: oneshot::Sender<Vec<ModelView>>,
     },
@@ -378,7 +393,7 @@ pub struct LifecycleHandle {
     tx: mpsc::UnboundedSender<Event>,
     gates: Gates,
     next_id: Arc<AtomicU64>,
-    runners: Runners,
+    facts: Facts,
     /// Shared with the actor, which alone writes it.
     events: Arc<LifecycleLog>,
 }
@@ -434,6 +449,7 @@ impl std::fmt::Debug for Event {
             Event::UnloadDone { .. } => "UnloadDone",
             Event::Report { .. } => "Report",
             Event::Catalog { .. } => "Catalog",
+            Event::Window { .. } => "Window",
             Event::Snapshot { .. } => "Snapshot",
             Event::Shed { .. } => "Shed",
         })
@@ -466,7 +482,7 @@ impl LifecycleHandle {
         stop: watch::Receiver<bool>,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let runners = Runners::default();
+        let facts = Facts::default();
         let events = Arc::new(LifecycleLog::new(EVENTS_KEPT));
         let gates = Gates::default();
         let actor = actor::Actor::new(
@@ -477,7 +493,7 @@ impl LifecycleHandle {
             tx.clone(),
             rx,
             Published {
-                runners: runners.clone(),
+                facts: facts.clone(),
                 events: events.clone(),
                 gates: gates.clone(),
             },
@@ -488,7 +504,7 @@ impl LifecycleHandle {
                 tx,
                 gates,
                 next_id: Arc::new(AtomicU64::new(1)),
-                runners,
+                facts,
                 events,
             },
             task,
@@ -576,10 +592,23 @@ impl LifecycleHandle {
         });
     }
 
-    /// The runner options the proxy loaded `model` with, when not the provider's defaults
-    /// (no round trip to the actor).
+    /// The runner options the proxy loaded (or is loading) `model` with, when not the
+    /// provider's defaults (no round trip to the actor).
     pub fn runner(&self, model: &str) -> Option<Shape> {
-        self.runners.get(model)
+        self.facts
+            .get(model)
+            .map(|f| f.runner)
+            .filter(|s| !s.is_default())
+    }
+
+    /// The context window `model` runs (or last ran) with, as far as the actor knows.
+    pub fn window(&self, model: &str) -> Option<u64> {
+        self.facts.get(model).and_then(|f| f.window)
+    }
+
+    /// What the actor last published about `model` (no round trip).
+    pub fn facts(&self, model: &str) -> Option<ModelFacts> {
+        self.facts.get(model)
     }
 
     /// The last [`EVENTS_KEPT`] loads and unloads, oldest first (no round trip to the actor).
@@ -606,6 +635,17 @@ impl LifecycleHandle {
     /// What the provider listed as loaded, in a poll that started at `polled_at`.
     pub fn report(&self, loaded: Vec<LoadedModel>, polled_at: tokio::time::Instant) {
         let _ = self.tx.send(Event::Report { loaded, polled_at });
+    }
+
+    /// The window `model` runs with, learned from the provider outside a load or a list
+    /// (llama-server's `/props`); published with the model's facts.
+    pub fn observe_window(&self, model: &str, tokens: u64) {
+        if tokens > 0 {
+            let _ = self.tx.send(Event::Window {
+                model: model.into(),
+                tokens,
+            });
+        }
     }
 
     /// Sizes of the provider's models on disk (`/api/tags`, LM Studio's model list), bytes.

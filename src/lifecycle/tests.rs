@@ -28,6 +28,8 @@ struct FakeProvider {
     fail_next_unload: Mutex<HashMap<String, OpError>>,
     /// Called with each unload as the actor starts it.
     on_unload: Mutex<Option<UnloadCheck>>,
+    /// The context a load answers it ran with (`None`: the load does not say).
+    load_context: Mutex<Option<u64>>,
 }
 
 type UnloadCheck = Arc<dyn Fn(&str) + Send + Sync>;
@@ -58,6 +60,7 @@ impl Backend for FakeProvider {
         self.calls.lock().unwrap().push(call);
         let delay = *self.load_delay.lock().unwrap();
         let fail = self.fail_next.lock().unwrap().remove(model);
+        let context_length = shape.num_ctx.or(*self.load_context.lock().unwrap());
         let model = model.to_string();
         Box::pin(async move {
             tokio::time::sleep(delay).await;
@@ -66,7 +69,7 @@ impl Backend for FakeProvider {
                 None => Ok(Loaded {
                     instance_id: model,
                     elapsed: delay,
-                    context_length: None,
+                    context_length,
                     jit: false,
                 }),
             }
@@ -637,6 +640,94 @@ async fn fifo_serves_in_arrival_order_and_swaps_more() {
         rig.provider.calls(),
         ["load a", "unload a", "load b", "unload b", "load a"]
     );
+}
+
+/// Issue 17's second bug: two models busy with one request each through their open gates,
+/// a request for a third waits for a slot. It must start when the first of them goes idle
+/// (its last release tells the actor), under every policy, not at the next poll or timer.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_request_starts_when_a_model_in_its_way_goes_idle() {
+    for policy in [QueuePolicy::Grouped, QueuePolicy::Fifo] {
+        let mut s = settings();
+        s.max_models_loaded = 2;
+        s.queue.policy = policy;
+        let rig = start(s);
+        drop(rig.lease("a").await);
+        drop(rig.lease("b").await);
+        rig.settle().await;
+        // Both ready and idle: these leases are taken through the open gates.
+        let a = rig.lease("a").await;
+        let b = rig.lease("b").await;
+        assert!(matches!(a.0, LeaseFrom::Gate(_)) && matches!(b.0, LeaseFrom::Gate(_)));
+        *rig.provider.load_delay.lock().unwrap() = Duration::from_millis(500);
+        let asked = Instant::now();
+        let lc = rig.lc.clone();
+        let c = tokio::spawn(async move {
+            let lease = lc.acquire("c", None, Shape::default()).await;
+            lease.map(|l| (l, Instant::now()))
+        });
+        rig.settle().await;
+        assert_eq!(
+            rig.view("c").await.queue_depth,
+            1,
+            "{policy:?}: no slot yet"
+        );
+        // The two requests end 950 ms later; c needs one unload (instant) and its load.
+        advance(Duration::from_millis(950)).await;
+        drop(a);
+        let (lease, ready) = c.await.unwrap().expect("c is served");
+        assert_eq!(
+            ready - asked,
+            Duration::from_millis(1450),
+            "{policy:?}: the end of a's request plus c's load"
+        );
+        assert_eq!(
+            rig.provider.calls(),
+            ["load a", "load b", "unload a", "load c"],
+            "{policy:?}"
+        );
+        drop((lease, b));
+    }
+}
+
+/// Issue 17's first bug, at its root: the window and runner options of a load the proxy
+/// made are published when the load answers, not when the next poll lists the model.
+#[tokio::test(start_paused = true)]
+async fn a_loads_window_is_published_when_it_answers() {
+    let rig = start(settings());
+    *rig.provider.load_context.lock().unwrap() = Some(512);
+    assert_eq!(rig.lc.window("m"), None);
+    let lease = rig.lease("m").await;
+    assert_eq!(rig.lc.window("m"), Some(512), "from the load's answer");
+    let facts = rig.lc.facts("m").expect("published");
+    assert_eq!(facts.status, ModelStatus::Ready);
+    assert_eq!(rig.lc.runner("m"), None, "loaded with the defaults");
+    drop(lease);
+    // A load with options: published as the runner's from the moment it starts.
+    let lc = rig.lc.clone();
+    *rig.provider.load_delay.lock().unwrap() = Duration::from_secs(1);
+    let shaped = Shape {
+        num_ctx: Some(2048),
+        num_batch: Some(128),
+    };
+    let n = tokio::spawn(async move { lc.acquire("n", None, shaped).await });
+    rig.settle().await;
+    assert_eq!(
+        rig.lc.facts("n").map(|f| f.status),
+        Some(ModelStatus::Loading)
+    );
+    assert_eq!(
+        rig.lc.runner("n"),
+        Some(shaped),
+        "requests during the load match it"
+    );
+    drop(n.await.unwrap().expect("n"));
+    assert_eq!(rig.lc.window("n"), Some(2048));
+    // A window learned outside a load (llama-server's /props) for a model not managed.
+    rig.lc.observe_window("single", 4096);
+    rig.settle().await;
+    assert_eq!(rig.lc.window("single"), Some(4096));
+    assert!(rig.lc.snapshot().await.iter().all(|v| v.model != "single"));
 }
 
 #[tokio::test(start_paused = true)]

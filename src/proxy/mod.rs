@@ -425,7 +425,10 @@ async fn fit_context(
     let messages_len = parsed.messages.map_or(0, |m| m.get().len());
     let limits = parsed.limits();
     let sent_ctx = limits.num_ctx;
-    let mut known = cx.window(provider, model);
+    // The window the model runs with: the lifecycle actor publishes it from its own loads
+    // at once, and from the provider's list for loads made by others.
+    let loaded_window = p.lifecycle.window(model);
+    let mut known = loaded_window;
     if known.is_none() && sent_ctx.is_none() && messages_len > SMALL_PROMPT {
         known = cx.configured_window(model);
         if known.is_none() && p.managed() {
@@ -437,10 +440,7 @@ async fn fit_context(
             let shape = shape::for_load_capped(state, provider, model, shape).await;
             let loaded = p.lifecycle.load(model, shape).await;
             if let Ok(view) = loaded {
-                if let Some(ctx) = view.context_length {
-                    cx.set_window(provider, model, ctx);
-                    known = Some(ctx);
-                }
+                known = view.context_length;
             }
         }
     }
@@ -459,7 +459,7 @@ async fn fit_context(
     let mut window = sent_ctx.or(known);
     if let (Some(sent), Some(loaded), true) = (
         sent_ctx,
-        cx.window(provider, model),
+        loaded_window,
         endpoint.usage == UsageKeys::OllamaNative && cx.normalize_num_ctx() && !shaped,
     ) {
         if sent != loaded

@@ -19,14 +19,16 @@ use tokio::time::Instant;
 use super::gate::{Gate, Shared};
 use super::policy::RefuseReason;
 use super::{
-    Backend, Event, Gates, IdleHint, Lease, LeaseFrom, LifecycleError, LifecycleEvent,
-    LifecycleLog, MemoryProbe, ModelStatus, ModelView, Published, Runners, Settings, Shape,
+    Backend, Event, Facts, Gates, IdleHint, Lease, LeaseFrom, LifecycleError, LifecycleEvent,
+    LifecycleLog, MemoryProbe, ModelFacts, ModelStatus, ModelView, Published, Settings, Shape,
 };
 use crate::config::QueuePolicy;
 use crate::providers::ops::{Loaded, OpError};
 use crate::providers::LoadedModel;
 
 const MIB: u64 = 1 << 20;
+/// Windows of unmanaged models kept at most (they come from the provider's own list).
+const OBSERVED_MAX: usize = 1024;
 /// How long memory an unload freed counts as available before the machine's reading shows
 /// it: Ollama unloads asynchronously after answering, and the kernel takes a moment to
 /// reclaim. Without this, the reading right after an unload would look short and make the
@@ -117,8 +119,12 @@ pub(super) struct Actor {
     /// the channel never closes on its own: the actor stops on `stop`.
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
-    /// Shared with the handle: the options of models loaded with non-default ones.
-    runners: Runners,
+    /// Shared with the handle: each model's state, window and runner options, republished
+    /// after every event that changed one of them ([`Actor::publish_facts`]).
+    facts: Facts,
+    /// Windows the provider reported for models this actor does not manage (a llama-server
+    /// with one model), published with the table's facts.
+    observed: HashMap<Arc<str>, u64>,
     /// Shared with the handle: what loads and unloads finished or failed, for `/status`.
     events: Arc<LifecycleLog>,
     /// Shared with the handle: each model's gate, for the lease fast path.
@@ -145,14 +151,15 @@ impl Actor {
         tx: mpsc::UnboundedSender<Event>,
         rx: mpsc::UnboundedReceiver<Event>,
         Published {
-            runners,
+            facts,
             events,
             gates,
         }: Published,
     ) -> Self {
         let epoch = Instant::now();
         Actor {
-            runners,
+            facts,
+            observed: HashMap::new(),
             events,
             gates,
             shared: Arc::new(Shared {
@@ -199,6 +206,7 @@ impl Actor {
                 },
             }
             self.sync_gates();
+            self.publish_facts();
         }
         for m in self.models.values() {
             m.gate.close();
@@ -256,6 +264,15 @@ impl Actor {
             Event::LoadDone { model, result } => self.load_done(&model, result),
             Event::UnloadDone { model, result } => self.unload_done(&model, result),
             Event::Report { loaded, polled_at } => self.apply_report(loaded, polled_at),
+            Event::Window { model, tokens } => match self.models.get_mut(&*model) {
+                Some(m) => m.context_length = Some(tokens),
+                None => {
+                    if self.observed.len() >= OBSERVED_MAX {
+                        self.observed.clear();
+                    }
+                    self.observed.insert(model.into(), tokens);
+                }
+            },
             Event::Catalog { sizes } => {
                 self.catalog = sizes.into_iter().collect();
             }
@@ -270,6 +287,46 @@ impl Actor {
                 let _ = reply.send(views);
             }
         }
+    }
+
+    /// Publishes the table's [`ModelFacts`] when any differs from what was published last
+    /// (after every event; a compare of a few entries when nothing changed).
+    fn publish_facts(&self) {
+        let current = self.facts.all();
+        let fact = |m: &Model| ModelFacts {
+            status: m.status,
+            window: m.context_length,
+            runner: m.shape,
+        };
+        let extra = self
+            .observed
+            .keys()
+            .filter(|k| !self.models.contains_key(*k))
+            .count();
+        let same = current.len() == self.models.len() + extra
+            && self
+                .models
+                .values()
+                .all(|m| current.get(&m.name) == Some(&fact(m)))
+            && self.observed.iter().all(|(k, w)| {
+                self.models.contains_key(k) || current.get(k).is_some_and(|f| f.window == Some(*w))
+            });
+        if same {
+            return;
+        }
+        let mut map: HashMap<Arc<str>, ModelFacts> = self
+            .models
+            .values()
+            .map(|m| (m.name.clone(), fact(m)))
+            .collect();
+        for (k, w) in &self.observed {
+            map.entry(k.clone()).or_insert(ModelFacts {
+                status: ModelStatus::Unloaded,
+                window: Some(*w),
+                runner: Shape::default(),
+            });
+        }
+        self.facts.store(map);
     }
 
     /// The table entry for `model`, created `unloaded` on first mention.
@@ -294,7 +351,7 @@ impl Actor {
                 idle_since: None,
                 hint: None,
                 load_time: None,
-                context_length: None,
+                context_length: self.observed.remove(&name),
                 shape: Shape::default(),
                 loads: 0,
                 unloads: 0,
@@ -337,7 +394,13 @@ impl Actor {
     /// Opens the gate of every model a new request could have at once, and closes the
     /// others (after every event). A model whose idle timeout is zero keeps its gate closed:
     /// the actor must hear of each release to unload it right after.
+    /// While a request waits for a model it cannot have yet, every gate is watched: the
+    /// last release of any model tells the actor, which then evicts or loads in that step.
     fn sync_gates(&self) {
+        let watch = self.queue.iter().any(|w| {
+            let m = &self.models[&w.model];
+            m.status != ModelStatus::Ready || m.draining || m.unload_requested
+        });
         for m in self.models.values() {
             let open = self.grantable_now(&m.name) && self.idle_timeout(m) != Some(Duration::ZERO);
             if open != m.gate.is_open() {
@@ -345,6 +408,16 @@ impl Actor {
                     m.gate.open();
                 } else {
                     m.gate.close();
+                }
+            }
+            if watch != m.gate.is_watched() {
+                m.gate.set_watched(watch);
+                // A release between this event's schedule and the flag went unheard: look
+                // again (a spare look when the model was idle all along).
+                if watch && m.gate.leases() == 0 && m.status == ModelStatus::Ready {
+                    let _ = self.tx.send(Event::Drained {
+                        model: m.name.clone(),
+                    });
                 }
             }
         }
@@ -477,8 +550,7 @@ impl Actor {
                 if m.active == 0 {
                     m.idle_since = Some(now);
                 }
-                let (key, shape) = (m.name.clone(), m.shape);
-                self.runners.set(&key, shape);
+                let shape = m.shape;
                 self.record(event);
                 tracing::info!(
                     provider = %provider,
@@ -498,7 +570,6 @@ impl Actor {
                 m.last_error = Some(e.to_string());
                 m.shape = Shape::default();
                 self.record(event);
-                self.runners.forget(name);
                 tracing::warn!(provider = %provider, model = %name, error = %e, "model load failed");
                 let err = match e {
                     OpError::ModelNotFound { .. } => LifecycleError::NotFound {
@@ -555,6 +626,7 @@ impl Actor {
                 // Not known to be loaded any more; the next poll says what is.
                 m.status = ModelStatus::Error;
                 m.last_error = Some(e.to_string());
+                m.shape = Shape::default();
                 tracing::warn!(provider = %provider, model = %name, error = %e, "model unload failed");
                 Err(LifecycleError::UnloadFailed {
                     provider,
@@ -563,7 +635,6 @@ impl Actor {
                 })
             }
         };
-        self.runners.forget(name);
         self.record(event);
         let view = self.view(&self.models[name]);
         for w in waiters {
@@ -597,7 +668,6 @@ impl Actor {
                 && lm.context_length != m.shape.num_ctx
             {
                 m.shape = Shape::default();
-                self.runners.forget(&name);
             }
             m.reported = Some(lm.clone());
             if matches!(m.status, ModelStatus::Unloaded | ModelStatus::Error)
@@ -633,7 +703,6 @@ impl Actor {
                 m.instance_id = None;
                 m.hint = None;
                 m.shape = Shape::default();
-                self.runners.forget(&m.name);
                 tracing::info!(provider = %provider, model = %m.name, "model no longer loaded on the provider");
             }
         }

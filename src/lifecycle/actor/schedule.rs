@@ -245,8 +245,8 @@ impl Actor {
             m.shape = shape;
             m.op_reason = reason;
         }
-        // Published now: requests arriving during the load are given the same options.
-        self.runners.set(name, shape);
+        // Published after this event (`publish_facts`): requests arriving during the load
+        // are given the same options.
         let op = self.backend.load(name, shape);
         let tx = self.tx.clone();
         let model = name.clone();
