@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates or updates <repo>/.venv with the Python clients pinned in tests/python/requirements.txt,
-# for tests/python_clients.rs. Idempotent: safe to run again; a no-op when nothing changed.
+# Creates or updates <repo>/.venv with the Python clients pinned in cli/tests/python/requirements.txt,
+# for cli/tests (python_clients). Idempotent: safe to run again; a no-op when nothing changed.
 #
 #   PYTHON=python3.12 .ci/python-env.sh    # base interpreter (default: python3)
 #
@@ -11,7 +11,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
-req="$root/tests/python/requirements.txt"
+req="$root/cli/tests/python/requirements.txt"
 stamp="$venv/.llm-warden-requirements.txt"
 python="${PYTHON:-python3}"
 

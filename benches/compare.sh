@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Compares llm-warden with nginx (proxy_pass, proxy_buffering off) in front of the same
-# simulated Ollama, using examples/loadgen with --direct/--proxy/--proxy-pid.
+# simulated Ollama, using benches/loadgen (target/release/loadgen) with --direct/--proxy/--proxy-pid.
 # Needs nginx on PATH (apt-get install -y nginx). Extra arguments go to loadgen for both
 # runs, e.g.: benches/compare.sh --rounds 3 --duration 3 --scenarios version,chat,stream
 # BIN=path/to/llm-warden compares another build (e.g. an older one) the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/llm-warden}
-LG=target/release/examples/loadgen
-[ -x "$BIN" ] && [ -x "$LG" ] || { echo "run: cargo build --release && cargo build --release --example loadgen" >&2; exit 1; }
+LG=${LG:-target/release/loadgen}
+[ -x "$BIN" ] && [ -x "$LG" ] || { echo "run: cargo build --release (builds target/release/llm-warden and target/release/loadgen)" >&2; exit 1; }
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 [ -x "$NGINX" ] || { echo "nginx not found (apt-get install -y nginx)" >&2; exit 1; }
 

@@ -27,7 +27,7 @@ use http::{header, Request};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use llm_warden::sim::ollama::{self, OllamaConfig};
+use llm_warden_sim::ollama::{self, OllamaConfig};
 use serde_json::json;
 use tokio::net::TcpListener;
 

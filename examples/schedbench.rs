@@ -40,8 +40,8 @@ use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use llm_warden::sim::ollama::{self, OllamaConfig};
-use llm_warden::sim::SimModel;
+use llm_warden_sim::ollama::{self, OllamaConfig};
+use llm_warden_sim::SimModel;
 use tokio::net::TcpListener;
 
 /// The models the clients ask for, as the simulator names them.

@@ -18,16 +18,14 @@
 //! - resources: [`monitor`] (RAM, CPU and GPU memory sampled in the background; pressure levels);
 //! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`,
 //!   `/metrics`);
-//! - [`sim`]: simulated Ollama and LM Studio servers for tests, benches and `simulate`.
+//!
+//! The simulators are the `llm-warden-sim` crate (`sim/`), the binary is `cli/`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod admin_client;
 pub mod app;
-pub mod cli;
 pub mod config;
 pub mod context;
-pub mod demo;
 pub mod lanes;
 pub mod lifecycle;
 pub mod memory;
@@ -37,6 +35,5 @@ pub mod providers;
 pub mod proxy;
 pub mod recent;
 pub mod reload;
-pub mod sim;
 pub mod stats;
 pub mod tokens;

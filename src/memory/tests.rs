@@ -1,8 +1,6 @@
 //! KV estimates for real architectures (hand-computed), `allocation` edge cases, and the
 //! split of the Ollama simulator's `/api/ps` `size` checked end to end.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -13,8 +11,8 @@ use super::*;
 use crate::config::{parse_upstream, Config};
 use crate::providers::ops::{self, LoadOptions};
 use crate::providers::ProviderKind;
-use crate::sim::ollama::{self, OllamaConfig};
-use crate::sim::{Clock, SimModel};
+use llm_warden_sim::ollama::{self, OllamaConfig};
+use llm_warden_sim::{Clock, SimModel};
 
 /// `/api/show` of Llama 3.2 3B (`llama3.2:latest`), the keys that matter plus some that
 /// do not (non-verbose answers null the token lists).
@@ -547,7 +545,7 @@ async fn get_json(url: &str) -> Value {
 #[tokio::test]
 async fn simulator_size_is_weights_plus_the_kv_estimate() {
     let mut cfg = OllamaConfig {
-        clock: Clock::manual(std::time::UNIX_EPOCH + Duration::from_secs(1_795_687_200)),
+        clock: Clock::fixed(),
         max_loaded_models: 4,
         ..OllamaConfig::default()
     };

@@ -730,9 +730,9 @@ mod tests {
 
     use super::*;
     use crate::config::{parse_upstream, Config};
-    use crate::sim::lmstudio::{self, LmStudioConfig, LmStudioSim};
-    use crate::sim::ollama::{self, OllamaConfig, OllamaSim};
-    use crate::sim::{Clock, SimServer};
+    use llm_warden_sim::lmstudio::{self, LmStudioConfig, LmStudioSim};
+    use llm_warden_sim::ollama::{self, OllamaConfig, OllamaSim};
+    use llm_warden_sim::{Clock, SimServer};
 
     const LLAMA: &str = "llama3.2";
     const QWEN: &str = "qwen2.5-7b-instruct";
@@ -746,7 +746,7 @@ mod tests {
     }
 
     fn clock() -> Clock {
-        Clock::manual(std::time::UNIX_EPOCH + Duration::from_secs(1_795_687_200))
+        Clock::fixed()
     }
 
     async fn listener() -> TcpListener {

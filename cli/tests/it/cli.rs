@@ -1,0 +1,170 @@
+//! The client commands of the binary against a running proxy (`status`, `load`, `unload`),
+//! and `demo` end to end.
+
+use std::process::Command;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_llm-warden");
+
+/// Runs the binary off the async runtime; its stdout, or a panic with stderr.
+async fn run(args: Vec<String>, ok: bool) -> String {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(&args)
+            .env_remove("LLM_WARDEN_CONFIG")
+            .env_remove("LLM_WARDEN_ADMIN")
+            .output()
+            .expect("the binary runs")
+    })
+    .await
+    .expect("runner");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert_eq!(
+        out.status.success(),
+        ok,
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    if ok {
+        stdout
+    } else {
+        stderr
+    }
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_load_and_unload_against_a_running_proxy() {
+    let sim = start_ollama(Default::default()).await;
+    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+    let admin = format!("http://{}", proxy.admin_addr);
+
+    let out = run(
+        args(&["load", "--admin", &admin, "ollama0", "llama3.2"]),
+        true,
+    )
+    .await;
+    assert!(out.contains("ollama0/llama3.2:latest: ready"), "{out}");
+    assert_eq!(sim.state.loaded(), ["llama3.2:latest"]);
+
+    let c = client();
+    let r = post_json(
+        &c,
+        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let table = run(args(&["status", "--admin", &admin]), true).await;
+    let row = table
+        .lines()
+        .find(|l| l.contains("llama3.2:latest"))
+        .unwrap_or_else(|| panic!("a row for the model:\n{table}"));
+    assert!(row.starts_with("ollama0") && row.contains("ready"), "{row}");
+    assert!(
+        table.contains("PROVIDER") && table.contains("provider ollama0 (ollama)"),
+        "{table}"
+    );
+
+    let json = run(args(&["status", "--admin", &admin, "--json"]), true).await;
+    let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(
+        model_entry(&v, "ollama0", "llama3.2:latest")["total_requests"],
+        1
+    );
+
+    let out = run(
+        args(&["unload", "--admin", &admin, "ollama0", "llama3.2"]),
+        true,
+    )
+    .await;
+    assert!(out.contains("unloaded"), "{out}");
+    assert!(sim.state.loaded().is_empty());
+
+    // Errors: an unknown provider, a proxy that is not there.
+    let err = run(
+        args(&["load", "--admin", &admin, "nope", "llama3.2"]),
+        false,
+    )
+    .await;
+    assert!(
+        err.contains("404") && err.contains("no provider named `nope`"),
+        "{err}"
+    );
+    let err = run(args(&["status", "--admin", "127.0.0.1:1"]), false).await;
+    assert!(err.contains("is llm-warden running?"), "{err}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_address_comes_from_the_config_when_not_given() {
+    let sim = start_ollama(Default::default()).await;
+    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+    let dir = std::env::temp_dir().join(format!("llm-warden-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[admin]\nlisten = \"{}\"\n", proxy.admin_addr),
+    )
+    .unwrap();
+    let out = run(
+        vec![
+            "status".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+        true,
+    )
+    .await;
+    assert!(out.contains("provider ollama0"), "{out}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_its_workload_and_reports_it() {
+    let out = run(args(&["demo", "--no-wait", "--admin", "127.0.0.1:0"]), true).await;
+    for expected in [
+        "loaded on first use",
+        "6/6 OK",
+        "unloaded the least recently used idle model [\"llama3.2:latest\"]",
+        "compacted ",
+        "nomic-embed-text is unloaded after 3s",
+        "Dashboard:  http://127.0.0.1:",
+    ] {
+        assert!(out.contains(expected), "`{expected}` in:\n{out}");
+    }
+    assert!(!out.contains("not compacted"), "{out}");
+}
+
+#[test]
+fn every_command_explains_itself() {
+    for cmd in [
+        "serve",
+        "status",
+        "check-config",
+        "load",
+        "unload",
+        "simulate",
+        "demo",
+    ] {
+        let out = Command::new(BIN).args([cmd, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{cmd} --help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.lines().next().is_some_and(|l| l.len() > 10),
+            "{cmd}: {text}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["status", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:11400"));
+}

@@ -1,0 +1,526 @@
+//! Context compaction end to end: a conversation longer than the model's window is rewritten
+//! before it reaches the simulated Ollama (its window is 4096 tokens here), and the client is
+//! told in a header. The simulator's summarizer answers a fixed text, so every byte of the
+//! rewritten request is known.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::support::*;
+use llm_warden::context::summarize::PROMPT;
+use llm_warden_sim::ollama::OllamaConfig;
+use llm_warden_sim::{ollama::OllamaSim, SimServer};
+use serde_json::{json, Value};
+
+const SUMMARY: &str =
+    "SUMMARY: the user asked about turns one to many and the assistant answered each.";
+const SYSTEM: &str = "You are a careful assistant. Answer in English.";
+
+fn tempdir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "llm-warden-compaction-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+async fn sim() -> SimServer<OllamaSim> {
+    sim_with_window(4096).await
+}
+
+async fn sim_with_window(num_ctx: u32) -> SimServer<OllamaSim> {
+    start_ollama(OllamaConfig {
+        default_num_ctx: num_ctx,
+        fixed_reply: Some(SUMMARY.to_string()),
+        ..Default::default()
+    })
+    .await
+}
+
+/// A simulated Ollama (window 4096), the proxy in front of it with its summary cache in a
+/// fresh directory, and a client.
+struct Rig {
+    sim: SimServer<OllamaSim>,
+    proxy: llm_warden::app::Running,
+    cache: PathBuf,
+    c: TestClient,
+}
+
+impl Rig {
+    async fn start(tag: &str, extra: &str) -> Rig {
+        Rig::with(sim().await, tag, extra).await
+    }
+
+    async fn with(sim: SimServer<OllamaSim>, tag: &str, extra: &str) -> Rig {
+        let cache = tempdir(tag);
+        let proxy = start_proxy(&[("ollama", sim.url())], &config(&cache, extra)).await;
+        Rig {
+            sim,
+            proxy,
+            cache,
+            c: client(),
+        }
+    }
+}
+
+/// `POST /api/chat` through the proxy.
+async fn chat_via(c: &TestClient, proxy: &llm_warden::app::Running, messages: &[Value]) -> Reply {
+    post_json(
+        c,
+        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+        &chat(messages),
+    )
+    .await
+}
+
+fn config(cache: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[compaction]\ncache_dir = \"{}\"\nreply_reserve = 256\n{extra}",
+        cache.display()
+    )
+}
+
+/// A system message and `turns` user/assistant messages of ~90 tokens each, ending with a user.
+fn conversation(turns: usize) -> Vec<Value> {
+    let mut m = vec![json!({"role": "system", "content": SYSTEM})];
+    for i in 0..turns {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        let filler = "the quick brown fox jumps over the lazy dog while it rains ".repeat(7);
+        m.push(json!({"role": role, "content": format!("turn {i}: {filler}")}));
+    }
+    if turns.is_multiple_of(2) {
+        m.push(json!({"role": "user", "content": "and finally, what did we say first?"}));
+    }
+    m
+}
+
+fn chat(messages: &[Value]) -> String {
+    json!({"model": "llama3.2", "messages": messages, "stream": false}).to_string()
+}
+
+/// The chat requests that reached the simulator: the summarizer's and the others.
+fn upstream_chats(sim: &SimServer<OllamaSim>) -> (Vec<Value>, Vec<Value>) {
+    let chats: Vec<Value> = sim
+        .state
+        .log
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/api/chat")
+        .map(|c| c.json())
+        .collect();
+    chats
+        .into_iter()
+        .partition(|c| c["messages"][0]["content"] == PROMPT)
+}
+
+#[tokio::test]
+async fn a_long_conversation_is_summarized_to_fit_and_the_client_is_told() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("fit", "").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let messages = conversation(40);
+    let r = post_json(&c, &url, &chat(&messages)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let header = r.headers["x-llm-warden-compacted"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (before, after) = header.split_once("->").unwrap();
+    let (before, after): (u64, u64) = (before.parse().unwrap(), after.parse().unwrap());
+    // The budget: 0.9 × 4096 − 256 for the reply.
+    assert!(before > 3430 && after <= 3430, "{header}");
+    // The provider got the prompt whole: its own count is within the window.
+    assert!(r.json()["prompt_eval_count"].as_u64().unwrap() < 4096);
+
+    let (summarizer, forwarded) = upstream_chats(&sim);
+    assert_eq!(summarizer.len(), 1, "one summarizer call");
+    assert_eq!(forwarded.len(), 1);
+    // Byte for byte: the system message and the last turn as the client wrote them.
+    let raw = sim
+        .state
+        .log
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/api/chat")
+        .map(|c| String::from_utf8(c.body.to_vec()).unwrap())
+        .find(|b| !b.contains(PROMPT))
+        .unwrap();
+    for m in [&messages[0], messages.last().unwrap()] {
+        assert!(raw.contains(&m.to_string()), "{m} verbatim");
+    }
+    let sent = forwarded[0]["messages"].as_array().unwrap();
+    assert_eq!(sent[0], messages[0], "the system message, verbatim");
+    assert_eq!(sent[1]["role"], "system");
+    let summary = sent[1]["content"].as_str().unwrap();
+    assert!(summary.contains(SUMMARY), "{summary}");
+    assert_eq!(sent.last(), messages.last(), "the last turn, verbatim");
+    // Every summarized message reached the summarizer; the kept ones are the newest, in order.
+    let kept = sent.len() - 2;
+    let evicted = &messages[1..messages.len() - kept];
+    let transcript = summarizer[0]["messages"][1]["content"].as_str().unwrap();
+    for m in evicted {
+        assert!(
+            transcript.contains(m["content"].as_str().unwrap()),
+            "{m} reached the summarizer"
+        );
+    }
+    assert_eq!(&sent[2..], &messages[messages.len() - kept..]);
+    // /status tells the same story.
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    assert_eq!(m["compactions"], 1, "{m}");
+    assert_eq!(m["tokens_saved"], before - after);
+    let e = &s["compaction"]["events"][0];
+    assert_eq!(
+        (e["action"].as_str(), e["summarizer_calls"].as_u64()),
+        (Some("summarized"), Some(1)),
+        "{e}"
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn the_next_turn_and_a_restarted_proxy_reuse_the_summary() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("reuse", "").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let mut messages = conversation(40);
+    let r = post_json(&c, &url, &chat(&messages)).await;
+    assert_eq!(r.status, 200);
+    // The next turn: the reply and a new question.
+    messages.push(json!({"role": "assistant", "content": "turn 40 was about the fox."}));
+    messages.push(json!({"role": "user", "content": "thanks; and the dog?"}));
+    let r = post_json(&c, &url, &chat(&messages)).await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    let (summarizer, forwarded) = upstream_chats(&sim);
+    assert_eq!(
+        summarizer.len(),
+        1,
+        "the summary of the unchanged prefix was reused"
+    );
+    assert_eq!(
+        forwarded[1]["messages"].as_array().unwrap().last(),
+        messages.last()
+    );
+    let s = status(&c, &proxy).await;
+    let ratio = model_entry(&s, "ollama0", "llama3.2:latest")["token_ratio"].clone();
+    assert!(ratio.as_f64().is_some(), "a ratio was learned");
+    proxy.shutdown().await;
+
+    // A new proxy on the same cache directory: no summarizer call at all, and the learned
+    // token ratio comes back (the model is still loaded, so it is listed at once).
+    let proxy = start_proxy(&[("ollama", sim.url())], &config(&cache, "")).await;
+    let s = status(&c, &proxy).await;
+    assert_eq!(
+        model_entry(&s, "ollama0", "llama3.2:latest")["token_ratio"],
+        ratio
+    );
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let r = post_json(&c, &url, &chat(&messages)).await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    let (summarizer, _) = upstream_chats(&sim);
+    assert_eq!(summarizer.len(), 1, "the summary came from disk");
+    let s = status(&c, &proxy).await;
+    assert_eq!(
+        s["compaction"]["summary_cache"]["disk_hits"], 1,
+        "{}",
+        s["compaction"]
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn reject_answers_400_in_the_clients_format() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("reject", "on_overflow = \"reject\"\n").await;
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    let messages = conversation(40);
+    let r = post_json(&c, &format!("{base}/api/chat"), &chat(&messages)).await;
+    assert_eq!(r.status, 400);
+    let msg = r.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("maximum context length is 4096 tokens"),
+        "{msg}"
+    );
+    let r = post_json(&c, &format!("{base}/v1/chat/completions"), &chat(&messages)).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+    let (summarizer, forwarded) = upstream_chats(&sim);
+    assert!(
+        summarizer.is_empty() && forwarded.is_empty(),
+        "nothing was forwarded"
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn truncate_oldest_drops_turns_without_a_summary() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("truncate", "on_overflow = \"truncate_oldest\"\n").await;
+    let messages = conversation(40);
+    let r = chat_via(&c, &proxy, &messages).await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    let (summarizer, forwarded) = upstream_chats(&sim);
+    assert!(summarizer.is_empty());
+    let sent = forwarded[0]["messages"].as_array().unwrap();
+    assert_eq!(sent[0], messages[0]);
+    assert_eq!(&sent[1..], &messages[messages.len() - (sent.len() - 1)..]);
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn a_summarizer_that_is_down_falls_back_to_truncation_loudly() {
+    let sim = sim().await;
+    let cache = tempdir("down");
+    // The summarizer is a provider nobody listens on.
+    let mut toml = String::from("[admin]\nlisten = \"127.0.0.1:0\"\n");
+    toml.push_str(&format!(
+        "[[providers]]\nname = \"ollama0\"\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        sim.url()
+    ));
+    toml.push_str("[[providers]]\nname = \"gone\"\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\nupstream = \"http://127.0.0.1:1\"\n");
+    toml.push_str(&config(&cache, "summarizer_provider = \"gone\"\n"));
+    let proxy = llm_warden::app::start(llm_warden::config::load_str(&toml).unwrap())
+        .await
+        .unwrap();
+    let c = client();
+    let messages = conversation(40);
+    let r = chat_via(&c, &proxy, &messages).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    let (_, forwarded) = upstream_chats(&sim);
+    let sent = forwarded[0]["messages"].as_array().unwrap();
+    assert!(sent
+        .iter()
+        .all(|m| !m["content"].as_str().unwrap_or("").contains("SUMMARY")));
+    let s = status(&c, &proxy).await;
+    let e = &s["compaction"]["events"][0];
+    assert_eq!(e["action"], "truncated", "{e}");
+    assert!(e["failure"].as_str().unwrap().contains("summarizer"), "{e}");
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn a_different_num_ctx_is_normalized_instead_of_reloading_the_model() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("numctx", "").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let r = post_json(&c, &url, &chat(&conversation(1))).await;
+    assert_eq!(r.status, 200);
+    proxy.refresh(0).await;
+    // A client (aider, paperless-ai...) asks for another num_ctx on a small prompt.
+    let body = json!({"model": "llama3.2", "messages": conversation(1), "stream": false,
+                      "options": {"temperature": 0, "num_ctx": 8192}})
+    .to_string();
+    let r = post_json(&c, &url, &body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-llm-warden-num-ctx"], "8192->4096");
+    assert_eq!(sim.state.load_count("llama3.2:latest"), 1, "no reload");
+    let (_, forwarded) = upstream_chats(&sim);
+    assert_eq!(
+        forwarded[1]["options"],
+        json!({"temperature": 0, "num_ctx": 4096})
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// Issue 17's first bug: right after the proxy's own load, before any poll has listed the
+/// model, a request with another `num_ctx` must be normalized to the window the load
+/// answered with, not forwarded (Ollama would reload the model). Clients such as aider send
+/// exactly this: a first chat without options, then one with `num_ctx`.
+#[tokio::test]
+async fn num_ctx_is_normalized_right_after_the_proxys_own_load() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::with(sim_with_window(512).await, "numctx-load", "").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let short = [json!({"role": "user", "content": "hi"})];
+    let r = post_json(&c, &url, &chat(&short)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.state.load_count("llama3.2:latest"), 1);
+    for _ in 0..2 {
+        let body = json!({"model": "llama3.2", "messages": short, "stream": false,
+                          "options": {"num_ctx": 2048}})
+        .to_string();
+        let r = post_json(&c, &url, &body).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["x-llm-warden-num-ctx"], "2048->512");
+    }
+    assert_eq!(sim.state.load_count("llama3.2:latest"), 1, "no reload");
+    let (_, forwarded) = upstream_chats(&sim);
+    assert_eq!(forwarded[1]["options"], json!({"num_ctx": 512}));
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn streams_and_lm_studio_are_compacted_too_and_the_token_ratio_is_learned() {
+    let ollama = sim().await;
+    let lmstudio = start_lmstudio(llm_warden_sim::lmstudio::LmStudioConfig {
+        default_context_length: 4096,
+        ..Default::default()
+    })
+    .await;
+    let cache = tempdir("stream");
+    let proxy = start_proxy(
+        &[("ollama", ollama.url()), ("lmstudio", lmstudio.url())],
+        &config(&cache, ""),
+    )
+    .await;
+    let c = client();
+    let messages = conversation(40);
+    let body = json!({"model": "llama3.2", "messages": messages, "stream": true}).to_string();
+    let r = post_json(
+        &c,
+        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    let last: Value = serde_json::from_str(r.text().lines().last().unwrap()).unwrap();
+    assert_eq!(last["done"], true, "a whole NDJSON stream");
+
+    let body =
+        json!({"model": "qwen2.5-7b-instruct", "messages": messages, "stream": true}).to_string();
+    let r = post_json(
+        &c,
+        &format!("http://{}/v1/chat/completions", proxy.proxy_addr(1)),
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    assert!(r.text().ends_with("data: [DONE]\n\n"));
+    let summarizer = lmstudio
+        .state
+        .log
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/v1/chat/completions")
+        .map(|c| c.json())
+        .filter(|c| c["messages"][0]["content"] == PROMPT)
+        .count();
+    assert_eq!(summarizer, 1, "LM Studio's own model summarized");
+
+    // The streams reported their prompt tokens: the estimate's ratio to them is learned.
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    let ratio = m["token_ratio"].as_f64().expect("a learned ratio");
+    assert!(ratio > 0.25 && ratio < 4.0, "{m}");
+    assert!(m["context_tokens_reported"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["context_tokens_estimated"].as_u64().unwrap() > 0, "{m}");
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn a_summarizer_with_a_small_window_reads_the_history_in_pieces() {
+    // Window 2048 and summaries of up to 512 tokens: the summarizer can read ~770 tokens of
+    // transcript at a time, less than what must be summarized.
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::with(sim_with_window(2048).await, "pieces", "").await;
+    let messages = conversation(40);
+    let r = chat_via(&c, &proxy, &messages).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    let (summarizer, forwarded) = upstream_chats(&sim);
+    assert!(summarizer.len() >= 2, "{} calls", summarizer.len());
+    let transcripts: Vec<&str> = summarizer
+        .iter()
+        .map(|c| c["messages"][1]["content"].as_str().unwrap())
+        .collect();
+    assert!(!transcripts[0].starts_with("Summary of the conversation so far"));
+    for t in &transcripts[1..] {
+        // Each piece carries the previous piece's summary.
+        assert!(
+            t.starts_with(&format!("Summary of the conversation so far:\n{SUMMARY}")),
+            "{t}"
+        );
+    }
+    let sent = forwarded[0]["messages"].as_array().unwrap();
+    let kept = sent.len() - 2;
+    for m in &messages[1..messages.len() - kept] {
+        let text = m["content"].as_str().unwrap();
+        assert_eq!(
+            transcripts.iter().filter(|t| t.contains(text)).count(),
+            1,
+            "{text} reached exactly one piece"
+        );
+    }
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn a_num_ctx_above_buffers_context_max_is_capped() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("cap", "[buffers.context]\nmax = 8192\n").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    assert_eq!(
+        post_json(&c, &url, &chat(&conversation(1))).await.status,
+        200
+    );
+    proxy.refresh(0).await;
+    // Too long for the loaded 4096 (so not normalized to it), and asking for 65536.
+    let body = json!({"model": "llama3.2", "messages": conversation(50), "stream": false,
+                      "options": {"num_ctx": 65536}})
+    .to_string();
+    let r = post_json(&c, &url, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["x-llm-warden-num-ctx"], "65536->8192");
+    assert!(
+        !r.headers.contains_key("x-llm-warden-compacted"),
+        "it fits 8192 as it is"
+    );
+    let (_, forwarded) = upstream_chats(&sim);
+    assert_eq!(
+        forwarded.last().unwrap()["options"],
+        json!({"num_ctx": 8192})
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}

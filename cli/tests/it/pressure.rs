@@ -1,0 +1,302 @@
+//! The staged response to memory pressure, end to end: the proxy's resource probe reports
+//! numbers the test sets, and the proxy compacts earlier at warning, unloads the least
+//! recently used idle model at critical, and every idle unpinned model when it stays
+//! critical; pinned and busy models stay; `action` bounds the stages.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::support::*;
+use llm_warden::app::{self, Probes, Running};
+use llm_warden::lifecycle::SystemMemory;
+use llm_warden::monitor::{ResourceProbe, Sample};
+use llm_warden_sim::ollama::OllamaConfig;
+use serde_json::Value;
+
+const GB: u64 = 1 << 30;
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// A machine of 64 GB whose free memory the test sets.
+#[derive(Clone)]
+struct Machine(Arc<Mutex<f64>>);
+
+impl Machine {
+    fn set_pressure(&self, p: f64) {
+        *self.0.lock().unwrap() = p;
+    }
+}
+
+impl ResourceProbe for Machine {
+    fn sample(&mut self) -> Sample {
+        let p = *self.0.lock().unwrap();
+        Sample {
+            total_memory: 64 * GB,
+            available_memory: ((1.0 - p) * (64 * GB) as f64) as u64,
+            cpu_usage: 5.0,
+            cores: 2,
+            gpus: Vec::new(),
+        }
+    }
+}
+
+async fn start(sim_url: &str, extra: &str) -> (Running, Machine) {
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nname = \"ollama0\"\nkind = \"ollama\"\n\
+         listen = \"127.0.0.1:0\"\nupstream = \"{sim_url}\"\n\
+         [memory_pressure]\nsample_interval = \"50ms\"\n{extra}\n\
+         [models.\"qwen2.5:7b\"]\npinned = true\n"
+    );
+    let machine = Machine(Arc::new(Mutex::new(0.3)));
+    let probes = Probes {
+        memory: Some(Arc::new(SystemMemory::new())),
+        resources: Box::new(machine.clone()),
+    };
+    let proxy = app::start_with(llm_warden::config::load_str(&toml).unwrap(), probes)
+        .await
+        .unwrap();
+    (proxy, machine)
+}
+
+async fn load(c: &TestClient, proxy: &Running, model: &str) {
+    let r = send(
+        c,
+        http::Method::POST,
+        &format!("http://{}/models/ollama0/{model}/load", proxy.admin_addr),
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+fn actions(s: &Value) -> Vec<String> {
+    s["pressure_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn until(c: &TestClient, proxy: &Running, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let f = &f;
+    let found = poll(LIMIT, || async move {
+        let s = status(c, proxy).await;
+        f(&s).then_some(s)
+    })
+    .await;
+    match found {
+        Some(s) => s,
+        None => panic!(
+            "{what}: {}",
+            serde_json::to_string_pretty(&status(c, proxy).await).unwrap()
+        ),
+    }
+}
+
+#[tokio::test]
+async fn pressure_compresses_then_unloads_lru_then_every_idle_model_but_never_pinned_or_busy() {
+    let sim = start_ollama(OllamaConfig {
+        token_delay: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let (proxy, machine) = start(&sim.url(), "").await;
+    let c = client();
+    // Loaded in this order: llama (least recently used), qwen (pinned), nomic.
+    for m in ["llama3.2", "qwen2.5:7b", "nomic-embed-text"] {
+        load(&c, &proxy, m).await;
+    }
+    let s = until(&c, &proxy, "a first sample", |s| {
+        s["system"]["total_memory_mb"] == 65536
+    })
+    .await;
+    assert_eq!(s["system"]["pressure_level"], "normal");
+
+    machine.set_pressure(0.75);
+    until(&c, &proxy, "warning compresses", |s| {
+        s["system"]["pressure_level"] == "warning" && actions(s) == ["compress on"]
+    })
+    .await;
+
+    // A long stream keeps llama busy (and makes it the most recently used).
+    let streaming = spawn_chat(&c, format!("http://{}/api/chat", proxy.proxy_addr(0)));
+    assert!(eventually(LIMIT, || async { sim.state.active_requests() == 1 }).await);
+
+    machine.set_pressure(0.95);
+    let s = until(&c, &proxy, "critical unloads, then caches", |s| {
+        let a = actions(s);
+        a.len() >= 2 && a[1] == "unload"
+    })
+    .await;
+    let unloaded: Vec<&str> = s["pressure_events"][1]["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        unloaded,
+        ["ollama0/nomic-embed-text:latest"],
+        "the LRU idle one (llama is busy, qwen pinned)"
+    );
+    let stream = streaming.await.unwrap();
+    assert!(
+        stream.text().contains("\"done\":true"),
+        "the busy model finished its stream"
+    );
+    // Still critical: llama, idle now, goes too; qwen is pinned.
+    until(&c, &proxy, "cache", |s| {
+        actions(s).iter().any(|a| a == "cache")
+    })
+    .await;
+    assert!(
+        eventually(LIMIT, || async { sim.state.loaded() == ["qwen2.5:7b"] }).await,
+        "{:?}",
+        sim.state.loaded()
+    );
+    assert_eq!(sim.state.unloads_while_busy(), 0);
+
+    machine.set_pressure(0.4);
+    let s = until(&c, &proxy, "back to normal", |s| {
+        s["system"]["pressure_level"] == "normal"
+            && actions(s).last().map(String::as_str) == Some("compress off")
+    })
+    .await;
+    assert!(
+        s["system"]["peak_memory_mb"].as_u64().unwrap() >= 62259,
+        "peak kept: {}",
+        s["system"]
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn action_compress_never_unloads() {
+    let sim = start_ollama(Default::default()).await;
+    let (proxy, machine) = start(&sim.url(), "action = \"compress\"\n").await;
+    let c = client();
+    load(&c, &proxy, "llama3.2").await;
+    machine.set_pressure(0.97);
+    until(&c, &proxy, "critical", |s| {
+        s["system"]["pressure_level"] == "critical"
+    })
+    .await;
+    // Five more samples at critical: still only the compress step.
+    let mut seen = String::new();
+    for _ in 0..5 {
+        let s = until(&c, &proxy, "a later sample", |s| {
+            s["system"]["sampled_at"].as_str() != Some(seen.as_str())
+        })
+        .await;
+        seen = s["system"]["sampled_at"].as_str().unwrap().to_string();
+        assert_eq!(actions(&s), ["compress on"]);
+    }
+    assert_eq!(sim.state.loaded(), ["llama3.2:latest"]);
+    proxy.shutdown().await;
+}
+
+/// The `x-llm-warden-*` header `name` of a reply, if set.
+fn header(r: &Reply, name: &str) -> Option<String> {
+    r.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+}
+
+#[tokio::test]
+async fn loads_under_pressure_get_smaller_runners_that_later_requests_keep() {
+    let sim = start_ollama(Default::default()).await;
+    let (proxy, machine) = start(&sim.url(), "[buffers.context]\ninitial = 2048\n").await;
+    let c = client();
+    let chat = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let generate = format!("http://{}/api/generate", proxy.proxy_addr(0));
+    let hello = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":false}}"#
+        )
+    };
+
+    // Normal: nothing is rewritten; the model loads at Ollama's default.
+    let r = post_json(&c, &chat, &hello("llama3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(header(&r, "x-llm-warden-num-ctx"), None);
+    assert_eq!(sim.state.loaded_num_ctx("llama3.2"), Some(4096));
+    let r = post_json(
+        &c,
+        &format!("http://{}/models/ollama0/llama3.2/unload", proxy.admin_addr),
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Warning: a new load gets num_ctx = buffers.context.initial, and so does every native
+    // request for it after, so Ollama never reloads it.
+    machine.set_pressure(0.75);
+    until(&c, &proxy, "warning", |s| {
+        s["system"]["pressure_level"] == "warning"
+    })
+    .await;
+    let r = post_json(&c, &chat, &hello("llama3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx").as_deref(),
+        Some("default->2048")
+    );
+    assert_eq!(sim.state.loaded_num_ctx("llama3.2"), Some(2048));
+    let loads = sim.state.load_count("llama3.2");
+    let r = post_json(
+        &c,
+        &generate,
+        r#"{"model":"llama3.2","prompt":"hi","stream":false,"options":{"num_ctx":8192,"temperature":0}}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx").as_deref(),
+        Some("8192->2048")
+    );
+    // Back to normal: the runner is still the small one, and requests still keep it.
+    machine.set_pressure(0.3);
+    until(&c, &proxy, "normal", |s| {
+        s["system"]["pressure_level"] == "normal"
+    })
+    .await;
+    let r = post_json(&c, &chat, &hello("llama3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx").as_deref(),
+        Some("default->2048")
+    );
+    assert_eq!(sim.state.load_count("llama3.2"), loads, "never reloaded");
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    assert_eq!(m["context_length"], 2048, "{m}");
+
+    // Critical: half the context, and num_batch from buffers.working.initial (256 MB) and the
+    // model's geometry (/api/show: 3584 wide, no vocab_size, so 128 Ki assumed): 4 × (3584 +
+    // 131072) B = 526 KiB a token, 498 tokens fit, so 256.
+    machine.set_pressure(0.95);
+    until(&c, &proxy, "critical", |s| {
+        s["system"]["pressure_level"] == "critical"
+    })
+    .await;
+    let r = post_json(&c, &chat, &hello("qwen2.5:7b")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx").as_deref(),
+        Some("default->1024")
+    );
+    assert_eq!(
+        header(&r, "x-llm-warden-num-batch").as_deref(),
+        Some("default->256")
+    );
+    assert_eq!(sim.state.loaded_num_ctx("qwen2.5:7b"), Some(1024));
+    assert_eq!(sim.state.loaded_num_batch("qwen2.5:7b"), Some(256));
+    let loads = sim.state.load_count("qwen2.5:7b");
+    let r = post_json(&c, &chat, &hello("qwen2.5:7b")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        sim.state.load_count("qwen2.5:7b"),
+        loads,
+        "kept, not reloaded"
+    );
+    proxy.shutdown().await;
+}

@@ -1,0 +1,331 @@
+//! The official Python clients (`ollama`, `openai`) against both simulators, through the
+//! proxy: `cli/tests/python/clients.py` does the talking and asserts what the clients see; this
+//! test checks that the proxy counted exactly what the script sent.
+//!
+//! The interpreter is `$LLM_WARDEN_PYTHON` when set, else `<repo>/.venv/bin/python`, which this
+//! test creates from `cli/tests/python/requirements.txt` when it is missing or stale (needs
+//! `python3` and PyPI). `.ci/python-env.sh` makes the same venv ahead of time.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::support::*;
+use llm_warden_sim::lmstudio::LmStudioConfig;
+use llm_warden_sim::ollama::OllamaConfig;
+
+/// Environment variables that would send the clients' requests somewhere else.
+const PROXY_VARS: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "OLLAMA_HOST",
+    "OPENAI_BASE_URL",
+];
+
+/// Requests the script sends, per (provider, model as `/status` names it, the names the
+/// requests used). Ollama names are shown with their tag (`:latest` when none is given), so
+/// `nomic-embed-text` and `nomic-embed-text:latest` are one model.
+const EXPECTED_REQUESTS: &[(&str, &str, u64, &[&str])] = &[
+    // ollama client: chat, chat streamed, generate.
+    ("ollama0", "llama3.2:latest", 3, &["llama3.2"]),
+    // openai client on Ollama's /v1: chat, streamed with and without usage.
+    ("ollama0", "qwen2.5:7b", 3, &["qwen2.5:7b"]),
+    // embed from the ollama client and embeddings from the openai client.
+    (
+        "ollama0",
+        "nomic-embed-text:latest",
+        2,
+        &["nomic-embed-text", "nomic-embed-text:latest"],
+    ),
+    // openai client on LM Studio's /v1: the same.
+    (
+        "lmstudio1",
+        "qwen2.5-7b-instruct",
+        3,
+        &["qwen2.5-7b-instruct"],
+    ),
+    (
+        "lmstudio1",
+        "text-embedding-nomic-embed-text-v1.5",
+        1,
+        &["text-embedding-nomic-embed-text-v1.5"],
+    ),
+];
+
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(45);
+
+#[tokio::test]
+async fn official_python_clients_through_the_proxy() {
+    let python = tokio::task::spawn_blocking(python)
+        .await
+        .expect("venv setup did not panic");
+
+    let token_delay = Duration::from_millis(1);
+    let ollama = start_ollama(OllamaConfig {
+        token_delay,
+        ..Default::default()
+    })
+    .await;
+    let lmstudio = start_lmstudio(LmStudioConfig {
+        token_delay,
+        ..Default::default()
+    })
+    .await;
+    let proxy = start_proxy(
+        &[("ollama", ollama.url()), ("lmstudio", lmstudio.url())],
+        "",
+    )
+    .await;
+    let ollama_url = format!("http://{}", proxy.proxy_addr(0));
+    let lmstudio_url = format!("http://{}", proxy.proxy_addr(1));
+
+    let report_path = std::env::temp_dir().join(format!(
+        "llm-warden-python-clients-{}-{}.json",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let mut cmd = Command::new(&python);
+    cmd.arg(repo().join("cli/tests/python/clients.py"))
+        .env("WARDEN_OLLAMA_URL", &ollama_url)
+        .env("WARDEN_LMSTUDIO_URL", &lmstudio_url)
+        .env("WARDEN_PY_REPORT", &report_path)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    for v in PROXY_VARS {
+        cmd.env_remove(v);
+    }
+    let started = Instant::now();
+    // The proxy and the simulators run on this runtime; the script waits on another thread.
+    let out = tokio::task::spawn_blocking(move || output_within(cmd, SCRIPT_TIMEOUT))
+        .await
+        .expect("the script runner did not panic");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("clients.py ({:.1?}):\n{stdout}{stderr}", started.elapsed());
+    assert!(
+        out.status.success(),
+        "clients.py failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("checks passed"),
+        "no summary line from clients.py:\n{stdout}"
+    );
+
+    let report: serde_json::Value = serde_json::from_slice(
+        &fs::read(&report_path).unwrap_or_else(|e| panic!("{}: {e}", report_path.display())),
+    )
+    .expect("the report is JSON");
+    let _ = fs::remove_file(&report_path);
+
+    let c = client();
+    // Guards drop when a response body ends; give the last one a moment.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            status(&c, &proxy).await["models"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().all(|m| m["active_requests"] == 0))
+        })
+        .await,
+        "requests still in flight after the script exited: {}",
+        status(&c, &proxy).await
+    );
+
+    let s = status(&c, &proxy).await;
+    for &(provider, model, requests, sent_as) in EXPECTED_REQUESTS {
+        let m = model_entry(&s, provider, model);
+        let listener = provider.trim_end_matches(char::is_numeric);
+        let sum = |key: &str| -> u64 {
+            sent_as
+                .iter()
+                .map(|n| report[listener][*n][key].as_u64().unwrap_or(0))
+                .sum()
+        };
+        let seen = serde_json::json!({
+            "requests": sum("requests"),
+            "prompt_tokens": sum("prompt_tokens"),
+            "completion_tokens": sum("completion_tokens"),
+        });
+        let what = format!("{provider}/{model}: {m}");
+        assert_eq!(m["total_requests"], requests, "{what}");
+        assert_eq!(seen["requests"], requests, "script report for {what}");
+        assert_eq!(m["active_requests"], 0, "{what}");
+        assert_eq!(m["errors"], 0, "{what}");
+        assert_eq!(m["cancelled"], 0, "{what}");
+        // Every reply the clients got carried usage (but the stream without include_usage),
+        // so the proxy's counts must be exactly the sums the script saw.
+        assert!(m["prompt_tokens"].as_u64() > Some(0), "{what}");
+        assert_eq!(m["prompt_tokens"], seen["prompt_tokens"], "{what}");
+        assert_eq!(m["completion_tokens"], seen["completion_tokens"], "{what}");
+        if !model.contains("embed") {
+            assert!(m["completion_tokens"].as_u64() > Some(0), "{what}");
+        }
+    }
+    // Nothing else was sent through the proxy.
+    for m in s["models"].as_array().expect("models is a list") {
+        let used = m["total_requests"].as_u64().unwrap_or(0) > 0;
+        let expected = EXPECTED_REQUESTS
+            .iter()
+            .any(|&(p, n, _, _)| m["provider"] == p && m["model"] == n);
+        assert!(!used || expected, "unexpected model in /status: {m}");
+    }
+
+    proxy.shutdown().await;
+}
+
+fn repo() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// The interpreter to run `clients.py` with; creates or updates `<repo>/.venv` when needed.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLM_WARDEN_PYTHON") {
+        return p.into();
+    }
+    let venv = repo().join(".venv");
+    let python = venv.join("bin/python");
+    let requirements = repo().join("cli/tests/python/requirements.txt");
+    let wanted = fs::read_to_string(&requirements)
+        .unwrap_or_else(|e| panic!("{}: {e}", requirements.display()));
+    // A copy of the requirements the venv was built from, written last: a venv without it (or
+    // with an older one) is unfinished or stale.
+    let stamp = venv.join(".llm-warden-requirements.txt");
+    let ready = || python.exists() && fs::read_to_string(&stamp).ok().as_ref() == Some(&wanted);
+    if ready() {
+        return python;
+    }
+    fs::create_dir_all(&venv).unwrap_or_else(|e| panic!("{}: {e}", venv.display()));
+    let _lock = DirLock::acquire(venv.join(".lock"));
+    if ready() {
+        return python; // another test process made it while we waited
+    }
+    eprintln!(
+        "creating {} from {} (set LLM_WARDEN_PYTHON to use another interpreter)",
+        venv.display(),
+        requirements.display()
+    );
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv));
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            "-r",
+        ])
+        .arg(&requirements));
+    fs::write(&stamp, &wanted).unwrap_or_else(|e| panic!("{}: {e}", stamp.display()));
+    python
+}
+
+/// Runs `cmd` to completion like `Command::output`, but kills it after `limit`.
+fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let dir = std::env::temp_dir();
+    let tag = format!("llm-warden-python-{}", std::process::id());
+    let (out_path, err_path) = (
+        dir.join(format!("{tag}.stdout")),
+        dir.join(format!("{tag}.stderr")),
+    );
+    let file = |p: &Path| fs::File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(file(&out_path))
+        .stderr(file(&err_path))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the script") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let so = fs::read_to_string(&out_path).unwrap_or_default();
+            let se = fs::read_to_string(&err_path).unwrap_or_default();
+            panic!("{cmd:?} did not finish within {limit:?}:\n{so}{se}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Output {
+        status,
+        stdout: fs::read(&out_path).unwrap_or_default(),
+        stderr: fs::read(&err_path).unwrap_or_default(),
+    };
+    let _ = fs::remove_file(&out_path);
+    let _ = fs::remove_file(&err_path);
+    out
+}
+
+fn run(cmd: &mut Command) {
+    let status = cmd
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(status.success(), "{cmd:?} failed: {status}");
+}
+
+/// A lock between test processes: a directory only one of them can create. A lock whose
+/// holder has died (its pid is gone) or that is older than [`DirLock::STALE`] is taken over.
+struct DirLock(PathBuf);
+
+impl DirLock {
+    const STALE: Duration = Duration::from_secs(600);
+
+    fn acquire(path: PathBuf) -> DirLock {
+        let give_up = Instant::now() + Self::STALE + Duration::from_secs(60);
+        loop {
+            match fs::create_dir(&path) {
+                Ok(()) => {
+                    let _ = fs::write(path.join("pid"), std::process::id().to_string());
+                    return DirLock(path);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if Self::is_stale(&path) {
+                        let _ = fs::remove_dir_all(&path);
+                        continue;
+                    }
+                    assert!(
+                        Instant::now() < give_up,
+                        "{} is still held; remove it if no test is running",
+                        path.display()
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("{}: {e}", path.display()),
+            }
+        }
+    }
+
+    fn is_stale(path: &Path) -> bool {
+        let old = fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > Self::STALE);
+        let dead = fs::read_to_string(path.join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|pid| {
+                Path::new("/proc/self").exists() && !Path::new(&format!("/proc/{pid}")).exists()
+            });
+        old || dead
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
