@@ -16,7 +16,8 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use llm_warden::context::plan::{plan, Budget, Role};
 use llm_warden::providers::UsageKeys;
-use llm_warden::proxy::{rewrite, ModelRequest, UsageScanner};
+use llm_warden::proxy::{ModelRequest, UsageScanner};
+use llm_warden::rewrite;
 use serde_json::json;
 
 fn conversation(turns: usize) -> Vec<u8> {

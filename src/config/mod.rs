@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::providers::ProviderKind;
+pub use crate::providers::{parse_upstream, Upstream};
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "LLM_WARDEN_CONFIG";
@@ -155,26 +156,6 @@ pub struct ProviderConfig {
     /// Keys a client must present (`Authorization: Bearer <key>`); empty = no check, and the
     /// client's `Authorization` goes upstream unchanged. When checked, it is not forwarded.
     pub api_keys: Vec<Secret>,
-}
-
-/// Where a provider lives: scheme and authority, plus an optional path prefix that is put in
-/// front of every forwarded path.
-#[derive(Clone, Debug)]
-pub struct Upstream {
-    pub scheme: http::uri::Scheme,
-    pub authority: http::uri::Authority,
-    /// Empty, or a prefix starting with `/` and without a trailing `/`.
-    pub path_prefix: String,
-}
-
-impl fmt::Display for Upstream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}://{}{}",
-            self.scheme, self.authority, self.path_prefix
-        )
-    }
 }
 
 /// TDR-007 ResourceLimits. The first two apply to each provider on its own (a provider entry
@@ -451,35 +432,6 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         }
     };
     Ok((num * mult as f64) as u64)
-}
-
-/// Parses an upstream base URL: `http://host:port[/prefix]`.
-pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
-    let uri: http::Uri = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a URL like `http://127.0.0.1:11434`"))?;
-    let scheme = uri
-        .scheme()
-        .cloned()
-        .ok_or_else(|| format!("`{s}` needs a scheme (`http://`)"))?;
-    if scheme != http::uri::Scheme::HTTP {
-        return Err(format!(
-            "`{s}`: only http:// upstreams are supported (local providers speak plain HTTP)"
-        ));
-    }
-    let authority = uri
-        .authority()
-        .cloned()
-        .ok_or_else(|| format!("`{s}` needs a host"))?;
-    if uri.query().is_some() {
-        return Err(format!("`{s}` must not have a query string"));
-    }
-    let path_prefix = uri.path().trim_end_matches('/').to_string();
-    Ok(Upstream {
-        scheme,
-        authority,
-        path_prefix,
-    })
 }
 
 #[cfg(test)]

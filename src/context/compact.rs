@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use dashmap::DashMap;
+use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -29,8 +30,9 @@ use super::cache::{Summary, SummaryCache, SummaryKey};
 use super::events::{CompactionEvent, EventLog};
 use super::plan::{self, Budget, Plan, Role};
 use super::summarize;
-use crate::app::AppState;
 use crate::config::{CompactionConfig, Config, ModelOverrides, OverflowPolicy};
+use crate::lifecycle::Shape;
+use crate::providers::ProviderKind;
 use crate::tokens::{self, Encoding, TokenCounter};
 
 /// Tag of the summarizer prompt in cache keys: a new prompt must not reuse old summaries.
@@ -46,6 +48,41 @@ pub const CALIBRATION_FILE: &str = "calibration.json";
 pub const PRESSURE_FACTOR: f64 = 0.75;
 /// Tokens the summarizer's own instructions and the transcript's labels take, about.
 const SUMMARIZER_OVERHEAD: u64 = 256;
+
+/// What the compaction stage works with: the compactor, and the providers as compaction
+/// sees them (nothing else of the proxy's state).
+#[derive(Clone, Copy)]
+pub struct Stage<'a> {
+    pub compactor: &'a Compactor,
+    pub providers: &'a dyn Providers,
+}
+
+/// The providers, as compaction needs them: names, kinds and windows, where to count the
+/// tokens it saved, and a way to ask a model for a summary. The data plane implements it.
+pub trait Providers: Send + Sync {
+    fn name(&self, provider: usize) -> &str;
+    fn kind(&self, provider: usize) -> ProviderKind;
+    /// The index of the provider named `name`.
+    fn find(&self, name: &str) -> Option<usize>;
+    /// The window `model` runs (or last ran) with, as its lifecycle publishes it.
+    fn window(&self, provider: usize, model: &str) -> Option<u64>;
+    /// The runner options `model` was loaded with (Ollama reloads a runner whose options
+    /// differ from a request's, so a summary request carries the same).
+    fn runner(&self, provider: usize, model: &str) -> Shape;
+    /// Counts `saved` tokens of compaction for `model`.
+    fn compacted(&self, provider: usize, model: &str, saved: u64);
+    /// POSTs the JSON `body` to `path` on `provider` while holding a lease on `model` (which
+    /// loads it, or waits, as a request would); the answer's status and body, at most `limit`
+    /// bytes.
+    fn post(
+        &self,
+        provider: usize,
+        model: &str,
+        path: &'static str,
+        body: Bytes,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<(http::StatusCode, Bytes), String>>;
+}
 
 /// Shared compaction state: the counter, the summary cache, recent events.
 pub struct Compactor {
@@ -322,7 +359,7 @@ impl Compactor {
 }
 
 /// Fits `req` into `window` tokens (see the module doc).
-pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
+pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
     let cx = &state.compactor;
     let policy = cx.policy(req.model);
     let Some(messages_raw) = req.messages else {
@@ -339,7 +376,7 @@ pub async fn fit(state: &AppState, req: &ChatRequest<'_>, window: u64) -> Fit {
         // Not an array of messages: the provider answers its own error.
         return Fit::Unchanged { estimate: None };
     };
-    let provider_name = &state.providers[req.provider].config.name;
+    let provider_name = state.providers.name(req.provider);
     let enc = cx.encoding(req.model);
     let raw_counts = cx.count_messages(enc, &raws).await;
     let ratio = cx.counter.ratio(provider_name, req.model);
@@ -412,7 +449,7 @@ const TOO_LONG: &str = "the system messages and the last turn alone exceed the w
 
 /// The end of one request's fitting: logged, counted and listed once, whatever it was.
 struct Report<'a> {
-    state: &'a AppState,
+    state: Stage<'a>,
     req: &'a ChatRequest<'a>,
     window: u64,
     /// The prompt's estimated tokens as the client sent it.
@@ -441,10 +478,11 @@ impl Report<'_> {
         failure: Option<String>,
     ) -> Fit {
         self.record(action, after, summarizer_calls, source, failure);
-        self.state
-            .stats
-            .model(self.req.provider, self.req.model)
-            .record_compaction(self.before.saturating_sub(after));
+        self.state.providers.compacted(
+            self.req.provider,
+            self.req.model,
+            self.before.saturating_sub(after),
+        );
         Fit::Rewritten {
             body,
             before: self.before,
@@ -461,7 +499,7 @@ impl Report<'_> {
         failure: Option<String>,
     ) {
         let (state, req) = (self.state, self.req);
-        let provider = state.providers[req.provider].config.name.clone();
+        let provider = state.providers.name(req.provider).to_string();
         tracing::info!(
             provider = %provider,
             model = req.model,
@@ -506,7 +544,7 @@ struct Evicted<'a> {
 /// the body, its estimated tokens, the summarizer calls made and where the summary came from.
 #[allow(clippy::too_many_arguments)]
 async fn summarized(
-    state: &AppState,
+    state: Stage<'_>,
     req: &ChatRequest<'_>,
     input: Evicted<'_>,
     budget: u64,
@@ -522,7 +560,7 @@ async fn summarized(
     } = input;
     let cx = &state.compactor;
     let (sp, sm) = summarizer_of(state, req);
-    let scope = format!("{}/{}", state.providers[sp].config.name, sm);
+    let scope = format!("{}/{}", state.providers.name(sp), sm);
     let bytes: Vec<&[u8]> = evict.iter().map(|&i| raws[i].get().as_bytes()).collect();
     let total: u64 = counts.iter().sum();
     let evicted_tokens = |n: usize| evict[..n].iter().map(|&i| counts[i]).sum::<u64>();
@@ -549,7 +587,7 @@ async fn summarized(
     }
     // The summarizer has a window too: what it must read goes in pieces that fit it, each
     // piece's summary carried into the next (and cached: a later turn may stop there).
-    let window_s = state.providers[sp].lifecycle.window(&sm).unwrap_or(window);
+    let window_s = state.providers.window(sp, &sm).unwrap_or(window);
     let max = u64::from(cx.live().settings.summary_max_tokens);
     let piece_budget = ((window_s as f64 * 0.9) as u64)
         .saturating_sub(2 * max + SUMMARIZER_OVERHEAD)
@@ -575,7 +613,7 @@ async fn summarized(
         let rest: Vec<&Value> = evict[k..end].iter().map(|&i| &values[i]).collect();
         let transcript = summarize::transcript(prior.as_deref(), &rest);
         let text = summarize::call(
-            state,
+            state.providers,
             sp,
             &sm,
             &transcript,
@@ -645,15 +683,15 @@ fn truncate(
 }
 
 /// The summarizer's provider index and model: configured, else the request's own.
-fn summarizer_of(state: &AppState, req: &ChatRequest<'_>) -> (usize, String) {
+fn summarizer_of(state: Stage<'_>, req: &ChatRequest<'_>) -> (usize, String) {
     let live = state.compactor.live();
     let c = &live.settings;
     let sp = c
         .summarizer_provider
         .as_ref()
-        .and_then(|name| state.providers.iter().position(|p| &p.config.name == name))
+        .and_then(|name| state.providers.find(name))
         .unwrap_or(req.provider);
-    let kind = state.providers[sp].config.kind;
+    let kind = state.providers.kind(sp);
     let sm = c
         .summarizer_model
         .as_deref()
@@ -703,7 +741,7 @@ fn rewrite(
         n += 1;
     }
     out.push(']');
-    crate::proxy::rewrite::set_top_level(body, "messages", &out)
+    crate::rewrite::set_top_level(body, "messages", &out)
         .ok()
         .map(|(b, _)| Bytes::from(b))
 }

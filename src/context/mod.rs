@@ -17,4 +17,4 @@ pub mod summarize;
 #[cfg(test)]
 mod tests;
 
-pub use compact::{fit, ChatRequest, Compactor, Fit};
+pub use compact::{fit, ChatRequest, Compactor, Fit, Providers, Stage};

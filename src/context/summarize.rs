@@ -5,11 +5,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Request};
-use http_body_util::{BodyExt, Either, Full, Limited};
 use serde_json::{json, Value};
 
-use crate::app::AppState;
+use super::compact::Providers;
 use crate::providers::ProviderKind;
 
 /// Changes whenever [`PROMPT`] does, so cached summaries of another prompt are not reused.
@@ -84,19 +82,19 @@ fn content_text(m: &Value) -> String {
 /// Asks model `model` of provider `provider` for a summary of `transcript`, in at most
 /// `max_tokens` tokens, within `timeout` (waiting for the model included).
 pub async fn call(
-    state: &AppState,
+    providers: &dyn Providers,
     provider: usize,
     model: &str,
     transcript: &str,
     max_tokens: u32,
     timeout: Duration,
 ) -> Result<String, String> {
-    match tokio::time::timeout(
+    let asked = tokio::time::timeout(
         timeout,
-        call_now(state, provider, model, transcript, max_tokens),
+        call_now(providers, provider, model, transcript, max_tokens),
     )
-    .await
-    {
+    .await;
+    match asked {
         Ok(r) => r,
         Err(_) => Err(format!(
             "no summary within {timeout:?} (compaction.summarizer_timeout)"
@@ -105,21 +103,19 @@ pub async fn call(
 }
 
 async fn call_now(
-    state: &AppState,
+    providers: &dyn Providers,
     provider: usize,
     model: &str,
     transcript: &str,
     max_tokens: u32,
 ) -> Result<String, String> {
-    let p = &state.providers[provider];
-    let kind = p.config.kind;
     let messages = json!([
         {"role": "system", "content": PROMPT},
         {"role": "user", "content": transcript},
     ]);
     // A runner the proxy loaded smaller keeps its options (Ollama reloads on a difference).
-    let shape = p.lifecycle.runner(model).unwrap_or_default();
-    let (path, body) = match kind {
+    let shape = providers.runner(provider, model);
+    let (path, body) = match providers.kind(provider) {
         ProviderKind::Ollama => {
             let mut options = json!({"num_predict": max_tokens});
             if let Some(n) = shape.num_ctx {
@@ -139,32 +135,10 @@ async fn call_now(
             json!({"model": model, "messages": messages, "stream": false, "max_tokens": max_tokens}),
         ),
     };
-    let _lease = if p.managed() {
-        Some(
-            p.lifecycle
-                .acquire(model, None, shape)
-                .await
-                .map_err(|e| format!("summarizer model: {e}"))?,
-        )
-    } else {
-        None
-    };
-    let up = &p.config.upstream;
-    let req = Request::post(format!("{up}{path}"))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Either::Right(Full::new(Bytes::from(body.to_string()))))
-        .map_err(|e| e.to_string())?;
-    let resp = state
-        .client
-        .request(req)
-        .await
-        .map_err(|e| format!("summarizer `{}` unreachable: {e}", p.config.name))?;
-    let status = resp.status();
-    let bytes = Limited::new(resp.into_body(), ANSWER_LIMIT)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the summary: {e}"))?
-        .to_bytes();
+    let body = Bytes::from(body.to_string());
+    let (status, bytes) = providers
+        .post(provider, model, path, body, ANSWER_LIMIT)
+        .await?;
     if !status.is_success() {
         return Err(format!(
             "summarizer answered {status}: {}",

@@ -1,5 +1,6 @@
 //! What the actor does to the outside world, behind traits so tests use fakes: load and unload
-//! through the provider ([`Backend`]), and read the machine's memory ([`MemoryProbe`]).
+//! through the provider ([`Backend`]); the machine's memory is read through
+//! `crate::monitor::MemoryProbe`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,10 +8,8 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 
 use super::Shape;
-use crate::config::Upstream;
 use crate::providers::ops::{self, LoadOptions, Loaded, OpError};
-use crate::providers::ProviderKind;
-use crate::proxy::UpstreamClient;
+use crate::providers::{ProviderKind, Upstream, UpstreamClient};
 
 /// Loads and unloads models on one provider.
 pub trait Backend: Send + Sync + 'static {
@@ -158,52 +157,6 @@ impl Backend for OpsBackend {
                 }
             }
             ops::unload(&client, &upstream, kind, &id).await
-        })
-    }
-}
-
-/// Memory of the machine, bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemoryReading {
-    pub total: u64,
-    /// Free for new allocations now (Linux `MemAvailable`).
-    pub available: u64,
-}
-
-/// Reads the machine's memory when the actor plans a load.
-pub trait MemoryProbe: Send + Sync + 'static {
-    /// `None` when it cannot be read: admission then checks the model count only.
-    fn read(&self) -> Option<MemoryReading>;
-}
-
-/// System RAM from `sysinfo` (GPU memory comes with the memory-pressure monitor). Refreshing
-/// memory alone reads `/proc/meminfo`: tens of microseconds, once per planned load.
-pub struct SystemMemory {
-    sys: Mutex<sysinfo::System>,
-}
-
-impl SystemMemory {
-    pub fn new() -> Self {
-        SystemMemory {
-            sys: Mutex::new(sysinfo::System::new()),
-        }
-    }
-}
-
-impl Default for SystemMemory {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl MemoryProbe for SystemMemory {
-    fn read(&self) -> Option<MemoryReading> {
-        let mut sys = self.sys.lock().unwrap_or_else(|e| e.into_inner());
-        sys.refresh_memory();
-        let total = sys.total_memory();
-        (total > 0).then(|| MemoryReading {
-            total,
-            available: sys.available_memory(),
         })
     }
 }

@@ -60,7 +60,8 @@ use crate::config::{Config, ModelOverrides, QueueConfig};
 use crate::providers::ops::{Loaded, OpError};
 use crate::providers::{LoadedModel, ProviderKind};
 
-pub use backend::{slot_file, Backend, MemoryProbe, MemoryReading, OpsBackend, SystemMemory};
+pub use crate::monitor::{MemoryProbe, MemoryReading, SystemMemory};
+pub use backend::{slot_file, Backend, OpsBackend};
 
 /// The runner options a load asks for (Ollama `options.num_ctx` / `num_batch`, LM Studio
 /// `context_length`); `None` leaves the provider's default. Loads under memory pressure get

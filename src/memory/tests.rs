@@ -557,7 +557,7 @@ async fn simulator_size_is_weights_plus_the_kv_estimate() {
         .expect("bind");
     let sim = ollama::spawn(cfg, listener);
     let up = parse_upstream(&sim.url()).expect("the simulator's URL");
-    let client = crate::proxy::build_client(&Config::default().proxy);
+    let client = crate::providers::build_client(Config::default().proxy.connect_timeout);
 
     // (model, num_ctx asked for, loaded context, geometry, allocated, model, context MB)
     let cases = [

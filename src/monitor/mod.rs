@@ -26,6 +26,7 @@
 
 pub mod pressure;
 pub mod probe;
+mod probe_memory;
 pub mod respond;
 #[cfg(test)]
 mod tests;
@@ -39,6 +40,7 @@ use tokio::time::MissedTickBehavior;
 
 pub use pressure::{classify, pressure_of, Level, Thresholds};
 pub use probe::{GpuMemory, ResourceProbe, Sample, SystemProbe};
+pub use probe_memory::{MemoryProbe, MemoryReading, SystemMemory};
 
 const MIB: u64 = 1 << 20;
 
@@ -257,8 +259,8 @@ fn log_level_change(from: Level, now: &Snapshot) {
 /// The lifecycle's memory admission reads the monitor's latest sample: RAM, plus GPU memory
 /// where NVML sees GPUs (Ollama spreads a model over VRAM and RAM, so both count). `None`
 /// until the first sample.
-impl crate::lifecycle::MemoryProbe for MonitorHandle {
-    fn read(&self) -> Option<crate::lifecycle::MemoryReading> {
+impl MemoryProbe for MonitorHandle {
+    fn read(&self) -> Option<MemoryReading> {
         let s = self.latest();
         if s.total_memory_mb == 0 {
             return None;
@@ -266,7 +268,7 @@ impl crate::lifecycle::MemoryProbe for MonitorHandle {
         const MIB: u64 = 1 << 20;
         let gpu_total: u64 = s.gpu_memory.iter().map(|g| g.total_mb).sum();
         let gpu_free: u64 = s.gpu_memory.iter().map(|g| g.free_mb).sum();
-        Some(crate::lifecycle::MemoryReading {
+        Some(MemoryReading {
             total: (s.total_memory_mb + gpu_total) * MIB,
             available: (s.total_memory_mb.saturating_sub(s.used_memory_mb) + gpu_free) * MIB,
         })

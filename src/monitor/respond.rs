@@ -15,12 +15,12 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::watch;
 
 use super::pressure::Level;
 use super::Snapshot;
-use crate::app::AppState;
 use crate::config::PressureAction;
 
 /// How many pressure events `/status` keeps.
@@ -85,20 +85,34 @@ pub struct PressureEvent {
 /// Recent pressure events, oldest first.
 pub type PressureLog = crate::recent::Recent<PressureEvent>;
 
-/// Follows the monitor until `stop`, acting on each sample.
+/// What the response acts on: the proxy's state, seen only as these actions (`state`
+/// implements them).
+pub trait Actions: Send + Sync {
+    /// Stage 1: compact conversations earlier, or stop doing so.
+    fn compact_earlier(&self, on: bool);
+    /// Stages 2 and 3: each provider unloads its least recently used idle model (`all`:
+    /// every idle unpinned one); the `provider/model` names whose unload started.
+    fn shed(&self, all: bool) -> BoxFuture<'_, Vec<String>>;
+    /// Stage 3: keep what the proxy learned on disk (the token ratios).
+    fn save_state(&self);
+    /// Counts and keeps what the response did (`/metrics`, `/status`).
+    fn record(&self, event: PressureEvent);
+}
+
+/// Follows the monitor until `stop`, acting on each sample within `bound`.
 pub async fn run(
-    state: Arc<AppState>,
+    actions: Arc<dyn Actions>,
+    bound: PressureAction,
     mut samples: watch::Receiver<Snapshot>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let bound = state.config.load().memory_pressure.action;
     let mut previous = Level::Normal;
     let mut streak = 0u32;
     loop {
         let snap = samples.borrow_and_update().clone();
         let level = snap.pressure_level;
         for step in plan(previous, streak, level, bound) {
-            act(&state, step, &snap).await;
+            act(&*actions, step, &snap).await;
         }
         streak = if level == Level::Critical {
             streak + 1
@@ -113,28 +127,23 @@ pub async fn run(
     }
 }
 
-async fn act(state: &AppState, step: Step, snap: &Snapshot) {
+async fn act(actions: &dyn Actions, step: Step, snap: &Snapshot) {
     let (action, models) = match step {
         Step::CompressOn => {
-            state.compactor.set_compact_earlier(true);
+            actions.compact_earlier(true);
             ("compress on", Vec::new())
         }
         Step::CompressOff => {
-            state.compactor.set_compact_earlier(false);
+            actions.compact_earlier(false);
             ("compress off", Vec::new())
         }
         Step::UnloadLru | Step::UnloadAllIdle => {
             let all = step == Step::UnloadAllIdle;
-            let mut models = Vec::new();
-            for p in &state.providers {
-                for m in p.lifecycle.shed(all).await {
-                    models.push(format!("{}/{m}", p.config.name));
-                }
-            }
+            let models = actions.shed(all).await;
             if all {
                 // Stage 3 keeps the proxy's own state on disk: summaries already are; the
                 // learned token ratios are saved now.
-                state.compactor.save_calibration();
+                actions.save_state();
             }
             if models.is_empty() {
                 // Nothing idle to unload: nothing to record (it would repeat every sample).
@@ -150,8 +159,7 @@ async fn act(state: &AppState, step: Step, snap: &Snapshot) {
         memory_pressure = snap.memory_pressure,
         "memory pressure response"
     );
-    state.pressure_counters.record(action);
-    state.pressure_events.push(PressureEvent {
+    actions.record(PressureEvent {
         at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         level: snap.pressure_level,
         action,

@@ -237,7 +237,7 @@ fn snapshot_json_has_the_status_field_names() {
 
 #[tokio::test(start_paused = true)]
 async fn admission_reads_ram_and_gpu_memory_from_the_latest_sample() {
-    use crate::lifecycle::{MemoryProbe, MemoryReading};
+    use crate::monitor::{MemoryProbe, MemoryReading};
     let probe = ScriptedProbe::new(vec![sample(4000, &[(8000, 3000), (8000, 8000)])]);
     let (handle, _task, _stop) = start(probe);
     assert_eq!(handle.read(), None, "nothing sampled yet");

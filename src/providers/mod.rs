@@ -4,10 +4,16 @@
 //!
 //! The proxy consults these tables; it never matches on provider paths itself.
 
+pub mod client;
 pub mod llamacpp;
 mod lmstudio;
 mod ollama;
 pub mod ops;
+mod upstream;
+
+pub use client::{build_client, UpstreamClient};
+pub use ops::error_chain;
+pub use upstream::{parse_upstream, Upstream};
 
 /// The kinds of upstream llm-warden understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use serde_json::{json, Value};
 
 use super::ProviderKind;
-use crate::config::Upstream;
-use crate::proxy::UpstreamClient;
+use super::{Upstream, UpstreamClient};
 
 /// Ollama gives up on a stalled load after 5 minutes (`OLLAMA_LOAD_TIMEOUT`); so do we.
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -172,7 +171,7 @@ pub async fn unload_within(
 }
 
 /// Ollama's model details (`POST /api/show`, §1.5): `model_info` (the GGUF metadata the
-/// KV cache estimate reads, [`crate::memory::Geometry::from_show`]), `details`,
+/// KV cache estimate reads, through `memory::Geometry::from_show`), `details`,
 /// `parameters`, `capabilities`. Ollama only; an unknown model is
 /// [`OpError::ModelNotFound`]. Bounded by [`SHOW_TIMEOUT`] and [`SHOW_LIMIT`].
 pub async fn show(
@@ -627,9 +626,9 @@ async fn call(
                 .map_err(|e| OpError::BadResponse(format!("request not encodable: {e}")))?;
             Request::post(uri)
                 .header(header::CONTENT_TYPE, "application/json")
-                .body(Either::Right(Full::new(Bytes::from(bytes))))
+                .body(Full::new(Bytes::from(bytes)))
         }
-        None => Request::get(uri).body(Either::Right(Full::new(Bytes::new()))),
+        None => Request::get(uri).body(Full::new(Bytes::new())),
     }
     .map_err(|e| OpError::BadResponse(format!("request not buildable: {e}")))?;
     let resp = client.request(req).await.map_err(|e| {
@@ -649,8 +648,8 @@ async fn call(
     Ok((status, body))
 }
 
-/// An error and its sources, `a: b: c`.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its sources on one line, `a: b: c`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
     while let Some(s) = next {
@@ -738,7 +737,7 @@ mod tests {
     const QWEN: &str = "qwen2.5-7b-instruct";
 
     fn client() -> UpstreamClient {
-        crate::proxy::build_client(&Config::default().proxy)
+        crate::providers::build_client(Config::default().proxy.connect_timeout)
     }
 
     fn upstream(url: &str) -> Upstream {

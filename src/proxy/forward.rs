@@ -1,31 +1,12 @@
 //! Sending a request upstream and shaping what comes back: the upstream URI, hop-by-hop
 //! header removal (RFC 9110 §7.6.1), and connection upgrades (WebSocket) spliced both ways.
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 
-use super::server::{ClientUpgrade, RequestBody};
-use crate::config::{ProxyConfig, Upstream};
-
-/// Body sent upstream: the client's own stream, or bytes the proxy read.
-pub type UpstreamBody = Either<RequestBody, Full<Bytes>>;
-
-/// The one pooled HTTP/1.1 client every provider shares.
-pub type UpstreamClient = Client<HttpConnector, UpstreamBody>;
-
-pub fn build_client(cfg: &ProxyConfig) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.connect_timeout));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .build(connector)
-}
+use crate::providers::Upstream;
+use crate::transport::server::ClientUpgrade;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -82,17 +63,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
-}
-
-/// Whether a request asks to switch protocols (`Connection: upgrade` + `Upgrade`).
-pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
 }
 
 /// Turns a client request into the upstream request: same method, path, query, headers
@@ -166,6 +136,7 @@ pub fn downstream_headers<B>(resp: &mut Response<B>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::codec::wants_upgrade;
 
     #[test]
     fn hop_by_hop_headers_go_and_named_ones_too() {

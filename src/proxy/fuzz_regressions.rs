@@ -3,8 +3,8 @@
 
 use super::inbound::ModelRequest;
 use super::observe::UsageScanner;
-use super::rewrite;
 use crate::providers::UsageKeys;
+use crate::rewrite;
 
 /// Seen while writing `fuzz/`'s `request_body` property (a body that names a model is an
 /// object): a JSON array named a model (serde reads a struct from a sequence), so the proxy

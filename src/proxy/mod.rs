@@ -24,12 +24,8 @@ mod error;
 mod forward;
 #[cfg(test)]
 mod fuzz_regressions;
-mod h1;
 mod inbound;
 mod observe;
-mod pool;
-pub mod rewrite;
-pub mod server;
 pub mod shape;
 
 use std::convert::Infallible;
@@ -41,20 +37,41 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 
-use crate::app::{AppState, ProviderState};
-use crate::context;
+use crate::config::Config;
+use crate::context::{self, Compactor};
 use crate::lifecycle::{self, IdleHint, LifecycleError, Shape};
+use crate::memory::MemoryTable;
+use crate::monitor::MonitorHandle;
 use crate::providers::ops::OpError;
-use crate::providers::{Endpoint, ErrorStyle, Operation, UsageKeys};
-use crate::stats::InFlight;
+use crate::providers::{error_chain, Endpoint, ErrorStyle, Operation, UpstreamClient, UsageKeys};
+use crate::rewrite;
+use crate::stats::{InFlight, StatsTable};
+use crate::transport::codec::RawHeaders;
+use crate::transport::pool::{self, PoolError, PooledBody};
+use crate::transport::server::{self, RequestBody};
+use crate::upstream::ProviderState;
 pub use error::{Fault, ProxyError};
-pub use forward::{build_client, UpstreamClient};
 pub use inbound::ModelRequest;
 pub use observe::UsageScanner;
-pub use pool::{Pool, PoolError, PooledBody};
-pub use server::RequestBody;
+
+/// What the data plane reads: every provider listener shares one, built by `app` from the
+/// proxy's state (`AppState::data_plane`), holding the same components, not copies.
+pub struct DataPlane {
+    /// The config in force (a reload replaces it; read once per request where needed).
+    pub config: Arc<arc_swap::ArcSwap<Config>>,
+    /// Indexed like `config.providers`.
+    pub providers: Arc<[ProviderState]>,
+    pub stats: StatsTable,
+    pub compactor: Arc<Compactor>,
+    /// The control plane's client: `/api/show` for runner options, summaries.
+    pub client: UpstreamClient,
+    /// Model geometries (`/api/show`), for `num_batch` under memory pressure.
+    pub memory: Arc<MemoryTable>,
+    /// The pressure level.
+    pub monitor: MonitorHandle,
+}
 
 // === impl ProxyBody ===
 
@@ -70,7 +87,7 @@ pub enum ProxyBody {
 }
 
 impl server::WireHead for ProxyBody {
-    fn raw_headers(&self) -> Option<&h1::RawHeaders> {
+    fn raw_headers(&self) -> Option<&RawHeaders> {
         match self {
             ProxyBody::Upstream(b) => b.raw_headers(),
             ProxyBody::Observed(b) => b.inner().raw_headers(),
@@ -123,7 +140,7 @@ impl Body for ProxyBody {
 
 /// Handles one request on provider `provider`'s listener.
 pub async fn handle(
-    state: Arc<AppState>,
+    state: Arc<DataPlane>,
     provider: usize,
     mut req: Request<RequestBody>,
 ) -> Response<ProxyBody> {
@@ -179,7 +196,7 @@ const SMALL_BODY: u64 = 64 * 1024;
 /// connection turns out closed (see `pool`). A larger or chunked body (an `/api/blobs`
 /// upload) streams through unread.
 async fn passthrough(
-    state: &AppState,
+    state: &DataPlane,
     p: &ProviderState,
     style: ErrorStyle,
     mut req: Request<RequestBody>,
@@ -231,18 +248,18 @@ async fn passthrough(
 
 /// Sends `up`, within `proxy.response_timeout` for the response to begin.
 async fn send(
-    state: &AppState,
+    state: &DataPlane,
     p: &ProviderState,
-    up: Request<forward::UpstreamBody>,
+    up: Request<crate::transport::UpstreamBody>,
     raw_ok: bool,
 ) -> Result<Response<PooledBody>, ProxyError> {
     let limit = state.config.load().proxy.response_timeout;
     // On a lane, without a tokio timer per request (`lanes::deadline`).
     let sent = std::pin::pin!(p.pool.send(up, raw_ok));
-    let answered = crate::lanes::deadline::within(limit, sent).await;
+    let answered = crate::transport::lanes::deadline::within(limit, sent).await;
     match answered {
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => Err(p.pool_error(&e)),
+        Ok(Err(e)) => Err(pool_error(p, &e)),
         Err(_) => Err(ProxyError::UpstreamTimeout {
             provider: p.config.name.clone(),
             after: limit,
@@ -255,7 +272,7 @@ async fn send(
 /// or queues the request, as needed), tracks it in flight, and reads the usage out of the
 /// response as it streams back.
 async fn inspected(
-    state: &AppState,
+    state: &DataPlane,
     provider: usize,
     endpoint: Endpoint,
     req: Request<RequestBody>,
@@ -412,7 +429,7 @@ enum Fitted {
 
 /// The compaction stage: the model's window, `num_ctx` normalization, and the compactor.
 async fn fit_context(
-    state: &AppState,
+    state: &DataPlane,
     provider: usize,
     endpoint: Endpoint,
     model: &str,
@@ -493,7 +510,11 @@ async fn fit_context(
         return Fitted::Unchanged { estimate: None };
     };
     let req = context::ChatRequest { body: &body, ..req };
-    let fit = context::fit(state, &req, window).await;
+    let stage = context::Stage {
+        compactor: &state.compactor,
+        providers: state,
+    };
+    let fit = context::fit(stage, &req, window).await;
     match fit {
         context::Fit::Unchanged { estimate } => match num_ctx_note {
             Some(n) => Fitted::Rewritten {
@@ -546,7 +567,7 @@ fn set_num_ctx(
 /// forwarding.
 #[allow(clippy::too_many_arguments)]
 async fn continue_with(
-    state: &AppState,
+    state: &DataPlane,
     provider: usize,
     endpoint: Endpoint,
     parts: http::request::Parts,
@@ -651,7 +672,7 @@ pub const NUM_BATCH_HEADER: &str = "x-llm-warden-num-batch";
 
 /// Sends an inspected request upstream and observes its response (when it is counted).
 async fn forward(
-    state: &AppState,
+    state: &DataPlane,
     p: &ProviderState,
     endpoint: Endpoint,
     parts: http::request::Parts,
@@ -716,4 +737,95 @@ fn local_error(p: &ProviderState, e: &ProxyError, style: ErrorStyle) -> Response
         Fault::Upstream => tracing::warn!(kind = e.kind(), error = %e, "upstream error"),
     }
     e.into_response(style)
+}
+
+/// A failed exchange of the data plane, as the client will read it; no connection marks
+/// the provider unreachable.
+fn pool_error(p: &ProviderState, e: &PoolError) -> ProxyError {
+    match e {
+        PoolError::Connect(reason) => {
+            p.mark_unreachable(reason.clone());
+            ProxyError::UpstreamUnreachable {
+                provider: p.config.name.clone(),
+                upstream: p.config.upstream.to_string(),
+                reason: reason.clone(),
+            }
+        }
+        PoolError::Send(e) => upstream_failed(p, error_chain(e)),
+        PoolError::Exchange(e) => upstream_failed(p, error_chain(e)),
+    }
+}
+
+fn upstream_failed(p: &ProviderState, reason: String) -> ProxyError {
+    ProxyError::UpstreamFailed {
+        provider: p.config.name.clone(),
+        reason,
+    }
+}
+
+/// The providers as the compaction stage sees them.
+impl context::Providers for DataPlane {
+    fn name(&self, provider: usize) -> &str {
+        &self.providers[provider].config.name
+    }
+
+    fn kind(&self, provider: usize) -> crate::providers::ProviderKind {
+        self.providers[provider].config.kind
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.providers.iter().position(|p| p.config.name == name)
+    }
+
+    fn window(&self, provider: usize, model: &str) -> Option<u64> {
+        self.providers[provider].lifecycle.window(model)
+    }
+
+    fn runner(&self, provider: usize, model: &str) -> Shape {
+        self.providers[provider]
+            .lifecycle
+            .runner(model)
+            .unwrap_or_default()
+    }
+
+    fn compacted(&self, provider: usize, model: &str, saved: u64) {
+        self.stats.model(provider, model).record_compaction(saved);
+    }
+
+    fn post(
+        &self,
+        provider: usize,
+        model: &str,
+        path: &'static str,
+        body: Bytes,
+        limit: usize,
+    ) -> futures_util::future::BoxFuture<'_, Result<(http::StatusCode, Bytes), String>> {
+        let model = model.to_string();
+        Box::pin(async move {
+            let p = &self.providers[provider];
+            let shape = p.lifecycle.runner(&model).unwrap_or_default();
+            // A llama-server with one model: always loaded, nothing to acquire.
+            let _lease = if p.managed() {
+                let lease = p.lifecycle.acquire(&model, None, shape).await;
+                Some(lease.map_err(|e| format!("summarizer model: {e}"))?)
+            } else {
+                None
+            };
+            let req = Request::post(format!("{}{path}", p.config.upstream))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body))
+                .map_err(|e| e.to_string())?;
+            let sent = self.client.request(req).await;
+            let resp =
+                sent.map_err(|e| format!("summarizer `{}` unreachable: {e}", p.config.name))?;
+            let status = resp.status();
+            let collected = http_body_util::Limited::new(resp.into_body(), limit)
+                .collect()
+                .await;
+            let bytes = collected
+                .map_err(|e| format!("reading the summary: {e}"))?
+                .to_bytes();
+            Ok((status, bytes))
+        })
+    }
 }

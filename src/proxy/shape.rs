@@ -49,12 +49,12 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::inbound::ModelRequest;
-use super::rewrite;
-use crate::app::AppState;
+use super::DataPlane;
 use crate::lifecycle::{ModelStatus, Shape};
 use crate::memory::{Geometry, MIB};
 use crate::monitor::Level;
 use crate::providers::ProviderKind;
+use crate::rewrite;
 
 /// Ollama's default `num_batch`.
 pub const DEFAULT_BATCH: u64 = 512;
@@ -66,7 +66,7 @@ pub const MIN_CONTEXT: u64 = 512;
 pub const ASSUMED_VOCAB: u64 = 128 * 1024;
 
 /// What a load of `model` on Ollama provider `provider` gets now, the pressure being `level`.
-pub async fn for_load(state: &AppState, provider: usize, model: &str, level: Level) -> Shape {
+pub async fn for_load(state: &DataPlane, provider: usize, model: &str, level: Level) -> Shape {
     let p = &state.providers[provider];
     if p.config.kind != ProviderKind::Ollama {
         return Shape::default();
@@ -91,7 +91,7 @@ pub async fn for_load(state: &AppState, provider: usize, model: &str, level: Lev
 }
 
 /// The model's geometry, asking `/api/show` the first time.
-async fn geometry(state: &AppState, provider: usize, model: &str) -> Option<Geometry> {
+async fn geometry(state: &DataPlane, provider: usize, model: &str) -> Option<Geometry> {
     if let Some(known) = state.memory.geometry(provider, model) {
         return known;
     }
@@ -130,7 +130,7 @@ pub fn batch_for(g: &Geometry, context: u64, budget: u64) -> Option<u64> {
 /// model not loaded, those its load will get (each the smaller of the cap and the request's
 /// own). `None`: forward as sent.
 pub(super) async fn for_request(
-    state: &AppState,
+    state: &DataPlane,
     provider: usize,
     model: &str,
     parsed: &ModelRequest<'_>,
@@ -164,7 +164,7 @@ pub(super) async fn for_request(
 
 /// What a load gets now (see [`for_load`]), each option the smaller of the cap and `asked`'s.
 pub async fn for_load_capped(
-    state: &AppState,
+    state: &DataPlane,
     provider: usize,
     model: &str,
     asked: Shape,

@@ -43,8 +43,10 @@ async fn a_reload_applies_limits_timeouts_and_model_settings_without_dropping_a_
         "[limits]\nmax_models_loaded = 2\ninactivity_timeout = \"5m\"\n\
          [models.\"llama3.2\"]\ninactivity_timeout = \"90s\"\n",
     );
-    let kept =
-        llm_warden::reload::apply(&proxy.state, llm_warden::config::load_str(&second).unwrap());
+    let kept = llm_warden::app::reload::apply(
+        &proxy.state,
+        llm_warden::config::load_str(&second).unwrap(),
+    );
     assert!(kept.is_empty(), "{kept:?}");
 
     // The lowered limit: the least recently used idle model goes; the busy one streams on.
@@ -83,7 +85,7 @@ async fn a_reload_applies_limits_timeouts_and_model_settings_without_dropping_a_
         sim.url()
     );
     let kept =
-        llm_warden::reload::apply(&proxy.state, llm_warden::config::load_str(&third).unwrap());
+        llm_warden::app::reload::apply(&proxy.state, llm_warden::config::load_str(&third).unwrap());
     assert_eq!(kept, ["admin.listen", "providers[0].poll_interval"]);
     let now = proxy.state.config.load();
     assert_eq!(now.admin.listen.to_string(), "127.0.0.1:0");
@@ -112,7 +114,7 @@ async fn a_bad_config_is_refused_and_the_running_one_stays() {
         ),
     )
     .unwrap();
-    assert!(!llm_warden::reload::reload_from(
+    assert!(!llm_warden::app::reload::reload_from(
         &proxy.state,
         &path,
         "test"
@@ -126,7 +128,11 @@ async fn a_bad_config_is_refused_and_the_running_one_stays() {
         config(&sim.url(), "[limits]\ninactivity_timeout = \"8m\"\n"),
     )
     .unwrap();
-    assert!(llm_warden::reload::reload_from(&proxy.state, &path, "test"));
+    assert!(llm_warden::app::reload::reload_from(
+        &proxy.state,
+        &path,
+        "test"
+    ));
     assert_eq!(
         proxy.state.config.load().limits.inactivity_timeout,
         Duration::from_secs(480)
@@ -147,7 +153,8 @@ async fn connection_settings_and_secrets_need_a_restart_and_the_grace_period_doe
         "api_keys = [\"k\"]\n[proxy]\nmax_connections = 5\nheader_read_timeout = \"5s\"\nshutdown_grace = \"2s\"\n[limits]\nunload_on_shutdown = true\n",
     )
     .replace("[admin]\n", "[admin]\ntoken = \"t\"\n");
-    let kept = llm_warden::reload::apply(&proxy.state, llm_warden::config::load_str(&new).unwrap());
+    let kept =
+        llm_warden::app::reload::apply(&proxy.state, llm_warden::config::load_str(&new).unwrap());
     assert_eq!(
         kept,
         [

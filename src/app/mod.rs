@@ -1,5 +1,6 @@
-//! Wiring: builds [`AppState`] from a [`Config`], binds every listener, runs the accept loops
-//! and the provider health probes, and shuts all of it down on request.
+//! Wiring: builds [`AppState`] from a [`Config`], binds every listener, starts the lifecycle
+//! actors, the monitor, the pollers and the pressure response, runs the accept loops, and
+//! shuts all of it down on request. Config reloads: [`reload`].
 //!
 //! `start` binds before it returns, so a caller (a test on port 0, the binary) knows the real
 //! addresses; `serve` takes the shutdown signal as a future.
@@ -11,12 +12,10 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -24,151 +23,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::config::{Config, ProviderConfig};
+use crate::config::Config;
 use crate::lifecycle::{LifecycleHandle, MemoryProbe, OpsBackend, Settings};
-use crate::providers::ProviderKind;
-use crate::proxy::{self, ProxyError, UpstreamClient};
+use crate::poller::Poller;
+use crate::proxy;
+use crate::state::AppState;
 use crate::stats::StatsTable;
+use crate::transport::lanes::{self, Lanes};
+use crate::transport::server::{self, RequestBody};
+use crate::upstream::ProviderState;
 
-/// Everything a request handler needs. Shared as `Arc<AppState>`; cloning the `Arc` is the
-/// only per-connection cost.
-pub struct AppState {
-    /// The config in force: replaced whole by a reload (read lock-free; see [`reload`]).
-    pub config: arc_swap::ArcSwap<Config>,
-    /// Indexed like `config.providers`.
-    pub providers: Vec<ProviderState>,
-    pub stats: StatsTable,
-    pub client: UpstreamClient,
-    /// Token counting, the summary cache and recent compactions.
-    pub compactor: crate::context::Compactor,
-    /// What each loaded model's memory is made of (from the polls).
-    pub memory: crate::memory::MemoryTable,
-    /// The latest RAM / GPU sample and pressure level.
-    pub monitor: crate::monitor::MonitorHandle,
-    /// What the pressure response did recently.
-    pub pressure_events: crate::monitor::respond::PressureLog,
-    /// How often it acted, by action (`/metrics`).
-    pub pressure_counters: crate::metrics::PressureCounters,
-}
-
-/// One provider at run time: its config, the address it is served on, and its health.
-pub struct ProviderState {
-    pub config: ProviderConfig,
-    /// The address actually bound (differs from `config.listen` for port 0).
-    pub listen: SocketAddr,
-    reachable: AtomicBool,
-    /// Why the last contact failed; cleared on success. Short critical sections only.
-    last_error: Mutex<Option<String>>,
-    /// Which of `facts().loaded_paths` answered last; the poller starts there.
-    loaded_path: AtomicUsize,
-    /// Polls made, to re-read the model catalogue every [`CATALOG_EVERY`] polls.
-    polls: AtomicUsize,
-    /// The owner of this provider's models: every load, unload and lease goes through it.
-    pub lifecycle: LifecycleHandle,
-    /// Its histograms and error counters (the same as `stats.provider(i)`).
-    pub metrics: Arc<crate::metrics::ProviderMetrics>,
-    /// Wakes the poller now (the lifecycle does after each load and unload).
-    poll_now: Arc<Notify>,
-    /// llama-server only: [`LLAMA_UNKNOWN`], [`LLAMA_ROUTER`] or [`LLAMA_SINGLE`], as its
-    /// `/models` last said.
-    llama_mode: AtomicU8,
-    /// llama-server models whose window (`/props`) and token ratio (`/tokenize`) were read
-    /// since they were loaded.
-    probed: dashmap::DashSet<String>,
-    /// The data plane's connections to the provider (`proxy::pool`).
-    pub pool: Arc<crate::proxy::Pool>,
-}
-
-/// llama-server's mode is not known yet (no `/models` read).
-pub const LLAMA_UNKNOWN: u8 = 0;
-/// llama-server in router mode: models are loaded and unloaded through its API.
-pub const LLAMA_ROUTER: u8 = 1;
-/// llama-server with one model (`-m`): always loaded, no lifecycle.
-pub const LLAMA_SINGLE: u8 = 2;
-
-impl ProviderState {
-    /// Whether the lifecycle manages this provider's models: always, but for a llama-server
-    /// that is not (known to be) a router, whose one model is always loaded.
-    pub fn managed(&self) -> bool {
-        self.config.kind != ProviderKind::LlamaCpp || self.llama_mode.load(Relaxed) == LLAMA_ROUTER
-    }
-
-    /// llama-server's mode ([`LLAMA_UNKNOWN`], [`LLAMA_ROUTER`], [`LLAMA_SINGLE`]).
-    pub fn llama_mode(&self) -> u8 {
-        self.llama_mode.load(Relaxed)
-    }
-
-    pub fn reachable(&self) -> bool {
-        self.reachable.load(Relaxed)
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Records a successful exchange. Cheap when nothing changes (the hot path).
-    pub fn mark_reachable(&self) {
-        // A load first: the flag's cache line stays shared across cores on every request.
-        if !self.reachable.load(Relaxed) && !self.reachable.swap(true, Relaxed) {
-            tracing::info!(provider = %self.config.name, upstream = %self.config.upstream, "provider is reachable");
-            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        }
-    }
-
-    pub fn mark_unreachable(&self, why: String) {
-        if self.reachable.swap(false, Relaxed) || self.last_error().is_none() {
-            tracing::warn!(provider = %self.config.name, upstream = %self.config.upstream, error = %why, "provider is unreachable");
-        }
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-    }
-
-    /// Classifies a failed upstream exchange, and records it when it says the provider is down.
-    /// A failed exchange of the data plane, as the client will read it.
-    pub fn pool_error(&self, e: &crate::proxy::PoolError) -> ProxyError {
-        match e {
-            crate::proxy::PoolError::Connect(reason) => self.upstream_fault(true, reason.clone()),
-            crate::proxy::PoolError::Send(e) => self.upstream_fault(false, error_chain(e)),
-            crate::proxy::PoolError::Exchange(e) => self.upstream_fault(false, error_chain(e)),
-        }
-    }
-
-    /// The same for the control plane's pooled client (polls, loads).
-    pub fn upstream_error(&self, e: &hyper_util::client::legacy::Error) -> ProxyError {
-        self.upstream_fault(e.is_connect(), error_chain(e))
-    }
-
-    /// No connection (`connect`: the provider is marked unreachable), or a failed exchange.
-    fn upstream_fault(&self, connect: bool, reason: String) -> ProxyError {
-        if connect {
-            self.mark_unreachable(reason.clone());
-            ProxyError::UpstreamUnreachable {
-                provider: self.config.name.clone(),
-                upstream: self.config.upstream.to_string(),
-                reason,
-            }
-        } else {
-            ProxyError::UpstreamFailed {
-                provider: self.config.name.clone(),
-                reason,
-            }
-        }
-    }
-}
-
-/// An error and its causes on one line ("client error (Connect): tcp connect error: ...").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub mod reload;
 
 /// Startup failures (a listener that cannot be bound). Separate from per-request errors.
 #[derive(Debug, thiserror::Error)]
@@ -194,23 +59,30 @@ pub struct Running {
     stop_actors: watch::Sender<bool>,
     tasks: JoinSet<()>,
     actors: Vec<tokio::task::JoinHandle<()>>,
-    /// The data plane's threads (`crate::lanes`); they stop when this and the accept
+    /// One poller per provider (`crate::poller`), for [`Running::refresh`].
+    pollers: Vec<Arc<Poller>>,
+    /// The data plane's threads (`transport::lanes`); they stop when this and the accept
     /// loops' clones are dropped.
-    _lanes: crate::lanes::Lanes,
+    _lanes: Lanes,
 }
 
 impl Running {
     /// Reloads the config from `path` on SIGHUP and whenever the file changes
-    /// ([`crate::reload`]).
+    /// ([`reload`]).
     /// `loaded` is the file's content the running config came from (`None`: read it now).
     pub fn watch_config(&mut self, path: std::path::PathBuf, loaded: Option<Vec<u8>>) {
         let seen = loaded.or_else(|| std::fs::read(&path).ok());
-        self.tasks.spawn(crate::reload::watch(
+        self.tasks.spawn(reload::watch(
             self.state.clone(),
             path,
             seen,
             self.stop.subscribe(),
         ));
+    }
+
+    /// Polls provider `i` now (as its poller does every `poll_interval`).
+    pub async fn refresh(&self, i: usize) {
+        self.pollers[i].poll().await;
     }
 
     /// The bound address of provider `i`'s proxy listener.
@@ -304,11 +176,11 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     let admin_listener = bind(config.admin.listen, "admin").await?;
     let (stop, stop_rx) = watch::channel(false);
     let (stop_actors, actors_rx) = watch::channel(false);
-    let lanes =
-        crate::lanes::Lanes::start(crate::lanes::default_count()).map_err(StartError::Lanes)?;
-    let client = proxy::build_client(&config.proxy);
+    let lanes = Lanes::start(lanes::default_count()).map_err(StartError::Lanes)?;
+    let client = crate::providers::build_client(config.proxy.connect_timeout);
     let mut listeners = Vec::new();
     let mut providers = Vec::new();
+    let mut wakes = Vec::new();
     let mut actors = Vec::new();
     let (monitor, monitor_task) = crate::monitor::spawn(
         resources,
@@ -324,6 +196,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     let stats = StatsTable::new(config.providers.iter().map(|p| p.name.clone()));
     for (i, p) in config.providers.iter().enumerate() {
         let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
+        // The actor wakes the poller after each of its loads and unloads.
         let poll_now = Arc::new(Notify::new());
         let backend = Arc::new(OpsBackend::new(
             client.clone(),
@@ -344,44 +217,48 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             actors_rx.clone(),
         );
         actors.push(actor);
-        providers.push(ProviderState {
-            config: p.clone(),
-            listen: l.local_addr().unwrap_or(p.listen),
-            reachable: AtomicBool::new(false),
-            last_error: Mutex::new(None),
-            loaded_path: AtomicUsize::new(0),
-            polls: AtomicUsize::new(0),
+        let pool = crate::transport::pool::Pool::new(
+            &p.upstream.authority,
+            config.proxy.connect_timeout,
+            lanes.len(),
+        );
+        providers.push(ProviderState::new(
+            p.clone(),
+            l.local_addr().unwrap_or(p.listen),
             lifecycle,
-            metrics: stats.provider(i).clone(),
-            poll_now,
-            llama_mode: AtomicU8::new(LLAMA_UNKNOWN),
-            probed: Default::default(),
-            pool: crate::proxy::Pool::new(&p.upstream, config.proxy.connect_timeout, lanes.len()),
-        });
+            stats.provider(i).clone(),
+            pool,
+        ));
+        wakes.push(poll_now);
         listeners.push(l);
     }
     let state = Arc::new(AppState {
         stats,
         client,
-        providers,
-        compactor: crate::context::Compactor::new(&config),
-        memory: crate::memory::MemoryTable::new(config.providers.len()),
+        providers: providers.into(),
+        compactor: Arc::new(crate::context::Compactor::new(&config)),
+        memory: Arc::new(crate::memory::MemoryTable::new(config.providers.len())),
         pressure_events: crate::monitor::respond::PressureLog::new(crate::monitor::respond::KEPT),
         pressure_counters: Default::default(),
         monitor,
-        config: arc_swap::ArcSwap::new(config.clone()),
+        config: Arc::new(arc_swap::ArcSwap::new(config.clone())),
     });
+    let pollers: Vec<Arc<Poller>> = wakes
+        .into_iter()
+        .enumerate()
+        .map(|(i, wake)| Poller::new(state.clone(), i, wake))
+        .collect();
 
     // One poll of every provider before serving, so /status is right from the first call
     // and an unreachable provider is reported at once (not fatal).
-    let checks = (0..state.providers.len()).map(|i| probe(state.clone(), i));
-    futures_util::future::join_all(checks).await;
+    futures_util::future::join_all(pollers.iter().map(|p| p.poll())).await;
 
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
     let limits = ConnLimits::from(&config.proxy);
     let mut tasks = JoinSet::new();
+    let plane = Arc::new(state.data_plane());
     for (i, listener) in listeners.into_iter().enumerate() {
-        let st = state.clone();
+        let plane = plane.clone();
         tracing::info!(
             provider = %state.providers[i].config.name,
             listen = %state.providers[i].listen,
@@ -396,20 +273,23 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             state.clone(),
             stop_rx.clone(),
             move |stream, h2, stop| {
-                let st = st.clone();
+                let plane = plane.clone();
                 // Not boxed: `handle` boxes the inspected path's future (kilobytes) itself, and
                 // the pass-through one (about 2.9 KB) runs inside the connection's task.
                 // Boxing it too cost an allocation and a 5 KB copy a request (callgrind:
                 // about 700 instructions); not boxing it costs 1.2 KB of RSS per open
                 // connection (`loadgen --hold 2000`: 43.1 -> 45.5 MB).
-                let handler = move |req| proxy::handle(st.clone(), i, req);
+                let handler = move |req| proxy::handle(plane.clone(), i, req);
                 serve_data_plane(stream, h2, stop, timeout, handler)
             },
         ));
-        tasks.spawn(health_loop(state.clone(), i, stop_rx.clone()));
+    }
+    for poller in &pollers {
+        tasks.spawn(poller.clone().run(stop_rx.clone()));
     }
     tasks.spawn(crate::monitor::respond::run(
         state.clone(),
+        config.memory_pressure.action,
         state.monitor.subscribe(),
         stop_rx.clone(),
     ));
@@ -436,6 +316,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         stop_actors,
         tasks,
         actors,
+        pollers,
         _lanes: lanes,
     })
 }
@@ -468,214 +349,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// How long one poll of a provider may take, answer and body together.
-const POLL_TIMEOUT: Duration = Duration::from_secs(3);
-/// Re-read the model catalogue (sizes) every this many polls (a minute at the default 5 s).
-const CATALOG_EVERY: usize = 12;
-/// The most of a loaded-models list the poller reads.
-const POLL_BODY_LIMIT: usize = 4 << 20;
-
-/// Asks the provider once which models it has loaded: records whether it answered at all
-/// (health) and what it listed (`StatsTable::apply_report`).
-async fn probe(state: Arc<AppState>, i: usize) {
-    let p = &state.providers[i];
-    let polled_at = tokio::time::Instant::now();
-    let n = p.polls.fetch_add(1, Relaxed);
-    if n.is_multiple_of(CATALOG_EVERY) {
-        if let Some(path) = p.config.kind.facts().catalog_path {
-            if let Ok(Ok((status, body))) =
-                tokio::time::timeout(POLL_TIMEOUT, fetch(&state.client, p, path)).await
-            {
-                if status.is_success() {
-                    if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
-                        state.memory.set_weights(i, &sizes);
-                        p.lifecycle.catalog(sizes);
-                    }
-                }
-            }
-        }
-    }
-    let paths = p.config.kind.facts().loaded_paths;
-    // Start from the path that answered last time (older LM Studio builds lack /api/v1).
-    let first = p.loaded_path.load(Relaxed).min(paths.len() - 1);
-    for (at, path) in paths.iter().enumerate().skip(first) {
-        match tokio::time::timeout(POLL_TIMEOUT, fetch(&state.client, p, path)).await {
-            Err(_) => {
-                return p.mark_unreachable(format!("no answer from {path} within {POLL_TIMEOUT:?}"))
-            }
-            Ok(Err(FetchError::Connect(e))) => {
-                let _ = p.upstream_error(&e);
-                return;
-            }
-            Ok(Err(FetchError::Other(why))) => {
-                // Something answered: the provider is up, its list is not readable.
-                p.mark_reachable();
-                tracing::debug!(provider = %p.config.name, %why, "cannot read loaded models");
-                return;
-            }
-            Ok(Ok((status, body))) => {
-                p.mark_reachable();
-                if status == http::StatusCode::NOT_FOUND && at + 1 < paths.len() {
-                    continue;
-                }
-                p.loaded_path.store(at, Relaxed);
-                if !status.is_success() {
-                    tracing::debug!(provider = %p.config.name, %path, %status, "loaded-models list refused");
-                    return;
-                }
-                if n.is_multiple_of(CATALOG_EVERY) && p.config.kind.facts().catalog_path.is_none() {
-                    // LM Studio's /api/v1 list carries every model's size with its state.
-                    if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
-                        state.memory.set_weights(i, &sizes);
-                        p.lifecycle.catalog(sizes);
-                    }
-                }
-                match p.config.kind.parse_loaded(path, &body) {
-                    Ok(loaded) => {
-                        if p.config.kind == ProviderKind::LlamaCpp {
-                            probe_llamacpp(&state, i, &body, &loaded).await;
-                        }
-                        state.stats.apply_report(i, &loaded);
-                        update_memory(&state, i, &loaded).await;
-                        if p.managed() {
-                            p.lifecycle.report(loaded, polled_at);
-                        }
-                    }
-                    Err(why) => {
-                        tracing::debug!(provider = %p.config.name, %why, "cannot read loaded models")
-                    }
-                }
-                return;
-            }
-        }
-    }
-}
-
-/// llama-server: its mode (router or single) from `/models`, and for each model newly
-/// loaded its window (`/props` `n_ctx`) and the tokenizer's ratio to the estimator
-/// (`/tokenize` of a fixed sample: exact counts, so compaction fits prompts to the token).
-async fn probe_llamacpp(
-    state: &AppState,
-    i: usize,
-    body: &[u8],
-    loaded: &[crate::providers::LoadedModel],
-) {
-    let p = &state.providers[i];
-    let router = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| crate::providers::llamacpp::is_router(&v));
-    if let Some(router) = router {
-        let mode = if router { LLAMA_ROUTER } else { LLAMA_SINGLE };
-        if p.llama_mode.swap(mode, Relaxed) != mode {
-            tracing::info!(
-                provider = %p.config.name,
-                mode = if router { "router" } else { "single model" },
-                "llama-server mode"
-            );
-        }
-    }
-    p.probed.retain(|m| loaded.iter().any(|l| l.model == *m));
-    let routed = p.llama_mode() == LLAMA_ROUTER;
-    for m in loaded {
-        if p.probed.contains(&m.model) {
-            continue;
-        }
-        let model = routed.then_some(m.model.as_str());
-        let up = &p.config.upstream;
-        if let Some(n_ctx) = crate::providers::ops::llamacpp_n_ctx(&state.client, up, model).await {
-            p.lifecycle.observe_window(&m.model, n_ctx);
-        }
-        let sample = crate::providers::llamacpp::CALIBRATION_SAMPLE;
-        match crate::providers::ops::llamacpp_tokenize(&state.client, up, model, sample).await {
-            Ok(exact) => {
-                let cx = &state.compactor;
-                let estimated = cx.counter.count_text(cx.encoding(&m.model), sample);
-                cx.counter
-                    .calibrate(&p.config.name, &m.model, estimated, exact);
-                tracing::debug!(provider = %p.config.name, model = %m.model, estimated, exact, "token ratio from /tokenize");
-            }
-            Err(e) => {
-                tracing::debug!(provider = %p.config.name, model = %m.model, error = %e, "cannot tokenize")
-            }
-        }
-        p.probed.insert(m.model.clone());
-    }
-}
-
-/// Per-model memory buffers for `/status`: each loaded model's reported size split into
-/// weights, KV cache and working buffers. An Ollama model's geometry is asked once
-/// (`/api/show`).
-async fn update_memory(state: &AppState, i: usize, loaded: &[crate::providers::LoadedModel]) {
-    let p = &state.providers[i];
-    for m in loaded {
-        if p.config.kind == crate::providers::ProviderKind::Ollama
-            && !state.memory.knows_geometry(i, &m.model)
-        {
-            let show =
-                crate::providers::ops::show(&state.client, &p.config.upstream, &m.model).await;
-            let g = show
-                .ok()
-                .and_then(|v| crate::memory::Geometry::from_show(&v));
-            state.memory.set_geometry(i, &m.model, g);
-        }
-        if let Some(size) = m.size_bytes {
-            let tokens = state.stats.model(i, &m.model).context_tokens();
-            state
-                .memory
-                .update(i, &m.model, size, m.context_length, tokens);
-        }
-    }
-    let names: Vec<&str> = loaded.iter().map(|m| m.model.as_str()).collect();
-    state.memory.forget(i, &names);
-}
-
-enum FetchError {
-    Connect(hyper_util::client::legacy::Error),
-    Other(String),
-}
-
-/// `GET upstream + path`, body read up to [`POLL_BODY_LIMIT`].
-async fn fetch(
-    client: &proxy::UpstreamClient,
-    p: &ProviderState,
-    path: &str,
-) -> Result<(http::StatusCode, bytes::Bytes), FetchError> {
-    let req = Request::get(format!("{}{path}", p.config.upstream))
-        .body(http_body_util::Either::Right(http_body_util::Full::new(
-            bytes::Bytes::new(),
-        )))
-        .map_err(|e| FetchError::Other(e.to_string()))?;
-    let resp = client.request(req).await.map_err(FetchError::Connect)?;
-    let status = resp.status();
-    let body = http_body_util::Limited::new(resp.into_body(), POLL_BODY_LIMIT)
-        .collect()
-        .await
-        .map_err(|e| FetchError::Other(e.to_string()))?
-        .to_bytes();
-    Ok((status, body))
-}
-
-impl Running {
-    /// Polls provider `i` now (as the background loop does every `poll_interval`).
-    pub async fn refresh(&self, i: usize) {
-        probe(self.state.clone(), i).await;
-    }
-}
-
-/// Polls a provider every `poll_interval` so `/status` follows it coming and going, and
-/// follows models loaded and unloaded behind the proxy's back.
-async fn health_loop(state: Arc<AppState>, i: usize, mut stop: watch::Receiver<bool>) {
-    let every = state.providers[i].config.poll_interval;
-    let poll_now = state.providers[i].poll_now.clone();
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => probe(state.clone(), i).await,
-            _ = poll_now.notified() => probe(state.clone(), i).await,
-            _ = stop.changed() => return,
-        }
-    }
-}
-
 /// What every listener enforces on its connections (`[proxy]`; fixed at start).
 #[derive(Clone, Copy)]
 struct ConnLimits {
@@ -706,7 +379,7 @@ impl From<&crate::config::ProxyConfig> for ConnLimits {
 /// between requests on a keep-alive connection.
 async fn accept_loop<S, Fut>(
     listener: TcpListener,
-    lanes: Option<crate::lanes::Lanes>,
+    lanes: Option<Lanes>,
     limits: ConnLimits,
     state: Arc<AppState>,
     mut stop: watch::Receiver<bool>,
@@ -849,7 +522,7 @@ async fn serve_hyper<H, F, B>(
 }
 
 /// Serves one connection of a provider listener: HTTP/1.x with the data plane's own server
-/// (`proxy::server`), HTTP/2 with hyper.
+/// (`transport::server`), HTTP/2 with hyper.
 async fn serve_data_plane<H, F>(
     stream: tokio::net::TcpStream,
     h2: bool,
@@ -857,17 +530,17 @@ async fn serve_data_plane<H, F>(
     header_read_timeout: Duration,
     handler: H,
 ) where
-    H: Fn(Request<proxy::RequestBody>) -> F + Send + Sync + 'static,
+    H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<proxy::ProxyBody>> + Send + 'static,
 {
     if h2 {
-        let handler = move |req: Request<Incoming>| handler(req.map(proxy::RequestBody::Hyper));
+        let handler = move |req: Request<Incoming>| handler(req.map(RequestBody::Hyper));
         serve_hyper(stream, true, stop, header_read_timeout, handler).await;
     } else {
-        let settings = proxy::server::Settings {
+        let settings = server::Settings {
             header_read_timeout,
         };
-        proxy::server::serve(stream, settings, stop, handler).await;
+        server::serve(stream, settings, stop, handler).await;
     }
 }
 

@@ -52,7 +52,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use super::h1::{decode, Chunk, Framing, Hints, RawHeaders, Spans};
+use super::codec::{decode, Chunk, Framing, Hints, RawHeaders, Spans};
 use super::pool::BoxError;
 
 /// The most headers a request may have (hyper's default).
@@ -926,7 +926,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, StatusCode> {
         Framing::Done
     };
     let keep_alive = if hints.connection {
-        super::h1::keep_alive(version, &map)
+        super::codec::keep_alive(version, &map)
     } else {
         version == Version::HTTP_11
     };
@@ -935,7 +935,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, StatusCode> {
         && map
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = hints.upgrade && hints.connection && super::forward::wants_upgrade(&map);
+    let upgrade = hints.upgrade && hints.connection && super::codec::wants_upgrade(&map);
     let mut req = Request::new(RequestBody::empty());
     *req.method_mut() = method;
     *req.uri_mut() = uri;

@@ -25,9 +25,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::app::AppState;
 use crate::config::Config;
 use crate::lifecycle::Settings;
+use crate::state::AppState;
 
 /// How often the config file is checked for a change.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);

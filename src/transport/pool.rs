@@ -1,5 +1,5 @@
 //! The data plane's upstream connections: one small pool of keep-alive HTTP/1.1 connections
-//! per provider and lane (`crate::lanes`), of two kinds. A request whose body the proxy
+//! per provider and lane (`super::lanes`), of two kinds. A request whose body the proxy
 //! holds (every model request, a bodiless `GET`, a small pass-through body) goes over the
 //! proxy's own exchange ([`h1`]: the client connection's task reads the provider's socket
 //! itself); a streamed upload or a protocol upgrade over hyper's client connection API.
@@ -51,9 +51,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::forward::UpstreamBody;
-use super::h1::{self, H1Body, H1Error};
-use crate::config::Upstream;
+use super::client::{self as h1, H1Body};
+use super::codec::H1Error;
+use super::UpstreamBody;
 
 /// An idle connection older than this is closed instead of reused (the same as the pooled
 /// client of the control plane).
@@ -73,7 +73,7 @@ pub enum PoolError {
     Exchange(H1Error),
 }
 
-/// Idle connections of one kind, per lane (`crate::lanes`): a connection's task (or, for
+/// Idle connections of one kind, per lane (`super::lanes`): a connection's task (or, for
 /// [`h1`], its socket's registration) belongs to the lane that opened it, so a request takes
 /// one from its own lane's list and stays on its thread. Any other thread uses the first
 /// list.
@@ -92,7 +92,7 @@ impl<C> IdleLists<C> {
     }
 
     fn here(&self) -> &IdleList<C> {
-        &self.lanes[crate::lanes::current() % self.lanes.len()]
+        &self.lanes[super::lanes::current() % self.lanes.len()]
     }
 
     /// The most recently returned connection of this lane that is not older than
@@ -140,15 +140,19 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool for `upstream`, with idle lists for `lanes` lanes.
-    pub fn new(upstream: &Upstream, connect_timeout: Duration, lanes: usize) -> Arc<Self> {
-        let host = upstream
-            .authority
+    /// A pool for the provider at `authority` (`host:port`), with idle lists for `lanes`
+    /// lanes.
+    pub fn new(
+        authority: &http::uri::Authority,
+        connect_timeout: Duration,
+        lanes: usize,
+    ) -> Arc<Self> {
+        let host = authority
             .host()
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = upstream.authority.port_u16().unwrap_or(80);
+        let port = authority.port_u16().unwrap_or(80);
         let addr = host
             .parse::<std::net::IpAddr>()
             .ok()
@@ -157,7 +161,7 @@ impl Pool {
             host,
             port,
             addr,
-            host_header: HeaderValue::from_str(upstream.authority.as_str())
+            host_header: HeaderValue::from_str(authority.as_str())
                 .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             connect_timeout,
             idle: IdleLists::new(lanes),
@@ -181,7 +185,7 @@ impl Pool {
     /// connection.
     ///
     /// With `raw_ok`, an answer whose head has nothing hop-by-hop keeps its header lines as
-    /// they came ([`h1::RawHeaders`]), for an HTTP/1 client.
+    /// they came ([`super::codec::RawHeaders`]), for an HTTP/1 client.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
@@ -390,7 +394,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl PooledBody {
     /// The answer's header lines as the provider wrote them, when they were kept raw.
-    pub fn raw_headers(&self) -> Option<&h1::RawHeaders> {
+    pub fn raw_headers(&self) -> Option<&super::codec::RawHeaders> {
         match self {
             PooledBody::H1(b) => b.raw_headers(),
             PooledBody::Hyper(_) => None,
@@ -593,7 +597,7 @@ mod tests {
     async fn an_ended_body_returns_its_connection_and_the_next_request_reuses_it() {
         let (addr, accepted) = server(false).await;
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-        let pool = Pool::new(&up, Duration::from_secs(5), 1);
+        let pool = Pool::new(&up.authority, Duration::from_secs(5), 1);
         for _ in 0..3 {
             assert_eq!(get(&pool).await.unwrap(), "ok");
             assert_eq!(
@@ -609,7 +613,7 @@ mod tests {
     async fn a_connection_the_provider_closed_is_replaced() {
         let (addr, accepted) = server(true).await;
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-        let pool = Pool::new(&up, Duration::from_secs(5), 1);
+        let pool = Pool::new(&up.authority, Duration::from_secs(5), 1);
         // Each connection is closed after its answer: the next request goes out on a new
         // one, whether the pool sees the close at checkout or hyper hands the unsent request
         // back. The client never sees the dead connection.
@@ -625,7 +629,7 @@ mod tests {
         let addr = free.local_addr().unwrap();
         drop(free);
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-        let pool = Pool::new(&up, Duration::from_secs(5), 1);
+        let pool = Pool::new(&up.authority, Duration::from_secs(5), 1);
         assert!(matches!(get(&pool).await, Err(PoolError::Connect(_))));
         assert_eq!(pool.idle_count(), 0);
     }
@@ -635,7 +639,7 @@ mod tests {
         for reset in [false, true] {
             let (addr, accepted) = closes_after_one(reset).await;
             let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-            let pool = Pool::new(&up, Duration::from_secs(5), 1);
+            let pool = Pool::new(&up.authority, Duration::from_secs(5), 1);
             for (n, body) in [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]
                 .iter()
                 .enumerate()
@@ -658,7 +662,7 @@ mod tests {
         })
         .await;
         let up = crate::config::parse_upstream(&format!("http://{addr}")).unwrap();
-        let pool = Pool::new(&up, Duration::from_secs(5), 1);
+        let pool = Pool::new(&up.authority, Duration::from_secs(5), 1);
         match post(&pool, "{}").await {
             Err(PoolError::Exchange(e)) => {
                 assert!(e.unanswered(), "{e}");

@@ -16,9 +16,11 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Serialize;
 
-use crate::app::AppState;
 use crate::lifecycle::{LifecycleError, ModelView};
+use crate::state::AppState;
 use crate::stats::ModelSnapshot;
+
+mod metrics_page;
 
 #[derive(Serialize)]
 struct ProviderStatus<'a> {
@@ -126,7 +128,7 @@ fn authorize(
 
 /// `GET /metrics`: Prometheus text format (see `crate::metrics`).
 async fn metrics(state: &AppState) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(state).await)));
+    let mut r = Response::new(Full::new(Bytes::from(metrics_page::render(state).await)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
@@ -191,7 +193,7 @@ async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response
         })
     } else if action == "load" {
         let shape = crate::proxy::shape::for_load_capped(
-            state,
+            &state.data_plane(),
             index,
             &model,
             crate::lifecycle::Shape::default(),
@@ -270,7 +272,7 @@ fn ratio(state: &AppState, provider: &str, model: &str) -> Option<f64> {
 
 async fn status(state: &AppState) -> Status<'_> {
     let mut lifecycle: Vec<Vec<ModelView>> = Vec::with_capacity(state.providers.len());
-    for p in &state.providers {
+    for p in state.providers.iter() {
         lifecycle.push(p.lifecycle.snapshot().await);
     }
     let mut models = Vec::new();
@@ -334,13 +336,8 @@ async fn status(state: &AppState) -> Status<'_> {
                 upstream: p.config.upstream.to_string(),
                 reachable: p.reachable(),
                 last_error: p.last_error(),
-                mode: (p.config.kind == crate::providers::ProviderKind::LlamaCpp).then(|| match p
-                    .llama_mode()
-                {
-                    crate::app::LLAMA_ROUTER => "router",
-                    crate::app::LLAMA_SINGLE => "single",
-                    _ => "unknown",
-                }),
+                mode: (p.config.kind == crate::providers::ProviderKind::LlamaCpp)
+                    .then(|| p.llama_mode().as_str()),
             })
             .collect(),
         models,
@@ -353,7 +350,7 @@ async fn status(state: &AppState) -> Status<'_> {
 
 /// The dashboard: one self-contained page (no network but this listener), built into the binary.
 fn dashboard() -> Response<Full<Bytes>> {
-    static PAGE: &str = include_str!("../assets/dashboard.html");
+    static PAGE: &str = include_str!("../../assets/dashboard.html");
     let mut r = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
     let h = r.headers_mut();
     h.insert(

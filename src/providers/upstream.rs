@@ -1,0 +1,52 @@
+//! Where a provider is: its base URL, parsed once.
+
+use std::fmt;
+
+/// Where a provider lives: scheme and authority, plus an optional path prefix that is put in
+/// front of every forwarded path.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Empty, or a prefix starting with `/` and without a trailing `/`.
+    pub path_prefix: String,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}://{}{}",
+            self.scheme, self.authority, self.path_prefix
+        )
+    }
+}
+
+/// Parses an upstream base URL: `http://host:port[/prefix]`.
+pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a URL like `http://127.0.0.1:11434`"))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| format!("`{s}` needs a scheme (`http://`)"))?;
+    if scheme != http::uri::Scheme::HTTP {
+        return Err(format!(
+            "`{s}`: only http:// upstreams are supported (local providers speak plain HTTP)"
+        ));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("`{s}` needs a host"))?;
+    if uri.query().is_some() {
+        return Err(format!("`{s}` must not have a query string"));
+    }
+    let path_prefix = uri.path().trim_end_matches('/').to_string();
+    Ok(Upstream {
+        scheme,
+        authority,
+        path_prefix,
+    })
+}
