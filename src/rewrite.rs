@@ -127,6 +127,81 @@ pub fn set_at(
     }
 }
 
+/// One edit of a top-level field, for [`splice`]: `key` set to `raw` (valid JSON), at `at`
+/// (where the caller's parse found its value) or, when absent, added.
+#[derive(Clone, Debug)]
+pub struct Splice<'a> {
+    pub key: &'a str,
+    pub at: Option<std::ops::Range<usize>>,
+    pub raw: &'a [u8],
+}
+
+/// Applies every edit in `edits` to `body` (a JSON object the caller parsed, which found the
+/// ranges) in one pass and one allocation of the exact length, keeping every other byte.
+/// Absent keys are added first in the object, in the order given. Ranges must not overlap.
+pub fn splice(body: &[u8], edits: &[Splice<'_>]) -> Result<Vec<u8>, RewriteError> {
+    let open = body
+        .iter()
+        .position(|b| *b == b'{')
+        .ok_or_else(|| RewriteError::NotAnObject("no opening brace".into()))?;
+    let empty = body[open + 1..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'}');
+    let mut present: Vec<(std::ops::Range<usize>, &[u8])> = Vec::with_capacity(edits.len());
+    let mut added: Vec<(&str, &[u8])> = Vec::new();
+    for e in edits {
+        match &e.at {
+            Some(r) if r.start > open && r.end <= body.len() && r.start <= r.end => {
+                present.push((r.clone(), e.raw))
+            }
+            Some(_) => {
+                return Err(RewriteError::NotAnObject(
+                    "an edit outside the object".into(),
+                ))
+            }
+            None => added.push((e.key, e.raw)),
+        }
+    }
+    present.sort_by_key(|(r, _)| r.start);
+    if present.windows(2).any(|w| w[0].0.end > w[1].0.start) {
+        return Err(RewriteError::NotAnObject("overlapping edits".into()));
+    }
+    // Keys are the proxy's own, plain ASCII; quoted by serde when not.
+    let quoted: Vec<String> = added
+        .iter()
+        .map(|(k, _)| serde_json::to_string(k).unwrap_or_default())
+        .collect();
+    let added_len: usize = added
+        .iter()
+        .zip(&quoted)
+        .map(|((_, raw), q)| q.len() + 1 + raw.len() + 1)
+        .sum::<usize>()
+        - usize::from(empty && !added.is_empty());
+    let len = present.iter().fold(body.len() + added_len, |n, (r, raw)| {
+        n - r.len() + raw.len()
+    });
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&body[..=open]);
+    for (i, ((_, raw), q)) in added.iter().zip(&quoted).enumerate() {
+        out.extend_from_slice(q.as_bytes());
+        out.push(b':');
+        out.extend_from_slice(raw);
+        if !(empty && i + 1 == added.len()) {
+            out.push(b',');
+        }
+    }
+    let mut at = open + 1;
+    for (r, raw) in &present {
+        out.extend_from_slice(&body[at..r.start]);
+        out.extend_from_slice(raw);
+        at = r.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    debug_assert_eq!(out.len(), len);
+    Ok(out)
+}
+
 /// Where `value` (borrowed from a parse of `body`) sits in `body`.
 pub fn span_in(body: &[u8], value: &serde_json::value::RawValue) -> std::ops::Range<usize> {
     let start = (value.get().as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
@@ -136,6 +211,72 @@ pub fn span_in(body: &[u8], value: &serde_json::value::RawValue) -> std::ops::Ra
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splice_applies_every_edit_in_one_pass() {
+        let body = br#"{ "model":"m","keep_alive":"5m", "messages":[1,2,3],"stream":true }"#;
+        let at = |needle: &str| {
+            let s = std::str::from_utf8(body).unwrap();
+            let i = s.find(needle).unwrap();
+            i..i + needle.len()
+        };
+        let out = splice(
+            body,
+            &[
+                Splice {
+                    key: "messages",
+                    at: Some(at("[1,2,3]")),
+                    raw: b"[3]",
+                },
+                Splice {
+                    key: "keep_alive",
+                    at: Some(at("\"5m\"")),
+                    raw: b"-1",
+                },
+                Splice {
+                    key: "options",
+                    at: None,
+                    raw: br#"{"num_ctx":512}"#,
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"options":{"num_ctx":512}, "model":"m","keep_alive":-1, "messages":[3],"stream":true }"#
+        );
+        // Into an empty object, two added keys: no trailing comma.
+        let out = splice(
+            b" {} ",
+            &[
+                Splice {
+                    key: "a",
+                    at: None,
+                    raw: b"1",
+                },
+                Splice {
+                    key: "b",
+                    at: None,
+                    raw: b"2",
+                },
+            ],
+        )
+        .unwrap();
+        assert_eq!(out, br#" {"a":1,"b":2} "#);
+        // The same as one set_at at a time.
+        let one = set_at(body, "keep_alive", "-1", Some(at("\"5m\""))).unwrap();
+        let spliced = splice(
+            body,
+            &[Splice {
+                key: "keep_alive",
+                at: Some(at("\"5m\"")),
+                raw: b"-1",
+            }],
+        )
+        .unwrap();
+        assert_eq!(one, spliced);
+        assert!(splice(b"[1]", &[]).is_err());
+    }
 
     fn set(body: &str, key: &str, raw: &str) -> (String, Option<String>) {
         let (b, old) = set_top_level(body.as_bytes(), key, raw).unwrap();

@@ -164,7 +164,7 @@ async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response
         );
     };
     let model = percent_decode(model);
-    let Some((index, p)) = state
+    let Some((_, p)) = state
         .providers
         .iter()
         .enumerate()
@@ -192,14 +192,9 @@ async fn model_action(state: &AppState, method: &Method, rest: &str) -> Response
             provider: p.config.name.clone(),
         })
     } else if action == "load" {
-        let shape = crate::proxy::shape::for_load_capped(
-            &state.data_plane(),
-            index,
-            &model,
-            crate::lifecycle::Shape::default(),
-        )
-        .await;
-        p.lifecycle.load(&model, shape).await
+        // As a request without options would: the actor picks the runner options.
+        let ask = crate::lifecycle::LoadAsk::default();
+        p.lifecycle.load(&model, ask).await
     } else {
         p.lifecycle.unload(&model).await
     };

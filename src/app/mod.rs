@@ -194,6 +194,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         None => Arc::new(monitor.clone()),
     };
     let stats = StatsTable::new(config.providers.iter().map(|p| p.name.clone()));
+    let memory_table = Arc::new(crate::memory::MemoryTable::new(config.providers.len()));
     for (i, p) in config.providers.iter().enumerate() {
         let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
         // The actor wakes the poller after each of its loads and unloads.
@@ -203,6 +204,8 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             p.upstream.clone(),
             p.kind,
             p.slot_save,
+            memory_table.clone(),
+            i,
         ));
         let settings = Settings {
             pressure: Some(monitor.subscribe()),
@@ -237,7 +240,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         client,
         providers: providers.into(),
         compactor: Arc::new(crate::context::Compactor::new(&config)),
-        memory: Arc::new(crate::memory::MemoryTable::new(config.providers.len())),
+        memory: memory_table,
         pressure_events: crate::monitor::respond::PressureLog::new(crate::monitor::respond::KEPT),
         pressure_counters: Default::default(),
         monitor,

@@ -66,22 +66,20 @@ pub trait Providers: Send + Sync {
     fn find(&self, name: &str) -> Option<usize>;
     /// The window `model` runs (or last ran) with, as its lifecycle publishes it.
     fn window(&self, provider: usize, model: &str) -> Option<u64>;
-    /// The runner options `model` was loaded with (Ollama reloads a runner whose options
-    /// differ from a request's, so a summary request carries the same).
-    fn runner(&self, provider: usize, model: &str) -> Shape;
     /// Counts `saved` tokens of compaction for `model`.
     fn compacted(&self, provider: usize, model: &str, saved: u64);
-    /// POSTs the JSON `body` to `path` on `provider` while holding a lease on `model` (which
-    /// loads it, or waits, as a request would); the answer's status and body, at most `limit`
-    /// bytes.
-    fn post(
-        &self,
+    /// POSTs a JSON body to `path` on `provider` while holding a lease on `model` (which
+    /// loads it, or waits, as a request would); the body is made under the lease from the
+    /// runner options the model runs with (Ollama reloads a runner whose options differ
+    /// from a request's). The answer's status and body, at most `limit` bytes.
+    fn post<'a>(
+        &'a self,
         provider: usize,
-        model: &str,
+        model: &'a str,
         path: &'static str,
-        body: Bytes,
+        body: &'a (dyn Fn(Shape) -> Bytes + Sync),
         limit: usize,
-    ) -> BoxFuture<'_, Result<(http::StatusCode, Bytes), String>>;
+    ) -> BoxFuture<'a, Result<(http::StatusCode, Bytes), String>>;
 }
 
 /// Shared compaction state: the counter, the summary cache, recent events.
@@ -138,9 +136,10 @@ impl Live {
 pub enum Fit {
     /// Forward as it is. `estimate`: the prompt's tokens, when they were counted.
     Unchanged { estimate: Option<u64> },
-    /// Forward this body instead; the header says `before->after`.
+    /// Forward with `messages` replaced by this array (raw JSON; the kept messages byte
+    /// for byte); the header says `before->after`.
     Rewritten {
-        body: Bytes,
+        messages: String,
         before: u64,
         after: u64,
     },
@@ -156,7 +155,6 @@ pub enum Fit {
 pub struct ChatRequest<'a> {
     pub provider: usize,
     pub model: &'a str,
-    pub body: &'a Bytes,
     pub messages: Option<&'a RawValue>,
     /// `options.num_predict` / `max_tokens` / `max_completion_tokens`.
     pub max_reply: Option<u64>,
@@ -471,7 +469,7 @@ impl Report<'_> {
     fn rewritten(
         &self,
         action: &'static str,
-        body: Bytes,
+        messages: String,
         after: u64,
         summarizer_calls: u32,
         source: Option<&'static str>,
@@ -484,7 +482,7 @@ impl Report<'_> {
             self.before.saturating_sub(after),
         );
         Fit::Rewritten {
-            body,
+            messages,
             before: self.before,
             after,
         }
@@ -550,7 +548,7 @@ async fn summarized(
     budget: u64,
     window: u64,
     enc: Encoding,
-) -> Result<(Bytes, u64, u32, &'static str), String> {
+) -> Result<(String, u64, u32, &'static str), String> {
     let Evicted {
         raws,
         values,
@@ -564,12 +562,12 @@ async fn summarized(
     let bytes: Vec<&[u8]> = evict.iter().map(|&i| raws[i].get().as_bytes()).collect();
     let total: u64 = counts.iter().sum();
     let evicted_tokens = |n: usize| evict[..n].iter().map(|&i| counts[i]).sum::<u64>();
-    let finish = |text: &str, n: usize| -> Result<(Bytes, u64), String> {
+    let finish = |text: &str, n: usize| -> Result<(String, u64), String> {
         let message = summary_message(text, n);
         let after = total - evicted_tokens(n) + cx.counter.count_text(enc, &message) + 4;
-        let body = rewrite(req.body, raws, &evict[..n], Some(&message))
-            .ok_or_else(|| "the request body could not be rewritten".to_string())?;
-        Ok((body, after))
+        let messages = rewrite(raws, &evict[..n], Some(&message))
+            .ok_or_else(|| "nothing to summarize".to_string())?;
+        Ok((messages, after))
     };
     let mut previous: Option<(Summary, usize)> = None;
     for j in (1..=bytes.len()).rev().take(PREFIX_LOOKUPS) {
@@ -671,14 +669,14 @@ fn truncate(
             estimate: Some(report.before),
         },
         Plan::TooLong { needed } => report.rejected(needed, TOO_LONG, failure),
-        Plan::Compact { evict, kept_tokens } => {
-            match rewrite(report.req.body, raws, &evict, None) {
-                Some(body) => report.rewritten("truncated", body, kept_tokens, 0, None, failure),
-                None => Fit::Unchanged {
-                    estimate: Some(report.before),
-                },
+        Plan::Compact { evict, kept_tokens } => match rewrite(raws, &evict, None) {
+            Some(messages) => {
+                report.rewritten("truncated", messages, kept_tokens, 0, None, failure)
             }
-        }
+            None => Fit::Unchanged {
+                estimate: Some(report.before),
+            },
+        },
     }
 }
 
@@ -709,16 +707,12 @@ fn summary_message(text: &str, n: usize) -> String {
     serde_json::json!({"role": "system", "content": content}).to_string()
 }
 
-/// The body with `evict` removed from `messages` and `summary` (raw JSON) in their place;
-/// every other byte as it was.
-fn rewrite(
-    body: &[u8],
-    raws: &[&RawValue],
-    evict: &[usize],
-    summary: Option<&str>,
-) -> Option<Bytes> {
+/// The `messages` array with `evict` removed and `summary` (raw JSON) in their place; the
+/// kept messages byte for byte. The data plane puts it in the body, in its one rewrite.
+fn rewrite(raws: &[&RawValue], evict: &[usize], summary: Option<&str>) -> Option<String> {
     let first = *evict.first()?;
-    let mut out = String::with_capacity(body.len());
+    let len: usize = raws.iter().map(|r| r.get().len() + 1).sum();
+    let mut out = String::with_capacity(len + summary.map_or(0, str::len) + 2);
     out.push('[');
     let mut n = 0;
     for (i, r) in raws.iter().enumerate() {
@@ -741,9 +735,7 @@ fn rewrite(
         n += 1;
     }
     out.push(']');
-    crate::rewrite::set_top_level(body, "messages", &out)
-        .ok()
-        .map(|(b, _)| Bytes::from(b))
+    Some(out)
 }
 
 fn role_of(v: &Value) -> Role {

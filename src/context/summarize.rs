@@ -8,6 +8,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::compact::Providers;
+use crate::lifecycle::Shape;
 use crate::providers::ProviderKind;
 
 /// Changes whenever [`PROMPT`] does, so cached summaries of another prompt are not reused.
@@ -113,31 +114,33 @@ async fn call_now(
         {"role": "system", "content": PROMPT},
         {"role": "user", "content": transcript},
     ]);
-    // A runner the proxy loaded smaller keeps its options (Ollama reloads on a difference).
-    let shape = providers.runner(provider, model);
-    let (path, body) = match providers.kind(provider) {
-        ProviderKind::Ollama => {
-            let mut options = json!({"num_predict": max_tokens});
-            if let Some(n) = shape.num_ctx {
-                options["num_ctx"] = n.into();
-            }
-            if let Some(n) = shape.num_batch {
-                options["num_batch"] = n.into();
-            }
-            (
-                "/api/chat",
+    let kind = providers.kind(provider);
+    // Made under the lease: a runner the proxy loaded smaller keeps its options.
+    let body = |shape: Shape| {
+        let body = match kind {
+            ProviderKind::Ollama => {
+                let mut options = json!({"num_predict": max_tokens});
+                if let Some(n) = shape.num_ctx {
+                    options["num_ctx"] = n.into();
+                }
+                if let Some(n) = shape.num_batch {
+                    options["num_batch"] = n.into();
+                }
                 json!({"model": model, "messages": messages, "stream": false, "keep_alive": -1,
-                       "options": options}),
-            )
-        }
-        ProviderKind::LmStudio | ProviderKind::LlamaCpp => (
-            "/v1/chat/completions",
-            json!({"model": model, "messages": messages, "stream": false, "max_tokens": max_tokens}),
-        ),
+                       "options": options})
+            }
+            ProviderKind::LmStudio | ProviderKind::LlamaCpp => {
+                json!({"model": model, "messages": messages, "stream": false, "max_tokens": max_tokens})
+            }
+        };
+        Bytes::from(body.to_string())
     };
-    let body = Bytes::from(body.to_string());
+    let path = match kind {
+        ProviderKind::Ollama => "/api/chat",
+        ProviderKind::LmStudio | ProviderKind::LlamaCpp => "/v1/chat/completions",
+    };
     let (status, bytes) = providers
-        .post(provider, model, path, body, ANSWER_LIMIT)
+        .post(provider, model, path, &body, ANSWER_LIMIT)
         .await?;
     if !status.is_success() {
         return Err(format!(

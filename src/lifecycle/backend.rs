@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::future::BoxFuture;
 
 use super::Shape;
+use crate::memory::{Geometry, MemoryTable};
 use crate::providers::ops::{self, LoadOptions, Loaded, OpError};
 use crate::providers::{ProviderKind, Upstream, UpstreamClient};
 
@@ -16,6 +17,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Loads `model` with the runner options in `shape` (the provider's defaults where
     /// `None`) and answers once the provider has it (or failed).
     fn load(&self, model: &str, shape: Shape) -> BoxFuture<'static, Result<Loaded, OpError>>;
+    /// `model`'s geometry (Ollama `/api/show`), for the `num_batch` of a load under memory
+    /// pressure; `None` when the provider does not say (then `num_batch` is left alone).
+    fn geometry(&self, _model: &str) -> BoxFuture<'static, Option<Geometry>> {
+        Box::pin(async { None })
+    }
     /// Unloads what `load` returned as `instance_id`.
     fn unload(&self, instance_id: &str) -> BoxFuture<'static, Result<(), OpError>>;
 }
@@ -36,6 +42,10 @@ pub struct OpsBackend {
     slot_save: bool,
     /// The slots saved at each model's last unload.
     saved: Arc<Mutex<HashMap<String, Vec<u64>>>>,
+    /// Where model geometries are kept (`/api/show` is asked once per model), and this
+    /// provider's index there.
+    geometries: Arc<MemoryTable>,
+    provider: usize,
 }
 
 impl OpsBackend {
@@ -44,6 +54,8 @@ impl OpsBackend {
         upstream: Upstream,
         kind: ProviderKind,
         slot_save: bool,
+        geometries: Arc<MemoryTable>,
+        provider: usize,
     ) -> Self {
         OpsBackend {
             client,
@@ -51,6 +63,8 @@ impl OpsBackend {
             kind,
             slot_save: slot_save && kind == ProviderKind::LlamaCpp,
             saved: Default::default(),
+            geometries,
+            provider,
         }
     }
 }
@@ -135,6 +149,28 @@ impl Backend for OpsBackend {
             let loaded = ops::load(&client, &upstream, kind, &model, &opts).await?;
             restore_slots(&client, &upstream, &model, &restore).await;
             Ok(loaded)
+        })
+    }
+
+    fn geometry(&self, model: &str) -> BoxFuture<'static, Option<Geometry>> {
+        if self.kind != ProviderKind::Ollama {
+            return Box::pin(async { None });
+        }
+        if let Some(known) = self.geometries.geometry(self.provider, model) {
+            return Box::pin(async move { known });
+        }
+        let (client, upstream, table, provider, model) = (
+            self.client.clone(),
+            self.upstream.clone(),
+            self.geometries.clone(),
+            self.provider,
+            model.to_string(),
+        );
+        Box::pin(async move {
+            let show = ops::show(&client, &upstream, &model).await;
+            let g = show.ok().and_then(|v| Geometry::from_show(&v));
+            table.set_geometry(provider, &model, g.clone());
+            g
         })
     }
 

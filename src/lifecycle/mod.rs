@@ -45,6 +45,7 @@ mod actor;
 mod backend;
 mod gate;
 pub mod policy;
+pub mod runner;
 #[cfg(test)]
 mod tests;
 
@@ -62,10 +63,11 @@ use crate::providers::{LoadedModel, ProviderKind};
 
 pub use crate::monitor::{MemoryProbe, MemoryReading, SystemMemory};
 pub use backend::{slot_file, Backend, OpsBackend};
+pub use runner::LoadAsk;
 
 /// The runner options a load asks for (Ollama `options.num_ctx` / `num_batch`, LM Studio
 /// `context_length`); `None` leaves the provider's default. Loads under memory pressure get
-/// smaller ones (see `crate::proxy::shape`).
+/// smaller ones (see [`runner`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Shape {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -286,10 +288,12 @@ pub struct Settings {
     pub queue: QueueConfig,
     /// Per-model overrides, keyed by the canonical model name (Ollama: with its tag).
     pub models: BTreeMap<String, ModelOverrides>,
-    /// `buffers.context.initial`: the context of LM Studio loads under memory pressure.
+    /// `buffers.context.initial` (tokens) and `buffers.working.initial` (MB): what loads
+    /// under memory pressure get ([`runner`]).
     pub context_initial: u64,
-    /// The monitor's latest sample, when there is a monitor: loads under pressure get a
-    /// smaller context (LM Studio; see `actor::schedule`).
+    pub working_initial_mb: u64,
+    /// The monitor's latest sample, when there is a monitor: loads under pressure get
+    /// smaller runner options ([`runner`]).
     pub pressure: Option<watch::Receiver<crate::monitor::Snapshot>>,
     /// Where load durations are recorded for `/metrics`, when anyone reads them.
     pub metrics: Option<Arc<crate::metrics::ProviderMetrics>>,
@@ -312,6 +316,7 @@ impl Settings {
                 .map(|(k, v)| (p.kind.canonical_model(k).into_owned(), v.clone()))
                 .collect(),
             context_initial: u64::from(config.buffers.context_initial),
+            working_initial_mb: u64::from(config.buffers.working_initial),
             pressure: None,
             metrics: None,
         }
@@ -324,13 +329,13 @@ enum Event {
         id: u64,
         model: Box<str>,
         hint: Option<IdleHint>,
-        shape: Shape,
+        ask: LoadAsk,
         reply: oneshot::Sender<Result<Lease, LifecycleError>>,
     },
     AdminLoad {
         id: u64,
         model: Box<str>,
-        shape: Shape,
+        ask: LoadAsk,
         reply: oneshot::Sender<Result<ModelView, LifecycleError>>,
     },
     AdminUnload {
@@ -352,6 +357,9 @@ enum Event {
     },
     LoadDone {
         model: Arc<str>,
+        /// The runner options the load was made with (`num_batch` is chosen by the load's
+        /// task, from the model's geometry).
+        shape: Shape,
         result: Result<Loaded, OpError>,
     },
     UnloadDone {
@@ -539,7 +547,7 @@ impl LifecycleHandle {
         &self,
         model: &str,
         hint: Option<IdleHint>,
-        shape: Shape,
+        ask: LoadAsk,
     ) -> Result<Lease, LifecycleError> {
         // The fast path (see `gate`): a ready model whose gate is open. A client's idle
         // hint is the actor's to record, so such requests ask it.
@@ -555,20 +563,20 @@ impl LifecycleHandle {
             id,
             model: model.into(),
             hint,
-            shape,
+            ask,
             reply,
         })
         .await?
     }
 
-    /// Loads `model` (as a request would, through the queue; with `shape` if it is not loaded
-    /// yet) and answers once it is ready.
-    pub async fn load(&self, model: &str, shape: Shape) -> Result<ModelView, LifecycleError> {
+    /// Loads `model` (as a request would, through the queue; the actor picks the runner
+    /// options from `ask` and the memory pressure) and answers once it is ready.
+    pub async fn load(&self, model: &str, ask: LoadAsk) -> Result<ModelView, LifecycleError> {
         let id = self.next_id.fetch_add(1, Relaxed);
         self.ask(Some(id), |reply| Event::AdminLoad {
             id,
             model: model.into(),
-            shape,
+            ask,
             reply,
         })
         .await?

@@ -30,6 +30,8 @@ struct FakeProvider {
     on_unload: Mutex<Option<UnloadCheck>>,
     /// The context a load answers it ran with (`None`: the load does not say).
     load_context: Mutex<Option<u64>>,
+    /// What `/api/show` would say of every model.
+    geometry: Mutex<Option<crate::memory::Geometry>>,
 }
 
 type UnloadCheck = Arc<dyn Fn(&str) + Send + Sync>;
@@ -74,6 +76,11 @@ impl Backend for FakeProvider {
                 }),
             }
         })
+    }
+
+    fn geometry(&self, _model: &str) -> BoxFuture<'static, Option<crate::memory::Geometry>> {
+        let g = self.geometry.lock().unwrap().clone();
+        Box::pin(async move { g })
     }
 
     fn unload(&self, instance_id: &str) -> BoxFuture<'static, Result<(), OpError>> {
@@ -125,6 +132,7 @@ fn settings() -> Settings {
         },
         models: Default::default(),
         context_initial: 4096,
+        working_initial_mb: 256,
         pressure: None,
         metrics: None,
     }
@@ -165,7 +173,7 @@ impl Rig {
 
     async fn lease(&self, model: &str) -> Lease {
         self.lc
-            .acquire(model, None, Shape::default())
+            .acquire(model, None, LoadAsk::default())
             .await
             .expect("a lease")
     }
@@ -276,14 +284,14 @@ async fn per_model_timeouts_pins_and_client_hints() {
             .acquire(
                 "now",
                 Some(IdleHint::After(Duration::ZERO)),
-                Shape::default(),
+                LoadAsk::default(),
             )
             .await
             .unwrap(),
     );
     drop(
         rig.lc
-            .acquire("kept", Some(IdleHint::Never), Shape::default())
+            .acquire("kept", Some(IdleHint::Never), LoadAsk::default())
             .await
             .unwrap(),
     );
@@ -315,7 +323,7 @@ async fn fifty_concurrent_first_requests_share_one_load() {
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let lc = rig.lc.clone();
-            tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await })
+            tokio::spawn(async move { lc.acquire("a", None, LoadAsk::default()).await })
         })
         .collect();
     let mut leases = Vec::new();
@@ -344,7 +352,7 @@ async fn a_failed_load_fails_every_waiter_and_the_next_request_retries() {
     let tasks: Vec<_> = (0..5)
         .map(|_| {
             let lc = rig.lc.clone();
-            tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await })
+            tokio::spawn(async move { lc.acquire("a", None, LoadAsk::default()).await })
         })
         .collect();
     for t in tasks {
@@ -381,7 +389,7 @@ async fn an_unknown_model_is_reported_and_forgotten() {
     );
     let e = rig
         .lc
-        .acquire("nope", None, Shape::default())
+        .acquire("nope", None, LoadAsk::default())
         .await
         .unwrap_err();
     assert!(matches!(e, LifecycleError::NotFound { .. }), "{e:?}");
@@ -397,7 +405,7 @@ async fn a_caller_that_gives_up_while_waiting_leaves_nothing_behind() {
     *rig.provider.load_delay.lock().unwrap() = Duration::from_secs(10);
     let r = tokio::time::timeout(
         Duration::from_secs(1),
-        rig.lc.acquire("a", None, Shape::default()),
+        rig.lc.acquire("a", None, LoadAsk::default()),
     )
     .await;
     assert!(r.is_err(), "still loading");
@@ -445,7 +453,7 @@ async fn a_model_answering_requests_is_never_evicted_and_never_unloaded() {
     });
     let busy = rig.lease("a").await;
     let lc = rig.lc.clone();
-    let waiting = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
+    let waiting = tokio::spawn(async move { lc.acquire("b", None, LoadAsk::default()).await });
     // An admin unload waits too.
     let lc = rig.lc.clone();
     let unload = tokio::spawn(async move { lc.unload("a").await });
@@ -498,7 +506,7 @@ async fn memory_admission_uses_the_providers_sizes_and_the_machines_memory() {
     // Larger than the whole budget: refused at once, not queued forever.
     let e = rig
         .lc
-        .acquire("huge", None, Shape::default())
+        .acquire("huge", None, LoadAsk::default())
         .await
         .unwrap_err();
     assert!(
@@ -529,7 +537,7 @@ async fn memory_admission_uses_the_providers_sizes_and_the_machines_memory() {
     let held_a = rig.lease("a").await;
     let held_c = rig.lease("c").await;
     let lc = rig.lc.clone();
-    let waiting = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
+    let waiting = tokio::spawn(async move { lc.acquire("b", None, LoadAsk::default()).await });
     rig.settle().await;
     assert_eq!(rig.view("b").await.queue_depth, 1);
     assert_eq!(rig.provider.calls().len(), 6, "nothing evicted while busy");
@@ -554,13 +562,13 @@ async fn a_full_queue_answers_at_once_with_retry_after() {
     let waiting: Vec<_> = (0..2)
         .map(|_| {
             let lc = rig.lc.clone();
-            tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await })
+            tokio::spawn(async move { lc.acquire("a", None, LoadAsk::default()).await })
         })
         .collect();
     rig.settle().await;
     let e = rig
         .lc
-        .acquire("a", None, Shape::default())
+        .acquire("a", None, LoadAsk::default())
         .await
         .unwrap_err();
     assert!(
@@ -584,7 +592,7 @@ async fn a_request_that_waits_past_the_queue_timeout_gets_an_error() {
     let started = Instant::now();
     let e = rig
         .lc
-        .acquire("b", None, Shape::default())
+        .acquire("b", None, LoadAsk::default())
         .await
         .unwrap_err();
     assert_eq!(started.elapsed(), Duration::from_secs(10));
@@ -603,11 +611,11 @@ async fn contend(policy: QueuePolicy) -> (Rig, Vec<String>) {
     let rig = start(s);
     let a1 = rig.lease("a").await;
     let lc = rig.lc.clone();
-    let b = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
+    let b = tokio::spawn(async move { lc.acquire("b", None, LoadAsk::default()).await });
     rig.settle().await;
     // Another request for a, while b waits.
     let lc = rig.lc.clone();
-    let a2 = tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await });
+    let a2 = tokio::spawn(async move { lc.acquire("a", None, LoadAsk::default()).await });
     rig.settle().await;
     let granted_at_once = a2.is_finished();
     drop(a1);
@@ -663,7 +671,7 @@ async fn a_waiting_request_starts_when_a_model_in_its_way_goes_idle() {
         let asked = Instant::now();
         let lc = rig.lc.clone();
         let c = tokio::spawn(async move {
-            let lease = lc.acquire("c", None, Shape::default()).await;
+            let lease = lc.acquire("c", None, LoadAsk::default()).await;
             lease.map(|l| (l, Instant::now()))
         });
         rig.settle().await;
@@ -694,7 +702,12 @@ async fn a_waiting_request_starts_when_a_model_in_its_way_goes_idle() {
 /// made are published when the load answers, not when the next poll lists the model.
 #[tokio::test(start_paused = true)]
 async fn a_loads_window_is_published_when_it_answers() {
-    let rig = start(settings());
+    use crate::monitor::{Level, Snapshot};
+    let (tx, rx) = watch::channel(Snapshot::default());
+    let rig = start(Settings {
+        pressure: Some(rx),
+        ..settings()
+    });
     *rig.provider.load_context.lock().unwrap() = Some(512);
     assert_eq!(rig.lc.window("m"), None);
     let lease = rig.lease("m").await;
@@ -703,14 +716,16 @@ async fn a_loads_window_is_published_when_it_answers() {
     assert_eq!(facts.status, ModelStatus::Ready);
     assert_eq!(rig.lc.runner("m"), None, "loaded with the defaults");
     drop(lease);
-    // A load with options: published as the runner's from the moment it starts.
+    // A load given options by the pressure rule: published as the runner's from the moment
+    // it starts.
+    tx.send_modify(|s| s.pressure_level = Level::Warning);
     let lc = rig.lc.clone();
     *rig.provider.load_delay.lock().unwrap() = Duration::from_secs(1);
     let shaped = Shape {
         num_ctx: Some(2048),
         num_batch: Some(128),
     };
-    let n = tokio::spawn(async move { lc.acquire("n", None, shaped).await });
+    let n = tokio::spawn(async move { lc.acquire("n", None, LoadAsk::Options(shaped)).await });
     rig.settle().await;
     assert_eq!(
         rig.lc.facts("n").map(|f| f.status),
@@ -738,7 +753,7 @@ async fn aging_stops_a_busy_model_from_starving_another() {
     let rig = start(s);
     let mut a = rig.lease("a").await;
     let lc = rig.lc.clone();
-    let b = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
+    let b = tokio::spawn(async move { lc.acquire("b", None, LoadAsk::default()).await });
     rig.settle().await;
     assert_eq!(rig.view("b").await.queue_depth, 1);
     // Requests for a overlap forever; each is served at once until b has waited 30 s.
@@ -750,7 +765,7 @@ async fn aging_stops_a_busy_model_from_starving_another() {
     advance(Duration::from_secs(1)).await;
     rig.settle().await;
     let lc = rig.lc.clone();
-    let late_a = tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await });
+    let late_a = tokio::spawn(async move { lc.acquire("a", None, LoadAsk::default()).await });
     rig.settle().await;
     assert!(!late_a.is_finished(), "a drains: new requests for it wait");
     assert_eq!(rig.view("a").await.queue_depth, 1);
@@ -873,20 +888,114 @@ async fn lm_studio_loads_under_memory_pressure_get_a_smaller_context() {
     );
 }
 
+/// The actor decides a load's runner options (issue 17): the request's own, capped under
+/// memory pressure, `num_batch` from the model's geometry at critical; a request that cannot
+/// carry options (Ollama's `/v1`) loads with the defaults; llama-server gets none.
 #[tokio::test(start_paused = true)]
-async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_hold() {
+async fn the_actor_caps_a_loads_options_under_memory_pressure() {
+    use crate::monitor::{Level, Snapshot};
+    let (tx, rx) = watch::channel(Snapshot::default());
     let mut s = settings();
     s.kind = crate::providers::ProviderKind::Ollama;
+    s.pressure = Some(rx);
+    s.max_models_loaded = 10;
+    let rig = start(s);
+    // Llama 3.2 3B: 525,312 bytes of compute buffer a token of batch at 2048 tokens.
+    *rig.provider.geometry.lock().unwrap() = Some(crate::memory::Geometry {
+        arch: "llama".into(),
+        block_count: 28,
+        head_count: 24,
+        head_count_kv: 8,
+        embedding_length: 3072,
+        key_length: Some(128),
+        value_length: Some(128),
+        context_length: Some(131_072),
+        vocab_size: Some(128_256),
+    });
+    let asked = |num_ctx| {
+        LoadAsk::Options(Shape {
+            num_ctx,
+            num_batch: None,
+        })
+    };
+    drop(
+        rig.lc
+            .acquire("calm", None, asked(Some(8192)))
+            .await
+            .unwrap(),
+    );
+    tx.send_modify(|s| s.pressure_level = Level::Warning);
+    drop(
+        rig.lc
+            .acquire("warm", None, asked(Some(8192)))
+            .await
+            .unwrap(),
+    );
+    drop(
+        rig.lc
+            .acquire("small", None, asked(Some(1024)))
+            .await
+            .unwrap(),
+    );
+    drop(rig.lc.acquire("v1", None, LoadAsk::Defaults).await.unwrap());
+    tx.send_modify(|s| s.pressure_level = Level::Critical);
+    drop(rig.lc.acquire("hot", None, asked(None)).await.unwrap());
+    assert_eq!(
+        rig.provider.calls(),
+        [
+            "load calm ctx=8192",
+            "load warm ctx=4096",
+            "load small ctx=1024",
+            "load v1",
+            "load hot ctx=2048 batch=256"
+        ]
+    );
+    // Published whole once the load answered: what requests then carry.
+    assert_eq!(
+        rig.lc.runner("hot"),
+        Some(Shape {
+            num_ctx: Some(2048),
+            num_batch: Some(256)
+        })
+    );
+    assert_eq!(rig.lc.runner("v1"), None);
+    assert_eq!(
+        rig.lc.runner("calm"),
+        None,
+        "loaded at the request's own options: nothing imposed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_hold() {
+    use crate::monitor::{Level, Snapshot};
+    // Under pressure (the cap, 4096, imposes): the request's smaller options are kept.
+    let (_tx, rx) = watch::channel(Snapshot {
+        pressure_level: Level::Warning,
+        ..Snapshot::default()
+    });
+    let mut s = settings();
+    s.kind = crate::providers::ProviderKind::Ollama;
+    s.pressure = Some(rx);
     let rig = start(s);
     let small = Shape {
         num_ctx: Some(2048),
         num_batch: Some(256),
     };
-    let lease = rig.lc.acquire("a", None, small).await.expect("a lease");
+    let lease = rig
+        .lc
+        .acquire("a", None, LoadAsk::Options(small))
+        .await
+        .expect("a lease");
     assert_eq!(rig.provider.calls(), ["load a ctx=2048 batch=256"]);
     assert_eq!(rig.lc.runner("a"), Some(small));
     // A model loaded with the defaults is not listed.
-    drop(rig.lease("b").await);
+    drop(
+        rig.lc
+            .acquire("b", None, LoadAsk::Defaults)
+            .await
+            .expect("b"),
+    );
     assert_eq!(rig.lc.runner("b"), None);
     // The provider's list agrees: still listed.
     let seen = |m: &str, ctx: u64| crate::providers::LoadedModel {
@@ -907,7 +1016,11 @@ async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_ho
     drop(lease);
 
     // Unloaded: forgotten; a failed load publishes nothing either.
-    let c = rig.lc.acquire("c", None, small).await.expect("a lease");
+    let c = rig
+        .lc
+        .acquire("c", None, LoadAsk::Options(small))
+        .await
+        .expect("a lease");
     assert_eq!(rig.lc.runner("c"), Some(small));
     drop(c);
     rig.lc.unload("c").await.expect("unloaded");
@@ -919,7 +1032,11 @@ async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_ho
             message: "boom".into(),
         },
     );
-    assert!(rig.lc.acquire("d", None, small).await.is_err());
+    assert!(rig
+        .lc
+        .acquire("d", None, LoadAsk::Options(small))
+        .await
+        .is_err());
     assert_eq!(rig.lc.runner("d"), None);
 }
 
@@ -936,7 +1053,7 @@ async fn loads_and_unloads_are_listed_with_their_reason_and_duration() {
     *rig.provider.unload_delay.lock().unwrap() = Duration::from_millis(40);
     assert!(rig.lc.events().is_empty());
 
-    rig.lc.load("a", Shape::default()).await.expect("loaded");
+    rig.lc.load("a", LoadAsk::default()).await.expect("loaded");
     drop(rig.lease("b").await);
     rig.provider
         .fail_next_unload
@@ -948,7 +1065,7 @@ async fn loads_and_unloads_are_listed_with_their_reason_and_duration() {
     // a and c loaded (b failed): d evicts a, the idle one, and then fails to load.
     rig.provider.fail_next("d", OpError::Timeout);
     rig.lc
-        .acquire("d", None, Shape::default())
+        .acquire("d", None, LoadAsk::default())
         .await
         .expect_err("the load fails");
     let e = rig.lease("e").await;
@@ -1047,7 +1164,7 @@ async fn a_model_busy_through_its_gate_is_never_evicted_and_an_unload_waits_for_
     rig.settle().await;
     let busy = rig.gate_lease("a").await;
     let lc = rig.lc.clone();
-    let waiting = tokio::spawn(async move { lc.acquire("b", None, Shape::default()).await });
+    let waiting = tokio::spawn(async move { lc.acquire("b", None, LoadAsk::default()).await });
     let lc = rig.lc.clone();
     let unload = tokio::spawn(async move { lc.unload("a").await });
     advance(Duration::from_secs(3600)).await;
@@ -1059,7 +1176,7 @@ async fn a_model_busy_through_its_gate_is_never_evicted_and_an_unload_waits_for_
     );
     // Asked to unload, the model takes no new lease through its gate: this request waits.
     let lc = rig.lc.clone();
-    let late = tokio::spawn(async move { lc.acquire("a", None, Shape::default()).await });
+    let late = tokio::spawn(async move { lc.acquire("a", None, LoadAsk::default()).await });
     rig.settle().await;
     assert!(!late.is_finished() && !waiting.is_finished() && !unload.is_finished());
     assert_eq!(rig.gate_leases("a"), 1);
@@ -1100,7 +1217,7 @@ async fn no_unload_ever_happens_under_a_lease_from_either_path() {
             for n in 0..200usize {
                 let i = (t + n / 50) % 2;
                 let lease = lc
-                    .acquire(["a", "b"][i], None, Shape::default())
+                    .acquire(["a", "b"][i], None, LoadAsk::default())
                     .await
                     .expect("a lease");
                 held[i].fetch_add(1, std::sync::atomic::Ordering::SeqCst);

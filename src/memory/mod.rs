@@ -67,6 +67,8 @@ use serde_json::Value;
 #[cfg(test)]
 mod tests;
 
+pub mod batch;
+
 /// Bytes in a MiB, the unit of every `*_mb` field.
 pub const MIB: u64 = 1 << 20;
 

@@ -25,14 +25,13 @@ mod forward;
 #[cfg(test)]
 mod fuzz_regressions;
 mod inbound;
+mod model;
 mod observe;
-pub mod shape;
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -41,19 +40,18 @@ use http_body_util::{BodyExt, Either, Full};
 
 use crate::config::Config;
 use crate::context::{self, Compactor};
-use crate::lifecycle::{self, IdleHint, LifecycleError, Shape};
+use crate::lifecycle::{LoadAsk, Shape};
 use crate::memory::MemoryTable;
 use crate::monitor::MonitorHandle;
-use crate::providers::ops::OpError;
-use crate::providers::{error_chain, Endpoint, ErrorStyle, Operation, UpstreamClient, UsageKeys};
-use crate::rewrite;
-use crate::stats::{InFlight, StatsTable};
+use crate::providers::{error_chain, ErrorStyle, UpstreamClient};
+use crate::stats::StatsTable;
 use crate::transport::codec::RawHeaders;
 use crate::transport::pool::{self, PoolError, PooledBody};
 use crate::transport::server::{self, RequestBody};
 use crate::upstream::ProviderState;
 pub use error::{Fault, ProxyError};
 pub use inbound::ModelRequest;
+pub use model::{COMPACTED_HEADER, NUM_BATCH_HEADER, NUM_CTX_HEADER};
 pub use observe::UsageScanner;
 
 /// What the data plane reads: every provider listener shares one, built by `app` from the
@@ -158,7 +156,7 @@ pub async fn handle(
         if let Some(endpoint) = kind.classify(req.uri().path()) {
             // Boxed: the inspected path's future (compaction, loading) is kilobytes, and the
             // connection's task is as large as its largest state, idle or streaming.
-            return Box::pin(inspected(&state, provider, endpoint, req)).await;
+            return Box::pin(model::inspected(&state, provider, endpoint, req)).await;
         }
     }
     let style = kind.error_style(req.uri().path());
@@ -247,7 +245,7 @@ async fn passthrough(
 }
 
 /// Sends `up`, within `proxy.response_timeout` for the response to begin.
-async fn send(
+pub(super) async fn send(
     state: &DataPlane,
     p: &ProviderState,
     up: Request<crate::transport::UpstreamBody>,
@@ -267,470 +265,12 @@ async fn send(
     }
 }
 
-/// Forwards a model request: reads the body once, takes the model, fits a chat into the
-/// model's window (`context`), gets a lease on the model from the lifecycle (which loads it,
-/// or queues the request, as needed), tracks it in flight, and reads the usage out of the
-/// response as it streams back.
-async fn inspected(
-    state: &DataPlane,
-    provider: usize,
-    endpoint: Endpoint,
-    req: Request<RequestBody>,
-) -> Response<ProxyBody> {
-    let arrived = Instant::now();
-    let p = &state.providers[provider];
-    let kind = p.config.kind;
-    let (mut parts, body) = req.into_parts();
-    let max_body = state.config.load().proxy.max_request_body;
-    let read = inbound::read_body(&parts.headers, body, max_body).await;
-    let mut bytes = match read {
-        Ok(b) => b,
-        Err(e) => return local_error(p, &e, endpoint.errors),
-    };
-    // The body goes upstream whole: the client sets its length from the bytes, so a stage
-    // that rewrites them can never leave a stale Content-Length behind.
-    parts.headers.remove(http::header::CONTENT_LENGTH);
-    let mut parsed = ModelRequest::parse(&bytes);
-    // No model (bad JSON, missing field): the upstream answers with its own error,
-    // unchanged, and nothing is counted.
-    let Some(model) = parsed.model().map(|m| kind.canonical_model(m).into_owned()) else {
-        drop(parsed);
-        return forward(state, p, endpoint, parts, bytes, None).await;
-    };
-    let keep_alive = KeepAlivePlan::of(endpoint, &bytes, &parsed);
-    if keep_alive.unload {
-        // `keep_alive: 0` without a prompt: unload. Done gracefully through the lifecycle
-        // (in-flight requests finish first); the provider then answers its own reply for a
-        // model that is not loaded.
-        drop(parsed);
-        let unloaded = p.lifecycle.unload(&model).await;
-        if let Err(e) = unloaded {
-            tracing::debug!(model = %model, error = %e, "unload asked by a client failed");
-        }
-        return forward(state, p, endpoint, parts, bytes, None).await;
-    }
-    let mut notes = Notes::default();
-    // Ollama's runner options under memory pressure (see `shape`).
-    if endpoint.usage == UsageKeys::OllamaNative {
-        let shaped = shape::for_request(state, provider, &model, &parsed).await;
-        if let Some((target, sent)) = shaped {
-            notes.shape = target;
-            if let Some(b) = shape::apply(&bytes, parsed.options, sent, target) {
-                notes.num_ctx = target
-                    .num_ctx
-                    .filter(|n| Some(*n) != sent.num_ctx)
-                    .map(|n| (sent.num_ctx, n));
-                notes.num_batch = target
-                    .num_batch
-                    .filter(|n| Some(*n) != sent.num_batch)
-                    .map(|n| (sent.num_batch, n));
-                drop(parsed);
-                bytes = b;
-                parsed = ModelRequest::parse(&bytes);
-            }
-        }
-    }
-    // Fit the conversation into the model's window (before the lease: a slow summary must
-    // not pin the target), and keep Ollama's num_ctx stable.
-    let mut estimate = None;
-    if endpoint.operation == Operation::Chat && parsed.messages.is_some() {
-        let shaped = !notes.shape.is_default();
-        let fitted = fit_context(state, provider, endpoint, &model, &bytes, &parsed, shaped).await;
-        match fitted {
-            Fitted::Unchanged { estimate: e } => estimate = e,
-            Fitted::Rewritten {
-                body,
-                compacted,
-                num_ctx,
-            } => {
-                notes.compacted = compacted;
-                notes.num_ctx = num_ctx.or(notes.num_ctx);
-                estimate = compacted.map(|(_, after)| after);
-                drop(parsed);
-                bytes = body;
-            }
-            Fitted::Reject(e) => {
-                let mut g = state.stats.begin(provider, &model, endpoint.label, arrived);
-                g.fail(e.status());
-                return local_error(p, &e, endpoint.errors);
-            }
-        }
-    }
-    continue_with(
-        state, provider, endpoint, parts, bytes, model, keep_alive, notes, estimate, arrived,
-    )
-    .await
-}
-
-/// What Ollama's `keep_alive` asks, and what the proxy does with it.
-#[derive(Clone, Debug, Default)]
-struct KeepAlivePlan {
-    /// The client's value, as a hint to the lifecycle.
-    hint: Option<IdleHint>,
-    /// Set `keep_alive` to -1 upstream.
-    rewrite: bool,
-    /// A load-only request with `keep_alive: 0`: an unload.
-    unload: bool,
-    /// Where the client's `keep_alive` value sits in the body as read (`None`: absent), so
-    /// the rewrite need not parse the body again.
-    at: Option<std::ops::Range<usize>>,
-}
-
-impl KeepAlivePlan {
-    fn of(endpoint: Endpoint, body: &[u8], parsed: &ModelRequest<'_>) -> Self {
-        if endpoint.usage != UsageKeys::OllamaNative {
-            return KeepAlivePlan::default();
-        }
-        // Ollama would unload on its own after the request's keep_alive: the proxy owns
-        // unloading, so the provider is told "never" and the client's value becomes a hint.
-        // A value Ollama would refuse is left alone, so the client gets Ollama's own 400.
-        let (hint, rewrite) = match parsed.keep_alive {
-            // Absent or null: the server default, which the proxy replaces.
-            None => (None, true),
-            Some(raw) if raw.get() == "null" => (None, true),
-            Some(raw) => {
-                let hint = lifecycle::parse_keep_alive(raw.get());
-                (hint, hint.is_some())
-            }
-        };
-        KeepAlivePlan {
-            hint,
-            rewrite,
-            unload: hint == Some(IdleHint::After(Duration::ZERO)) && parsed.is_load_only(),
-            at: parsed.keep_alive.map(|r| rewrite::span_in(body, r)),
-        }
-    }
-}
-
-/// What the proxy changed in a request, for the response headers.
-#[derive(Debug, Default)]
-struct Notes {
-    /// Prompt tokens before and after compaction.
-    compacted: Option<(u64, u64)>,
-    /// Ollama `num_ctx` as sent (`None`: absent) and as forwarded.
-    num_ctx: Option<(Option<u64>, u64)>,
-    /// Ollama `num_batch` as sent and as forwarded.
-    num_batch: Option<(Option<u64>, u64)>,
-    /// The runner options a load started by this request gets (Ollama under pressure).
-    shape: Shape,
-}
-
-enum Fitted {
-    Unchanged {
-        estimate: Option<u64>,
-    },
-    Rewritten {
-        body: Bytes,
-        compacted: Option<(u64, u64)>,
-        num_ctx: Option<(Option<u64>, u64)>,
-    },
-    Reject(ProxyError),
-}
-
-/// The compaction stage: the model's window, `num_ctx` normalization, and the compactor.
-async fn fit_context(
-    state: &DataPlane,
-    provider: usize,
-    endpoint: Endpoint,
-    model: &str,
-    bytes: &Bytes,
-    parsed: &ModelRequest<'_>,
-    shaped: bool,
-) -> Fitted {
-    let cx = &state.compactor;
-    let p = &state.providers[provider];
-    let messages_len = parsed.messages.map_or(0, |m| m.get().len());
-    let limits = parsed.limits();
-    let sent_ctx = limits.num_ctx;
-    // The window the model runs with: the lifecycle actor publishes it from its own loads
-    // at once, and from the provider's list for loads made by others.
-    let loaded_window = p.lifecycle.window(model);
-    let mut known = loaded_window;
-    if known.is_none() && sent_ctx.is_none() && messages_len > SMALL_PROMPT {
-        known = cx.configured_window(model);
-        if known.is_none() && p.managed() {
-            // Not seen loaded yet: load it now (as the request would) to learn its window.
-            let shape = lifecycle::Shape {
-                num_ctx: sent_ctx,
-                ..Default::default()
-            };
-            let shape = shape::for_load_capped(state, provider, model, shape).await;
-            let loaded = p.lifecycle.load(model, shape).await;
-            if let Ok(view) = loaded {
-                known = view.context_length;
-            }
-        }
-    }
-    let req = context::ChatRequest {
-        provider,
-        model,
-        body: bytes,
-        messages: parsed.messages,
-        max_reply: limits.max_reply,
-    };
-    // Ollama reloads a model whose loaded num_ctx differs from the request's: keep the
-    // loaded one when the prompt fits it for sure (a request given a runner's options under
-    // memory pressure has them already).
-    let mut body = bytes.clone();
-    let mut num_ctx_note = None;
-    let mut window = sent_ctx.or(known);
-    if let (Some(sent), Some(loaded), true) = (
-        sent_ctx,
-        loaded_window,
-        endpoint.usage == UsageKeys::OllamaNative && cx.normalize_num_ctx() && !shaped,
-    ) {
-        if sent != loaded
-            && crate::tokens::upper_bound(messages_len) <= cx.prompt_budget(&req, loaded)
-        {
-            if let Some(b) = set_num_ctx(bytes, parsed.options, loaded) {
-                body = b;
-                num_ctx_note = Some((Some(sent), loaded));
-                window = Some(loaded);
-            }
-        }
-    }
-    // A client asking for more context than `buffers.context.max` (`initial` under memory
-    // pressure) gets that much: the KV cache Ollama would allocate is bounded. The
-    // conversation is then fitted into the capped window.
-    if let (Some(sent), None, true) = (
-        sent_ctx,
-        num_ctx_note,
-        endpoint.usage == UsageKeys::OllamaNative,
-    ) {
-        let cap = cx.context_cap();
-        if sent > cap {
-            if let Some(b) = set_num_ctx(bytes, parsed.options, cap) {
-                body = b;
-                num_ctx_note = Some((Some(sent), cap));
-                window = Some(cap);
-            }
-        }
-    }
-    let Some(window) = window else {
-        return Fitted::Unchanged { estimate: None };
-    };
-    let req = context::ChatRequest { body: &body, ..req };
-    let stage = context::Stage {
-        compactor: &state.compactor,
-        providers: state,
-    };
-    let fit = context::fit(stage, &req, window).await;
-    match fit {
-        context::Fit::Unchanged { estimate } => match num_ctx_note {
-            Some(n) => Fitted::Rewritten {
-                body,
-                compacted: None,
-                num_ctx: Some(n),
-            },
-            None => Fitted::Unchanged { estimate },
-        },
-        context::Fit::Rewritten {
-            body,
-            before,
-            after,
-        } => Fitted::Rewritten {
-            body,
-            compacted: Some((before, after)),
-            num_ctx: num_ctx_note,
-        },
-        context::Fit::Reject {
-            tokens,
-            window,
-            why,
-        } => Fitted::Reject(ProxyError::ContextOverflow {
-            model: model.to_string(),
-            tokens,
-            window,
-            why,
-        }),
-    }
-}
-
-/// Below this many bytes of messages a prompt fits any window: no window is looked up.
-const SMALL_PROMPT: usize = 1024;
-
-/// `options.num_ctx` set to `n`, every other byte kept.
-fn set_num_ctx(
-    body: &[u8],
-    options: Option<&serde_json::value::RawValue>,
-    n: u64,
-) -> Option<Bytes> {
-    let options = options?;
-    let (new_options, _) =
-        rewrite::set_top_level(options.get().as_bytes(), "num_ctx", &n.to_string()).ok()?;
-    let new_options = String::from_utf8(new_options).ok()?;
-    let (b, _) = rewrite::set_top_level(body, "options", &new_options).ok()?;
-    Some(Bytes::from(b))
-}
-
-/// The rest of an inspected request once its body is final: Ollama's keep_alive, the lease,
-/// forwarding.
-#[allow(clippy::too_many_arguments)]
-async fn continue_with(
-    state: &DataPlane,
-    provider: usize,
-    endpoint: Endpoint,
-    parts: http::request::Parts,
-    mut bytes: Bytes,
-    model: String,
-    keep_alive: KeepAlivePlan,
-    notes: Notes,
-    estimate: Option<u64>,
-    arrived: Instant,
-) -> Response<ProxyBody> {
-    let p = &state.providers[provider];
-    if keep_alive.rewrite {
-        // The body as read: its parse said where keep_alive is. Rewritten by the context
-        // stage: parse it again.
-        let edited =
-            if notes.compacted.is_none() && notes.num_ctx.is_none() && notes.num_batch.is_none() {
-                rewrite::set_at(&bytes, "keep_alive", "-1", keep_alive.at.clone())
-            } else {
-                rewrite::set_top_level(&bytes, "keep_alive", "-1").map(|(b, _)| b)
-            };
-        if let Ok(edited) = edited {
-            bytes = Bytes::from(edited);
-        }
-    }
-    let hint = keep_alive.hint;
-    let mut guard = state.stats.begin(provider, &model, endpoint.label, arrived);
-    if let Some((before, after)) = notes.compacted {
-        guard.compacted(before, after);
-    }
-    match estimate {
-        Some(e) => {
-            let counter = state.compactor.counter.clone();
-            let (pname, mname) = (p.config.name.clone(), model.clone());
-            let raw = e;
-            guard.estimated(
-                e,
-                Box::new(move |reported| {
-                    // The ratio is learned on uncalibrated estimates.
-                    let ratio = counter.ratio(&pname, &mname);
-                    let uncalibrated = (raw as f64 / ratio).round() as u64;
-                    counter.calibrate(&pname, &mname, uncalibrated, reported);
-                }),
-            );
-        }
-        None => guard.not_estimated(),
-    }
-    // A llama-server with one model: always loaded, nothing to acquire.
-    if p.managed() {
-        let asked = Instant::now();
-        let acquired = p.lifecycle.acquire(&model, hint, notes.shape).await;
-        match acquired {
-            Ok(lease) => guard.attach(lease, asked.elapsed()),
-            // The provider does not know the model: let it say so itself, in its own words.
-            Err(LifecycleError::NotFound { .. }) => {}
-            Err(LifecycleError::LoadFailed {
-                source: OpError::Unreachable(reason),
-                ..
-            }) => {
-                p.mark_unreachable(reason.clone());
-                let e = ProxyError::UpstreamUnreachable {
-                    provider: p.config.name.clone(),
-                    upstream: p.config.upstream.to_string(),
-                    reason,
-                };
-                guard.fail(e.status());
-                return local_error(p, &e, endpoint.errors);
-            }
-            Err(e) => {
-                let e = ProxyError::Lifecycle(e);
-                guard.fail(e.status());
-                return local_error(p, &e, endpoint.errors);
-            }
-        }
-    }
-    let mut resp = forward(state, p, endpoint, parts, bytes, Some(guard)).await;
-    if let Some((before, after)) = notes.compacted {
-        if let Ok(v) = http::HeaderValue::from_str(&format!("{before}->{after}")) {
-            resp.headers_mut().insert(COMPACTED_HEADER, v);
-        }
-    }
-    for (name, note) in [
-        (NUM_CTX_HEADER, notes.num_ctx),
-        (NUM_BATCH_HEADER, notes.num_batch),
-    ] {
-        if let Some((sent, used)) = note {
-            let sent = sent.map_or_else(|| "default".to_string(), |n| n.to_string());
-            if let Ok(v) = http::HeaderValue::from_str(&format!("{sent}->{used}")) {
-                resp.headers_mut().insert(name, v);
-            }
-        }
-    }
-    resp
-}
-
-/// Set on a response whose request was compacted: `<tokens before>-><tokens after>`.
-pub const COMPACTED_HEADER: &str = "x-llm-warden-compacted";
-/// Set when Ollama's `num_ctx` was rewritten (to the loaded model's, to a cap, or to the
-/// smaller context of a load under memory pressure): `<sent or "default">-><used>`.
-pub const NUM_CTX_HEADER: &str = "x-llm-warden-num-ctx";
-/// Set when Ollama's `num_batch` was rewritten (memory pressure): `<sent or "default">-><used>`.
-pub const NUM_BATCH_HEADER: &str = "x-llm-warden-num-batch";
-
-/// Sends an inspected request upstream and observes its response (when it is counted).
-async fn forward(
-    state: &DataPlane,
-    p: &ProviderState,
-    endpoint: Endpoint,
-    parts: http::request::Parts,
-    bytes: Bytes,
-    mut guard: Option<InFlight>,
-) -> Response<ProxyBody> {
-    // The answer's headers are only added to here (`continue_with`'s notes), never read:
-    // for an HTTP/1 client they may stay as the provider wrote them (`h1::RawHeaders`).
-    let raw_ok = parts.version < http::Version::HTTP_2;
-    let up = match forward::upstream_request(
-        &p.config.upstream,
-        p.pool.host_header(),
-        parts,
-        Either::Right(Full::new(bytes)),
-        false,
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            let e = ProxyError::InvalidTarget(e.to_string());
-            if let Some(g) = guard.as_mut() {
-                g.fail(e.status());
-            }
-            return local_error(p, &e, endpoint.errors);
-        }
-    };
-    let sent = send(state, p, up, raw_ok).await;
-    match sent {
-        Ok(mut resp) => {
-            p.mark_reachable();
-            forward::downstream_headers(&mut resp);
-            match guard.take() {
-                Some(mut g) => {
-                    g.set_status(resp.status());
-                    if resp.status().is_client_error() || resp.status().is_server_error() {
-                        g.fail_upstream("upstream_status");
-                    }
-                    resp.map(|b| {
-                        ProxyBody::Observed(Box::new(observe::ObservedBody::new(
-                            b,
-                            endpoint.usage,
-                            g,
-                        )))
-                    })
-                }
-                None => resp.map(ProxyBody::Upstream),
-            }
-        }
-        Err(e) => {
-            if let Some(g) = guard.as_mut() {
-                g.fail(e.status());
-            }
-            local_error(p, &e, endpoint.errors)
-        }
-    }
-}
-
 /// An error the proxy answers itself: counted by kind, logged, written in `style`.
-fn local_error(p: &ProviderState, e: &ProxyError, style: ErrorStyle) -> Response<ProxyBody> {
+pub(super) fn local_error(
+    p: &ProviderState,
+    e: &ProxyError,
+    style: ErrorStyle,
+) -> Response<ProxyBody> {
     p.metrics.error(e.kind());
     match e.fault() {
         Fault::Client => tracing::debug!(kind = e.kind(), error = %e, "client error"),
@@ -781,39 +321,31 @@ impl context::Providers for DataPlane {
         self.providers[provider].lifecycle.window(model)
     }
 
-    fn runner(&self, provider: usize, model: &str) -> Shape {
-        self.providers[provider]
-            .lifecycle
-            .runner(model)
-            .unwrap_or_default()
-    }
-
     fn compacted(&self, provider: usize, model: &str, saved: u64) {
         self.stats.model(provider, model).record_compaction(saved);
     }
 
-    fn post(
-        &self,
+    fn post<'a>(
+        &'a self,
         provider: usize,
-        model: &str,
+        model: &'a str,
         path: &'static str,
-        body: Bytes,
+        body: &'a (dyn Fn(Shape) -> Bytes + Sync),
         limit: usize,
-    ) -> futures_util::future::BoxFuture<'_, Result<(http::StatusCode, Bytes), String>> {
-        let model = model.to_string();
+    ) -> futures_util::future::BoxFuture<'a, Result<(http::StatusCode, Bytes), String>> {
         Box::pin(async move {
             let p = &self.providers[provider];
-            let shape = p.lifecycle.runner(&model).unwrap_or_default();
             // A llama-server with one model: always loaded, nothing to acquire.
             let _lease = if p.managed() {
-                let lease = p.lifecycle.acquire(&model, None, shape).await;
+                let lease = p.lifecycle.acquire(model, None, LoadAsk::default()).await;
                 Some(lease.map_err(|e| format!("summarizer model: {e}"))?)
             } else {
                 None
             };
+            let runner = p.lifecycle.runner(model).unwrap_or_default();
             let req = Request::post(format!("{}{path}", p.config.upstream))
                 .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(body))
+                .body(Full::new(body(runner)))
                 .map_err(|e| e.to_string())?;
             let sent = self.client.request(req).await;
             let resp =

@@ -20,7 +20,8 @@ use super::gate::{Gate, Shared};
 use super::policy::RefuseReason;
 use super::{
     Backend, Event, Facts, Gates, IdleHint, Lease, LeaseFrom, LifecycleError, LifecycleEvent,
-    LifecycleLog, MemoryProbe, ModelFacts, ModelStatus, ModelView, Published, Settings, Shape,
+    LifecycleLog, LoadAsk, MemoryProbe, ModelFacts, ModelStatus, ModelView, Published, Settings,
+    Shape,
 };
 use crate::config::QueuePolicy;
 use crate::providers::ops::{Loaded, OpError};
@@ -60,9 +61,12 @@ struct Model {
     /// The context the model runs with: the load's answer, else the provider's list. Kept
     /// after an unload: a reload is likely to get the same.
     context_length: Option<u64>,
-    /// The runner options of the load in progress or of the loaded model, when the proxy
-    /// loaded it (default: the provider's own).
+    /// The runner options of the load in progress or of the loaded model, when memory
+    /// pressure made the proxy load it with them (default: the provider's own, or the
+    /// request's that started the load): requests must then carry the same.
     shape: Shape,
+    /// The load in progress was given options by the pressure rule (`shape` is then set).
+    imposed: bool,
     loads: u64,
     unloads: u64,
     /// What `Backend::unload` takes (LM Studio: the instance id).
@@ -104,8 +108,8 @@ enum Reply {
 struct Waiter {
     id: u64,
     model: Arc<str>,
-    /// The runner options to load with, should this waiter's request start the load.
-    shape: Shape,
+    /// What this waiter asks of the load, should it start one.
+    ask: LoadAsk,
     enqueued: Instant,
     reply: Reply,
 }
@@ -224,27 +228,27 @@ impl Actor {
                 id,
                 model,
                 hint,
-                shape,
+                ask,
                 reply,
             } => {
                 let name = self.entry(&model);
                 if self.grantable_now(&name) {
                     self.grant(&name, reply, hint);
                 } else {
-                    self.enqueue(id, name, shape, Reply::Request { reply, hint });
+                    self.enqueue(id, name, ask, Reply::Request { reply, hint });
                 }
             }
             Event::AdminLoad {
                 id,
                 model,
-                shape,
+                ask,
                 reply,
             } => {
                 let name = self.entry(&model);
                 if self.models[&name].status == ModelStatus::Ready {
                     let _ = reply.send(Ok(self.view(&self.models[&name])));
                 } else {
-                    self.enqueue(id, name, shape, Reply::Admin(reply));
+                    self.enqueue(id, name, ask, Reply::Admin(reply));
                 }
             }
             Event::AdminUnload { model, reply } => self.admin_unload(&model, reply),
@@ -261,7 +265,11 @@ impl Actor {
                 tracing::trace!(model = %model, "last lease through a closed gate returned");
                 self.schedule();
             }
-            Event::LoadDone { model, result } => self.load_done(&model, result),
+            Event::LoadDone {
+                model,
+                shape,
+                result,
+            } => self.load_done(&model, shape, result),
             Event::UnloadDone { model, result } => self.unload_done(&model, result),
             Event::Report { loaded, polled_at } => self.apply_report(loaded, polled_at),
             Event::Window { model, tokens } => match self.models.get_mut(&*model) {
@@ -353,6 +361,7 @@ impl Actor {
                 load_time: None,
                 context_length: self.observed.remove(&name),
                 shape: Shape::default(),
+                imposed: false,
                 loads: 0,
                 unloads: 0,
                 instance_id: None,
@@ -447,7 +456,7 @@ impl Actor {
         let _ = reply.send(Ok(lease));
     }
 
-    fn enqueue(&mut self, id: u64, name: Arc<str>, shape: Shape, reply: Reply) {
+    fn enqueue(&mut self, id: u64, name: Arc<str>, ask: LoadAsk, reply: Reply) {
         if self.queue.len() >= self.settings.queue.max_waiting as usize {
             let retry_after = self.retry_after(&name);
             fail(
@@ -466,7 +475,7 @@ impl Actor {
         self.queue.push_back(Waiter {
             id,
             model: name,
-            shape,
+            ask,
             enqueued: Instant::now(),
             reply,
         });
@@ -520,7 +529,7 @@ impl Actor {
         }
     }
 
-    fn load_done(&mut self, name: &str, result: Result<Loaded, OpError>) {
+    fn load_done(&mut self, name: &str, shape: Shape, result: Result<Loaded, OpError>) {
         let now = Instant::now();
         if let (Ok(loaded), Some(metrics)) = (&result, &self.settings.metrics) {
             metrics.observe_load(name, loaded.elapsed);
@@ -536,6 +545,9 @@ impl Actor {
             Ok(loaded) => {
                 let event = m.event("load", loaded.elapsed, None);
                 m.status = ModelStatus::Ready;
+                if m.imposed {
+                    m.shape = shape;
+                }
                 m.last_used = m.last_used.max(seq);
                 m.changed_at = now;
                 m.load_time = Some(loaded.elapsed);

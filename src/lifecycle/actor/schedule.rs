@@ -10,7 +10,8 @@ use tokio::time::Instant;
 use super::{fail, Actor, Decision, Reply, Waiter, FREED_GRACE};
 use crate::config::QueuePolicy;
 use crate::lifecycle::policy::{self, Plan, Residency, Resident};
-use crate::lifecycle::{Event, LifecycleError, ModelStatus};
+use crate::lifecycle::{runner, Event, LifecycleError, LoadAsk, ModelStatus, Shape};
+use crate::monitor::Level;
 
 impl Actor {
     /// Brings the table in line with the queue: drains, grants, loads, evictions, unloads.
@@ -219,18 +220,16 @@ impl Actor {
         m.op_started = m.changed_at;
         m.last_error = None;
         tracing::info!(provider = %self.settings.provider, model = %name, "loading model");
-        // The options of the oldest waiter's request (Ollama reloads a runner whose options
-        // differ from a request's, so the request carries the same); LM Studio's context
-        // under pressure is the actor's to choose (requests there cannot change it).
-        let mut shape = self
+        // What the oldest waiter asks, capped under memory pressure (`runner`): the actor
+        // decides; requests then carry the runner's options (Ollama reloads a runner whose
+        // options differ from a request's).
+        let ask = self
             .queue
             .iter()
             .find(|w| w.model == *name)
-            .map(|w| w.shape)
+            .map(|w| w.ask)
             .unwrap_or_default();
-        if shape.num_ctx.is_none() {
-            shape.num_ctx = self.load_context();
-        }
+        let (mut shape, batch_budget, imposed) = self.load_shape(ask);
         // Asked through the admin API, or needed by a request (the oldest waiter started it).
         let reason = match self
             .queue
@@ -242,17 +241,28 @@ impl Actor {
             _ => "request",
         };
         if let Some(m) = self.models.get_mut(name) {
-            m.shape = shape;
+            m.imposed = imposed;
+            m.shape = if imposed { shape } else { Shape::default() };
             m.op_reason = reason;
         }
-        // Published after this event (`publish_facts`): requests arriving during the load
-        // are given the same options.
-        let op = self.backend.load(name, shape);
+        // Published after this event (`publish_facts`); `num_batch`, when it comes from the
+        // model's geometry, with the load's end. Requests wait for the load, then carry both.
+        let backend = self.backend.clone();
         let tx = self.tx.clone();
         let model = name.clone();
         tokio::spawn(async move {
-            let result = op.await;
-            let _ = tx.send(Event::LoadDone { model, result });
+            if let (Some(budget), Some(num_ctx)) = (batch_budget, shape.num_ctx) {
+                if let Some(g) = backend.geometry(&model).await {
+                    let fits = crate::memory::batch::batch_for(&g, num_ctx, budget);
+                    shape.num_batch = runner::capped(fits, shape.num_batch);
+                }
+            }
+            let result = backend.load(&model, shape).await;
+            let _ = tx.send(Event::LoadDone {
+                model,
+                shape,
+                result,
+            });
         });
     }
 
@@ -362,19 +372,30 @@ impl Actor {
         self.schedule();
     }
 
-    /// The context an LM Studio load asks for when its request did not say: the provider's
-    /// default, except under memory pressure: `buffers.context.initial` at warning, half that
-    /// at critical (a smaller KV cache). Ollama's come with the request that starts the load
-    /// (see `crate::proxy::shape`), since its requests must then carry the same.
-    pub(super) fn load_context(&self) -> Option<u64> {
-        if self.settings.kind != crate::providers::ProviderKind::LmStudio {
-            return None;
-        }
-        let level = self.settings.pressure.as_ref()?.borrow().pressure_level;
-        match level {
-            crate::monitor::Level::Normal => None,
-            crate::monitor::Level::Warning => Some(self.settings.context_initial),
-            crate::monitor::Level::Critical => Some((self.settings.context_initial / 2).max(512)),
-        }
+    /// The runner options a load asked as `ask` gets now, the compute-buffer budget its
+    /// `num_batch` must fit (see `runner`), and whether memory pressure imposed them (then
+    /// requests must carry them; a load at the request's own options is the provider's
+    /// business, as if the request had started it).
+    pub(super) fn load_shape(&self, ask: LoadAsk) -> (Shape, Option<u64>, bool) {
+        let LoadAsk::Options(asked) = ask else {
+            return (Shape::default(), None, false);
+        };
+        let level = self
+            .settings
+            .pressure
+            .as_ref()
+            .map_or(Level::Normal, |p| p.borrow().pressure_level);
+        let cap = runner::cap(
+            self.settings.kind,
+            level,
+            self.settings.context_initial,
+            self.settings.working_initial_mb,
+        );
+        let shape = Shape {
+            num_ctx: runner::capped(cap.num_ctx, asked.num_ctx),
+            num_batch: asked.num_batch,
+        };
+        let imposed = cap.num_ctx.is_some() || cap.batch_budget.is_some();
+        (shape, cap.batch_budget, imposed)
     }
 }
