@@ -1,23 +1,21 @@
-//! llm-warden: a drop-in reverse proxy for local LLM providers (Ollama, LM Studio) that
-//! counts, per model, what is in flight and what it cost, decides which models are loaded
-//! (lazy loads, idle unloads, limits, a queue), rewrites conversations that would overflow
-//! the model's window (summaries of the older turns), and (in a later stage) reacts to memory
-//! pressure.
+//! llm-warden: a drop-in reverse proxy for local LLM providers (Ollama, LM Studio,
+//! llama.cpp's llama-server) that counts, per model, what is in flight and what it cost,
+//! decides which models are loaded (lazy loads, idle unloads, limits, a queue), rewrites
+//! conversations that would overflow the model's window, and responds to memory pressure.
 //!
-//! Layout:
-//! - data plane: [`proxy`] (HTTP in, HTTP out; streams relayed frame by frame);
-//! - adapters: [`providers`] (what differs between upstreams, as data; load/unload operations);
-//! - control plane: [`lifecycle`] (one actor per provider owns its models and wait queue;
-//!   requests hold leases);
-//! - accounting: [`stats`] (per-model in-flight guard and counters), [`tokens`] (token
-//!   estimates for chat requests, calibrated per model against what providers report),
-//!   [`memory`] (a loaded model's memory split into weights, KV cache and working buffers),
-//!   [`metrics`] (Prometheus names, latency histograms, the `/metrics` page);
-//! - context: [`context`] (fitting a conversation into the model's window: plan, summarize,
-//!   cache, rewrite);
-//! - resources: [`monitor`] (RAM, CPU and GPU memory sampled in the background; pressure levels);
-//! - support: [`config`], [`app`] (wiring, listeners, shutdown), [`admin`] (`/status`,
-//!   `/metrics`);
+//! Layers, top to bottom (each imports only from below; ARCHITECTURE.md has the table of
+//! who owns which fact):
+//! - wiring and fronts: [`app`] (listeners, shutdown, config reload), [`state`] (the shared
+//!   state and the narrow handles made from it), [`poller`], [`admin`];
+//! - data plane: [`proxy`] (pass-through, the model-request path);
+//! - per provider: [`upstream`] (health, the lifecycle handle, the pool);
+//! - [`context`] (fitting conversations), [`stats`] and [`metrics`] (accounting);
+//! - control plane: [`lifecycle`] (one actor per provider; leases; the runner-options rule);
+//! - resources: [`monitor`], [`memory`];
+//! - [`providers`] (what differs between upstreams, as data; operations; the control
+//!   plane's client), [`config`];
+//! - [`transport`] (the HTTP/1 codec, server, client, pool, lanes);
+//! - leaves: [`tokens`], [`rewrite`], [`recent`].
 //!
 //! The simulators are the `llm-warden-sim` crate (`sim/`), the binary is `cli/`.
 #![forbid(unsafe_code)]

@@ -78,53 +78,23 @@ pub fn set_at(
     raw: &str,
     at: Option<std::ops::Range<usize>>,
 ) -> Result<Vec<u8>, RewriteError> {
-    // The exact length is allocated, so that `Bytes::from` takes the vector over without a
-    // second allocation (it allocates when capacity and length differ).
-    match at {
-        Some(range) => {
-            let range = range.start.min(body.len())..range.end.min(body.len());
-            let mut out = Vec::with_capacity(body.len() - range.len() + raw.len());
-            out.extend_from_slice(&body[..range.start]);
-            out.extend_from_slice(raw.as_bytes());
-            out.extend_from_slice(&body[range.end..]);
-            Ok(out)
-        }
-        None => {
-            // Valid object: the first non-space byte is `{`.
-            let open = body
-                .iter()
-                .position(|b| *b == b'{')
-                .ok_or_else(|| RewriteError::NotAnObject("no opening brace".into()))?;
-            let empty = body[open + 1..]
-                .iter()
-                .find(|b| !b.is_ascii_whitespace())
-                .is_some_and(|b| *b == b'}');
-            // The proxy's keys are plain ASCII: quoted as they are, without serde.
-            let plain = key
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
-            let escaped = (!plain).then(|| serde_json::to_string(key).unwrap_or_default());
-            let key_len = escaped.as_ref().map_or(key.len() + 2, String::len);
-            let len = body.len() + key_len + 1 + raw.len() + usize::from(!empty);
-            let mut out = Vec::with_capacity(len);
-            out.extend_from_slice(&body[..=open]);
-            match &escaped {
-                Some(quoted) => out.extend_from_slice(quoted.as_bytes()),
-                None => {
-                    out.push(b'"');
-                    out.extend_from_slice(key.as_bytes());
-                    out.push(b'"');
-                }
-            }
-            out.push(b':');
-            out.extend_from_slice(raw.as_bytes());
-            if !empty {
-                out.push(b',');
-            }
-            out.extend_from_slice(&body[open + 1..]);
-            Ok(out)
-        }
+    let edit = Splice {
+        key,
+        at,
+        raw: raw.as_bytes(),
+    };
+    splice(body, &[edit])
+}
+
+/// The JSON object `object` (raw; `None`: an empty one) with each `(key, n)` of `set` set to
+/// the number `n`, every other byte kept: a request's small `options` object, edited before
+/// it goes into the body's one [`splice`].
+pub fn with_numbers(object: Option<&str>, set: &[(&str, u64)]) -> Result<Vec<u8>, RewriteError> {
+    let mut out = object.unwrap_or("{}").as_bytes().to_vec();
+    for (key, n) in set {
+        out = set_top_level(&out, key, &n.to_string())?.0;
     }
+    Ok(out)
 }
 
 /// One edit of a top-level field, for [`splice`]: `key` set to `raw` (valid JSON), at `at`
@@ -167,15 +137,21 @@ pub fn splice(body: &[u8], edits: &[Splice<'_>]) -> Result<Vec<u8>, RewriteError
     if present.windows(2).any(|w| w[0].0.end > w[1].0.start) {
         return Err(RewriteError::NotAnObject("overlapping edits".into()));
     }
-    // Keys are the proxy's own, plain ASCII; quoted by serde when not.
-    let quoted: Vec<String> = added
+    // Keys are the proxy's own, plain ASCII, quoted as they are; by serde when not.
+    let quoted: Vec<Option<String>> = added
         .iter()
-        .map(|(k, _)| serde_json::to_string(k).unwrap_or_default())
+        .map(|(k, _)| {
+            let plain = k
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+            (!plain).then(|| serde_json::to_string(k).unwrap_or_default())
+        })
         .collect();
+    let key_len = |k: &str, q: &Option<String>| q.as_ref().map_or(k.len() + 2, String::len);
     let added_len: usize = added
         .iter()
         .zip(&quoted)
-        .map(|((_, raw), q)| q.len() + 1 + raw.len() + 1)
+        .map(|((k, raw), q)| key_len(k, q) + 1 + raw.len() + 1)
         .sum::<usize>()
         - usize::from(empty && !added.is_empty());
     let len = present.iter().fold(body.len() + added_len, |n, (r, raw)| {
@@ -183,8 +159,15 @@ pub fn splice(body: &[u8], edits: &[Splice<'_>]) -> Result<Vec<u8>, RewriteError
     });
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&body[..=open]);
-    for (i, ((_, raw), q)) in added.iter().zip(&quoted).enumerate() {
-        out.extend_from_slice(q.as_bytes());
+    for (i, ((k, raw), q)) in added.iter().zip(&quoted).enumerate() {
+        match q {
+            Some(q) => out.extend_from_slice(q.as_bytes()),
+            None => {
+                out.push(b'"');
+                out.extend_from_slice(k.as_bytes());
+                out.push(b'"');
+            }
+        }
         out.push(b':');
         out.extend_from_slice(raw);
         if !(empty && i + 1 == added.len()) {

@@ -38,7 +38,7 @@ pub struct ModelStats {
     /// Requests whose prompt the compactor rewrote, and the tokens that saved.
     compactions: AtomicU64,
     tokens_saved: AtomicU64,
-    /// Tokens in context (TDR-007 `contextSize`): the latest request's prompt as estimated
+    /// Tokens in context (docs/design.md: `contextSize`): the latest request's prompt as estimated
     /// when it was forwarded (0 = not counted: it was small), and prompt + reply as the
     /// provider reported them for the latest finished request (0 = none reported).
     context_estimated: AtomicU64,

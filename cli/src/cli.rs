@@ -39,7 +39,9 @@ pub struct SimulateArgs {
     /// without `-m`; otherwise single-model mode serving the first model.
     #[arg(long)]
     pub router: bool,
-    /// llama.cpp only: context of each slot (capped at the model's trained context).
+    /// The context a model loads with when the request does not say (capped at the model's
+    /// trained context): llama.cpp each slot's (`--ctx-size`), Ollama's default `num_ctx`
+    /// (`OLLAMA_CONTEXT_LENGTH`).
     #[arg(long, default_value_t = 4096)]
     pub ctx_size: u32,
 }
@@ -108,6 +110,7 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
                 reply_tokens: args.reply_tokens,
                 max_loaded_models: args.max_loaded.unwrap_or(3),
                 num_parallel: args.num_parallel,
+                default_num_ctx: args.ctx_size,
                 ..Default::default()
             };
             if let Some(m) = models {

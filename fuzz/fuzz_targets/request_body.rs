@@ -11,7 +11,8 @@ use std::fmt;
 
 use libfuzzer_sys::fuzz_target;
 use llm_warden::lifecycle::{parse_keep_alive, Shape};
-use llm_warden::proxy::{rewrite, shape, ModelRequest};
+use llm_warden::proxy::ModelRequest;
+use llm_warden::rewrite;
 use serde::de::{Deserializer as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
@@ -122,7 +123,20 @@ fuzz_target!(|data: &[u8]| {
             None => Some(Vec::new()),
             Some(o) => entries(o.get().as_bytes()),
         };
-        let out = shape::apply(data, parsed.options, sent, want);
+        // As the data plane gives a request runner options: the options object edited,
+        // then one splice of the body.
+        let out = (!changes.is_empty())
+            .then(|| rewrite::with_numbers(parsed.options.map(|o| o.get()), &changes).ok())
+            .flatten()
+            .and_then(|opts| {
+                let at = parsed.options.map(|o| rewrite::span_in(data, o));
+                let edit = rewrite::Splice {
+                    key: "options",
+                    at,
+                    raw: &opts,
+                };
+                rewrite::splice(data, &[edit]).ok()
+            });
         if is_object && old_opts.is_some() && !changes.is_empty() {
             assert!(out.is_some(), "apply refused an object with object options");
         }

@@ -1,5 +1,5 @@
 //! Simulated providers: Ollama, LM Studio and llama.cpp `llama-server` servers that speak the
-//! real wire formats (`../shared/docs/provider-apis.md` §5), for tests, benches, examples and
+//! real wire formats (`docs/providers.md` §5), for tests, benches, examples and
 //! `llm-warden simulate`. They run in-process on any listener, keep a call log, and take
 //! typed knobs (load latency, per-token delay, catalogue, limits, clock).
 //!

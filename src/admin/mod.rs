@@ -45,13 +45,13 @@ struct ModelStatus {
     lifecycle: Option<ModelView>,
     /// Provider-reported / estimated prompt tokens, as learned (null until learned).
     token_ratio: Option<f64>,
-    /// TDR-007 MemoryAllocation, while the model is loaded.
+    /// docs/design.md: MemoryAllocation, while the model is loaded.
     memory: Option<crate::memory::Allocation>,
 }
 
 #[derive(Serialize)]
 struct Status<'a> {
-    /// TDR-007 SystemResources, with `allocated_memory_mb` = what loaded models hold.
+    /// docs/design.md: SystemResources, with `allocated_memory_mb` = what loaded models hold.
     system: crate::monitor::Snapshot,
     providers: Vec<ProviderStatus<'a>>,
     models: Vec<ModelStatus>,

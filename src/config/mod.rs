@@ -158,7 +158,7 @@ pub struct ProviderConfig {
     pub api_keys: Vec<Secret>,
 }
 
-/// TDR-007 ResourceLimits. The first two apply to each provider on its own (a provider entry
+/// docs/design.md: ResourceLimits. The first two apply to each provider on its own (a provider entry
 /// may override them: see [`ProviderConfig`]).
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -191,7 +191,7 @@ pub enum QueuePolicy {
     Fifo,
 }
 
-/// TDR-007 BufferConfig (sizes in tokens for `context`, MB for `working`).
+/// docs/design.md: BufferConfig (sizes in tokens for `context`, MB for `working`).
 #[derive(Clone, Debug)]
 pub struct BufferConfig {
     pub context_initial: u32,
@@ -202,7 +202,7 @@ pub struct BufferConfig {
     pub optimization_threshold: f64,
 }
 
-/// TDR-007 MemoryPressureConfig.
+/// docs/design.md: MemoryPressureConfig.
 #[derive(Clone, Debug)]
 pub struct MemoryPressureConfig {
     pub warning: f64,

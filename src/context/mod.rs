@@ -1,4 +1,4 @@
-//! Fitting conversations into a model's context window (TDR-007 context window compression,
+//! Fitting conversations into a model's context window (docs/design.md: context window compression,
 //! `BufferConfig.context.compressionThreshold`, disk caching for inactive parts).
 //!
 //! - [`plan`]: pure: which messages stay verbatim, which become the summary;

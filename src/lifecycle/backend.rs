@@ -33,7 +33,7 @@ pub trait Backend: Send + Sync + 'static {
 /// the KV cache of each slot that holds a prompt (`/slots`: `n_prompt_tokens` > 0; recent
 /// builds run 4 slots by default) is saved to `llm-warden-<model>-slot<N>.bin`, and after the
 /// model is loaded again each is restored into its slot, so the conversations it was serving
-/// come back without their prompts being evaluated again (TDR-007's "cache" stage: offload to
+/// come back without their prompts being evaluated again (the design record's "cache" stage (docs/design.md): offload to
 /// disk, come back cheaply). Best effort: a failure is logged and the load or unload goes on.
 pub struct OpsBackend {
     client: UpstreamClient,

@@ -1,4 +1,4 @@
-//! The control plane: which models are loaded, and when (TDR-007 Model Lifecycle Management,
+//! The control plane: which models are loaded, and when (docs/design.md: Model Lifecycle Management,
 //! ResourceLimits, allocateMemory/freeMemory, graceful cleanup).
 //!
 //! One actor task per provider owns that provider's model table and the queue of requests
@@ -163,7 +163,7 @@ pub enum IdleHint {
     Never,
 }
 
-/// Where a model stands (TDR-007 `ModelResourceMetrics.status`, plus `unloaded`).
+/// Where a model stands (docs/design.md: `ModelResourceMetrics.status`, plus `unloaded`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelStatus {
@@ -182,7 +182,7 @@ pub struct ModelView {
     #[serde(skip)]
     pub model: String,
     pub status: ModelStatus,
-    /// Provider kind (TDR-007 `platform`).
+    /// Provider kind (docs/design.md: `platform`).
     pub platform: &'static str,
     /// Leases out: requests the provider is answering for this model.
     pub leases: u32,
@@ -663,7 +663,7 @@ impl LifecycleHandle {
     }
 }
 
-/// Parses an Ollama `keep_alive` value (raw JSON) the way Ollama does (§1.8): a number of
+/// Parses an Ollama `keep_alive` value (raw JSON) the way Ollama does (docs/providers.md §1.8): a number of
 /// seconds, or a Go duration string; negative means never. `None` for `null` (the server
 /// default: no hint) and for anything Ollama would refuse with 400.
 pub fn parse_keep_alive(raw: &str) -> Option<IdleHint> {

@@ -901,17 +901,8 @@ async fn the_actor_caps_a_loads_options_under_memory_pressure() {
     s.max_models_loaded = 10;
     let rig = start(s);
     // Llama 3.2 3B: 525,312 bytes of compute buffer a token of batch at 2048 tokens.
-    *rig.provider.geometry.lock().unwrap() = Some(crate::memory::Geometry {
-        arch: "llama".into(),
-        block_count: 28,
-        head_count: 24,
-        head_count_kv: 8,
-        embedding_length: 3072,
-        key_length: Some(128),
-        value_length: Some(128),
-        context_length: Some(131_072),
-        vocab_size: Some(128_256),
-    });
+    *rig.provider.geometry.lock().unwrap() =
+        crate::memory::Geometry::from_show(&crate::memory::tests::llama32_3b_show());
     let asked = |num_ctx| {
         LoadAsk::Options(Shape {
             num_ctx,

@@ -49,31 +49,11 @@ mod tests {
     use crate::memory::MIB;
 
     fn llama32_3b() -> Geometry {
-        Geometry {
-            arch: "llama".into(),
-            block_count: 28,
-            head_count: 24,
-            head_count_kv: 8,
-            embedding_length: 3072,
-            key_length: Some(128),
-            value_length: Some(128),
-            context_length: Some(131_072),
-            vocab_size: Some(128_256),
-        }
+        Geometry::from_show(&crate::memory::tests::llama32_3b_show()).expect("geometry")
     }
 
     fn qwen25_7b() -> Geometry {
-        Geometry {
-            arch: "qwen2".into(),
-            block_count: 28,
-            head_count: 28,
-            head_count_kv: 4,
-            embedding_length: 3584,
-            key_length: None,
-            value_length: None,
-            context_length: Some(32_768),
-            vocab_size: None,
-        }
+        Geometry::from_show(&crate::memory::tests::qwen25_7b_show()).expect("geometry")
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Per-model memory buffers: what a loaded model's memory is made of (weights, KV cache,
 //! working buffers), split out of the one total the provider reports, in MB for `/status`
-//! (TDR-007 `MemoryAllocation`). Pure arithmetic: fetching the numbers (`/api/ps`,
+//! (docs/design.md: `MemoryAllocation`). Pure arithmetic: fetching the numbers (`/api/ps`,
 //! `/api/tags`, `/api/show` via [`crate::providers::ops::show`]) and keeping the peak
 //! between polls is the caller's job.
 //!
@@ -35,7 +35,7 @@
 //!   the split is exact and working = 0.
 //! - **working** = the rest of the reported total: compute graph, output buffers, the
 //!   runner's own overhead (not measured here; the `/api/ps` example row in
-//!   provider-apis.md §1.5, llama3.2 at 4096, leaves 1018 MB).
+//!   docs/providers.md §1.5, llama3.2 at 4096, leaves 1018 MB).
 //! - **used** = model + the KV cache the tokens actually in context fill
 //!   ([`Geometry::kv_bytes_for_tokens`]) + working. llama.cpp allocates the whole cache at
 //!   load; `used` says how much of it holds tokens.
@@ -65,7 +65,7 @@
 use serde_json::Value;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub mod batch;
 
@@ -190,7 +190,7 @@ impl Geometry {
     }
 }
 
-/// TDR-007 MemoryAllocation, in MB (what /status shows per model under `memory`).
+/// docs/design.md: MemoryAllocation, in MB (what /status shows per model under `memory`).
 /// MB = MiB rounded up; the buffers sum to `allocated_mb` (see the module doc).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Allocation {

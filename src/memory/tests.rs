@@ -16,7 +16,7 @@ use llm_warden_sim::{Clock, SimModel};
 
 /// `/api/show` of Llama 3.2 3B (`llama3.2:latest`), the keys that matter plus some that
 /// do not (non-verbose answers null the token lists).
-fn llama32_3b_show() -> Value {
+pub(crate) fn llama32_3b_show() -> Value {
     json!({"model_info": {
         "general.architecture": "llama",
         "general.parameter_count": 3_212_749_888u64,
@@ -34,7 +34,7 @@ fn llama32_3b_show() -> Value {
 }
 
 /// `/api/show` of Qwen 2.5 7B (`qwen2.5:7b`).
-fn qwen25_7b_show() -> Value {
+pub(crate) fn qwen25_7b_show() -> Value {
     json!({"model_info": {
         "general.architecture": "qwen2",
         "general.parameter_count": 7_615_616_512u64,

@@ -1,5 +1,5 @@
 //! System resources: RAM, CPU and GPU memory, sampled in the background, and the memory
-//! pressure level they add up to (TDR-007 SystemResources, MemoryPressureConfig).
+//! pressure level they add up to (docs/design.md: SystemResources, MemoryPressureConfig).
 //!
 //! One task ([`spawn`]) owns a [`ResourceProbe`] and samples it at once, then every
 //! interval. Each sample becomes a [`Snapshot`] published on a `watch` channel; readers hold

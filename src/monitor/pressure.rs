@@ -1,5 +1,5 @@
 //! Pure: what a [`Sample`] means. [`pressure_of`] turns a sample into one number (0..1),
-//! and [`classify`] turns that number into a [`Level`] with hysteresis (TDR-007
+//! and [`classify`] turns that number into a [`Level`] with hysteresis (docs/design.md:
 //! MemoryPressureConfig: `warning` 0.7, `critical` 0.9). No I/O and no logging here: the
 //! monitor loop keeps the current level between samples and logs when it changes.
 
@@ -69,7 +69,7 @@ impl Thresholds {
     }
 }
 
-/// TDR-007 defaults: warning at 0.7, critical at 0.9.
+/// docs/design.md: defaults: warning at 0.7, critical at 0.9.
 impl Default for Thresholds {
     fn default() -> Self {
         Thresholds {

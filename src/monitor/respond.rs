@@ -1,4 +1,4 @@
-//! The staged response to memory pressure (TDR-007 optimizeMemory): follows the monitor's
+//! The staged response to memory pressure (docs/design.md: optimizeMemory): follows the monitor's
 //! level and acts, within the bound `memory_pressure.action` sets.
 //!
 //! | stage | when | what |

@@ -36,7 +36,7 @@ fn sample(used_mb: u64, gpus: &[(u64, u64)]) -> Sample {
     }
 }
 
-/// Starts the monitor on `probe` with TDR-007 thresholds (0.7 / 0.9, band 0.05).
+/// Starts the monitor on `probe` with docs/design.md: thresholds (0.7 / 0.9, band 0.05).
 fn start(probe: ScriptedProbe) -> (MonitorHandle, JoinHandle<()>, watch::Sender<bool>) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (handle, task) = spawn(Box::new(probe), INTERVAL, Thresholds::default(), stop_rx);

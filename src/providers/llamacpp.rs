@@ -1,4 +1,4 @@
-//! llama.cpp's `llama-server` (provider-apis.md §3): OpenAI-compatible `/v1/*`, its native
+//! llama.cpp's `llama-server` (docs/providers.md §3): OpenAI-compatible `/v1/*`, its native
 //! `/completion` (SSE without `[DONE]`), `/embedding`, `/tokenize`, `/props`, `/slots`,
 //! `/metrics`, and in router mode (started without `-m`) `/models`, `/models/load` and
 //! `/models/unload`. Everything not classified here passes through untouched.

@@ -1,5 +1,5 @@
 //! LM Studio: OpenAI-compatible `/v1/*`, native REST `/api/v0/*` and `/api/v1/*`, and the SDK's
-//! WebSockets, which pass through untouched (provider-apis.md §2).
+//! WebSockets, which pass through untouched (docs/providers.md §2).
 
 use serde_json::Value;
 

@@ -1,4 +1,4 @@
-//! Ollama: native `/api/*` plus the OpenAI-compatible `/v1/*` layer (provider-apis.md §1).
+//! Ollama: native `/api/*` plus the OpenAI-compatible `/v1/*` layer (docs/providers.md §1).
 
 use serde_json::Value;
 

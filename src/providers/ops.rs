@@ -1,7 +1,7 @@
 //! Provider operations: load and unload a model through the provider's own API (Ollama:
-//! `/api/generate` without a prompt, §1.8; LM Studio: `/api/v1/models/load|unload`, §2.4,
-//! falling back to JIT loading where `/api/v1` is absent, §2.5), and read a model's
-//! details (Ollama `/api/show`, §1.5), over the shared client.
+//! `/api/generate` without a prompt, docs/providers.md §1.8; LM Studio: `/api/v1/models/load|unload`, docs/providers.md §2.4,
+//! falling back to JIT loading where `/api/v1` is absent, docs/providers.md §2.5), and read a model's
+//! details (Ollama `/api/show`, docs/providers.md §1.5), over the shared client.
 //! Each call is bounded by a timeout and reads at most [`RESPONSE_LIMIT`] bytes back
 //! ([`SHOW_LIMIT`] for `/api/show`).
 //! Deciding *when* to load or unload is not done here; that belongs to the lifecycle owner.
@@ -18,7 +18,7 @@ use super::{Upstream, UpstreamClient};
 
 /// Ollama gives up on a stalled load after 5 minutes (`OLLAMA_LOAD_TIMEOUT`); so do we.
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
-/// Unloads answer at once (Ollama unloads asynchronously, §1.8).
+/// Unloads answer at once (Ollama unloads asynchronously, docs/providers.md §1.8).
 pub const UNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response body read back from a load or unload (they are a few hundred bytes).
 pub const RESPONSE_LIMIT: usize = 64 * 1024;
@@ -170,7 +170,7 @@ pub async fn unload_within(
         .map_err(|_| OpError::Timeout)?
 }
 
-/// Ollama's model details (`POST /api/show`, §1.5): `model_info` (the GGUF metadata the
+/// Ollama's model details (`POST /api/show`, docs/providers.md §1.5): `model_info` (the GGUF metadata the
 /// KV cache estimate reads, through `memory::Geometry::from_show`), `details`,
 /// `parameters`, `capabilities`. Ollama only; an unknown model is
 /// [`OpError::ModelNotFound`]. Bounded by [`SHOW_TIMEOUT`] and [`SHOW_LIMIT`].
@@ -202,7 +202,7 @@ pub async fn show(
 
 // === per provider ===
 
-/// `POST /api/generate` without a prompt: one object with `done_reason:"load"` (§1.8).
+/// `POST /api/generate` without a prompt: one object with `done_reason:"load"` (docs/providers.md §1.8).
 async fn ollama_load(
     client: &UpstreamClient,
     upstream: &Upstream,
@@ -265,7 +265,7 @@ async fn ollama_load(
 }
 
 /// `POST /api/v1/models/load` → `instance_id`; a 404 that is not about the model means an
-/// LM Studio older than 0.4, which loads on first use instead (§2.5).
+/// LM Studio older than 0.4, which loads on first use instead (docs/providers.md §2.5).
 async fn lmstudio_load(
     client: &UpstreamClient,
     upstream: &Upstream,
@@ -289,7 +289,7 @@ async fn lmstudio_load(
         return Err(failure(ProviderKind::LmStudio, status, &bytes, model));
     }
     let v = parse_json(&bytes)?;
-    // Earlier beta docs call it `model_instance_id` (§2.4).
+    // Earlier beta docs call it `model_instance_id` (docs/providers.md §2.4).
     let id = v
         .get("instance_id")
         .or_else(|| v.get("model_instance_id"))
@@ -303,7 +303,7 @@ async fn lmstudio_load(
 }
 
 /// How often a llama-server router's `/models` is read while a load or unload settles (both
-/// answer at once and finish in the background, §3.6).
+/// answer at once and finish in the background, docs/providers.md §3.6).
 pub const LLAMACPP_SETTLE_POLL: Duration = Duration::from_millis(50);
 const LLAMACPP_MODELS: &str = "/models";
 
@@ -574,7 +574,7 @@ async fn lmstudio_loaded_instance(
         .map(|m| (m.model, m.context_length, false))
 }
 
-/// `-1` (never), whole seconds as a number, else a Go duration in nanoseconds (§1.8).
+/// `-1` (never), whole seconds as a number, else a Go duration in nanoseconds (docs/providers.md §1.8).
 fn ollama_keep_alive(keep_alive: Option<Duration>) -> Value {
     match keep_alive {
         None => json!(-1),
@@ -666,7 +666,7 @@ fn parse_json(bytes: &[u8]) -> Result<Value, OpError> {
 
 /// A non-success answer: 404 about the model → `ModelNotFound`, anything else → `Provider`.
 fn failure(kind: ProviderKind, status: StatusCode, body: &[u8], model: &str) -> OpError {
-    // Ollama's generate answers 404 only for an unknown model (§1.6); LM Studio also answers
+    // Ollama's generate answers 404 only for an unknown model (docs/providers.md §1.6); LM Studio also answers
     // 404 for endpoints it does not have, so its body decides.
     let about_model = match kind {
         ProviderKind::Ollama => true,

@@ -22,7 +22,7 @@ pub struct ModelRequest<'a> {
     #[serde(borrow, default, deserialize_with = "raw_even_null")]
     pub keep_alive: Option<&'a RawValue>,
     /// Ollama generate's `prompt` and chat's `messages`, unparsed: only whether they are
-    /// empty matters (a load or unload request, §1.8).
+    /// empty matters (a load or unload request, docs/providers.md §1.8).
     #[serde(borrow)]
     pub prompt: Option<&'a RawValue>,
     #[serde(borrow)]

@@ -421,19 +421,14 @@ impl Call<'_> {
     /// here, not the body).
     fn options_edit(&self) -> Option<Vec<u8>> {
         let e = &self.edits;
-        if e.num_ctx.is_none() && e.num_batch.is_none() {
+        let set: Vec<(&str, u64)> = [("num_ctx", e.num_ctx), ("num_batch", e.num_batch)]
+            .into_iter()
+            .filter_map(|(k, n)| Some((k, n?)))
+            .collect();
+        if set.is_empty() {
             return None;
         }
-        let mut opts: Vec<u8> = self
-            .parsed
-            .options
-            .map_or(b"{}".to_vec(), |o| o.get().as_bytes().to_vec());
-        for (key, n) in [("num_ctx", e.num_ctx), ("num_batch", e.num_batch)] {
-            if let Some(n) = n {
-                opts = rewrite::set_top_level(&opts, key, &n.to_string()).ok()?.0;
-            }
-        }
-        Some(opts)
+        rewrite::with_numbers(self.parsed.options.map(|o| o.get()), &set).ok()
     }
 
     /// What the response says the proxy changed.

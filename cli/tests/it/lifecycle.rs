@@ -73,7 +73,7 @@ async fn the_first_request_loads_the_model_through_the_providers_api() {
     // /api/ps reports (weights plus KV cache).
     assert_eq!(m["memory_estimate_mb"], m["memory_usage_mb"], "{m}");
     assert!(m["memory_estimate_mb"].as_u64().unwrap() > 1926, "{m}");
-    // TDR-007 MemoryAllocation: /api/ps size split into weights (/api/tags) and the KV cache
+    // docs/design.md: MemoryAllocation: /api/ps size split into weights (/api/tags) and the KV cache
     // estimated from /api/show (28 layers × 4096 × 8 KV heads × 128 × 2 (K, V) × 2 B).
     proxy.refresh(0).await;
     let s = status(&c, &proxy).await;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::common::Clock;
 use crate::SimModel;
 
-/// Where a streamed OpenAI-compatible answer carries `usage` (`provider-apis.md` §3.3): the
+/// Where a streamed OpenAI-compatible answer carries `usage` (`docs/providers.md` §3.3): the
 /// placement changed twice across llama-server builds, and a proxy must handle all three.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UsagePlacement {

@@ -1,11 +1,11 @@
-//! Simulated llama.cpp `llama-server` (`provider-apis.md` §3, checklist §5.3), in single-model
+//! Simulated llama.cpp `llama-server` (`docs/providers.md` §3, checklist docs/providers.md §5.3), in single-model
 //! or router mode: the public handle (`LlamaCppSim`, `spawn`, `bind`) and the dispatch of
 //! requests to their routes. `state` owns the model table, loads, evictions and slots;
 //! `generate` the completion routes (OpenAI and native), their streams and embeddings; `native`
 //! the other per-model routes (props, slots, metrics, tokenizer); `models` the model
 //! lists and the router's load/unload; `wire` the ordered JSON and the error shape.
 //!
-//! Shapes follow `provider-apis.md` §3 where a live build (router mode, checked against the
+//! Shapes follow `docs/providers.md` §3 where a live build (router mode, checked against the
 //! simulator) agreed, and the live build where it did not: `/props` and `/slots` fields, `meta`
 //! with `n_ctx` and `ftype`, `prompt_tokens_details`, timings on the usage chunk, the 404 page.
 //!

@@ -146,7 +146,7 @@ impl<T: Into<J>> From<Option<T>> for J {
 // === errors ===
 
 /// An error answer. `format_error_response` in the real server: the HTTP status is `code`,
-/// and the type names the class (`provider-apis.md` §3.4).
+/// and the type names the class (`docs/providers.md` §3.4).
 #[derive(Clone, Debug)]
 pub(super) struct Fail {
     pub(super) status: StatusCode,

@@ -1,4 +1,4 @@
-//! Simulated LM Studio server (`provider-apis.md` §2, checklist §5.2): the public handle
+//! Simulated LM Studio server (`docs/providers.md` §2, checklist docs/providers.md §5.2): the public handle
 //! (`LmStudioSim`, `spawn`, `bind`), bearer auth and the router. Routes live in `openai`
 //! (`/v1/*`, `/api/v0/*`), `native` (`/api/v1/*`), `config` (knobs, model lists) and
 //! `websocket` (SDK namespaces, echo only); `state` owns loaded models, JIT and TTL,

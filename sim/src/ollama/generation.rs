@@ -1,5 +1,5 @@
 //! One generation, whichever route asked for it: schedule the runner, count the prompt after
-//! Ollama's truncation (§1.9), cap the reply at `num_predict`, then deliver it as a stream
+//! Ollama's truncation (docs/providers.md §1.9), cap the reply at `num_predict`, then deliver it as a stream
 //! (token delays, client-gone cancellation, injected mid-stream failure) or as one body.
 
 use std::sync::Arc;
@@ -209,7 +209,7 @@ impl OllamaSim {
     }
 }
 
-/// Prompt tokens after Ollama's truncation (§1.9); `Err` when too long and not truncating.
+/// Prompt tokens after Ollama's truncation (docs/providers.md §1.9); `Err` when too long and not truncating.
 fn fit_chat(
     msgs: &[ChatMsg],
     num_ctx: u32,

@@ -33,7 +33,7 @@ impl KeepAlive {
     }
 }
 
-/// `keep_alive` as `api.Duration` decodes it (§1.8); `None` = absent (server default).
+/// `keep_alive` as `api.Duration` decodes it (docs/providers.md §1.8); `None` = absent (server default).
 pub(super) fn parse_keep_alive(v: Option<&Value>) -> Result<Option<KeepAlive>, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(None),

@@ -1,4 +1,4 @@
-//! Simulated Ollama server (API of 0.13, `provider-apis.md` §1 and §5.1): the native `/api/*`
+//! Simulated Ollama server (API of 0.13, `docs/providers.md` §1 and §5.1): the native `/api/*`
 //! routes and the OpenAI `/v1/*` layer, byte-faithful framing, load latency, shared loads,
 //! keep-alive expiry on a steppable clock, LRU eviction, reloads on `num_ctx` / `num_batch` changes and truncation.
 //! Not simulated: real inference, tool calls, thinking, images (only counted), the machine-hostname Host rule,
@@ -64,7 +64,7 @@ const OVERHEAD_NS: u64 = 1_000_000;
 const MESSAGE_OVERHEAD_TOKENS: u32 = 4;
 /// Tokens the generate template adds around `system` + `prompt` (not in raw mode).
 const TEMPLATE_OVERHEAD_TOKENS: u32 = 6;
-/// Each image counts this many tokens (§1.9).
+/// Each image counts this many tokens (docs/providers.md §1.9).
 const IMAGE_TOKENS: u32 = 768;
 /// Ollama's default `num_keep`.
 const DEFAULT_NUM_KEEP: u32 = 4;

@@ -52,7 +52,7 @@ fn lifecycle_reply(sim: &OllamaSim, label: &str, chat: bool, reason: &str) -> Re
     }
 }
 
-/// Load-only and unload requests (§1.8): a single object whatever `stream` says.
+/// Load-only and unload requests (docs/providers.md §1.8): a single object whatever `stream` says.
 async fn load_or_unload(
     sim: &Arc<OllamaSim>,
     model: &SimModel,

@@ -136,7 +136,7 @@ fn cors_headers(resp: &mut Response<SimBody>, origin: &str, preflight: bool) {
 
 const CORS_ALLOW_HEADERS: &str = "Authorization,Content-Type,User-Agent,Accept,X-Requested-With,OpenAI-Beta,x-stainless-arch,x-stainless-async,x-stainless-custom-poll-interval,x-stainless-helper-method,x-stainless-lang,x-stainless-os,x-stainless-package-version,x-stainless-poll-helper,x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout";
 
-/// Ollama's default allowed origins plus `OLLAMA_ORIGINS` (§1.1).
+/// Ollama's default allowed origins plus `OLLAMA_ORIGINS` (docs/providers.md §1.1).
 pub(super) fn origin_allowed(origin: &str, extra: &[String]) -> bool {
     let local = ["localhost", "127.0.0.1", "0.0.0.0"].iter().any(|host| {
         ["http://", "https://"].iter().any(|scheme| {
