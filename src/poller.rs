@@ -213,13 +213,12 @@ impl Poller {
     async fn update_memory(&self, loaded: &[LoadedModel]) {
         let (state, i, p) = (&*self.state, self.i, self.provider());
         for m in loaded {
-            if p.config.kind == ProviderKind::Ollama && !state.memory.knows_geometry(i, &m.model) {
-                let show =
-                    crate::providers::ops::show(&state.client, &p.config.upstream, &m.model).await;
-                let g = show
-                    .ok()
-                    .and_then(|v| crate::memory::Geometry::from_show(&v));
-                state.memory.set_geometry(i, &m.model, g);
+            if p.config.kind == ProviderKind::Ollama {
+                let (client, up) = (&state.client, &p.config.upstream);
+                state
+                    .memory
+                    .geometry_or_fetch(i, client, up, &m.model)
+                    .await;
             }
             if let Some(size) = m.size_bytes {
                 let tokens = state.stats.model(i, &m.model).context_tokens();

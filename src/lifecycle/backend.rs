@@ -156,9 +156,6 @@ impl Backend for OpsBackend {
         if self.kind != ProviderKind::Ollama {
             return Box::pin(async { None });
         }
-        if let Some(known) = self.geometries.geometry(self.provider, model) {
-            return Box::pin(async move { known });
-        }
         let (client, upstream, table, provider, model) = (
             self.client.clone(),
             self.upstream.clone(),
@@ -167,10 +164,9 @@ impl Backend for OpsBackend {
             model.to_string(),
         );
         Box::pin(async move {
-            let show = ops::show(&client, &upstream, &model).await;
-            let g = show.ok().and_then(|v| Geometry::from_show(&v));
-            table.set_geometry(provider, &model, g.clone());
-            g
+            table
+                .geometry_or_fetch(provider, &client, &upstream, &model)
+                .await
         })
     }
 

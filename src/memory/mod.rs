@@ -312,13 +312,6 @@ impl MemoryTable {
             .is_some_and(|p| p.weights.contains_key(model))
     }
 
-    /// Whether `model`'s geometry was asked for already.
-    pub fn knows_geometry(&self, provider: usize, model: &str) -> bool {
-        self.providers
-            .get(provider)
-            .is_some_and(|p| p.geometry.contains_key(model))
-    }
-
     /// `model`'s geometry: `None` if never asked, `Some(None)` if the provider could not say.
     pub fn geometry(&self, provider: usize, model: &str) -> Option<Option<Geometry>> {
         self.providers
@@ -332,6 +325,24 @@ impl MemoryTable {
         if let Some(p) = self.providers.get(provider) {
             p.geometry.insert(model.into(), g);
         }
+    }
+
+    /// `model`'s geometry on Ollama provider `provider`, asking its `/api/show` the first
+    /// time; the answer (or that there is none) is kept. The one place the proxy asks.
+    pub async fn geometry_or_fetch(
+        &self,
+        provider: usize,
+        client: &crate::providers::UpstreamClient,
+        upstream: &crate::providers::Upstream,
+        model: &str,
+    ) -> Option<Geometry> {
+        if let Some(known) = self.geometry(provider, model) {
+            return known;
+        }
+        let show = crate::providers::ops::show(client, upstream, model).await;
+        let g = show.ok().and_then(|v| Geometry::from_show(&v));
+        self.set_geometry(provider, model, g.clone());
+        g
     }
 
     /// Recomputes the allocation of a loaded model from what the provider reported; the

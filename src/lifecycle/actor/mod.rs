@@ -298,8 +298,9 @@ impl Actor {
     }
 
     /// Publishes the table's [`ModelFacts`] when any differs from what was published last
-    /// (after every event; a compare of a few entries when nothing changed).
-    fn publish_facts(&self) {
+    /// (after every event, and in `schedule` before any lease is granted; a compare of a few
+    /// entries when nothing changed).
+    pub(super) fn publish_facts(&self) {
         let current = self.facts.all();
         let fact = |m: &Model| ModelFacts {
             status: m.status,
@@ -452,6 +453,13 @@ impl Actor {
             shared: self.shared.clone(),
             model: m.name.clone(),
         });
+        // The holder reads the model's runner options and window at once: what it reads must
+        // be what the table says (the tests check it on every grant).
+        debug_assert_eq!(
+            self.facts.get(name).map(|f| (f.status, f.runner, f.window)),
+            Some((m.status, m.shape, m.context_length)),
+            "a lease granted before its model's facts were published"
+        );
         // A caller that left drops the reply, and with it the lease: that releases it.
         let _ = reply.send(Ok(lease));
     }

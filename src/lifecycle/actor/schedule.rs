@@ -16,6 +16,9 @@ use crate::monitor::Level;
 impl Actor {
     /// Brings the table in line with the queue: drains, grants, loads, evictions, unloads.
     pub(super) fn schedule(&mut self) {
+        // Before any grant: a request reads its model's runner options once it holds its
+        // lease, and they must be the ones of the load this step may have just finished.
+        self.publish_facts();
         let now = Instant::now();
         while self
             .freed
