@@ -4,6 +4,8 @@
 # Needs nginx on PATH (apt-get install -y nginx). Extra arguments go to loadgen for both
 # runs, e.g.: benches/compare.sh --rounds 3 --duration 3 --scenarios version,chat,stream
 # BIN=path/to/llm-warden compares another build (e.g. an older one) the same way.
+# BASE=path/to/older/llm-warden also runs that build beside this one, in front of the same
+# simulator, and adds a run alternating the two (BASE in the "direct" rows): before/after.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/llm-warden}
@@ -36,6 +38,13 @@ upstream = "http://127.0.0.1:$SIM"
 TOML
 RUST_LOG=warn "$BIN" serve --config "$TMP/warden.toml" 2>"$TMP/warden.log" &
 WARDEN_PID=$!; PIDS+=($WARDEN_PID)
+if [ -n "${BASE:-}" ]; then
+    OLD=$(port); OLD_ADMIN=$(port)
+    sed -e "s/127.0.0.1:$WARDEN\"/127.0.0.1:$OLD\"/" -e "s/127.0.0.1:$ADMIN\"/127.0.0.1:$OLD_ADMIN\"/" \
+        "$TMP/warden.toml" >"$TMP/base.toml"
+    RUST_LOG=warn "$BASE" serve --config "$TMP/base.toml" 2>"$TMP/base.log" &
+    OLD_PID=$!; PIDS+=($OLD_PID)
+fi
 
 # One worker process, like llm-warden's one process; keep-alive both ways, no buffering.
 mkdir -p "$TMP/nginx"
@@ -71,7 +80,7 @@ NGINX
 "$NGINX" -c "$TMP/nginx.conf" -p "$TMP/nginx" &
 NGX_PID=$!; PIDS+=($NGX_PID)
 
-for url in http://127.0.0.1:$SIM http://127.0.0.1:$WARDEN http://127.0.0.1:$NGX; do
+for url in http://127.0.0.1:$SIM http://127.0.0.1:$WARDEN http://127.0.0.1:$NGX ${OLD:+http://127.0.0.1:$OLD}; do
     for _ in $(seq 100); do curl -fs "$url/api/version" >/dev/null && break; sleep 0.1; done
 done
 # The nginx worker is a child of the master; CPU is the worker's.
@@ -103,3 +112,18 @@ main_table "$TMP/head.out" | awk '
     /^[a-z0-9-]+ c=/ { name = $1 "_" $2; n_rps = $4; n_p50 = num($5); n_p99 = num($7); n_cpu = num($11); next }
     /^ +proxy / { w_rps = $2; w_p50 = num($3); w_p99 = num($5); w_cpu = num($8)
         printf "%-20s %9.2fx %9.2fx %9.2fx %9.2fx %10.1f %10.1f\n", name, w_rps / n_rps, w_p50 / n_p50, w_p99 / n_p99, (n_cpu > 0 ? w_cpu / n_cpu : 0), w_cpu, n_cpu }'
+
+if [ -n "${BASE:-}" ]; then
+    echo
+    echo "== this build vs BASE ($BASE), alternating in one run (BASE in the \"direct\" rows) =="
+    "$LG" --direct http://127.0.0.1:$OLD --direct-pid $OLD_PID \
+          --proxy http://127.0.0.1:$WARDEN --proxy-pid $WARDEN_PID "$@" 2>/dev/null | tee "$TMP/base.out"
+    echo
+    echo "== this build / BASE (req/s, p50, p99, cpu µs per request) =="
+    main_table "$TMP/base.out" | awk '
+    function num(s) { v = s; if (s ~ /ms$/) { sub(/ms$/, "", v); return v * 1000 } if (s ~ /µs$/) { sub(/µs$/, "", v); return v } if (s ~ /s$/) { sub(/s$/, "", v); return v * 1e6 } sub(/\*$/, "", v); return v + 0 }
+    BEGIN { printf "%-20s %10s %10s %10s %10s %10s %10s\n", "scenario", "req/s", "p50", "p99", "cpu µs", "new µs", "base µs" }
+    /^[a-z0-9-]+ c=/ { name = $1 "_" $2; n_rps = $4; n_p50 = num($5); n_p99 = num($7); n_cpu = num($11); next }
+    /^ +proxy / { w_rps = $2; w_p50 = num($3); w_p99 = num($5); w_cpu = num($8)
+        printf "%-20s %9.2fx %9.2fx %9.2fx %9.2fx %10.1f %10.1f\n", name, w_rps / n_rps, w_p50 / n_p50, w_p99 / n_p99, (n_cpu > 0 ? w_cpu / n_cpu : 0), w_cpu, n_cpu }'
+fi

@@ -12,10 +12,12 @@
 #    and the context Ollama runs afterwards (/api/ps): 512 means no reload.
 #
 # Usage: scripts/queue-and-num-ctx.sh [BIN]   (default target/release/llm-warden)
+# SIM_BIN=path runs the simulator from another build (e.g. this one's, behind an older proxy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/llm-warden}
-[ -x "$BIN" ] || { echo "$BIN not found: cargo build --release" >&2; exit 1; }
+SIM_BIN=${SIM_BIN:-$BIN}
+[ -x "$BIN" ] && [ -x "$SIM_BIN" ] || { echo "$BIN not found: cargo build --release" >&2; exit 1; }
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 TMP=$(mktemp -d)
@@ -25,11 +27,12 @@ trap cleanup EXIT
 
 wait_up() { for _ in $(seq 100); do curl -sf "$1" >/dev/null && return 0; sleep 0.05; done; echo "$1 did not come up" >&2; exit 1; }
 
-# start_pair SIM_ARGS... -- TOML_EXTRA: a simulator and the proxy in front of it.
+# start_pair TOML_EXTRA SIM_ARGS...: a simulator on $SIM and the proxy in front of it (the
+# caller picks SIM and PROXY first, with new_ports, and names them in TOML_EXTRA).
+new_ports() { SIM=$(port); PROXY=$(port); ADMIN=$(port); }
 start_pair() {
     local extra=$1; shift
-    SIM=$(port); PROXY=$(port); ADMIN=$(port)
-    RUST_LOG=warn "$BIN" simulate ollama --listen "127.0.0.1:$SIM" "$@" 2>>"$TMP/sim.log" &
+    RUST_LOG=warn "$SIM_BIN" simulate ollama --listen "127.0.0.1:$SIM" "$@" 2>>"$TMP/sim.log" &
     PIDS+=($!)
     cat >"$TMP/warden.toml" <<TOML
 [admin]
@@ -51,13 +54,13 @@ provider() {
 echo "1. an embed queued behind two busy models (1 s chats, 0.5 s load)"
 for policy in grouped fifo; do
     for poll in 5s 20s; do
-        SIM=$(port); PROXY=$(port)
+        new_ports
         start_pair "[queue]
 policy = \"$policy\"
 $(provider "poll_interval = \"$poll\"
 max_models_loaded = 2")" --token-delay 125ms --reply-tokens 8 --load-latency 500ms
         for m in llama3.2 qwen2.5:7b; do
-            curl -sf -X POST "http://127.0.0.1:$ADMIN/models/ollama/$m/load" >/dev/null
+            curl -s -X POST "http://127.0.0.1:$ADMIN/models/ollama/$m/load" | grep -q "\"status\":\"ready\"" || { echo "cannot load $m" >&2; cat "$TMP/warden.toml" "$TMP/warden.log" >&2; exit 1; }
         done
         for m in llama3.2 qwen2.5:7b; do
             curl -s "http://127.0.0.1:$PROXY/api/chat" \
@@ -74,6 +77,7 @@ max_models_loaded = 2")" --token-delay 125ms --reply-tokens 8 --load-latency 500
 done
 
 echo "2. num_ctx right after the proxy's own load (the model loads at 512)"
+new_ports
 start_pair "$(provider 'poll_interval = "1h"')" --ctx-size 512 --token-delay 0ms
 curl -s "http://127.0.0.1:$PROXY/api/chat" \
     -d '{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"hi"}]}' >/dev/null

@@ -100,10 +100,14 @@ pub struct ModelFacts {
     pub runner: Shape,
 }
 
+/// A map by model name, as the maps read on every request are kept: foldhash, seeded per
+/// process (names come from clients; SipHash was a third of each lookup's cost).
+pub type ByModel<V> = std::collections::HashMap<Arc<str>, V, foldhash::fast::RandomState>;
+
 /// The published [`ModelFacts`] of one provider's models, by name: replaced whole by the
 /// actor, read lock-free.
 #[derive(Clone, Default)]
-pub struct Facts(Arc<arc_swap::ArcSwap<std::collections::HashMap<Arc<str>, ModelFacts>>>);
+pub struct Facts(Arc<arc_swap::ArcSwap<ByModel<ModelFacts>>>);
 
 impl Facts {
     /// What is known of `model`, if anything.
@@ -112,11 +116,11 @@ impl Facts {
     }
 
     /// Every model's facts, for views that list them.
-    pub fn all(&self) -> Arc<std::collections::HashMap<Arc<str>, ModelFacts>> {
+    pub fn all(&self) -> Arc<ByModel<ModelFacts>> {
         self.0.load_full()
     }
 
-    fn store(&self, map: std::collections::HashMap<Arc<str>, ModelFacts>) {
+    fn store(&self, map: ByModel<ModelFacts>) {
         self.0.store(Arc::new(map));
     }
 }
@@ -394,7 +398,7 @@ enum Event {
 
 /// The gates of one provider's models, by name: replaced whole by the actor when it learns
 /// a model, read lock-free by every request.
-type Gates = Arc<arc_swap::ArcSwap<std::collections::HashMap<Arc<str>, Arc<gate::Gate>>>>;
+type Gates = Arc<arc_swap::ArcSwap<ByModel<Arc<gate::Gate>>>>;
 
 /// The front of one provider's actor. Cloning is five `Arc` bumps.
 #[derive(Clone)]

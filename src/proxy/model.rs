@@ -26,7 +26,9 @@ use serde_json::value::RawValue;
 
 use super::{inbound, local_error, observe, send, DataPlane, ModelRequest, ProxyBody, ProxyError};
 use crate::context;
-use crate::lifecycle::{self, runner, IdleHint, LifecycleError, LoadAsk, ModelStatus, Shape};
+use crate::lifecycle::{
+    self, runner, IdleHint, LifecycleError, LoadAsk, ModelFacts, ModelStatus, Shape,
+};
 use crate::providers::ops::OpError;
 use crate::providers::{Endpoint, Operation, ProviderKind, UsageKeys};
 use crate::rewrite::{self, Splice};
@@ -179,12 +181,12 @@ impl Call<'_> {
     /// The runner options a native Ollama request will carry, as far as can be known before
     /// the lease: those of the runner the proxy loaded (or is loading) smaller, or, with the
     /// model not loaded and memory under pressure, what the actor's rule will give its load.
-    /// Default: as sent.
-    fn expected_runner(&self) -> Shape {
+    /// Default: as sent. `facts`: what the lifecycle published of the model.
+    fn expected_runner(&self, facts: Option<ModelFacts>) -> Shape {
         if !self.native {
             return Shape::default();
         }
-        if let Some(f) = self.p.lifecycle.facts(&self.model) {
+        if let Some(f) = facts {
             if matches!(
                 f.status,
                 ModelStatus::Ready | ModelStatus::Loading | ModelStatus::Unloading
@@ -219,11 +221,13 @@ impl Call<'_> {
         let cx = &*self.state.compactor;
         let messages_len = messages.get().len();
         let sent_ctx = self.limits.num_ctx;
-        let expected = self.expected_runner();
+        // What the lifecycle published of the model, read once: the window it runs with
+        // (the actor publishes it from its own loads at once, and from the provider's list
+        // for loads made by others) and its runner options.
+        let facts = self.p.lifecycle.facts(&self.model);
+        let expected = self.expected_runner(facts);
         let shaped = !expected.is_default();
-        // The window the model runs with: the lifecycle actor publishes it from its own
-        // loads at once, and from the provider's list for loads made by others.
-        let loaded_window = self.p.lifecycle.window(&self.model);
+        let loaded_window = facts.and_then(|f| f.window);
         let mut known = loaded_window;
         if known.is_none() && sent_ctx.is_none() && messages_len > SMALL_PROMPT {
             known = cx.configured_window(&self.model);

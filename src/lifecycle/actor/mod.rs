@@ -19,9 +19,9 @@ use tokio::time::Instant;
 use super::gate::{Gate, Shared};
 use super::policy::RefuseReason;
 use super::{
-    Backend, Event, Facts, Gates, IdleHint, Lease, LeaseFrom, LifecycleError, LifecycleEvent,
-    LifecycleLog, LoadAsk, MemoryProbe, ModelFacts, ModelStatus, ModelView, Published, Settings,
-    Shape,
+    Backend, ByModel, Event, Facts, Gates, IdleHint, Lease, LeaseFrom, LifecycleError,
+    LifecycleEvent, LifecycleLog, LoadAsk, MemoryProbe, ModelFacts, ModelStatus, ModelView,
+    Published, Settings, Shape,
 };
 use crate::config::QueuePolicy;
 use crate::providers::ops::{Loaded, OpError};
@@ -323,7 +323,7 @@ impl Actor {
         if same {
             return;
         }
-        let mut map: HashMap<Arc<str>, ModelFacts> = self
+        let mut map: ByModel<ModelFacts> = self
             .models
             .values()
             .map(|m| (m.name.clone(), fact(m)))
@@ -382,7 +382,7 @@ impl Actor {
 
     /// Replaces the gate map the handle reads with an edited copy (only when a model is
     /// first mentioned or forgotten: never per request).
-    pub(super) fn publish_gates(&self, edit: impl FnOnce(&mut HashMap<Arc<str>, Arc<Gate>>)) {
+    pub(super) fn publish_gates(&self, edit: impl FnOnce(&mut ByModel<Arc<Gate>>)) {
         let mut gates = HashMap::clone(&self.gates.load());
         edit(&mut gates);
         self.gates.store(Arc::new(gates));
