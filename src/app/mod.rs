@@ -273,7 +273,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             listener,
             Some(lanes.clone()),
             limits,
-            state.clone(),
+            state.config.clone(),
             stop_rx.clone(),
             move |stream, h2, stop| {
                 let plane = plane.clone();
@@ -303,7 +303,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         admin_listener,
         None,
         limits,
-        state.clone(),
+        state.config.clone(),
         stop_rx,
         move |stream, h2, stop| {
             let st = st.clone();
@@ -384,7 +384,7 @@ async fn accept_loop<S, Fut>(
     listener: TcpListener,
     lanes: Option<Lanes>,
     limits: ConnLimits,
-    state: Arc<AppState>,
+    config: Arc<arc_swap::ArcSwap<Config>>,
     mut stop: watch::Receiver<bool>,
     serve: S,
 ) where
@@ -460,7 +460,7 @@ async fn accept_loop<S, Fut>(
         };
     }
     drop(listener);
-    let grace = state.config.load().proxy.shutdown_grace;
+    let grace = config.load().proxy.shutdown_grace;
     let drain = async { while conns.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, drain).await.is_err() {
         tracing::warn!("open connections did not finish within {grace:?}; closing them");
