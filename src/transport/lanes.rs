@@ -4,7 +4,7 @@
 //! A provider listener accepts on the main runtime and hands each connection to a lane, in
 //! turn; from then on everything that connection does runs on that lane's one thread: the
 //! client connection, the handler, and the upstream connections it opens (the pool keeps
-//! a lane's idle connections apart, see `proxy::pool`). A request and its stream never cross
+//! a lane's idle connections apart, see `transport::pool`). A request and its stream never cross
 //! threads.
 //!
 //! Why: on tokio's multi-thread runtime the client side and the upstream side of a proxied

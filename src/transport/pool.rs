@@ -1,7 +1,7 @@
 //! The data plane's upstream connections: one small pool of keep-alive HTTP/1.1 connections
 //! per provider and lane (`super::lanes`), of two kinds. A request whose body the proxy
 //! holds (every model request, a bodiless `GET`, a small pass-through body) goes over the
-//! proxy's own exchange ([`h1`]: the client connection's task reads the provider's socket
+//! proxy's own exchange ([`client`](super::client): the client connection's task reads the provider's socket
 //! itself); a streamed upload or a protocol upgrade over hyper's client connection API.
 //!
 //! Why not `hyper_util`'s pooled client, which the control plane (polls, loads) still uses:
@@ -17,7 +17,7 @@
 //! Rules:
 //! - a connection goes back only after its response body ended (so the next request never
 //!   waits behind the rest of an old one); a body dropped early closes it, as nginx does;
-//! - an idle connection found closed (for [`h1`]: the reactor saw the provider's FIN), or
+//! - an idle connection found closed (for [`client`](super::client): the reactor saw the provider's FIN), or
 //!   idle longer than [`IDLE_TIMEOUT`], is dropped at checkout; at most [`IDLE_MAX`] are kept per lane (the rest close when returned);
 //! - a request that a reused connection could not send (closed by the provider meanwhile)
 //!   is sent again on another connection: hyper hands back a request it did not write, so
@@ -69,12 +69,12 @@ pub enum PoolError {
     Connect(String),
     /// The connection failed while sending or before the response head came.
     Send(hyper::Error),
-    /// The same, on a connection of [`h1`].
+    /// The same, on a connection of [`client`](super::client).
     Exchange(H1Error),
 }
 
 /// Idle connections of one kind, per lane (`super::lanes`): a connection's task (or, for
-/// [`h1`], its socket's registration) belongs to the lane that opened it, so a request takes
+/// [`client`](super::client), its socket's registration) belongs to the lane that opened it, so a request takes
 /// one from its own lane's list and stays on its thread. Any other thread uses the first
 /// list.
 struct IdleLists<C> {
@@ -135,7 +135,7 @@ pub struct Pool {
     connect_timeout: Duration,
     /// Idle hyper client connections (streamed uploads, upgrades).
     idle: IdleLists<SendRequest<UpstreamBody>>,
-    /// Idle connections of [`h1`] (requests with their body in hand).
+    /// Idle connections of [`client`](super::client) (requests with their body in hand).
     idle_h1: IdleLists<h1::Conn>,
 }
 
@@ -181,7 +181,7 @@ impl Pool {
 
     /// Sends `req` on an idle connection, or a new one, and answers the response head; the
     /// body returns the connection to the pool when it ends. A request with its body in
-    /// hand goes through [`h1`]; a streamed upload or an upgrade through hyper's client
+    /// hand goes through [`client`](super::client); a streamed upload or an upgrade through hyper's client
     /// connection.
     ///
     /// With `raw_ok`, an answer whose head has nothing hop-by-hop keeps its header lines as
@@ -237,7 +237,7 @@ impl Pool {
         }
     }
 
-    /// Takes back a connection of [`h1`] whose answer was read to the end.
+    /// Takes back a connection of [`client`](super::client) whose answer was read to the end.
     pub(super) fn put_h1(&self, conn: h1::Conn) {
         self.idle_h1.put(conn);
     }
@@ -385,11 +385,11 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
 pub enum PooledBody {
     /// From hyper's client connection.
     Hyper(HyperBody),
-    /// Read from the socket by whoever polls it ([`h1`]).
+    /// Read from the socket by whoever polls it ([`client`](super::client)).
     H1(H1Body),
 }
 
-/// Errors of a body: hyper's or [`h1`]'s.
+/// Errors of a body: hyper's or [`client`](super::client)'s.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl PooledBody {

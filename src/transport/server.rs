@@ -22,7 +22,7 @@
 //! `transfer-encoding: chunked` when not (HTTP/1.0: the body runs to the close), none for
 //! `HEAD`, `1xx`, `204` and `304`; `date` when the handler set none; the map's header names
 //! as hyper writes them (lowercase), then the provider's own lines when the body carries
-//! them (`h1::RawHeaders`, see `WireHead`) as they came.
+//! them (`codec::RawHeaders`, see `WireHead`) as they came.
 //!
 //! Decisions, each as hyper's server made them, so nothing changes for a client:
 //! - `proxy.header_read_timeout` runs whenever a head is awaited, between keep-alive
@@ -269,7 +269,7 @@ impl FeedTx {
 }
 
 /// A response body that may carry its head's header lines as the provider wrote them
-/// (`h1::RawHeaders`), for the server to write after the map's.
+/// (`codec::RawHeaders`), for the server to write after the map's.
 pub trait WireHead {
     fn raw_headers(&self) -> Option<&RawHeaders> {
         None
@@ -694,7 +694,7 @@ impl Conn {
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        // The provider's own lines, as it wrote them (`h1::RawHeaders`).
+        // The provider's own lines, as it wrote them (`codec::RawHeaders`).
         if let Some(raw) = body.raw_headers() {
             out.extend_from_slice(&raw.lines);
             has_date |= raw.date;
