@@ -109,6 +109,8 @@ pub struct Splice<'a> {
 /// Applies every edit in `edits` to `body` (a JSON object the caller parsed, which found the
 /// ranges) in one pass and one allocation of the exact length, keeping every other byte.
 /// Absent keys are added first in the object, in the order given. Ranges must not overlap.
+/// Allocates nothing but the output (an edit list is a handful of entries: on the request
+/// path, small vectors and their frees cost more than the copy).
 pub fn splice(body: &[u8], edits: &[Splice<'_>]) -> Result<Vec<u8>, RewriteError> {
     let open = body
         .iter()
@@ -118,71 +120,90 @@ pub fn splice(body: &[u8], edits: &[Splice<'_>]) -> Result<Vec<u8>, RewriteError
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|b| *b == b'}');
-    let mut present: Vec<(std::ops::Range<usize>, &[u8])> = Vec::with_capacity(edits.len());
-    let mut added: Vec<(&str, &[u8])> = Vec::new();
-    for e in edits {
+    let mut len = body.len();
+    let mut added = 0usize;
+    for (i, e) in edits.iter().enumerate() {
         match &e.at {
-            Some(r) if r.start > open && r.end <= body.len() && r.start <= r.end => {
-                present.push((r.clone(), e.raw))
+            Some(r) => {
+                if !(r.start > open && r.start < r.end && r.end <= body.len()) {
+                    return Err(RewriteError::NotAnObject(
+                        "an edit outside the object".into(),
+                    ));
+                }
+                let overlaps = edits[..i]
+                    .iter()
+                    .filter_map(|o| o.at.as_ref())
+                    .any(|o| o.start < r.end && r.start < o.end);
+                if overlaps {
+                    return Err(RewriteError::NotAnObject("overlapping edits".into()));
+                }
+                len = len - r.len() + e.raw.len();
             }
-            Some(_) => {
-                return Err(RewriteError::NotAnObject(
-                    "an edit outside the object".into(),
-                ))
+            None => {
+                added += 1;
+                len += quoted_len(e.key) + 1 + e.raw.len() + 1;
             }
-            None => added.push((e.key, e.raw)),
         }
     }
-    present.sort_by_key(|(r, _)| r.start);
-    if present.windows(2).any(|w| w[0].0.end > w[1].0.start) {
-        return Err(RewriteError::NotAnObject("overlapping edits".into()));
+    if empty && added > 0 {
+        len -= 1;
     }
-    // Keys are the proxy's own, plain ASCII, quoted as they are; by serde when not.
-    let quoted: Vec<Option<String>> = added
-        .iter()
-        .map(|(k, _)| {
-            let plain = k
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
-            (!plain).then(|| serde_json::to_string(k).unwrap_or_default())
-        })
-        .collect();
-    let key_len = |k: &str, q: &Option<String>| q.as_ref().map_or(k.len() + 2, String::len);
-    let added_len: usize = added
-        .iter()
-        .zip(&quoted)
-        .map(|((k, raw), q)| key_len(k, q) + 1 + raw.len() + 1)
-        .sum::<usize>()
-        - usize::from(empty && !added.is_empty());
-    let len = present.iter().fold(body.len() + added_len, |n, (r, raw)| {
-        n - r.len() + raw.len()
-    });
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&body[..=open]);
-    for (i, ((k, raw), q)) in added.iter().zip(&quoted).enumerate() {
-        match q {
-            Some(q) => out.extend_from_slice(q.as_bytes()),
-            None => {
-                out.push(b'"');
-                out.extend_from_slice(k.as_bytes());
-                out.push(b'"');
-            }
-        }
+    let mut written = 0;
+    for e in edits.iter().filter(|e| e.at.is_none()) {
+        push_quoted(&mut out, e.key);
         out.push(b':');
-        out.extend_from_slice(raw);
-        if !(empty && i + 1 == added.len()) {
+        out.extend_from_slice(e.raw);
+        written += 1;
+        if !(empty && written == added) {
             out.push(b',');
         }
     }
+    // The replaced values in the order they sit in the body.
     let mut at = open + 1;
-    for (r, raw) in &present {
+    let mut after: Option<usize> = None;
+    loop {
+        let next = edits
+            .iter()
+            .filter_map(|e| e.at.as_ref().map(|r| (r, e.raw)))
+            .filter(|(r, _)| after.is_none_or(|s| r.start > s))
+            .min_by_key(|(r, _)| r.start);
+        let Some((r, raw)) = next else {
+            break;
+        };
         out.extend_from_slice(&body[at..r.start]);
         out.extend_from_slice(raw);
         at = r.end;
+        after = Some(r.start);
     }
     out.extend_from_slice(&body[at..]);
     debug_assert_eq!(out.len(), len);
     Ok(out)
+}
+
+/// The proxy's keys are plain ASCII, quoted as they are; serde quotes any other.
+fn plain(key: &str) -> bool {
+    key.bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+fn quoted_len(key: &str) -> usize {
+    if plain(key) {
+        key.len() + 2
+    } else {
+        serde_json::to_string(key).map_or(2, |q| q.len())
+    }
+}
+
+fn push_quoted(out: &mut Vec<u8>, key: &str) {
+    if plain(key) {
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.push(b'"');
+    } else {
+        out.extend_from_slice(serde_json::to_string(key).unwrap_or_default().as_bytes());
+    }
 }
 
 /// Where `value` (borrowed from a parse of `body`) sits in `body`.

@@ -389,29 +389,39 @@ impl Call<'_> {
         }
         let span = |v: Option<&RawValue>| v.map(|r| rewrite::span_in(self.bytes, r));
         let options = self.options_edit();
-        let mut splices: Vec<Splice<'_>> = Vec::with_capacity(3);
+        // At most three edits: kept on the stack.
+        let none = || Splice {
+            key: "",
+            at: None,
+            raw: b"",
+        };
+        let mut splices: [Splice<'_>; 3] = [none(), none(), none()];
+        let mut n = 0;
         if e.keep_alive {
-            splices.push(Splice {
+            splices[n] = Splice {
                 key: "keep_alive",
                 at: self.keep_alive.at.clone(),
                 raw: b"-1",
-            });
+            };
+            n += 1;
         }
         if let Some(o) = &options {
-            splices.push(Splice {
+            splices[n] = Splice {
                 key: "options",
                 at: span(self.parsed.options),
                 raw: o,
-            });
+            };
+            n += 1;
         }
         if let (Some((m, _, _)), Some(at)) = (&e.messages, span(self.parsed.messages)) {
-            splices.push(Splice {
+            splices[n] = Splice {
                 key: "messages",
                 at: Some(at),
                 raw: m.as_bytes(),
-            });
+            };
+            n += 1;
         }
-        match rewrite::splice(self.bytes, &splices) {
+        match rewrite::splice(self.bytes, &splices[..n]) {
             Ok(b) => Bytes::from(b),
             Err(err) => {
                 // The parse accepted it as an object: not expected; forward it as sent.
