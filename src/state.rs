@@ -51,7 +51,6 @@ impl AppState {
             stats: self.stats.clone(),
             compactor: self.compactor.clone(),
             client: self.client.clone(),
-            memory: self.memory.clone(),
             monitor: self.monitor.clone(),
         }
     }

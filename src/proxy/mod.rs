@@ -41,7 +41,6 @@ use http_body_util::{BodyExt, Either, Full};
 use crate::config::Config;
 use crate::context::{self, Compactor};
 use crate::lifecycle::{LoadAsk, Shape};
-use crate::memory::MemoryTable;
 use crate::monitor::MonitorHandle;
 use crate::providers::{error_chain, ErrorStyle, UpstreamClient};
 use crate::stats::StatsTable;
@@ -63,10 +62,8 @@ pub struct DataPlane {
     pub providers: Arc<[ProviderState]>,
     pub stats: StatsTable,
     pub compactor: Arc<Compactor>,
-    /// The control plane's client: `/api/show` for runner options, summaries.
+    /// The control plane's client, for summaries.
     pub client: UpstreamClient,
-    /// Model geometries (`/api/show`), for `num_batch` under memory pressure.
-    pub memory: Arc<MemoryTable>,
     /// The pressure level.
     pub monitor: MonitorHandle,
 }

@@ -204,7 +204,7 @@ impl Call<'_> {
         Shape {
             num_ctx: cap
                 .num_ctx
-                .map(|c| runner::capped(Some(c), self.limits.num_ctx).unwrap_or(c)),
+                .and(runner::capped(cap.num_ctx, self.limits.num_ctx)),
             num_batch: None,
         }
     }
@@ -367,14 +367,13 @@ impl Call<'_> {
         if self.native {
             if let Some(runner) = p.lifecycle.runner(&self.model) {
                 // Ollama reloads a runner whose options differ from a request's.
-                let sent = (self.limits.num_ctx, self.limits.num_batch);
-                if let Some(n) = runner.num_ctx.filter(|n| Some(*n) != sent.0) {
-                    self.edits.num_ctx = Some(n);
-                } else if runner.num_ctx.is_some() {
-                    self.edits.num_ctx = None;
+                // The runner's value wins over any normalization; none is needed where the
+                // request sent it already.
+                if let Some(n) = runner.num_ctx {
+                    self.edits.num_ctx = (Some(n) != self.limits.num_ctx).then_some(n);
                 }
-                if let Some(n) = runner.num_batch.filter(|n| Some(*n) != sent.1) {
-                    self.edits.num_batch = Some(n);
+                if let Some(n) = runner.num_batch {
+                    self.edits.num_batch = (Some(n) != self.limits.num_batch).then_some(n);
                 }
             }
         }

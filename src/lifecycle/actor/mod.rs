@@ -63,10 +63,9 @@ struct Model {
     context_length: Option<u64>,
     /// The runner options of the load in progress or of the loaded model, when memory
     /// pressure made the proxy load it with them (default: the provider's own, or the
-    /// request's that started the load): requests must then carry the same.
+    /// request's that started the load): requests must then carry the same. Set when the
+    /// load starts (its `num_batch` when it ends).
     shape: Shape,
-    /// The load in progress was given options by the pressure rule (`shape` is then set).
-    imposed: bool,
     loads: u64,
     unloads: u64,
     /// What `Backend::unload` takes (LM Studio: the instance id).
@@ -362,7 +361,6 @@ impl Actor {
                 load_time: None,
                 context_length: self.observed.remove(&name),
                 shape: Shape::default(),
-                imposed: false,
                 loads: 0,
                 unloads: 0,
                 instance_id: None,
@@ -553,7 +551,8 @@ impl Actor {
             Ok(loaded) => {
                 let event = m.event("load", loaded.elapsed, None);
                 m.status = ModelStatus::Ready;
-                if m.imposed {
+                // Imposed options (a non-default shape) are completed by the load's own.
+                if !m.shape.is_default() {
                     m.shape = shape;
                 }
                 m.last_used = m.last_used.max(seq);

@@ -244,7 +244,6 @@ impl Actor {
             _ => "request",
         };
         if let Some(m) = self.models.get_mut(name) {
-            m.imposed = imposed;
             m.shape = if imposed { shape } else { Shape::default() };
             m.op_reason = reason;
         }
