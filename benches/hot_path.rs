@@ -16,7 +16,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use llm_warden::context::plan::{plan, Budget, Role};
 use llm_warden::providers::UsageKeys;
-use llm_warden::proxy::{ModelRequest, UsageScanner};
+use llm_warden::proxy::{Dialect, ModelRequest, UsageScanner};
 use llm_warden::rewrite;
 use serde_json::json;
 
@@ -46,7 +46,7 @@ fn parse(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(name, |b| {
             b.iter(|| {
-                let r = ModelRequest::parse(black_box(&body));
+                let r = ModelRequest::parse(black_box(&body), Dialect::Go).unwrap_or_default();
                 black_box((r.model().map(str::len), r.limits().num_ctx))
             })
         });

@@ -24,6 +24,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod context;
+pub mod hosts;
 pub mod lifecycle;
 pub mod memory;
 pub mod metrics;

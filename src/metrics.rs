@@ -51,10 +51,14 @@ pub const STATUS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// Error kinds: `ProxyError::kind()` (errors the proxy wrote) and three for failures the
 /// provider reported (an error status, an error inside a 200 stream, a stream cut off).
-pub const ERROR_KINDS: [&str; 20] = [
+pub const ERROR_KINDS: [&str; 24] = [
     "invalid_api_key",
+    "host_not_allowed",
     "body_too_large",
     "body_read",
+    "body_timeout",
+    "invalid_body",
+    "unsupported_content_encoding",
     "invalid_target",
     "upstream_unreachable",
     "upstream_failed",

@@ -11,7 +11,7 @@ use std::fmt;
 
 use libfuzzer_sys::fuzz_target;
 use llm_warden::lifecycle::{parse_keep_alive, Shape};
-use llm_warden::proxy::ModelRequest;
+use llm_warden::proxy::{Dialect, ModelRequest};
 use llm_warden::rewrite;
 use serde::de::{Deserializer as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -54,7 +54,9 @@ fn json(bytes: &[u8]) -> serde_json::Value {
 
 fuzz_target!(|data: &[u8]| {
     // What the proxy does first with any inspected body.
-    let parsed = ModelRequest::parse(data);
+    let Ok(parsed) = ModelRequest::parse(data, Dialect::Go) else {
+        return;
+    };
     let _ = parsed.limits();
     let _ = parsed.is_load_only();
     if let Some(k) = parsed.keep_alive {

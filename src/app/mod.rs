@@ -268,7 +268,10 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             upstream = %state.providers[i].config.upstream,
             "proxy listening"
         );
-        let timeout = limits.header_read_timeout;
+        let settings = server::Settings {
+            header_read_timeout: limits.header_read_timeout,
+            body_read_timeout: limits.body_read_timeout,
+        };
         tasks.spawn(accept_loop(
             listener,
             Some(lanes.clone()),
@@ -283,7 +286,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
                 // about 700 instructions); not boxing it costs 1.2 KB of RSS per open
                 // connection (`loadgen --hold 2000`: 43.1 -> 45.5 MB).
                 let handler = move |req| proxy::handle(plane.clone(), i, req);
-                serve_data_plane(stream, h2, stop, timeout, handler)
+                serve_data_plane(stream, h2, stop, settings, handler)
             },
         ));
     }
@@ -357,6 +360,7 @@ pub async fn serve(
 struct ConnLimits {
     max_connections: usize,
     header_read_timeout: Duration,
+    body_read_timeout: Duration,
 }
 
 impl From<&crate::config::ProxyConfig> for ConnLimits {
@@ -364,6 +368,7 @@ impl From<&crate::config::ProxyConfig> for ConnLimits {
         ConnLimits {
             max_connections: usize::try_from(p.max_connections).unwrap_or(usize::MAX),
             header_read_timeout: p.header_read_timeout,
+            body_read_timeout: p.body_read_timeout,
         }
     }
 }
@@ -530,7 +535,7 @@ async fn serve_data_plane<H, F>(
     stream: tokio::net::TcpStream,
     h2: bool,
     stop: watch::Receiver<bool>,
-    header_read_timeout: Duration,
+    settings: server::Settings,
     handler: H,
 ) where
     H: Fn(Request<RequestBody>) -> F + Send + Sync + 'static,
@@ -538,11 +543,8 @@ async fn serve_data_plane<H, F>(
 {
     if h2 {
         let handler = move |req: Request<Incoming>| handler(req.map(RequestBody::Hyper));
-        serve_hyper(stream, true, stop, header_read_timeout, handler).await;
+        serve_hyper(stream, true, stop, settings.header_read_timeout, handler).await;
     } else {
-        let settings = server::Settings {
-            header_read_timeout,
-        };
         server::serve(stream, settings, stop, handler).await;
     }
 }

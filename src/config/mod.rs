@@ -118,6 +118,10 @@ pub struct AdminConfig {
     /// /models/...`); `$LLM_WARDEN_ADMIN_TOKEN` wins over the file. Required when `listen`
     /// is not a loopback address.
     pub token: Option<Secret>,
+    /// Host names the admin listener serves besides IP literals, `localhost` and
+    /// `*.localhost` (`*.example.com` for any name under it; `*` for any): the DNS
+    /// rebinding defence (`crate::hosts`).
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -135,6 +139,10 @@ pub struct ProxyConfig {
     /// A client must send a request's headers (and, between requests on a keep-alive
     /// connection, the next one's) within this long, else the connection is closed.
     pub header_read_timeout: Duration,
+    /// A request body must arrive within this long of its headers, plus one second per MiB
+    /// received (a large upload on a slow link goes on; one byte every few seconds does not):
+    /// else 408 in the client's format (HTTP/1 clients).
+    pub body_read_timeout: Duration,
     /// On shutdown, how long open requests (streams) may finish before they are cut.
     pub shutdown_grace: Duration,
 }
@@ -156,6 +164,9 @@ pub struct ProviderConfig {
     /// Keys a client must present (`Authorization: Bearer <key>`); empty = no check, and the
     /// client's `Authorization` goes upstream unchanged. When checked, it is not forwarded.
     pub api_keys: Vec<Secret>,
+    /// `ollama` on a loopback listener: host names served besides Ollama's own (local names
+    /// and private addresses; `crate::hosts`).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// docs/design.md: ResourceLimits. The first two apply to each provider on its own (a provider entry

@@ -24,6 +24,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
     pub(super) token: Option<String>,
+    pub(super) allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +35,7 @@ pub(super) struct RawProxy {
     pub(super) response_timeout: Option<String>,
     pub(super) max_connections: Option<u32>,
     pub(super) header_read_timeout: Option<String>,
+    pub(super) body_read_timeout: Option<String>,
     pub(super) shutdown_grace: Option<String>,
 }
 
@@ -49,6 +51,7 @@ pub(super) struct RawProvider {
     pub(super) memory_threshold: Option<f64>,
     pub(super) slot_save: Option<bool>,
     pub(super) api_keys: Option<Vec<String>>,
+    pub(super) allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

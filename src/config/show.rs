@@ -29,6 +29,10 @@ fn int(n: impl Into<i64>) -> Value {
     Value::Integer(n.into())
 }
 
+fn strings(list: &[String]) -> Value {
+    Value::Array(list.iter().map(|x| Value::String(x.clone())).collect())
+}
+
 fn s(v: impl Into<String>) -> Value {
     Value::String(v.into())
 }
@@ -63,6 +67,9 @@ impl Config {
         if let Some(t) = self.admin.token.as_ref().and_then(file_secret) {
             admin.insert("token".into(), t);
         }
+        if !self.admin.allowed_hosts.is_empty() {
+            admin.insert("allowed_hosts".into(), strings(&self.admin.allowed_hosts));
+        }
         doc.insert("admin".into(), Value::Table(admin));
         let p = &self.proxy;
         doc.insert(
@@ -73,6 +80,7 @@ impl Config {
                 ("response_timeout", duration(p.response_timeout)),
                 ("max_connections", int(p.max_connections)),
                 ("header_read_timeout", duration(p.header_read_timeout)),
+                ("body_read_timeout", duration(p.body_read_timeout)),
                 ("shutdown_grace", duration(p.shutdown_grace)),
             ]),
         );
@@ -94,6 +102,9 @@ impl Config {
                 let keys: Vec<Value> = p.api_keys.iter().filter_map(file_secret).collect();
                 if !keys.is_empty() {
                     t.insert("api_keys".into(), Value::Array(keys));
+                }
+                if !p.allowed_hosts.is_empty() {
+                    t.insert("allowed_hosts".into(), strings(&p.allowed_hosts));
                 }
                 Value::Table(t)
             })

@@ -85,6 +85,11 @@ pub(super) fn validate(
             raw.admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
         )
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 11400)));
+    let admin_allowed_hosts = host_list(
+        &mut c,
+        "admin.allowed_hosts",
+        raw.admin.allowed_hosts.clone(),
+    );
     let admin_token = match env(ADMIN_TOKEN_ENV) {
         Some(t) => c.secret(ADMIN_TOKEN_ENV, t, true),
         None => raw
@@ -141,6 +146,14 @@ pub(super) fn validate(
     if header_read_timeout.is_zero() {
         c.bad("proxy.header_read_timeout", "must be greater than zero");
     }
+    let body_read_timeout = c.duration(
+        "proxy.body_read_timeout",
+        raw.proxy.body_read_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+    if body_read_timeout.is_zero() {
+        c.bad("proxy.body_read_timeout", "must be greater than zero");
+    }
     let shutdown_grace = c.duration(
         "proxy.shutdown_grace",
         raw.proxy.shutdown_grace.as_deref(),
@@ -174,6 +187,7 @@ pub(super) fn validate(
                 memory_threshold: None,
                 slot_save: None,
                 api_keys: None,
+                allowed_hosts: None,
             })
             .collect()
     });
@@ -183,6 +197,7 @@ pub(super) fn validate(
     let mut providers = Vec::new();
     for (i, p) in raw_providers.into_iter().enumerate() {
         let at = |k: &str| format!("providers[{i}].{k}");
+        let allowed_hosts = host_list(&mut c, &at("allowed_hosts"), p.allowed_hosts.clone());
         let kind = match ProviderKind::parse(&p.kind) {
             Some(k) => k,
             None => {
@@ -273,6 +288,7 @@ pub(super) fn validate(
                 memory_threshold,
                 slot_save,
                 api_keys,
+                allowed_hosts,
             });
         }
     }
@@ -491,6 +507,7 @@ pub(super) fn validate(
         admin: AdminConfig {
             listen: admin_listen,
             token: admin_token,
+            allowed_hosts: admin_allowed_hosts,
         },
         proxy: ProxyConfig {
             max_request_body,
@@ -498,6 +515,7 @@ pub(super) fn validate(
             response_timeout,
             max_connections,
             header_read_timeout,
+            body_read_timeout,
             shutdown_grace,
         },
         providers,
@@ -526,4 +544,23 @@ fn overflow_policy(c: &mut Checker, path: &str, s: &str) -> Option<OverflowPolic
             None
         }
     }
+}
+
+/// `allowed_hosts`: host names (`*.suffix`, or `*` alone), without ports or schemes.
+fn host_list(c: &mut Checker, key: &str, list: Option<Vec<String>>) -> Vec<String> {
+    let list = list.unwrap_or_default();
+    for (j, h) in list.iter().enumerate() {
+        // A name alone: what `hosts::host_name` reads back unchanged (no port, no scheme).
+        let name = h.strip_prefix("*.").unwrap_or(h);
+        let valid = h == "*"
+            || crate::hosts::host_name(name)
+                .is_some_and(|n| n == name.trim_end_matches('.').to_ascii_lowercase());
+        if !valid {
+            c.bad(
+                format!("{key}[{j}]"),
+                format!("`{h}` is not a host name (write `gpu.example.com`, `*.example.com` or `*`, without a scheme or port)"),
+            );
+        }
+    }
+    list
 }

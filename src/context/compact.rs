@@ -374,6 +374,13 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
         // Not an array of messages: the provider answers its own error.
         return Fit::Unchanged { estimate: None };
     };
+    // An entry that is not a message object (`null`, a number, a string): the provider
+    // refuses the body (Go cannot decode a number into `api.Message`; a `null` entry is an
+    // empty message). Compacting would drop that entry and turn the provider's "no" into a
+    // "yes" (issue 18): the body goes on unchanged, for the provider's own answer.
+    if raws.iter().any(|r| !r.get().trim_start().starts_with('{')) {
+        return Fit::Unchanged { estimate: None };
+    }
     let provider_name = state.providers.name(req.provider);
     let enc = cx.encoding(req.model);
     let raw_counts = cx.count_messages(enc, &raws).await;
@@ -393,6 +400,18 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
         .iter()
         .map(|r| serde_json::from_str(r.get()).unwrap_or(Value::Null))
         .collect();
+    // The same for a message the provider cannot read: a role that is not a string, or
+    // content that is neither text nor a list of parts.
+    let readable = |v: &Value| {
+        v.get("role").is_none_or(Value::is_string)
+            && v.get("content")
+                .is_none_or(|c| c.is_string() || c.is_array() || c.is_null())
+    };
+    if !values.iter().all(readable) {
+        return Fit::Unchanged {
+            estimate: Some(before),
+        };
+    }
     let roles: Vec<Role> = values.iter().map(role_of).collect();
     let report = Report {
         state,

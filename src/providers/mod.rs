@@ -286,6 +286,9 @@ mod tests {
         let k = ProviderKind::Ollama;
         assert_eq!(k.canonical_model("llama3.2"), "llama3.2:latest");
         assert_eq!(k.canonical_model("llama3.2:3b"), "llama3.2:3b");
+        // Ollama matches names case-insensitively: one model, one count, one lease.
+        assert_eq!(k.canonical_model("Llama3.2"), "llama3.2:latest");
+        assert_eq!(k.canonical_model("LLAMA3.2:3B"), "llama3.2:3b");
         assert_eq!(
             k.canonical_model("hf.co/org/model"),
             "hf.co/org/model:latest"

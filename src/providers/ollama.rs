@@ -52,7 +52,15 @@ pub(super) fn error_style(path: &str) -> ErrorStyle {
 
 /// `[host/][namespace/]model[:tag]`; the tag defaults to `latest`. A `:` before the last `/`
 /// is a registry port, not a tag.
+///
+/// Lower case: Ollama finds a model by a case-insensitive match of each part
+/// (`getExistingName`, `strings.EqualFold`), so `Llama3.2` and `llama3.2` are one model to
+/// it, and must be one to the proxy's counts and leases (issue 18).
 pub(super) fn canonical_model(model: &str) -> std::borrow::Cow<'_, str> {
+    if model.chars().any(char::is_uppercase) {
+        let lower = model.to_lowercase();
+        return std::borrow::Cow::Owned(canonical_model(&lower).into_owned());
+    }
     let last = model.rsplit('/').next().unwrap_or(model);
     if last.contains(':') {
         std::borrow::Cow::Borrowed(model)

@@ -24,6 +24,13 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    /// A model request's body the proxy cannot read as the provider would (inbound.rs).
+    #[error("{0}")]
+    BodyUnreadable(#[from] super::inbound::Unreadable),
+    #[error("the request body is sent with `Content-Encoding: {0}`, which the proxy does not decode; send it unencoded")]
+    UnsupportedEncoding(String),
+    #[error("the request body did not arrive within {after:?} (proxy.body_read_timeout, plus one second per MiB received)")]
+    BodyTimeout { after: std::time::Duration },
     #[error("the request target cannot be forwarded: {0}")]
     InvalidTarget(String),
     #[error("upstream `{provider}` ({upstream}) is unreachable: {reason}")]
@@ -58,8 +65,11 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyRead(_)
+            | ProxyError::BodyUnreadable(_)
             | ProxyError::InvalidTarget(_)
             | ProxyError::ContextOverflow { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -85,6 +95,9 @@ impl ProxyError {
             ProxyError::Unauthorized(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BodyRead(_)
+            | ProxyError::BodyUnreadable(_)
+            | ProxyError::UnsupportedEncoding(_)
+            | ProxyError::BodyTimeout { .. }
             | ProxyError::InvalidTarget(_)
             | ProxyError::ContextOverflow { .. }
             | ProxyError::Lifecycle(LifecycleError::NotFound { .. }) => Fault::Client,
@@ -99,6 +112,9 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => "invalid_api_key",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BodyRead(_) => "body_read",
+            ProxyError::BodyUnreadable(_) => "invalid_body",
+            ProxyError::UnsupportedEncoding(_) => "unsupported_content_encoding",
+            ProxyError::BodyTimeout { .. } => "body_timeout",
             ProxyError::InvalidTarget(_) => "invalid_target",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",

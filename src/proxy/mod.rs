@@ -42,14 +42,14 @@ use crate::config::Config;
 use crate::context::{self, Compactor};
 use crate::lifecycle::{LoadAsk, Shape};
 use crate::monitor::MonitorHandle;
-use crate::providers::{error_chain, ErrorStyle, UpstreamClient};
+use crate::providers::{error_chain, ErrorStyle, ProviderKind, UpstreamClient};
 use crate::stats::StatsTable;
 use crate::transport::codec::RawHeaders;
 use crate::transport::pool::{self, PoolError, PooledBody};
 use crate::transport::server::{self, RequestBody};
 use crate::upstream::ProviderState;
 pub use error::{Fault, ProxyError};
-pub use inbound::ModelRequest;
+pub use inbound::{Dialect, ModelRequest, Unreadable};
 pub use model::{COMPACTED_HEADER, NUM_BATCH_HEADER, NUM_CTX_HEADER};
 pub use observe::UsageScanner;
 
@@ -141,6 +141,19 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let p = &state.providers[provider];
     let kind = p.config.kind;
+    // Ollama refuses foreign `Host` names on a loopback bind (DNS rebinding); the proxy
+    // rewrites `Host` to the upstream's address, so it applies Ollama's rule itself, with
+    // Ollama's bare 403 (`crate::hosts`).
+    if kind == ProviderKind::Ollama
+        && p.listen.ip().is_loopback()
+        && !crate::hosts::ollama_host_allowed(req.headers(), &p.config.allowed_hosts)
+    {
+        p.metrics.error("host_not_allowed");
+        tracing::debug!(host = ?req.headers().get(http::header::HOST), "Host refused (DNS rebinding defence)");
+        let mut r = Response::new(ProxyBody::Local(Full::new(Bytes::new())));
+        *r.status_mut() = http::StatusCode::FORBIDDEN;
+        return r;
+    }
     // Off by default (one length check); when on, the key stops here: it is the proxy's,
     // not the provider's.
     if !p.config.api_keys.is_empty() {
@@ -150,14 +163,40 @@ pub async fn handle(
         req.headers_mut().remove(http::header::AUTHORIZATION);
     }
     if req.method() == Method::POST {
-        if let Some(endpoint) = kind.classify(req.uri().path()) {
+        if let Some(endpoint) = kind.classify(&routed_path(req.uri().path())) {
             // Boxed: the inspected path's future (compaction, loading) is kilobytes, and the
             // connection's task is as large as its largest state, idle or streaming.
             return Box::pin(model::inspected(&state, provider, endpoint, req)).await;
         }
     }
-    let style = kind.error_style(req.uri().path());
+    let style = kind.error_style(&routed_path(req.uri().path()));
     passthrough(&state, p, style, req).await
+}
+
+/// The path as the provider routes it: percent-escapes decoded, as Go's `URL.Path` (gin
+/// routes on it) and cpp-httplib's `decode_url` do, so `/api/%63hat` and `/api%2Fchat` are
+/// `/api/chat` and inspected like it (issue 18). A path without `%` is taken as it is.
+pub(crate) fn routed_path(raw: &str) -> std::borrow::Cow<'_, str> {
+    if !raw.contains('%') {
+        return std::borrow::Cow::Borrowed(raw);
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push(((hex(h).unwrap_or(0) << 4) | hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_or(std::borrow::Cow::Borrowed(raw), std::borrow::Cow::Owned)
 }
 
 /// Whether the request presents one of `keys` as `Authorization: Bearer <key>`. Every key
@@ -204,6 +243,10 @@ async fn passthrough(
     // Nothing here reads the answer's headers: for an HTTP/1 client they may stay as the
     // provider wrote them (`h1::RawHeaders`).
     let raw_ok = parts.version < http::Version::HTTP_2;
+    if let Some(e) = body.failed() {
+        // It stalled before the handler ran: nothing goes upstream.
+        return local_error(p, &client_body_error(e), style);
+    }
     let body = match body.size_hint().exact() {
         Some(n) if n > 0 && n <= SMALL_BODY && body.in_hand().is_none() => {
             let read = inbound::read_body(&parts.headers, body, SMALL_BODY).await;
@@ -279,6 +322,18 @@ pub(super) fn local_error(
 /// A failed exchange of the data plane, as the client will read it; no connection marks
 /// the provider unreachable.
 fn pool_error(p: &ProviderState, e: &PoolError) -> ProxyError {
+    // The client's body failed while it streamed upstream (bad chunk, stall, the client
+    // left): the client's fault, never the provider's (issue 18).
+    let source: Option<&(dyn std::error::Error + 'static)> = match e {
+        PoolError::Connect(_) => None,
+        PoolError::Send(e) => Some(e),
+        PoolError::Exchange(e) => Some(e),
+    };
+    if let Some(body) = std::iter::successors(source, |e| e.source())
+        .find_map(|e| e.downcast_ref::<server::ClientBodyError>())
+    {
+        return client_body_error(body);
+    }
     match e {
         PoolError::Connect(reason) => {
             p.mark_unreachable(reason.clone());
@@ -290,6 +345,15 @@ fn pool_error(p: &ProviderState, e: &PoolError) -> ProxyError {
         }
         PoolError::Send(e) => upstream_failed(p, error_chain(e)),
         PoolError::Exchange(e) => upstream_failed(p, error_chain(e)),
+    }
+}
+
+/// A request body the client failed to send, as the client reads it: 408 for a stall, 400
+/// otherwise.
+pub(super) fn client_body_error(e: &server::ClientBodyError) -> ProxyError {
+    match e {
+        server::ClientBodyError::TimedOut(after) => ProxyError::BodyTimeout { after: *after },
+        e => ProxyError::BodyRead(e.to_string()),
     }
 }
 
@@ -356,5 +420,29 @@ impl context::Providers for DataPlane {
                 .to_bytes();
             Ok((status, bytes))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::routed_path;
+
+    #[test]
+    fn a_percent_escaped_path_is_routed_as_the_provider_routes_it() {
+        for (raw, routed) in [
+            ("/api/chat", "/api/chat"),
+            ("/api/%63hat", "/api/chat"),
+            ("/api%2Fchat", "/api/chat"),
+            ("/v1/chat%2fcompletions", "/v1/chat/completions"),
+            ("/api/%zzchat", "/api/%zzchat"),
+            ("/api/chat%", "/api/chat%"),
+            ("/api/%ff", "/api/%ff"),
+        ] {
+            assert_eq!(routed_path(raw), routed, "{raw}");
+        }
+        assert!(matches!(
+            routed_path("/api/chat"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

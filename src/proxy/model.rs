@@ -2,7 +2,9 @@
 //! phases in order; none reaches back:
 //!
 //! ```text
-//!  read the body once (size limit) → parse it once (ModelRequest: borrowed spans)
+//!  read the body once (size limit; a coded body: 415) → parse it once, as the provider
+//!         reads JSON (ModelRequest: borrowed spans; a body the provider might read and the
+//!         proxy cannot: 400; one every provider refuses: forwarded for its own error)
 //!  → resolve: the model (canonical name), Ollama's keep_alive (an unload form ends here)
 //!  → fit: the window (published by the lifecycle actor, or predicted from its rule),
 //!         num_ctx normalization or cap, compaction (before the lease: a slow summary must
@@ -94,6 +96,12 @@ pub(super) async fn inspected(
     let p = &state.providers[provider];
     let kind = p.config.kind;
     let (mut parts, body) = req.into_parts();
+    // A coded body (gzip, ...) is decoded by some providers (LM Studio's body parser,
+    // llama-server built with zlib) and would be read by none of the proxy's rules.
+    if let Some(coding) = content_coding(&parts.headers) {
+        let e = ProxyError::UnsupportedEncoding(coding);
+        return local_error(p, &e, endpoint.errors);
+    }
     let max_body = state.config.load().proxy.max_request_body;
     let read = inbound::read_body(&parts.headers, body, max_body).await;
     let bytes = match read {
@@ -103,9 +111,18 @@ pub(super) async fn inspected(
     // The body goes upstream whole: the client sets its length from the bytes, so an edit
     // can never leave a stale Content-Length behind.
     parts.headers.remove(http::header::CONTENT_LENGTH);
-    let parsed = ModelRequest::parse(&bytes);
-    // No model (bad JSON, missing field): the upstream answers with its own error,
-    // unchanged, and nothing is counted.
+    // Read as the provider reads it; what it cannot read that way is refused here, so no
+    // model request reaches the provider outside a lease (inbound.rs).
+    let parsed = match ModelRequest::parse(&bytes, dialect(kind)) {
+        Ok(p) => p,
+        // Every such provider refuses it too: its own error, byte for byte, uncounted.
+        Err(e) if e.provider_refuses() => {
+            return forward(state, p, endpoint, parts, bytes, None).await
+        }
+        Err(e) => return local_error(p, &ProxyError::from(e), endpoint.errors),
+    };
+    // A readable object without a model: the provider answers with its own error ("model is
+    // required"), unchanged, and nothing is counted.
     let Some(model) = parsed.model().map(|m| kind.canonical_model(m).into_owned()) else {
         drop(parsed);
         return forward(state, p, endpoint, parts, bytes, None).await;
@@ -158,6 +175,28 @@ pub(super) async fn inspected(
     let mut resp = forward(state, p, endpoint, parts, body, Some(guard)).await;
     notes.write(&mut resp);
     resp
+}
+
+/// Whose JSON reading a provider's bodies get (inbound.rs).
+fn dialect(kind: ProviderKind) -> inbound::Dialect {
+    match kind {
+        ProviderKind::Ollama => inbound::Dialect::Go,
+        ProviderKind::LmStudio => inbound::Dialect::JavaScript,
+        ProviderKind::LlamaCpp => inbound::Dialect::Nlohmann,
+    }
+}
+
+/// The request's `Content-Encoding`, unless absent or `identity` (as written, for the error).
+fn content_coding(headers: &http::HeaderMap) -> Option<String> {
+    let mut codings = headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"));
+    codings
+        .next()
+        .map(|c| String::from_utf8_lossy(c).into_owned())
 }
 
 impl Call<'_> {

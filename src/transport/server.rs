@@ -76,6 +76,27 @@ const LINGER_MAX: usize = 1024 * 1024;
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
     pub header_read_timeout: Duration,
+    /// A body must arrive within this long of its head, plus one second per MiB received.
+    pub body_read_timeout: Duration,
+}
+
+impl Settings {
+    /// How long a body that has brought `received` bytes so far may take in all.
+    fn body_allowance(&self, received: u64) -> Duration {
+        self.body_read_timeout + Duration::from_secs(received >> 20)
+    }
+}
+
+/// Why a request body could not be read from the client: the client's fault, never the
+/// provider's (the data plane answers 400 or 408 in the client's format; issue 18).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("the request body is not framed correctly: {0}")]
+    Malformed(String),
+    #[error("the request body stalled: it did not arrive within {0:?}")]
+    TimedOut(Duration),
+    #[error("the client closed the connection before the request body ended")]
+    Closed,
 }
 
 // === the request body ===
@@ -84,6 +105,8 @@ pub struct Settings {
 /// connection as it arrives, or hyper's (HTTP/2).
 pub enum RequestBody {
     Full(Option<Bytes>),
+    /// The body failed before the handler ran (it stalled): the error, until taken.
+    Failed(Option<ClientBodyError>),
     Streamed(Feed, Option<u64>),
     Hyper(hyper::body::Incoming),
 }
@@ -97,6 +120,14 @@ impl RequestBody {
     pub fn in_hand(&self) -> Option<&Bytes> {
         match self {
             RequestBody::Full(b) => b.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The body already failed (before the handler ran).
+    pub fn failed(&self) -> Option<&ClientBodyError> {
+        match self {
+            RequestBody::Failed(e) => e.as_ref(),
             _ => None,
         }
     }
@@ -118,6 +149,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Failed(e) => Poll::Ready(e.take().map(|e| Err(BoxError::from(e)))),
             RequestBody::Streamed(feed, left) => {
                 let next = ready!(feed.poll_next(cx));
                 if let (Some(Ok(b)), Some(n)) = (&next, left.as_mut()) {
@@ -134,6 +166,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Full(b) => b.is_none(),
+            RequestBody::Failed(e) => e.is_none(),
             RequestBody::Streamed(feed, _) => feed.is_end(),
             RequestBody::Hyper(b) => b.is_end_stream(),
         }
@@ -143,7 +176,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             RequestBody::Streamed(_, Some(n)) => SizeHint::with_exact(*n),
-            RequestBody::Streamed(_, None) => SizeHint::default(),
+            RequestBody::Streamed(_, None) | RequestBody::Failed(_) => SizeHint::default(),
             RequestBody::Hyper(b) => b.size_hint(),
         }
     }
@@ -155,7 +188,7 @@ impl Body for RequestBody {
 pub struct Feed(Arc<Mutex<FeedState>>);
 
 struct FeedState {
-    slot: Option<Result<Bytes, io::Error>>,
+    slot: Option<Result<Bytes, ClientBodyError>>,
     ended: bool,
     /// The connection stopped feeding before the end: after what is in the slot, an error.
     cut: bool,
@@ -197,7 +230,7 @@ fn lock(m: &Mutex<FeedState>) -> std::sync::MutexGuard<'_, FeedState> {
 }
 
 impl Feed {
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, io::Error>>> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, ClientBodyError>>> {
         let mut s = lock(&self.0);
         if let Some(item) = s.slot.take() {
             if let Some(w) = s.writer.take() {
@@ -208,7 +241,7 @@ impl Feed {
         if s.cut {
             s.cut = false;
             s.ended = true;
-            return Poll::Ready(Some(Err(io::ErrorKind::UnexpectedEof.into())));
+            return Poll::Ready(Some(Err(ClientBodyError::Closed)));
         }
         if s.ended {
             return Poll::Ready(None);
@@ -258,7 +291,7 @@ impl FeedTx {
         }
     }
 
-    fn send(&self, item: Result<Bytes, io::Error>, last: bool) {
+    fn send(&self, item: Result<Bytes, ClientBodyError>, last: bool) {
         let mut s = lock(&self.0);
         s.slot = Some(item);
         s.ended |= last;
@@ -359,6 +392,8 @@ pub async fn serve<H, F, B>(
         // The body: in hand, or fed as it arrives.
         let mut tx = None;
         let mut body_framing = framing;
+        let mut stalled = false;
+        let body_began = Instant::now();
         match framing {
             Framing::Done => {}
             Framing::Length(n) if n <= EAGER_BODY => {
@@ -366,14 +401,24 @@ pub async fn serve<H, F, B>(
                 if expect_continue && conn.buf.len() < n && conn.continue_100().await.is_err() {
                     return;
                 }
+                // A body in the buffer already (the common case) needs no timer.
+                let allowance = settings.body_allowance(n as u64);
                 while conn.buf.len() < n {
                     conn.buf.reserve(n - conn.buf.len());
-                    match conn.read().await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
+                    match tokio::time::timeout_at(body_began + allowance, conn.read()).await {
+                        Ok(Ok(0) | Err(_)) => return,
+                        Ok(Ok(_)) => {}
+                        Err(_) => {
+                            stalled = true;
+                            break;
+                        }
                     }
                 }
-                *req.body_mut() = RequestBody::Full(Some(conn.buf.split_to(n).freeze()));
+                *req.body_mut() = if stalled {
+                    RequestBody::Failed(Some(ClientBodyError::TimedOut(allowance)))
+                } else {
+                    RequestBody::Full(Some(conn.buf.split_to(n).freeze()))
+                };
                 body_framing = Framing::Done;
             }
             _ => {
@@ -401,7 +446,11 @@ pub async fn serve<H, F, B>(
         let mut input = Input {
             tx,
             framing: body_framing,
-            broken: false,
+            broken: stalled,
+            began: body_began,
+            received: 0,
+            settings,
+            timer: None,
         };
         let resp = {
             let mut fut = pin!(handler(req));
@@ -481,8 +530,36 @@ struct ReqCtx {
 struct Input {
     tx: Option<FeedTx>,
     framing: Framing,
-    /// The body could not be read (bad chunk): the connection closes after the answer.
+    /// The body could not be read (bad chunk, stalled): the connection closes after the
+    /// answer.
     broken: bool,
+    /// When the head was read, and the body's bytes since: its deadline (`body_allowance`).
+    began: Instant,
+    received: u64,
+    settings: Settings,
+    /// Armed the first time the body waits on the client.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Whether a body that began at `began` is past its deadline, `allowance` later (a wait on
+/// the client that would outlast it arms `timer` to wake the task then).
+fn stalled(
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    began: Instant,
+    allowance: Duration,
+    cx: &mut Context<'_>,
+) -> Option<Duration> {
+    let deadline = began + allowance;
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    loop {
+        if timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        if Instant::now() >= deadline {
+            return Some(allowance);
+        }
+        timer.as_mut().reset(deadline);
+    }
 }
 
 struct Conn {
@@ -587,6 +664,7 @@ impl Conn {
                 }
                 match decode(&mut input.framing, &mut self.buf) {
                     Ok(Some(Some(data))) => {
+                        input.received += data.len() as u64;
                         let last = input.framing == Framing::Done;
                         tx.send(Ok(data), last);
                         if last {
@@ -597,19 +675,29 @@ impl Conn {
                         tx.end();
                         input.tx = None;
                     }
-                    Ok(None) => match ready!(self.poll_read(cx)) {
-                        Ok(0) => {
-                            tx.send(Err(io::ErrorKind::UnexpectedEof.into()), true);
+                    Ok(None) => match self.poll_read(cx) {
+                        Poll::Ready(Ok(0) | Err(_)) => {
+                            tx.send(Err(ClientBodyError::Closed), true);
                             return Poll::Ready(());
                         }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tx.send(Err(e), true);
-                            return Poll::Ready(());
-                        }
+                        Poll::Ready(Ok(_)) => {}
+                        Poll::Pending => match stalled(
+                            &mut input.timer,
+                            input.began,
+                            input.settings.body_allowance(input.received),
+                            cx,
+                        ) {
+                            None => return Poll::Pending,
+                            // The handler answers (408); the connection then closes.
+                            Some(after) => {
+                                tx.send(Err(ClientBodyError::TimedOut(after)), true);
+                                input.tx = None;
+                                input.broken = true;
+                            }
+                        },
                     },
                     Err(e) => {
-                        tx.send(Err(io::Error::new(io::ErrorKind::InvalidData, e)), true);
+                        tx.send(Err(ClientBodyError::Malformed(e.to_string())), true);
                         input.tx = None;
                         input.broken = true;
                     }
@@ -951,20 +1039,38 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<ReqHead>, StatusCode> {
 }
 
 /// How a request body is framed (RFC 9112 §6.3), strictly: anything ambiguous is a 400.
+/// `chunked` is the only transfer coding implemented: it must come last and once (else 400,
+/// §6.3), and any other coding before it is 501 (§6.1: "a transfer coding it does not
+/// understand"), never a body passed on in a coding nobody then declares (issue 18).
 fn request_framing(version: Version, headers: &HeaderMap) -> Result<Framing, StatusCode> {
     let bad = StatusCode::BAD_REQUEST;
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
+    let te = headers.get_all(header::TRANSFER_ENCODING);
+    if te.iter().next().is_some() {
         if version == Version::HTTP_10 || headers.contains_key(header::CONTENT_LENGTH) {
             return Err(bad);
         }
-        let last = te
-            .last()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.rsplit(',').next())
-            .map(str::trim);
-        return match last {
-            Some(l) if l.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked(Chunk::Size)),
+        // The codings in order, over every field line; empty list elements do not count
+        // (RFC 9110 §5.6.1).
+        let mut codings = te
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty())
+            .peekable();
+        let mut chunked = 0;
+        let mut unknown = false;
+        let mut last_chunked = false;
+        while let Some(c) = codings.next() {
+            let is_chunked = c.eq_ignore_ascii_case(b"chunked");
+            chunked += usize::from(is_chunked);
+            unknown |= !is_chunked;
+            if codings.peek().is_none() {
+                last_chunked = is_chunked;
+            }
+        }
+        return match (last_chunked, chunked, unknown) {
+            (true, 1, false) => Ok(Framing::Chunked(Chunk::Size)),
+            (true, 1, true) => Err(StatusCode::NOT_IMPLEMENTED),
             _ => Err(bad),
         };
     }
@@ -1077,6 +1183,7 @@ mod tests {
                 let (s, _) = l.accept().await.unwrap();
                 let settings = Settings {
                     header_read_timeout: Duration::from_secs(5),
+                    body_read_timeout: Duration::from_secs(2),
                 };
                 tokio::spawn(serve(s, settings, stop.clone(), handler.clone()));
             }
@@ -1176,6 +1283,33 @@ mod tests {
                 "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n".into(),
                 "400",
             ),
+            // A coding before `chunked` that is not implemented: 501, not a body passed on
+            // still coded (issue 18).
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".into(),
+                "501",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    .into(),
+                "501",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n".into(),
+                "501",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n".into(),
+                "400",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n".into(),
+                "400",
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n".into(),
+                "400",
+            ),
             (
                 "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
                 "400",
@@ -1198,7 +1332,82 @@ mod tests {
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+        assert!(
+            r.contains("\r\n\r\nthe request body is not framed correctly: "),
+            "{r}"
+        );
         assert!(r.contains("connection: close\r\n"), "{r}");
+        // Empty list elements around `chunked` are no codings (RFC 9110 §5.6.1).
+        let r = exchange(
+            addr,
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: , chunked,\r\nConnection: close\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(
+            r.starts_with("HTTP/1.1 200 ") && r.ends_with("\r\n\r\nok"),
+            "{r}"
+        );
+    }
+
+    /// Issue 18: a body trickled after complete headers held the connection for a minute.
+    /// Now it must arrive within `body_read_timeout` (2 s here) plus a second per MiB; the
+    /// handler reads a body error it can answer (the data plane: 408 in the client's
+    /// format), and the connection closes. Paused time: the waits are the server's own.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_after_its_allowance_whether_read_eagerly_or_streamed() {
+        let addr = start(echo).await;
+        for (head, drip) in [
+            (
+                &b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc"[..],
+                &b"x"[..],
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 2000000\r\n\r\nabc",
+                b"x",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                b"1\r\nx\r\n",
+            ),
+        ] {
+            let began = Instant::now();
+            let s = TcpStream::connect(addr).await.unwrap();
+            let (mut rd, mut wr) = s.into_split();
+            wr.write_all(head).await.unwrap();
+            // More of the body every 500 ms: still a stall (the allowance is for the whole
+            // body, not between reads).
+            let dripping = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    if wr.write_all(drip).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut out = Vec::new();
+            let read = async {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => out.extend_from_slice(&buf[..n]),
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(60), read)
+                .await
+                .expect("the server ends the exchange");
+            dripping.abort();
+            let r = String::from_utf8_lossy(&out);
+            assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+            assert!(r.contains("connection: close\r\n"), "{r}");
+            assert!(r.contains("the request body stalled"), "{r}");
+            let took = began.elapsed();
+            assert!(
+                took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+                "{took:?}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -26,7 +26,7 @@ fn exchange(addr: SocketAddr, raw: &[u8]) -> String {
 /// A request with a body, closing the connection after the answer.
 fn post(path: &str, headers: &str, body: &[u8]) -> Vec<u8> {
     let mut r = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n{headers}\r\n",
         body.len()
     )
     .into_bytes();
@@ -150,7 +150,8 @@ async fn each_bad_input_gets_the_answer_its_client_expects_and_the_proxy_stays_h
     let no_model = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
     let unknown = br#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#;
 
-    // Malformed JSON: forwarded unchanged, the provider's own 400, not counted.
+    // Malformed JSON that every Ollama refuses too: forwarded unchanged, the provider's own
+    // 400, not counted.
     ollama_error(
         &rig.raw(post("/api/chat", "", b"{\"model\":")).await,
         "400",
@@ -222,20 +223,21 @@ async fn each_bad_input_gets_the_answer_its_client_expects_and_the_proxy_stays_h
     rig.healthy(counted).await;
     counted += 1;
 
-    // Invalid UTF-8: not JSON to the proxy, forwarded; the provider's 400.
+    // Invalid UTF-8: Go would read it (U+FFFD for the bad bytes) and serve it; the proxy
+    // cannot read it the same way, so it refuses it rather than forward it uncounted.
     let bad_utf8 =
         b"{\"model\":\"llama3.2\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}";
     ollama_error(
         &rig.raw(post("/api/chat", "", bad_utf8)).await,
         "400",
-        "invalid character",
+        "not valid UTF-8",
     );
     rig.healthy(counted).await;
     counted += 1;
 
     // Headers over hyper's limit (~400 KB): 431, the provider never asked.
     let before = rig.sim.state.log.count("/api/version");
-    let mut huge = b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    let mut huge = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\nX-Big: ".to_vec();
     huge.extend(std::iter::repeat_n(b'a', 500 * 1024));
     huge.extend_from_slice(b"\r\n\r\n");
     let r = rig.raw(huge).await;
@@ -260,7 +262,7 @@ async fn each_bad_input_gets_the_answer_its_client_expects_and_the_proxy_stays_h
     counted += 1;
 
     // Two pipelined requests on one connection: both answered, in order.
-    let mut two = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    let mut two = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec();
     two.extend(post("/api/chat", "", CHAT.as_bytes()));
     let r = rig.raw(two).await;
     assert_eq!(r.matches("HTTP/1.1 200 OK").count(), 2, "{r}");
@@ -278,7 +280,7 @@ async fn each_bad_input_gets_the_answer_its_client_expects_and_the_proxy_stays_h
     let r = blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n", CHAT.len()).unwrap();
+        write!(s, "POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n", CHAT.len()).unwrap();
         let mut interim = [0u8; 25];
         s.read_exact(&mut interim).unwrap();
         s.write_all(CHAT.as_bytes()).unwrap();
@@ -330,7 +332,7 @@ async fn a_client_trickling_its_headers_is_cut_off_at_the_header_read_timeout() 
     let (reply, took) = blocking(move || {
         let started = Instant::now();
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /api/version HTTP/1.1\r\nHost: x\r\n")
+        s.write_all(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n")
             .unwrap();
         let mut w = s.try_clone().unwrap();
         // One header line every 100 ms, for up to 10 s: never a complete request.
@@ -366,7 +368,7 @@ async fn a_client_trickling_its_headers_is_cut_off_at_the_header_read_timeout() 
     );
     let (reply, took) = blocking(move || {
         let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap();
         let started = Instant::now();
         until_closed(s, started)
@@ -387,7 +389,7 @@ async fn connections_over_max_connections_wait_until_one_closes() {
     let proxy = start_proxy(&[("ollama", sim.url())], "[proxy]\nmax_connections = 1\n").await;
     let addr = proxy.proxy_addr(0);
     let (first, second) = blocking(move || {
-        let ask = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n";
+        let ask = b"GET /api/version HTTP/1.1\r\nHost: localhost\r\n\r\n";
         let mut a = TcpStream::connect(addr).unwrap();
         a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         a.write_all(ask).unwrap();

@@ -273,6 +273,44 @@ async fn reject_answers_400_in_the_clients_format() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// Issue 18 §8: a conversation the provider would refuse (an entry that is not a message)
+/// goes on unchanged for the provider's own 400, however long it is; compacting it would
+/// have dropped the bad entry and made the provider's "no" a "yes".
+#[tokio::test]
+async fn a_conversation_the_provider_would_refuse_is_not_compacted_into_one_it_accepts() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("refuse", "on_overflow = \"truncate_oldest\"\n").await;
+    for bad in [
+        json!(null),
+        json!(42),
+        json!("hi"),
+        json!({"role": 7, "content": "x"}),
+    ] {
+        let mut messages = conversation(40);
+        messages.insert(2, bad.clone());
+        let r = chat_via(&c, &proxy, &messages).await;
+        assert!(!r.headers.contains_key("x-llm-warden-compacted"), "{bad}");
+        let (_, forwarded) = upstream_chats(&sim);
+        let sent = &forwarded.last().unwrap()["messages"];
+        assert_eq!(
+            sent.as_array().unwrap().len(),
+            messages.len(),
+            "{bad}: unchanged"
+        );
+        assert_eq!(sent[2], bad);
+        // The simulator answers as Ollama does: a 400 for a body it cannot decode.
+        if !bad.is_null() {
+            assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        }
+    }
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
 #[tokio::test]
 async fn truncate_oldest_drops_turns_without_a_summary() {
     let Rig {

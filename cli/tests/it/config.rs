@@ -202,7 +202,7 @@ fn serve_starts_with_providers_down_and_stops_on_sigterm() {
 
     let mut s = std::net::TcpStream::connect(admin).unwrap();
     use std::io::{Read, Write};
-    s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
@@ -246,7 +246,7 @@ fn shutdown_drains_open_streams_and_a_second_signal_stops_at_once() {
     let body = r#"{"model":"llama3.2","prompt":"hi"}"#;
     write!(
         stream,
-        "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -337,7 +337,7 @@ fn after_shutdown_grace_open_streams_are_cut_and_the_proxy_exits_on_its_own() {
     let body = r#"{"model":"llama3.2","prompt":"hi"}"#;
     write!(
         stream,
-        "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /api/generate HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

@@ -13,6 +13,7 @@ mod config;
 mod dashboard;
 mod errors;
 mod faults;
+mod hostile;
 mod inflight;
 mod lifecycle;
 mod llamacpp;

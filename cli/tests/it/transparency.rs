@@ -327,7 +327,7 @@ async fn requests_reach_the_provider_unchanged_but_for_hop_by_hop_headers_host_a
                 ("x-custom", "kept"),
                 ("connection", "keep-alive, x-hop"),
                 ("x-hop", "dropped"),
-                ("host", "gpu-box.lan:11435"),
+                ("host", "gpu-box.local:11435"),
             ],
             Bytes::from_static(body.as_bytes()),
         )

@@ -84,9 +84,20 @@ pub(super) fn parse_object(body: &[u8], go_type: &str) -> Result<Map<String, Val
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad("missing request body"));
     }
-    let first = serde_json::Deserializer::from_slice(body)
-        .into_iter::<Value>()
-        .next();
+    // Go's `encoding/json` into a struct (decode.go `object`): the first value only; a key
+    // names the field whose tag it equals, else the one it equals under Unicode case folding
+    // (`bytes.EqualFold`: "Model", "MODEL", "ſtream" with U+017F); every occurrence is
+    // decoded in order, so the last value wins, except that `null` leaves a string field
+    // as it was and a repeated `options` decodes into the map the first one made (merged).
+    // Ollama's tags are all lower case, so a key is read as its fold.
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let first = match serde::Deserializer::deserialize_any(&mut de, GoObject) {
+        Ok(Some(map)) => Some(Ok(Value::Object(map))),
+        Ok(None) => serde_json::Deserializer::from_slice(body)
+            .into_iter::<Value>()
+            .next(),
+        Err(e) => Some(Err(e)),
+    };
     match first {
         Some(Ok(Value::Object(map))) => Ok(map),
         Some(Ok(Value::Null)) | None => Ok(Map::new()),
@@ -95,6 +106,80 @@ pub(super) fn parse_object(body: &[u8], go_type: &str) -> Result<Map<String, Val
             go_kind(&other)
         ))),
         Some(Err(e)) => Err(ApiError::bad(decoder_message(body, &e))),
+    }
+}
+
+/// Ollama's request fields of type `string`, where Go's `null` changes nothing.
+const GO_STRING_FIELDS: [&str; 6] = ["model", "name", "prompt", "suffix", "system", "template"];
+
+/// A key as Go matches it to one of Ollama's lower-case tags: its simple case fold (ASCII
+/// letters, U+017F `ſ` to `s`, U+212A Kelvin sign to `k`); a key with any other non-ASCII
+/// letter matches no tag and stays as it is.
+fn go_fold(key: &str) -> String {
+    let folded: Option<String> = key
+        .chars()
+        .map(|c| match c {
+            '\u{017F}' => Some('s'),
+            '\u{212A}' => Some('k'),
+            c if c.is_ascii() => Some(c.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect();
+    folded.unwrap_or_else(|| key.to_string())
+}
+
+/// Reads a top-level object with Go's struct semantics (see `parse_object`); `None` for
+/// any other value (left to the plain reading for its error text).
+struct GoObject;
+
+impl<'de> serde::de::Visitor<'de> for GoObject {
+    type Value = Option<Map<String, Value>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+        let mut map = Map::new();
+        while let Some(key) = a.next_key::<String>()? {
+            let key = go_fold(&key);
+            let value: Value = a.next_value()?;
+            match (map.get_mut(&key), value) {
+                (Some(_), Value::Null) if GO_STRING_FIELDS.contains(&key.as_str()) => {}
+                // `options` is a `map[string]any`; other objects (`format`, a
+                // `json.RawMessage`) are replaced.
+                (Some(Value::Object(old)), Value::Object(new)) if key == "options" => {
+                    old.extend(new)
+                }
+                (_, value) => {
+                    map.insert(key, value);
+                }
+            }
+        }
+        Ok(Some(map))
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+        while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
     }
 }
 

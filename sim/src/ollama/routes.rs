@@ -169,8 +169,35 @@ pub(super) fn wildcard_match(pattern: &str, text: &str) -> bool {
     }
 }
 
+/// The path gin routes on: Go's `URL.Path`, the request target with its percent-escapes
+/// decoded (`/api/%63hat` is `/api/chat`; gin's `UseRawPath` is off by default).
+fn go_url_path(raw: &str) -> String {
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let escaped = (b[i] == b'%')
+            .then(|| b.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| raw.to_string())
+}
+
 async fn route(sim: &Arc<OllamaSim>, call: &Call) -> Response<SimBody> {
-    let Some(methods) = allowed_methods(&call.path) else {
+    let path = go_url_path(&call.path);
+    let Some(methods) = allowed_methods(&path) else {
         return not_found_path();
     };
     if !methods.contains(&call.method) {
@@ -178,7 +205,7 @@ async fn route(sim: &Arc<OllamaSim>, call: &Call) -> Response<SimBody> {
     }
     let native = |r: Handled| r.unwrap_or_else(|e| e.native());
     let openai = |r: Handled| r.unwrap_or_else(|e| e.openai());
-    match call.path.as_str() {
+    match path.as_str() {
         "/" => common::respond(StatusCode::OK, TEXT, "Ollama is running"),
         "/api/version" => ok_json(&VersionResponse {
             version: &sim.cfg.version,

@@ -77,9 +77,14 @@ impl State {
         self.runners.retain(|_, r| !r.expired(now));
     }
 
+    /// Case-insensitive, as Ollama's `getExistingName` (server/routes.go: `strings.EqualFold`
+    /// on each part of the name), answering with the catalogue's own spelling.
     pub(super) fn lookup(&self, name: &str) -> Option<SimModel> {
         let full = full_name(name);
-        self.catalogue.iter().find(|m| m.name == full).cloned()
+        self.catalogue
+            .iter()
+            .find(|m| m.name.eq_ignore_ascii_case(&full))
+            .cloned()
     }
 }
 
