@@ -1310,3 +1310,21 @@ async fn no_unload_ever_happens_under_a_lease_from_either_path() {
     assert!(rig.provider.count("unload a") + rig.provider.count("unload b") > 0);
     assert_eq!(bad.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn unloading_a_model_the_provider_lacks_is_not_found() {
+    let rig = start(settings());
+    // Before the catalogue is known, nothing tells them apart: not loaded.
+    let v = rig.lc.unload("never-loaded:1b").await.expect("not loaded");
+    assert_eq!(v.status, ModelStatus::Unloaded);
+    rig.lc.catalog(vec![("have:1b".into(), 1)]);
+    let e = rig.lc.unload("never-loaded:1b").await.unwrap_err();
+    assert!(matches!(e, LifecycleError::NotFound { .. }), "{e:?}");
+    let v = rig
+        .lc
+        .unload("have:1b")
+        .await
+        .expect("it has it, not loaded");
+    assert_eq!(v.status, ModelStatus::Unloaded);
+    assert!(rig.lc.snapshot().await.is_empty(), "neither left an entry");
+}

@@ -523,8 +523,18 @@ impl Actor {
         reply: oneshot::Sender<Result<ModelView, LifecycleError>>,
     ) {
         let Some(m) = self.model(model) else {
-            let view = self.unknown_view(model);
-            let _ = reply.send(Ok(view));
+            // Not in the table: not loaded. A model the provider's catalogue lacks is a 404,
+            // as Ollama answers `keep_alive: 0` for it; one it has is simply not loaded. (No
+            // catalogue read yet: nothing to tell them apart, so not loaded.)
+            let answer = if !self.catalog.is_empty() && !self.catalog.contains_key(model) {
+                Err(LifecycleError::NotFound {
+                    provider: self.settings.provider.clone(),
+                    model: model.to_string(),
+                })
+            } else {
+                Ok(self.unknown_view(model))
+            };
+            let _ = reply.send(answer);
             return;
         };
         match m.status {
