@@ -12,7 +12,9 @@
 //! Model names come from clients, so the table must not keep one entry per name a client
 //! invents. A model keeps its own entry while it has requests in flight, once any of its
 //! requests succeeded (2xx), while the provider lists it as loaded, and while the provider's
-//! catalogue lists it ([`StatsTable::set_catalog`]). Any other model's entry is folded into
+//! catalogue lists it ([`StatsTable::set_catalog`]), and (the first [`UNLISTED_KEPT`] of them)
+//! while the provider could not say (no request answered 4xx: it was down). Any other
+//! model's entry is folded into
 //! the provider's `_unlisted` entry ([`UNLISTED_MODEL`], as `/metrics` labels them) when its
 //! last request ends: its counters move there, its name goes. `/status` and `/metrics` show
 //! that one row for all of them.
@@ -58,6 +60,8 @@ pub struct ModelStats {
     /// The provider's map this entry is in, and what decides whether it stays there (unset
     /// for the `_unlisted` entry itself).
     home: Option<(std::sync::Weak<ModelMap>, Arc<Shared>)>,
+    /// Kept although unlisted (see [`UNLISTED_KEPT`]).
+    parked: std::sync::atomic::AtomicBool,
 }
 
 /// The provider's view of one model at the last poll.
@@ -136,7 +140,15 @@ struct Shared {
     catalog: arc_swap::ArcSwap<HashSet<Box<str>>>,
     /// The counters of every model folded away.
     unlisted: ModelStats,
+    /// Entries kept although unlisted ([`UNLISTED_KEPT`] at most).
+    parked: AtomicU64,
 }
+
+/// Models per provider that keep their entry although nothing lists them, when no request
+/// for them was answered 4xx: the provider could not say whether it has them (down since the
+/// proxy started, its catalogue never read), so their errors stay on their own row. Only the
+/// first this many; any later one is folded like a name the provider refused.
+pub const UNLISTED_KEPT: u64 = 16;
 
 /// All models of all providers. Cloning is an `Arc` bump.
 #[derive(Clone, Debug)]
@@ -165,6 +177,7 @@ impl StatsTable {
                             shared: Arc::new(Shared {
                                 catalog: Default::default(),
                                 unlisted,
+                                parked: AtomicU64::new(0),
                             }),
                         }
                     })
@@ -289,6 +302,29 @@ impl ModelStats {
                 .as_ref()
                 .is_some_and(|r| r.loaded)
             || shared.catalog.load().contains(&*self.model)
+            || self.parked.load(Relaxed)
+            || self.park(shared)
+    }
+
+    /// Keeps this entry although unlisted, if none of its requests was refused 4xx (the
+    /// provider's "not found") and fewer than [`UNLISTED_KEPT`] are kept so.
+    fn park(&self, shared: &Shared) -> bool {
+        let status_4xx = crate::metrics::status_index(404);
+        if self
+            .requests
+            .iter()
+            .any(|e| e[status_4xx].load(Relaxed) > 0)
+        {
+            return false;
+        }
+        let room = shared
+            .parked
+            .fetch_update(Relaxed, Relaxed, |n| (n < UNLISTED_KEPT).then_some(n + 1))
+            .is_ok();
+        if room {
+            self.parked.store(true, Relaxed);
+        }
+        room
     }
 
     /// After a request of this model ended: folds the entry into `_unlisted` if it keeps
@@ -758,6 +794,22 @@ mod tests {
         request(&t, "good", 200);
         request(&t, "good", 404);
         assert_eq!(t.len(0), 2);
+    }
+
+    #[test]
+    fn failures_the_provider_could_not_judge_keep_a_bounded_number_of_entries() {
+        let t = StatsTable::new(["ollama".to_string()]);
+        for i in 0..100 {
+            request(&t, &format!("down-{i}"), 502);
+        }
+        assert_eq!(
+            t.len(0),
+            UNLISTED_KEPT as usize,
+            "the first ones keep their errors"
+        );
+        assert_eq!(t.snapshot().iter().map(|m| m.errors).sum::<u64>(), 100);
+        request(&t, "down-0", 404);
+        assert_eq!(t.len(0), UNLISTED_KEPT as usize, "kept once kept");
     }
 
     #[test]
