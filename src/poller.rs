@@ -85,6 +85,9 @@ impl Poller {
                     if status.is_success() {
                         if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
                             state.memory.set_weights(i, &sizes);
+                            state
+                                .stats
+                                .set_catalog(i, sizes.iter().map(|(m, _)| m.as_str()));
                             p.lifecycle.catalog(sizes);
                         }
                     }
@@ -128,6 +131,9 @@ impl Poller {
                 // LM Studio's /api/v1 list carries every model's size with its state.
                 if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
                     state.memory.set_weights(i, &sizes);
+                    state
+                        .stats
+                        .set_catalog(i, sizes.iter().map(|(m, _)| m.as_str()));
                     p.lifecycle.catalog(sizes);
                 }
             }

@@ -8,7 +8,18 @@
 //!
 //! Where the guard drops, the request ends: that is where its `/metrics` numbers (requests
 //! by endpoint and status, latency histograms) and its access log line are written, once.
+//!
+//! Model names come from clients, so the table must not keep one entry per name a client
+//! invents. A model keeps its own entry while it has requests in flight, once any of its
+//! requests succeeded (2xx), while the provider lists it as loaded, and while the provider's
+//! catalogue lists it ([`StatsTable::set_catalog`]), and (the first [`UNLISTED_KEPT`] of them)
+//! while the provider could not say (no request answered 4xx: it was down). Any other
+//! model's entry is folded into
+//! the provider's `_unlisted` entry ([`UNLISTED_MODEL`], as `/metrics` labels them) when its
+//! last request ends: its counters move there, its name goes. `/status` and `/metrics` show
+//! that one row for all of them.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use serde::Serialize;
 
-use crate::metrics::{ProviderMetrics, ENDPOINTS, STATUS};
+use crate::metrics::{ProviderMetrics, ENDPOINTS, STATUS, UNLISTED_MODEL};
 use crate::providers::LoadedModel;
 
 /// Counters for one model on one provider.
@@ -46,6 +57,11 @@ pub struct ModelStats {
     /// What the provider's own list last said about this model; `None` until it was asked.
     /// Written by the poller every `poll_interval`, read by `/status`: a plain mutex.
     reported: std::sync::Mutex<Option<Reported>>,
+    /// The provider's map this entry is in, and what decides whether it stays there (unset
+    /// for the `_unlisted` entry itself).
+    home: Option<(std::sync::Weak<ModelMap>, Arc<Shared>)>,
+    /// Kept although unlisted (see [`UNLISTED_KEPT`]).
+    parked: std::sync::atomic::AtomicBool,
 }
 
 /// The provider's view of one model at the last poll.
@@ -110,9 +126,29 @@ type ModelMap = DashMap<Box<str>, Arc<ModelStats>>;
 #[derive(Debug)]
 struct ProviderStats {
     name: String,
-    models: ModelMap,
+    models: Arc<ModelMap>,
     metrics: Arc<ProviderMetrics>,
+    /// What its model entries reach: the catalogue, and where folded counters go.
+    shared: Arc<Shared>,
 }
+
+/// What every model entry of one provider reaches: what decides whether it keeps its entry,
+/// and where its counters go when it does not (see the module doc).
+#[derive(Debug, Default)]
+struct Shared {
+    /// The models the provider's catalogue lists.
+    catalog: arc_swap::ArcSwap<HashSet<Box<str>>>,
+    /// The counters of every model folded away.
+    unlisted: ModelStats,
+    /// Entries kept although unlisted ([`UNLISTED_KEPT`] at most).
+    parked: AtomicU64,
+}
+
+/// Models per provider that keep their entry although nothing lists them, when no request
+/// for them was answered 4xx: the provider could not say whether it has them (down since the
+/// proxy started, its catalogue never read), so their errors stay on their own row. Only the
+/// first this many; any later one is folded like a name the provider refused.
+pub const UNLISTED_KEPT: u64 = 16;
 
 /// All models of all providers. Cloning is an `Arc` bump.
 #[derive(Clone, Debug)]
@@ -127,10 +163,23 @@ impl StatsTable {
             providers: Arc::new(
                 provider_names
                     .into_iter()
-                    .map(|name| ProviderStats {
-                        metrics: Arc::new(ProviderMetrics::new(&name)),
-                        name,
-                        models: DashMap::new(),
+                    .map(|name| {
+                        let metrics = Arc::new(ProviderMetrics::new(&name));
+                        let unlisted = ModelStats {
+                            provider: metrics.clone(),
+                            model: UNLISTED_MODEL.into(),
+                            ..Default::default()
+                        };
+                        ProviderStats {
+                            metrics,
+                            name,
+                            models: Default::default(),
+                            shared: Arc::new(Shared {
+                                catalog: Default::default(),
+                                unlisted,
+                                parked: AtomicU64::new(0),
+                            }),
+                        }
                     })
                     .collect(),
             ),
@@ -144,20 +193,30 @@ impl StatsTable {
 
     /// The counters of `model` on provider `provider`, created on first use.
     pub fn model(&self, provider: usize, model: &str) -> Arc<ModelStats> {
+        self.with_model(provider, model, |s| s.clone())
+    }
+
+    /// Runs `f` on the entry of `model`, created on first use, under its map's lock: an
+    /// entry is folded away under the same lock, only with nothing in flight.
+    fn with_model<T>(
+        &self,
+        provider: usize,
+        model: &str,
+        f: impl FnOnce(&Arc<ModelStats>) -> T,
+    ) -> T {
         let p = &self.providers[provider];
         if let Some(s) = p.models.get(model) {
-            return s.clone();
+            return f(&s);
         }
-        p.models
-            .entry(model.into())
-            .or_insert_with(|| {
-                Arc::new(ModelStats {
-                    provider: p.metrics.clone(),
-                    model: model.into(),
-                    ..Default::default()
-                })
+        let s = p.models.entry(model.into()).or_insert_with(|| {
+            Arc::new(ModelStats {
+                provider: p.metrics.clone(),
+                model: model.into(),
+                home: Some((Arc::downgrade(&p.models), p.shared.clone())),
+                ..Default::default()
             })
-            .clone()
+        });
+        f(&s)
     }
 
     /// Starts a request on `endpoint` (its label) that arrived at `arrived`: counts it in
@@ -169,7 +228,20 @@ impl StatsTable {
         endpoint: &str,
         arrived: Instant,
     ) -> InFlight {
-        InFlight::new(self.model(provider, model), endpoint, arrived)
+        let stats = self.with_model(provider, model, |s| {
+            s.active.fetch_add(1, Relaxed);
+            s.clone()
+        });
+        InFlight::new(stats, endpoint, arrived)
+    }
+
+    /// The models provider `provider`'s catalogue lists (`/api/tags`, LM Studio's list):
+    /// they keep their entries even while every request for them fails.
+    pub fn set_catalog<'a>(&self, provider: usize, models: impl IntoIterator<Item = &'a str>) {
+        if let Some(p) = self.providers.get(provider) {
+            let names = models.into_iter().map(Box::from).collect();
+            p.shared.catalog.store(Arc::new(names));
+        }
     }
 
     /// Records what provider `provider` lists as loaded: those models are `loaded` (and appear
@@ -190,7 +262,8 @@ impl StatsTable {
         }
     }
 
-    /// Every model, sorted by provider order then name.
+    /// Every model, sorted by provider order then name; a provider's `_unlisted` entry
+    /// once anything was folded into it.
     pub fn snapshot(&self) -> Vec<ModelSnapshot> {
         let mut out = Vec::new();
         for p in self.providers.iter() {
@@ -199,14 +272,107 @@ impl StatsTable {
                 .iter()
                 .map(|e| e.value().snapshot(&p.name, e.key()))
                 .collect();
+            let unlisted = &p.shared.unlisted;
+            if unlisted.total.load(Relaxed) > 0 {
+                models.push(unlisted.snapshot(&p.name, UNLISTED_MODEL));
+            }
             models.sort_by(|a, b| a.model.cmp(&b.model));
             out.extend(models);
         }
         out
     }
+
+    /// Entries held by provider `provider`, `_unlisted` not counted (tests).
+    pub fn len(&self, provider: usize) -> usize {
+        self.providers.get(provider).map_or(0, |p| p.models.len())
+    }
 }
 
 impl ModelStats {
+    /// Whether this model keeps its own entry once nothing is in flight (module doc).
+    fn keeps_entry(&self, shared: &Shared) -> bool {
+        let status_2xx = crate::metrics::status_index(200);
+        self.requests
+            .iter()
+            .any(|e| e[status_2xx].load(Relaxed) > 0)
+            || self
+                .reported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|r| r.loaded)
+            || shared.catalog.load().contains(&*self.model)
+            || self.parked.load(Relaxed)
+            || self.park(shared)
+    }
+
+    /// Keeps this entry although unlisted, if none of its requests was refused 4xx (the
+    /// provider's "not found") and fewer than [`UNLISTED_KEPT`] are kept so.
+    fn park(&self, shared: &Shared) -> bool {
+        let status_4xx = crate::metrics::status_index(404);
+        if self
+            .requests
+            .iter()
+            .any(|e| e[status_4xx].load(Relaxed) > 0)
+        {
+            return false;
+        }
+        let room = shared
+            .parked
+            .fetch_update(Relaxed, Relaxed, |n| (n < UNLISTED_KEPT).then_some(n + 1))
+            .is_ok();
+        if room {
+            self.parked.store(true, Relaxed);
+        }
+        room
+    }
+
+    /// After a request of this model ended: folds the entry into `_unlisted` if it keeps
+    /// none. Only the last request out removes it from the map, under the map's lock, which
+    /// every new request takes to join it ([`StatsTable::begin`]); a guard writes nothing
+    /// after giving back its `active`, so what the entry holds then is final.
+    fn fold_if_unlisted(self: &Arc<Self>) {
+        let Some((map, shared)) = &self.home else {
+            return;
+        };
+        if self.active.load(Relaxed) > 0 || self.keeps_entry(shared) {
+            return;
+        }
+        let Some(map) = map.upgrade() else {
+            return;
+        };
+        let removed = map.remove_if(&*self.model, |_, s| {
+            Arc::ptr_eq(s, self) && s.active.load(Relaxed) == 0
+        });
+        if removed.is_some() {
+            self.move_into(&shared.unlisted);
+        }
+    }
+
+    /// Moves every counter (not `active`, which its guards give back) into `into`.
+    fn move_into(&self, into: &ModelStats) {
+        let take = |from: &AtomicU64, to: &AtomicU64| {
+            let n = from.swap(0, Relaxed);
+            if n > 0 {
+                to.fetch_add(n, Relaxed);
+            }
+        };
+        take(&self.total, &into.total);
+        take(&self.errors, &into.errors);
+        take(&self.cancelled, &into.cancelled);
+        take(&self.prompt_tokens, &into.prompt_tokens);
+        take(&self.completion_tokens, &into.completion_tokens);
+        take(&self.compactions, &into.compactions);
+        take(&self.tokens_saved, &into.tokens_saved);
+        for (from, to) in self.requests.iter().zip(&into.requests) {
+            for (from, to) in from.iter().zip(to) {
+                take(from, to);
+            }
+        }
+        into.last_used_ms
+            .fetch_max(self.last_used_ms.load(Relaxed), Relaxed);
+    }
+
     fn set_reported(&self, r: Reported) {
         *self.reported.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
     }
@@ -326,8 +492,8 @@ impl std::fmt::Debug for InFlight {
 }
 
 impl InFlight {
+    /// `stats.active` already counts this request (see [`StatsTable::begin`]).
     fn new(stats: Arc<ModelStats>, endpoint: &str, started: Instant) -> Self {
-        stats.active.fetch_add(1, Relaxed);
         stats.total.fetch_add(1, Relaxed);
         stats.touch();
         InFlight {
@@ -473,7 +639,6 @@ impl Drop for InFlight {
             s.completion_tokens.fetch_add(c, Relaxed);
         }
         s.touch();
-        s.active.fetch_sub(1, Relaxed);
         let total = self.started.elapsed();
         let status = crate::metrics::status_index(self.status);
         s.requests[self.endpoint][status].fetch_add(1, Relaxed);
@@ -498,6 +663,9 @@ impl Drop for InFlight {
             error = self.upstream_error,
             "request"
         );
+        // The guard's last write: from here the entry may be folded (`fold_if_unlisted`).
+        s.active.fetch_sub(1, Relaxed);
+        s.fold_if_unlisted();
     }
 }
 
@@ -526,7 +694,7 @@ mod tests {
     #[test]
     fn reports_mark_models_loaded_and_unloaded() {
         let t = StatsTable::new(["p".to_string(), "q".to_string()]);
-        drop(t.begin(0, "used", "api_chat", Instant::now()));
+        request(&t, "used", 200);
         assert_eq!(t.snapshot()[0].loaded, None, "not asked yet");
         let big = LoadedModel {
             model: "big".into(),
@@ -561,5 +729,106 @@ mod tests {
         drop(g);
         let s = &t.snapshot()[0];
         assert_eq!((s.errors, s.cancelled), (1, 0));
+    }
+
+    fn request(t: &StatsTable, model: &str, status: u16) {
+        let mut g = t.begin(0, model, "api_chat", Instant::now());
+        let status = http::StatusCode::from_u16(status).unwrap();
+        g.set_status(status);
+        if status.is_success() {
+            g.complete();
+        } else {
+            g.fail(status);
+        }
+    }
+
+    #[test]
+    fn invented_names_fold_into_one_unlisted_entry() {
+        let t = StatsTable::new(["ollama".to_string()]);
+        t.set_catalog(0, ["listed:latest"]);
+        request(&t, "served:latest", 200);
+        request(&t, "listed:latest", 404);
+        for i in 0..10_000 {
+            request(&t, &format!("invented-{i}:latest"), 404);
+        }
+        assert_eq!(
+            t.len(0),
+            2,
+            "only the served and the listed model keep entries"
+        );
+        let s = t.snapshot();
+        let names: Vec<&str> = s.iter().map(|m| m.model.as_str()).collect();
+        assert_eq!(names, ["_unlisted", "listed:latest", "served:latest"]);
+        let u = &s[0];
+        assert_eq!(
+            (u.total_requests, u.errors, u.active_requests),
+            (10_000, 10_000, 0)
+        );
+        assert_eq!(u.requests_by_endpoint, [("api_chat", "4xx", 10_000)]);
+        assert!(u.last_used.is_some());
+    }
+
+    #[test]
+    fn an_unlisted_model_keeps_its_entry_while_in_flight_or_loaded() {
+        let t = StatsTable::new(["ollama".to_string()]);
+        let a = t.begin(0, "m", "api_chat", Instant::now());
+        request(&t, "m", 404);
+        assert_eq!(t.len(0), 1, "another request is still in flight");
+        assert_eq!(t.snapshot()[0].active_requests, 1);
+        drop(a);
+        assert_eq!(t.len(0), 0, "the last one out folds it");
+        assert_eq!(t.snapshot()[0].total_requests, 2);
+        // Loaded behind the proxy's back: it stays, whatever its requests get.
+        t.apply_report(
+            0,
+            &[LoadedModel {
+                model: "behind".into(),
+                size_bytes: None,
+                vram_bytes: None,
+                context_length: None,
+            }],
+        );
+        request(&t, "behind", 500);
+        assert_eq!(t.len(0), 1);
+        // Once served, always kept.
+        request(&t, "good", 200);
+        request(&t, "good", 404);
+        assert_eq!(t.len(0), 2);
+    }
+
+    #[test]
+    fn failures_the_provider_could_not_judge_keep_a_bounded_number_of_entries() {
+        let t = StatsTable::new(["ollama".to_string()]);
+        for i in 0..100 {
+            request(&t, &format!("down-{i}"), 502);
+        }
+        assert_eq!(
+            t.len(0),
+            UNLISTED_KEPT as usize,
+            "the first ones keep their errors"
+        );
+        assert_eq!(t.snapshot().iter().map(|m| m.errors).sum::<u64>(), 100);
+        request(&t, "down-0", 404);
+        assert_eq!(t.len(0), UNLISTED_KEPT as usize, "kept once kept");
+    }
+
+    #[test]
+    fn folding_races_lose_no_count() {
+        let t = StatsTable::new(["p".to_string()]);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..2_000 {
+                        request(&t, "same", 404);
+                    }
+                });
+            }
+        });
+        assert_eq!(t.len(0), 0);
+        let s = t.snapshot();
+        let total: u64 = s.iter().map(|m| m.total_requests).sum();
+        let errors: u64 = s.iter().map(|m| m.errors).sum();
+        assert_eq!((total, errors), (8_000, 8_000));
+        assert!(s.iter().all(|m| m.active_requests == 0));
     }
 }

@@ -197,10 +197,12 @@ pub fn render_status(v: &Value) -> String {
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into())
         };
-        let context = match (
-            m["context_tokens_estimated"].as_u64(),
-            m["context_length"].as_u64(),
-        ) {
+        // Tokens in context as the proxy counts them: what the provider reported for the
+        // latest request (prompt + reply), else the estimate of the latest prompt.
+        let in_context = m["context_tokens_reported"]
+            .as_u64()
+            .or_else(|| m["context_tokens_estimated"].as_u64());
+        let context = match (in_context, m["context_length"].as_u64()) {
             (Some(t), Some(w)) => format!("{t}/{w}"),
             (None, Some(w)) => format!("-/{w}"),
             _ => "-".into(),
@@ -268,6 +270,30 @@ mod tests {
             assert!(row.contains(cell), "{cell} in {row}");
         }
         assert!(render_status(&json!({"models": []})).contains("no models seen yet"));
+    }
+
+    #[test]
+    fn context_column_shows_the_reported_tokens() {
+        let model = |extra: serde_json::Value| {
+            let mut m = json!({"provider": "ollama", "model": "m", "status": "ready", "context_length": 4096});
+            if let (Some(m), Some(extra)) = (m.as_object_mut(), extra.as_object()) {
+                m.extend(extra.clone());
+            }
+            let t = render_status(&json!({ "models": [m] }));
+            t.lines()
+                .find(|l| l.starts_with("ollama  "))
+                .expect("a model row")
+                .to_string()
+        };
+        let reported = model(json!({"context_tokens_reported": 120}));
+        assert!(reported.contains(" 120/4096 "), "{reported}");
+        let both = model(json!({"context_tokens_reported": 120, "context_tokens_estimated": 900}));
+        assert!(
+            both.contains(" 120/4096 "),
+            "the provider's count wins: {both}"
+        );
+        let none = model(json!({}));
+        assert!(none.contains(" -/4096 "), "{none}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 mod admin_client;
 mod cli;
 mod demo;
+mod log;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -138,21 +139,46 @@ fn main() -> ExitCode {
 /// synchronous writer cost 10 µs a request and a fifth of the throughput at 64 clients). The
 /// guard flushes what is queued when `main` returns.
 fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // Under a burst, wait for room rather than drop lines: an access log with holes is
         // worse than a slower burst.
         .lossy(false)
         .finish(std::io::stderr());
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Text => fmt.init(),
-        LogFormat::Json => fmt.json().flatten_event(true).init(),
-    }
+    let ansi = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    // Installed once, at start; a second install (none happens) would keep the first.
+    let _ = tracing::dispatcher::set_global_default(subscriber(format, writer, ansi, "info"));
     guard
+}
+
+/// The subscriber: levels from `RUST_LOG` (else `default_filter`), lines in `format` to
+/// `writer`, every field value escaped (`log`: one event is one line).
+fn subscriber<W>(
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+    default_filter: &str,
+) -> tracing::Dispatch
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => fmt
+            .with_ansi(ansi)
+            .fmt_fields(crate::log::fields())
+            .with_writer(writer)
+            .finish()
+            .into(),
+        LogFormat::Json => fmt
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .with_writer(crate::log::MakeJsonSafe(writer))
+            .finish()
+            .into(),
+    }
 }
 
 /// Each proxied connection holds two descriptors (client and upstream), so the common soft

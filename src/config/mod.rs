@@ -293,11 +293,10 @@ pub struct Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    /// Says the OS error itself, and is not its `source`: the error chain (`{:#}`) would
+    /// print it twice.
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("invalid config{}:\n{}", origin_suffix(.origin), render_problems(.problems))]
     Invalid {
         origin: Option<String>,
@@ -361,9 +360,9 @@ pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<String>), ConfigE
     match path {
         Some(p) => {
             let shown = p.display().to_string();
-            let text = std::fs::read_to_string(&p).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(&p).map_err(|error| ConfigError::Read {
                 path: shown.clone(),
-                source,
+                error,
             })?;
             let cfg = load_str(&text).map_err(|e| match e {
                 ConfigError::Invalid { problems, .. } => ConfigError::Invalid {

@@ -347,6 +347,8 @@ async fn fifty_concurrent_first_requests_share_one_load() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_load_fails_every_waiter_and_the_next_request_retries() {
     let rig = start(settings());
+    // A model the provider lists keeps its entry (and its error) after a failed load.
+    rig.lc.catalog(vec![("a".into(), 1)]);
     *rig.provider.load_delay.lock().unwrap() = Duration::from_millis(100);
     rig.provider.fail_next("a", OpError::Timeout);
     let tasks: Vec<_> = (0..5)
@@ -397,6 +399,89 @@ async fn an_unknown_model_is_reported_and_forgotten() {
         rig.lc.snapshot().await.is_empty(),
         "unknown names do not pile up"
     );
+    assert!(rig.lc.facts("nope").is_none());
+    assert!(
+        rig.lc.events().is_empty(),
+        "a name the provider lacks is no load"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn invented_names_leave_no_entry_however_their_requests_end() {
+    let mut s = settings();
+    s.max_models_loaded = 1;
+    s.queue.max_waiting = 2;
+    s.queue.timeout = Duration::from_secs(5);
+    let rig = start(s);
+    rig.lc.catalog(vec![("listed".into(), 1)]);
+    // Loads that fail for another reason than "not found" (the provider down, a timeout).
+    for i in 0..50 {
+        let name = format!("invented-{i}");
+        rig.provider.fail_next(&name, OpError::Timeout);
+        let e = rig.lc.acquire(&name, None, LoadAsk::default()).await;
+        assert!(matches!(e, Err(LifecycleError::LoadFailed { .. })), "{e:?}");
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    rig.provider.fail_next("listed", OpError::Timeout);
+    let _ = rig.lc.acquire("listed", None, LoadAsk::default()).await;
+    let views = rig.lc.snapshot().await;
+    let names: Vec<&str> = views.iter().map(|v| v.model.as_str()).collect();
+    let mut kept: Vec<String> = (34..50).map(|i| format!("invented-{i}")).collect();
+    kept.push("listed".into());
+    kept.sort();
+    assert_eq!(
+        names, kept,
+        "the listed one, and the latest 16 failures (their errors)"
+    );
+    assert!(views.iter().all(|v| v.last_error.is_some()));
+    assert_eq!(
+        rig.lc.events().len(),
+        51,
+        "real failures are all in the log"
+    );
+    // Requests that wait behind a busy model: some time out, the rest find the queue full.
+    let busy = rig.lease("listed").await;
+    let waiting: Vec<_> = (0..20)
+        .map(|i| {
+            let lc = rig.lc.clone();
+            tokio::spawn(async move {
+                lc.acquire(&format!("queued-{i}"), None, LoadAsk::default())
+                    .await
+            })
+        })
+        .collect();
+    for w in waiting {
+        let e = w.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LifecycleError::QueueFull { .. } | LifecycleError::QueueTimeout { .. }
+            ),
+            "{e:?}"
+        );
+    }
+    // A client that gives up while waiting.
+    let gave_up = tokio::time::timeout(
+        Duration::from_secs(1),
+        rig.lc.acquire("left", None, LoadAsk::default()),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    rig.settle().await;
+    let names: Vec<String> = rig
+        .lc
+        .snapshot()
+        .await
+        .into_iter()
+        .map(|v| v.model)
+        .collect();
+    assert_eq!(
+        names.len(),
+        17,
+        "nothing is left of the names that never loaded: {names:?}"
+    );
+    assert!(rig.lc.facts("queued-0").is_none() && rig.lc.facts("left").is_none());
+    drop(busy);
 }
 
 #[tokio::test(start_paused = true)]
@@ -588,6 +673,7 @@ async fn a_request_that_waits_past_the_queue_timeout_gets_an_error() {
     s.queue.timeout = Duration::from_secs(10);
     s.max_models_loaded = 1;
     let rig = start(s);
+    rig.lc.catalog(vec![("b".into(), 1)]);
     let busy = rig.lease("a").await;
     let started = Instant::now();
     let e = rig
@@ -1223,4 +1309,22 @@ async fn no_unload_ever_happens_under_a_lease_from_either_path() {
     }
     assert!(rig.provider.count("unload a") + rig.provider.count("unload b") > 0);
     assert_eq!(bad.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unloading_a_model_the_provider_lacks_is_not_found() {
+    let rig = start(settings());
+    // Before the catalogue is known, nothing tells them apart: not loaded.
+    let v = rig.lc.unload("never-loaded:1b").await.expect("not loaded");
+    assert_eq!(v.status, ModelStatus::Unloaded);
+    rig.lc.catalog(vec![("have:1b".into(), 1)]);
+    let e = rig.lc.unload("never-loaded:1b").await.unwrap_err();
+    assert!(matches!(e, LifecycleError::NotFound { .. }), "{e:?}");
+    let v = rig
+        .lc
+        .unload("have:1b")
+        .await
+        .expect("it has it, not loaded");
+    assert_eq!(v.status, ModelStatus::Unloaded);
+    assert!(rig.lc.snapshot().await.is_empty(), "neither left an entry");
 }

@@ -340,8 +340,13 @@ impl MemoryTable {
             return known;
         }
         let show = crate::providers::ops::show(client, upstream, model).await;
+        // What the provider answered is kept; a failure only for a model its catalogue lists
+        // (a name it does not have, a client's invention, must leave nothing behind).
+        let remember = show.is_ok() || self.listed(provider, model);
         let g = show.ok().and_then(|v| Geometry::from_show(&v));
-        self.set_geometry(provider, model, g.clone());
+        if remember {
+            self.set_geometry(provider, model, g.clone());
+        }
         g
     }
 

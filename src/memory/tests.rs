@@ -627,3 +627,37 @@ async fn simulator_size_is_weights_plus_the_kv_estimate() {
         assert_eq!(a.used_mb, model_mb, "{name}: nothing in context yet");
     }
 }
+
+/// A name the provider does not have leaves no geometry behind (clients invent names); a
+/// model it lists is remembered, even when it has no geometry to give.
+#[tokio::test]
+async fn geometry_of_a_name_the_provider_lacks_is_not_kept() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sim = ollama::spawn(OllamaConfig::default(), listener);
+    let up = parse_upstream(&sim.url()).expect("the simulator's URL");
+    let client = crate::providers::build_client(Config::default().proxy.connect_timeout);
+    let table = MemoryTable::new(1);
+    for i in 0..100 {
+        let name = format!("invented-{i}:latest");
+        assert_eq!(table.geometry_or_fetch(0, &client, &up, &name).await, None);
+        assert_eq!(table.geometry(0, &name), None, "not remembered");
+    }
+    table.set_weights(0, &[("gone:latest".to_string(), 1)]);
+    assert_eq!(
+        table
+            .geometry_or_fetch(0, &client, &up, "gone:latest")
+            .await,
+        None
+    );
+    assert_eq!(
+        table.geometry(0, "gone:latest"),
+        Some(None),
+        "listed: asked once"
+    );
+    let g = table
+        .geometry_or_fetch(0, &client, &up, "llama3.2:latest")
+        .await;
+    assert!(g.is_some() && table.geometry(0, "llama3.2:latest").is_some());
+}

@@ -31,6 +31,11 @@ const GATE: f64 = 2.0;
 /// pull`, another quantization with another template): the entry starts over from the last one.
 const RESET_AFTER: u32 = 8;
 
+/// Models learned per provider at most: only models the provider answered for get here, but
+/// a provider that answers any name (llama-server with one model) would let clients grow the
+/// table; past this, a model not learned yet is not learned (its ratio stays 1.0).
+pub const CALIBRATION_MODELS_MAX: usize = 1024;
+
 #[derive(Default)]
 pub(super) struct CalibrationTable {
     providers: DashMap<Box<str>, HashMap<Box<str>, Entry>>,
@@ -81,9 +86,13 @@ impl CalibrationTable {
         if !CALIBRATION_RATIO_RANGE.contains(&ratio) {
             return;
         }
-        let update = |models: &mut HashMap<Box<str>, Entry>| match models.get_mut(model) {
-            Some(entry) => entry.observe(ratio),
-            None => models.entry(model.into()).or_default().observe(ratio),
+        let update = |models: &mut HashMap<Box<str>, Entry>| {
+            let full = models.len() >= CALIBRATION_MODELS_MAX;
+            match models.get_mut(model) {
+                Some(entry) => entry.observe(ratio),
+                None if full => {}
+                None => models.entry(model.into()).or_default().observe(ratio),
+            }
         };
         if let Some(mut models) = self.providers.get_mut(provider) {
             update(&mut models);

@@ -38,7 +38,9 @@ use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
 use calibration::CalibrationTable;
-pub use calibration::{CALIBRATION_ALPHA, CALIBRATION_MIN_ESTIMATE, CALIBRATION_RATIO_RANGE};
+pub use calibration::{
+    CALIBRATION_ALPHA, CALIBRATION_MIN_ESTIMATE, CALIBRATION_MODELS_MAX, CALIBRATION_RATIO_RANGE,
+};
 
 /// One learned ratio, as saved across restarts.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

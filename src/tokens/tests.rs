@@ -443,3 +443,29 @@ fn learned_ratios_survive_an_export_and_restore() {
     }]);
     assert_eq!(c.samples("p", "m"), 0);
 }
+
+#[test]
+fn calibration_learns_a_bounded_number_of_models() {
+    let c = TokenCounter::new();
+    for i in 0..CALIBRATION_MODELS_MAX + 50 {
+        c.calibrate("llama", &format!("invented-{i}"), 1000, 1200);
+    }
+    assert_eq!(c.calibrations().len(), CALIBRATION_MODELS_MAX);
+    assert_eq!(
+        c.samples("llama", "invented-0"),
+        1,
+        "the first ones are learned"
+    );
+    assert_eq!(
+        c.samples("llama", &format!("invented-{}", CALIBRATION_MODELS_MAX)),
+        0
+    );
+    c.calibrate("llama", "invented-0", 1000, 1200);
+    assert_eq!(
+        c.samples("llama", "invented-0"),
+        2,
+        "known ones go on learning"
+    );
+    c.calibrate("other", "m", 1000, 1200);
+    assert_eq!(c.samples("other", "m"), 1, "the bound is per provider");
+}

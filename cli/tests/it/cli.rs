@@ -86,6 +86,16 @@ async fn status_load_and_unload_against_a_running_proxy() {
     .await;
     assert!(out.contains("unloaded"), "{out}");
     assert!(sim.state.loaded().is_empty());
+    // A model the provider does not have: 404, as Ollama answers its own unload of it.
+    let err = run(
+        args(&["unload", "--admin", &admin, "ollama0", "never-loaded:1b"]),
+        false,
+    )
+    .await;
+    assert!(
+        err.contains("404") && err.contains("`never-loaded:1b` not found"),
+        "{err}"
+    );
 
     // Errors: an unknown provider, a proxy that is not there.
     let err = run(
@@ -100,6 +110,28 @@ async fn status_load_and_unload_against_a_running_proxy() {
     let err = run(args(&["status", "--admin", "127.0.0.1:1"]), false).await;
     assert!(err.contains("is llm-warden running?"), "{err}");
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_config_file_is_said_once() {
+    for cmd in ["check-config", "serve"] {
+        let mut a = args(&[cmd]);
+        if cmd == "serve" {
+            a.push("--config".into());
+        }
+        a.push("/nonexistent/llm-warden.toml".into());
+        let err = run(a, false).await;
+        assert!(
+            err.contains("cannot read config file /nonexistent/llm-warden.toml"),
+            "{cmd}: {err}"
+        );
+        let os = "No such file or directory";
+        assert_eq!(
+            err.matches(os).count(),
+            1,
+            "{cmd}: the OS error once: {err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

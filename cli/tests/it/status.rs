@@ -159,3 +159,66 @@ async fn v0_only_front(upstream: String) -> String {
     });
     url
 }
+
+/// Invented model names (8 KB each, over real sockets) leave no entry of their own: `/status`
+/// shows one `_unlisted` row for all of them, the lifecycle table and its log keep none of
+/// them, and the page stays small. A model the provider has keeps its own row.
+#[tokio::test]
+async fn invented_model_names_fold_into_one_unlisted_row() {
+    const NAMES: usize = 600;
+    let sim = start_ollama(Default::default()).await;
+    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+    let c = client();
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    let chat = r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
+    let r = post_json(&c, &format!("{base}/api/chat"), chat).await;
+    assert_eq!(r.status, 200);
+    let filler = "x".repeat(8 << 10);
+    // 50 at a time: more would find the queue full (503), which folds the same way.
+    for batch in 0..NAMES / 50 {
+        let sent: Vec<_> = (batch * 50..(batch + 1) * 50)
+            .map(|i| {
+                let (c, url) = (c.clone(), format!("{base}/api/chat"));
+                let body = format!(
+                    r#"{{"model":"invented-{i}-{filler}","messages":[{{"role":"user","content":"hi"}}]}}"#
+                );
+                tokio::spawn(async move { post_json(&c, &url, &body).await.status })
+            })
+            .collect();
+        for s in sent {
+            assert_eq!(s.await.unwrap(), 404);
+        }
+    }
+    let page = get(&c, &format!("http://{}/status", proxy.admin_addr)).await;
+    assert!(
+        page.body.len() < 16 << 10,
+        "/status is {} bytes after {NAMES} invented names",
+        page.body.len()
+    );
+    let s = page.json();
+    let names: Vec<&str> = s["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["_unlisted", "llama3.2:latest"], "{s}");
+    let u = model_entry(&s, "ollama0", "_unlisted");
+    assert_eq!(
+        (u["total_requests"].as_u64(), u["errors"].as_u64()),
+        (Some(NAMES as u64), Some(NAMES as u64)),
+        "{u}"
+    );
+    assert_eq!(
+        model_entry(&s, "ollama0", "llama3.2:latest")["total_requests"],
+        1
+    );
+    let events = s["lifecycle_events"].as_array().unwrap();
+    assert!(
+        events.iter().all(|e| e["model"] == "llama3.2:latest"),
+        "{events:?}"
+    );
+    let metrics = get(&c, &format!("http://{}/metrics", proxy.admin_addr)).await;
+    assert!(metrics.body.len() < 64 << 10, "{}", metrics.body.len());
+    proxy.shutdown().await;
+}

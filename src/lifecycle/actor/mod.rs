@@ -30,6 +30,9 @@ use crate::providers::LoadedModel;
 const MIB: u64 = 1 << 20;
 /// Windows of unmanaged models kept at most (they come from the provider's own list).
 const OBSERVED_MAX: usize = 1024;
+/// Failed models the provider does not list that keep their entry (and error) at most; see
+/// `Actor::forget_if_unlisted`.
+const UNLISTED_ERRORS_KEPT: usize = 16;
 /// How long memory an unload freed counts as available before the machine's reading shows
 /// it: Ollama unloads asynchronously after answering, and the kernel takes a moment to
 /// reclaim. Without this, the reading right after an unload would look short and make the
@@ -255,6 +258,7 @@ impl Actor {
                 if let Some(pos) = self.queue.iter().position(|w| w.id == id) {
                     if let Some(w) = self.queue.remove(pos) {
                         self.dequeued(&w.model);
+                        self.forget_if_unlisted(&w.model);
                     }
                     self.schedule();
                 }
@@ -473,6 +477,7 @@ impl Actor {
                     retry_after,
                 },
             );
+            self.forget_if_unlisted(&name);
             return;
         }
         if let Some(m) = self.model(&name) {
@@ -518,8 +523,18 @@ impl Actor {
         reply: oneshot::Sender<Result<ModelView, LifecycleError>>,
     ) {
         let Some(m) = self.model(model) else {
-            let view = self.unknown_view(model);
-            let _ = reply.send(Ok(view));
+            // Not in the table: not loaded. A model the provider's catalogue lacks is a 404,
+            // as Ollama answers `keep_alive: 0` for it; one it has is simply not loaded. (No
+            // catalogue read yet: nothing to tell them apart, so not loaded.)
+            let answer = if !self.catalog.is_empty() && !self.catalog.contains_key(model) {
+                Err(LifecycleError::NotFound {
+                    provider: self.settings.provider.clone(),
+                    model: model.to_string(),
+                })
+            } else {
+                Ok(self.unknown_view(model))
+            };
+            let _ = reply.send(answer);
             return;
         };
         match m.status {
@@ -588,7 +603,12 @@ impl Actor {
                 m.changed_at = now;
                 m.last_error = Some(e.to_string());
                 m.shape = Shape::default();
-                self.record(event);
+                // A model the provider does not have was not a load: the request's own 404
+                // says so, and a flood of invented names must not push the real loads and
+                // unloads out of the log.
+                if !matches!(e, OpError::ModelNotFound { .. }) {
+                    self.record(event);
+                }
                 tracing::warn!(provider = %provider, model = %name, error = %e, "model load failed");
                 let err = match e {
                     OpError::ModelNotFound { .. } => LifecycleError::NotFound {
@@ -604,6 +624,8 @@ impl Actor {
                 self.fail_waiters_of(name, &err);
                 if matches!(err, LifecycleError::NotFound { .. }) {
                     self.forget_if_idle(name);
+                } else {
+                    self.forget_if_unlisted(name);
                 }
             }
         }
@@ -747,6 +769,7 @@ impl Actor {
             };
             tracing::debug!(provider = %self.settings.provider, model = %w.model, "request timed out in the queue");
             fail(w.reply, err);
+            self.forget_if_unlisted(&w.model);
         }
         self.schedule();
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{fail, Actor, Decision, Reply, Waiter, FREED_GRACE};
+use super::{fail, Actor, Decision, Model, Reply, Waiter, FREED_GRACE, UNLISTED_ERRORS_KEPT};
 use crate::config::QueuePolicy;
 use crate::lifecycle::policy::{self, Plan, Residency, Resident};
 use crate::lifecycle::{runner, Event, LifecycleError, LoadAsk, ModelStatus, Shape};
@@ -307,6 +307,52 @@ impl Actor {
         if let Some(m) = self.model(name) {
             m.queued = 0;
         }
+    }
+
+    /// Bounds the entries of models nothing ties to the provider: never loaded by the proxy,
+    /// not listed as loaded, not in the catalogue, not configured, and idle. Called where a
+    /// request for a name can end without a load (a full queue, a queue timeout, a client
+    /// that left, a failed load), so names clients invent leave no lasting entry (the table,
+    /// its facts, its gates). One whose load failed stays, to show its error (the provider
+    /// down at start: the model is `error`, not stuck), but only the latest
+    /// [`UNLISTED_ERRORS_KEPT`] of them; any other goes at once.
+    pub(super) fn forget_if_unlisted(&mut self, name: &str) {
+        let Some(m) = self.models.get(name) else {
+            return;
+        };
+        if !self.unlisted(m) {
+            return;
+        }
+        if m.status != ModelStatus::Error {
+            self.forget_if_idle(name);
+            return;
+        }
+        let mut failed: Vec<(Instant, Arc<str>)> = self
+            .models
+            .values()
+            .filter(|m| m.status == ModelStatus::Error && self.unlisted(m))
+            .map(|m| (m.changed_at, m.name.clone()))
+            .collect();
+        if failed.len() > UNLISTED_ERRORS_KEPT {
+            failed.sort();
+            let excess = failed.len() - UNLISTED_ERRORS_KEPT;
+            for (_, name) in failed.into_iter().take(excess) {
+                self.forget_if_idle(&name);
+            }
+        }
+    }
+
+    /// See [`Actor::forget_if_unlisted`].
+    fn unlisted(&self, m: &Model) -> bool {
+        matches!(m.status, ModelStatus::Unloaded | ModelStatus::Error)
+            && m.loads == 0
+            && m.reported.is_none()
+            && m.context_length.is_none()
+            && m.leases() == 0
+            && m.queued == 0
+            && m.unload_waiters.is_empty()
+            && !self.catalog.contains_key(&*m.name)
+            && !self.settings.models.contains_key(&*m.name)
     }
 
     /// Drops a model the provider does not have, so unknown names do not pile up.
