@@ -239,6 +239,11 @@ impl<'de> Visitor<'de> for TopLevel {
             if raw.get() != "null" {
                 match serde_json::from_str::<Borrowed<'de>>(raw.get()) {
                     Ok(Borrowed(m)) => r.model = Some(m),
+                    // A string serde cannot decode: a lone surrogate escape (Go reads it
+                    // as U+FFFD).
+                    Err(e) if raw.get().starts_with('"') => {
+                        return Ok(Err(Unreadable::BadEscape(e.to_string())))
+                    }
                     Err(_) => return Ok(Err(Unreadable::ModelNotAString)),
                 }
             }

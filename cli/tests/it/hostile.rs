@@ -257,7 +257,7 @@ async fn bodies_are_read_as_the_provider_reads_them_so_nothing_escapes_the_lease
             "not valid UTF-8",
         ),
         (
-            br#"{"model":"llama3.2","messages":[{"role":"user","content":"\ud800"}]}"#,
+            br#"{"model":"llama3.2\ud800","messages":[{"role":"user","content":"hi"}]}"#,
             "",
             400,
             "escape",
