@@ -13,9 +13,11 @@
 //! - **Ollama's own rule** for an `ollama` listener on a loopback address, because the proxy
 //!   rewrites `Host` to the upstream's address and so would switch Ollama's check off:
 //!   its `allowedHostsMiddleware` (server/routes.go) serves, on a loopback bind, no `Host`,
-//!   `localhost`, loopback, private and unspecified IPs, and names under `.localhost`,
-//!   `.local` and `.internal`; anything else is a bare `403`. Off loopback Ollama checks
-//!   nothing, and neither does the proxy.
+//!   `localhost`, the machine's host name, loopback, private and unspecified IPs, and names
+//!   under `.localhost`, `.local` and `.internal`; anything else is a bare `403`. Off
+//!   loopback Ollama checks nothing, and neither does the proxy. (Ollama also serves the
+//!   addresses of the machine's other interfaces; the proxy does not list interfaces: add
+//!   such an address to `allowed_hosts`.)
 //! - **Origin** (the admin API's state-changing requests): a request a browser sends from
 //!   another origin carries `Origin` (and `Sec-Fetch-Site`), which must name this listener;
 //!   and a body type that an HTML form can send (`application/x-www-form-urlencoded`,
@@ -85,6 +87,13 @@ fn listed(allowed: &[String], host: &str) -> bool {
     })
 }
 
+/// This machine's host name, lower-cased (read once).
+fn machine_name() -> Option<&'static str> {
+    static NAME: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| sysinfo::System::host_name().map(|n| n.to_ascii_lowercase()))
+        .as_deref()
+}
+
 /// The admin listener's rule: no `Host` (HTTP/1.0), an IP literal, `localhost` and
 /// `*.localhost`, or a name in `allowed`.
 pub fn admin_host_allowed(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
@@ -111,7 +120,11 @@ pub fn ollama_host_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     let Some(host) = value.to_str().ok().and_then(host_name) else {
         return false;
     };
-    if localhost(&host) || host.ends_with(".local") || host.ends_with(".internal") {
+    if localhost(&host)
+        || host.ends_with(".local")
+        || host.ends_with(".internal")
+        || machine_name().is_some_and(|m| m == host)
+    {
         return true;
     }
     if let Some(ip) = ip(&host) {
@@ -292,6 +305,9 @@ mod tests {
             &with(&[("host", "gpu.example.com")]),
             &["gpu.example.com".into()]
         ));
+        if let Some(me) = machine_name() {
+            assert!(ollama_host_allowed(&with(&[("host", me)]), &[]), "{me}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! the ones the provider acts on, or a request could be served outside the accounting and
 //! its lease (issue 18: `{"model":"a","model":"b"}`, `"Model"`, `"stream"` twice were
 //! served by Ollama while the proxy saw no model). So each provider's JSON reading is
-//! followed ([`Dialect`], sources in docs/providers.md §1.9):
+//! followed ([`Dialect`], sources in docs/providers.md §1.1, §2.1 and §3.1):
 //! - every provider takes the **last** value of a repeated key (Go's `encoding/json`,
 //!   JavaScript's `JSON.parse`, nlohmann's `operator[]` in llama-server);
 //! - Go matches a key to a field **case-insensitively** (Unicode simple folding: `"Model"`,
