@@ -94,13 +94,22 @@ fn machine_name() -> Option<&'static str> {
         .as_deref()
 }
 
-/// The admin listener's rule: no `Host` (HTTP/1.0), an IP literal, `localhost` and
+/// The host a request names: the request target's authority when it has one (absolute
+/// form, and HTTP/2's `:authority`, which win over `Host`: RFC 9112 §3.2.2), else `Host`.
+pub fn request_host<B>(req: &http::Request<B>) -> Option<&[u8]> {
+    match req.uri().authority() {
+        Some(a) => Some(a.as_str().as_bytes()),
+        None => req.headers().get(http::header::HOST).map(|v| v.as_bytes()),
+    }
+}
+
+/// The admin listener's rule: no host named (HTTP/1.0), an IP literal, `localhost` and
 /// `*.localhost`, or a name in `allowed`.
-pub fn admin_host_allowed(headers: &HeaderMap, allowed: &[String]) -> Result<(), String> {
-    let Some(value) = headers.get(http::header::HOST) else {
+pub fn admin_host_allowed(named: Option<&[u8]>, allowed: &[String]) -> Result<(), String> {
+    let Some(value) = named else {
         return Ok(());
     };
-    let Some(host) = value.to_str().ok().and_then(host_name) else {
+    let Some(host) = std::str::from_utf8(value).ok().and_then(host_name) else {
         return Err("the Host header is not a host name".into());
     };
     if ip(&host).is_some() || localhost(&host) || listed(allowed, &host) {
@@ -113,11 +122,11 @@ pub fn admin_host_allowed(headers: &HeaderMap, allowed: &[String]) -> Result<(),
 
 /// Ollama's `allowedHostsMiddleware` rule for a loopback bind (see the module doc), plus
 /// the names in `allowed`.
-pub fn ollama_host_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    let Some(value) = headers.get(http::header::HOST) else {
+pub fn ollama_host_allowed(named: Option<&[u8]>, allowed: &[String]) -> bool {
+    let Some(value) = named else {
         return true;
     };
-    let Some(host) = value.to_str().ok().and_then(host_name) else {
+    let Some(host) = std::str::from_utf8(value).ok().and_then(host_name) else {
         return false;
     };
     if localhost(&host)
@@ -140,7 +149,7 @@ pub fn ollama_host_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
 
 /// The admin API's rule for a request that changes state (see the module doc): `Ok`, or why
 /// it is refused.
-pub fn same_origin_write(headers: &HeaderMap) -> Result<(), String> {
+pub fn same_origin_write(named: Option<&[u8]>, headers: &HeaderMap) -> Result<(), String> {
     if let Some(site) = headers.get("sec-fetch-site") {
         let site = site.as_bytes();
         if !(site.eq_ignore_ascii_case(b"same-origin") || site.eq_ignore_ascii_case(b"none")) {
@@ -151,9 +160,8 @@ pub fn same_origin_write(headers: &HeaderMap) -> Result<(), String> {
         }
     }
     if let Some(origin) = headers.get(http::header::ORIGIN) {
-        let host = headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
+        let host = named
+            .and_then(|h| std::str::from_utf8(h).ok())
             .map(|h| h.trim().to_ascii_lowercase());
         let from =
             origin
@@ -244,14 +252,11 @@ mod tests {
             "app.localhost",
         ] {
             assert!(
-                admin_host_allowed(&with(&[("host", host)]), &[]).is_ok(),
+                admin_host_allowed(Some(host.as_bytes()), &[]).is_ok(),
                 "{host}"
             );
         }
-        assert!(
-            admin_host_allowed(&HeaderMap::new(), &[]).is_ok(),
-            "HTTP/1.0: no Host"
-        );
+        assert!(admin_host_allowed(None, &[]).is_ok(), "HTTP/1.0: no Host");
         for host in [
             "rebind.evil.example",
             "localhost.evil.example:11400",
@@ -259,7 +264,7 @@ mod tests {
             "a b",
         ] {
             assert!(
-                admin_host_allowed(&with(&[("host", host)]), &[]).is_err(),
+                admin_host_allowed(Some(host.as_bytes()), &[]).is_err(),
                 "{host}"
             );
         }
@@ -273,12 +278,29 @@ mod tests {
             "gpu1.lab.example",
         ] {
             assert!(
-                admin_host_allowed(&with(&[("host", host)]), &allowed).is_ok(),
+                admin_host_allowed(Some(host.as_bytes()), &allowed).is_ok(),
                 "{host}"
             );
         }
-        assert!(admin_host_allowed(&with(&[("host", "lab.example")]), &allowed).is_err());
-        assert!(admin_host_allowed(&with(&[("host", "anything")]), &["*".into()]).is_ok());
+        assert!(admin_host_allowed(Some(b"lab.example"), &allowed).is_err());
+        assert!(admin_host_allowed(Some(b"anything"), &["*".into()]).is_ok());
+    }
+
+    #[test]
+    fn the_target_authority_wins_over_host_and_bytes_that_are_not_a_name_are_refused() {
+        let req = http::Request::get("http://rebind.evil.example/api/tags")
+            .header("host", "localhost")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req), Some(&b"rebind.evil.example"[..]));
+        assert!(!ollama_host_allowed(request_host(&req), &[]));
+        let req = http::Request::get("/")
+            .header("host", "localhost")
+            .body(())
+            .unwrap();
+        assert!(ollama_host_allowed(request_host(&req), &[]));
+        assert!(!ollama_host_allowed(Some(b"local\xffhost"), &[]));
+        assert!(admin_host_allowed(Some(b"127.0.0.1\xff"), &[]).is_err());
     }
 
     #[test]
@@ -293,20 +315,17 @@ mod tests {
             "x.internal:80",
             "app.localhost",
         ] {
-            assert!(ollama_host_allowed(&with(&[("host", host)]), &[]), "{host}");
+            assert!(ollama_host_allowed(Some(host.as_bytes()), &[]), "{host}");
         }
         for host in ["8.8.8.8", "example.com:11434", "rebind.evil.example"] {
-            assert!(
-                !ollama_host_allowed(&with(&[("host", host)]), &[]),
-                "{host}"
-            );
+            assert!(!ollama_host_allowed(Some(host.as_bytes()), &[]), "{host}");
         }
         assert!(ollama_host_allowed(
-            &with(&[("host", "gpu.example.com")]),
+            Some(b"gpu.example.com"),
             &["gpu.example.com".into()]
         ));
         if let Some(me) = machine_name() {
-            assert!(ollama_host_allowed(&with(&[("host", me)]), &[]), "{me}");
+            assert!(ollama_host_allowed(Some(me.as_bytes()), &[]), "{me}");
         }
     }
 
@@ -329,7 +348,10 @@ mod tests {
             ]),
         ];
         for h in ok {
-            assert!(same_origin_write(&h).is_ok(), "{h:?}");
+            assert!(
+                same_origin_write(h.get("host").map(|v| v.as_bytes()), &h).is_ok(),
+                "{h:?}"
+            );
         }
         let refused = [
             with(&[
@@ -361,7 +383,10 @@ mod tests {
             ]),
         ];
         for h in refused {
-            assert!(same_origin_write(&h).is_err(), "{h:?}");
+            assert!(
+                same_origin_write(h.get("host").map(|v| v.as_bytes()), &h).is_err(),
+                "{h:?}"
+            );
         }
     }
 }

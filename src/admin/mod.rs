@@ -74,12 +74,12 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
     let changes_state = path.starts_with("/models/");
     // DNS rebinding and cross-site requests from web pages (`crate::hosts`), before the
     // token: a browser may hold no token, but the page must not ride on a loopback default.
-    let allowed =
-        crate::hosts::admin_host_allowed(req.headers(), &state.config.load().admin.allowed_hosts)
-            .and_then(|()| match changes_state {
-                true => crate::hosts::same_origin_write(req.headers()),
-                false => Ok(()),
-            });
+    let named = crate::hosts::request_host(&req);
+    let allowed = crate::hosts::admin_host_allowed(named, &state.config.load().admin.allowed_hosts)
+        .and_then(|()| match changes_state {
+            true => crate::hosts::same_origin_write(named, req.headers()),
+            false => Ok(()),
+        });
     if let Err(why) = allowed {
         tracing::debug!(path = %path, why = %why, "admin request refused");
         return json(StatusCode::FORBIDDEN, &serde_json::json!({ "error": why }));

@@ -146,7 +146,10 @@ pub async fn handle(
     // Ollama's bare 403 (`crate::hosts`).
     if kind == ProviderKind::Ollama
         && p.listen.ip().is_loopback()
-        && !crate::hosts::ollama_host_allowed(req.headers(), &p.config.allowed_hosts)
+        && !crate::hosts::ollama_host_allowed(
+            crate::hosts::request_host(&req),
+            &p.config.allowed_hosts,
+        )
     {
         p.metrics.error("host_not_allowed");
         tracing::debug!(host = ?req.headers().get(http::header::HOST), "Host refused (DNS rebinding defence)");
