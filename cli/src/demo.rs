@@ -1,10 +1,14 @@
 //! `llm-warden demo`: llm-warden at work without a GPU or a provider installed. Starts a
-//! simulated Ollama and LM Studio and the proxy in front of them on free local ports, drives
-//! a short mixed workload that shows each thing the proxy does (lazy loads, a limit that makes
-//! it evict, an oversized conversation compacted, an idle model unloaded), prints what
-//! happened, and leaves everything up, dashboard included, until Ctrl-C.
+//! simulated Ollama and LM Studio and the proxy in front of them on free local ports (every
+//! listener, the admin one included, on port 0 unless `--admin` names one), drives a short
+//! mixed workload that shows each thing the proxy does (lazy loads, a limit that makes it
+//! evict, an oversized conversation compacted, an idle model unloaded), prints what happened,
+//! and leaves everything up, dashboard included, until Ctrl-C.
+//!
+//! The story is the demo's stdout; the proxy's own log goes to a file ([`init_logging`]), with
+//! only warnings and errors on the terminal unless `--verbose`.
 
-use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,12 +23,74 @@ use llm_warden_sim::{lmstudio, ollama};
 /// Arguments of `llm-warden demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Where the admin API and dashboard listen; a free port is used if this one is taken.
-    #[arg(long, default_value = crate::admin_client::DEFAULT_ADMIN)]
-    pub admin: String,
+    /// Where the admin API and dashboard listen [default: a free port on 127.0.0.1, as for
+    /// every other listener of the demo].
+    #[arg(long)]
+    pub admin: Option<String>,
     /// Exit after the workload instead of staying up until Ctrl-C.
     #[arg(long)]
     pub no_wait: bool,
+    /// Also show the proxy's log on the terminal (levels from RUST_LOG, default `info`);
+    /// without it only its warnings and errors are shown, between the demo's lines.
+    #[arg(long, short)]
+    pub verbose: bool,
+    /// Where the proxy's log is written [default: llm-warden-demo-<pid>.log in the system's
+    /// temporary directory].
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+}
+
+/// The demo's logging: every line (levels from `RUST_LOG`, default `info`) to `--log-file`
+/// or a file in the temporary directory; on stderr only warnings and errors, or with
+/// `--verbose` the same lines as the file. Returns the file's path and the writers' guards
+/// (they flush what is queued when dropped). Colourless on both: the two writers share the
+/// spans' formatted fields, so a colour on one would reach the file.
+pub fn init_logging(
+    args: &DemoArgs,
+) -> anyhow::Result<(PathBuf, Vec<tracing_appender::non_blocking::WorkerGuard>)> {
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+    use tracing_subscriber::prelude::*;
+
+    let path = args.log_file.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("llm-warden-demo-{}.log", std::process::id()))
+    });
+    let file = std::fs::File::create(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the demo's log file {}: {e} (choose another with --log-file)",
+            path.display()
+        )
+    })?;
+    let writer = |w: Box<dyn std::io::Write + Send>| {
+        tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(false)
+            .finish(w)
+    };
+    let (to_file, file_guard) = writer(Box::new(file));
+    let (to_terminal, terminal_guard) = writer(Box::new(std::io::stderr()));
+    let levels = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let terminal_levels = if args.verbose {
+        levels()
+    } else {
+        EnvFilter::default().add_directive(LevelFilter::WARN.into())
+    };
+    let subscriber = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .fmt_fields(crate::log::fields())
+                .with_writer(to_file)
+                .with_filter(levels()),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .fmt_fields(crate::log::fields())
+                .with_writer(to_terminal)
+                .with_filter(terminal_levels),
+        );
+    // Installed once, at start; a second install (none happens) would keep the first.
+    let _ = tracing::dispatcher::set_global_default(subscriber.into());
+    Ok((path, vec![file_guard, terminal_guard]))
 }
 
 /// How long the demo's idle model may stay idle before the proxy unloads it.
@@ -78,7 +144,8 @@ fn model<'a>(status: &'a Value, provider: &str, name: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+/// Runs the demo; `log` is where [`init_logging`] sends the proxy's log.
+pub async fn run(args: DemoArgs, log: &Path) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let sim_ollama = ollama::bind(
         ollama::OllamaConfig {
@@ -98,10 +165,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "127.0.0.1:0",
     )
     .await?;
-    let admin: SocketAddr = match tokio::net::TcpListener::bind(&args.admin).await {
-        Ok(l) => l.local_addr()?,
-        Err(_) => "127.0.0.1:0".parse()?,
-    };
+    // The config's own checks say what is wrong with an `--admin` that is not an address.
+    let admin = args.admin.as_deref().unwrap_or("127.0.0.1:0");
     let cache = std::env::temp_dir().join(format!("llm-warden-demo-{}", std::process::id()));
     let toml = format!(
         "[admin]\nlisten = \"{admin}\"\n\
@@ -125,9 +190,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("llm-warden demo: simulated providers behind the proxy (no GPU, nothing installed)");
     println!("  Ollama    {} -> proxy {ollama_url}", sim_ollama.url());
     println!("  LM Studio {} -> proxy {lmstudio_url}", sim_lmstudio.url());
+    println!("  admin     {admin_url}  (dashboard, /status)");
     println!(
-        "  limits: 2 models loaded at once per provider; nomic-embed-text unloads after {}s idle\n",
+        "  limits: 2 models loaded at once per provider; nomic-embed-text unloads after {}s idle",
         IDLE.as_secs()
+    );
+    println!(
+        "  the proxy's log: {}{}\n",
+        log.display(),
+        if args.verbose {
+            ""
+        } else {
+            " (warnings and errors also here; --verbose for all)"
+        }
     );
     let http = Http {
         client: Client::builder(TokioExecutor::new()).build_http(),

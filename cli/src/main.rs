@@ -96,7 +96,17 @@ fn main() -> ExitCode {
         Command::Serve { log_format, .. } => log_format,
         _ => LogFormat::Text,
     };
-    let _log = init_tracing(format);
+    // The demo's log file, and the log writers' guards (they flush when `main` returns).
+    let (demo_log, _guards) = match &cli.command {
+        Command::Demo(args) => match crate::demo::init_logging(args) {
+            Ok((path, guards)) => (Some(path), guards),
+            Err(e) => {
+                eprintln!("llm-warden: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => (None, vec![init_tracing(format)]),
+    };
     raise_fd_limit();
     let result = match cli.command {
         Command::Serve { config, .. } => serve(config),
@@ -123,7 +133,10 @@ fn main() -> ExitCode {
                 &admin, "unload", &provider, &model,
             ))
         }),
-        Command::Demo(args) => runtime().and_then(|rt| rt.block_on(crate::demo::run(args))),
+        Command::Demo(args) => {
+            let log = demo_log.unwrap_or_default();
+            runtime().and_then(|rt| rt.block_on(crate::demo::run(args, &log)))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

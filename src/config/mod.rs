@@ -1,7 +1,9 @@
 //! Configuration: the raw TOML shape (`Raw*`, serde, `deny_unknown_fields`) and the validated
 //! [`Config`] the rest of the program trusts. One direction only: `load_str` → `Config`.
 //!
-//! Every problem is reported at once, each with its key path (`providers[1].listen`). Defaults
+//! Every problem is reported at once, each with its key path (`providers[1].listen`): unknown
+//! keys and values of the wrong type at every level (`raw::read`), then the rules on what
+//! did parse (`validate`). Only a TOML syntax error stops at one. Defaults
 //! are filled here, so later code never asks "if unset". Keys for later features (limits,
 //! queue, buffers, memory pressure, compaction, per-model overrides) are parsed and checked
 //! now so that a config written today keeps working.
@@ -388,27 +390,11 @@ pub fn load_str_with_env(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let de = toml::Deserializer::new(text);
-    let raw: raw::RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = inner.message().to_string();
-        let location = inner
-            .span()
-            .map(|span| {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!(" (line {line})")
-            })
-            .unwrap_or_default();
-        ConfigError::Invalid {
-            origin: None,
-            problems: vec![Problem {
-                path: if path == "." { String::new() } else { path },
-                message: format!("{message}{location}"),
-            }],
-        }
+    let (raw, structural) = raw::read(text).map_err(|problems| ConfigError::Invalid {
+        origin: None,
+        problems,
     })?;
-    validate::validate(raw, env)
+    validate::validate(raw, structural, env)
 }
 
 /// Parses `"90s"`, `"10m"`, `"1h30m"`, `"250ms"`.

@@ -251,3 +251,127 @@ fn connection_settings_have_generous_defaults_and_are_checked() {
         ["proxy.max_connections", "proxy.header_read_timeout"]
     );
 }
+
+/// Issue 18: unknown keys and wrong types at every level, a refused upstream and a duplicate
+/// name, all in one report (reading problems in file order, then the rules').
+#[test]
+fn every_kind_of_problem_is_reported_in_one_pass() {
+    let text = r#"verbose = true
+[proxy]
+max_conections = 100
+connect_timeout = 5
+[[providers]]
+name = "local"
+kind = "ollama"
+upstream = "https://127.0.0.1:11434"
+[[providers]]
+name = "local"
+kind = "lmstudio"
+api_key = ["x"]
+[[providers]]
+kind = "llamacpp"
+listen = 8081
+[limits]
+max_models_loaded = "two"
+[models."llama3.2:3b"]
+pinnned = true
+"#;
+    let err = load_str_with_env(text, &|_| None).unwrap_err();
+    let got: Vec<(&str, &str)> = err
+        .problems()
+        .iter()
+        .map(|p| (p.path.as_str(), p.message.as_str()))
+        .collect();
+    let paths: Vec<&str> = got.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        paths,
+        [
+            "verbose",
+            "proxy.max_conections",
+            "proxy.connect_timeout",
+            "providers[1].api_key",
+            "providers[2].listen",
+            "limits.max_models_loaded",
+            "models.\"llama3.2:3b\".pinnned",
+            "providers[0].upstream",
+            "providers[1].name",
+        ],
+        "{err}"
+    );
+    let message = |path: &str| got.iter().find(|(p, _)| *p == path).unwrap().1;
+    assert!(
+        message("verbose").starts_with("unknown field `verbose`, expected one of `admin`")
+            && message("verbose").ends_with("(line 1)"),
+        "{}",
+        message("verbose")
+    );
+    assert!(
+        message("proxy.max_conections")
+            .starts_with("unknown field `max_conections` (did you mean `max_connections`?)")
+            && message("proxy.max_conections").ends_with("(line 3)"),
+        "{}",
+        message("proxy.max_conections")
+    );
+    assert!(
+        message("proxy.connect_timeout").contains("invalid type: integer `5`, expected a string")
+            && message("proxy.connect_timeout").ends_with("(line 4)"),
+        "{}",
+        message("proxy.connect_timeout")
+    );
+    assert!(
+        message("providers[1].api_key").contains("did you mean `api_keys`?")
+            && message("providers[1].api_key").ends_with("(line 12)"),
+        "{}",
+        message("providers[1].api_key")
+    );
+    assert!(
+        message("models.\"llama3.2:3b\".pinnned").contains("did you mean `pinned`?"),
+        "{err}"
+    );
+    assert!(message("providers[0].upstream").contains("only http://"));
+    assert_eq!(
+        message("providers[1].name"),
+        "duplicate provider name `local`"
+    );
+}
+
+#[test]
+fn a_problem_while_reading_is_not_repeated_by_the_rules() {
+    // `kind` of the wrong type is left out, so the rules would find it missing: said once.
+    // A `[[providers]]` entry that is not a table keeps the indices of the others.
+    let err = load_str_with_env(
+        "providers = [{ kind = 5 }, 7, { kind = \"ollama\", listen = \"x\" }]\n",
+        &|_| None,
+    )
+    .unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["providers[0].kind", "providers[1]", "providers[2].listen"],
+        "{err}"
+    );
+    assert!(
+        err.problems()[1].message.contains("expected a table"),
+        "{err}"
+    );
+    // Without a kind, the rest of the entry is still checked.
+    let err = load_str_with_env(
+        "[[providers]]\nname = \"a b\"\nupstream = \"https://x\"\n",
+        &|_| None,
+    )
+    .unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "providers[0].kind",
+            "providers[0].name",
+            "providers[0].upstream"
+        ],
+        "{err}"
+    );
+    // A syntax error is one problem, with its line.
+    let err = load_str("[proxy]\nmax_connections = = 3\n").unwrap_err();
+    assert_eq!(err.problems().len(), 1, "{err}");
+    assert!(err.problems()[0].message.contains("line 2"), "{err}");
+}

@@ -11,14 +11,24 @@ use crate::providers::ProviderKind;
 
 struct Checker {
     problems: Vec<Problem>,
+    /// Paths already reported while reading (an unknown key, a wrong type): what was there
+    /// was left out, so a rule on it (`kind` is missing) would only repeat the problem.
+    read_problems: Vec<String>,
 }
 
 impl Checker {
     fn bad(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem {
-            path: path.into(),
-            message: message.into(),
+        let path = path.into();
+        let repeats = self.read_problems.iter().any(|p| {
+            path.strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
         });
+        if !repeats {
+            self.problems.push(Problem {
+                path,
+                message: message.into(),
+            });
+        }
     }
 
     fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
@@ -71,12 +81,16 @@ impl Checker {
     }
 }
 
+/// Checks `raw` and fills in the defaults. `read_problems`: what reading the document found
+/// (reported first, with the rules' problems after them).
 pub(super) fn validate(
     raw: RawConfig,
+    read_problems: Vec<Problem>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
     let mut c = Checker {
         problems: Vec::new(),
+        read_problems: read_problems.iter().map(|p| p.path.clone()).collect(),
     };
 
     let admin_listen = c
@@ -178,16 +192,8 @@ pub(super) fn validate(
         [ProviderKind::Ollama, ProviderKind::LmStudio]
             .into_iter()
             .map(|k| RawProvider {
-                name: None,
-                kind: k.as_str().to_string(),
-                listen: None,
-                upstream: None,
-                poll_interval: None,
-                max_models_loaded: None,
-                memory_threshold: None,
-                slot_save: None,
-                api_keys: None,
-                allowed_hosts: None,
+                kind: Some(k.as_str().to_string()),
+                ..RawProvider::default()
             })
             .collect()
     });
@@ -195,41 +201,55 @@ pub(super) fn validate(
         c.bad("providers", "at least one provider is needed");
     }
     let mut providers = Vec::new();
+    // Each entry's index, name and listener, whatever else is wrong with it: a refused
+    // upstream must not hide a duplicate name.
+    let mut seen: Vec<(usize, Option<String>, Option<SocketAddr>)> = Vec::new();
     for (i, p) in raw_providers.into_iter().enumerate() {
         let at = |k: &str| format!("providers[{i}].{k}");
         let allowed_hosts = host_list(&mut c, &at("allowed_hosts"), p.allowed_hosts.clone());
-        let kind = match ProviderKind::parse(&p.kind) {
-            Some(k) => k,
+        let kind = match p.kind.as_deref() {
             None => {
                 c.bad(
                     at("kind"),
-                    format!(
-                        "unknown provider kind `{}` (expected ollama, lmstudio or llamacpp)",
-                        p.kind
-                    ),
+                    "missing: every provider needs a kind (ollama, lmstudio or llamacpp)",
                 );
-                continue;
+                None
             }
+            Some(k) => ProviderKind::parse(k).or_else(|| {
+                c.bad(
+                    at("kind"),
+                    format!("unknown provider kind `{k}` (expected ollama, lmstudio or llamacpp)"),
+                );
+                None
+            }),
         };
-        let facts = kind.facts();
-        let name = p.name.unwrap_or_else(|| kind.as_str().to_string());
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
-        {
+        // Without a kind there are no defaults: only what the entry says is checked.
+        let facts = kind.map(|k| k.facts());
+        let name = p
+            .name
+            .clone()
+            .or_else(|| kind.map(|k| k.as_str().to_string()));
+        if let Some(name) = name.as_deref().filter(|name| {
+            name.is_empty()
+                || !name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+        }) {
             c.bad(
                 at("name"),
                 format!("`{name}` must be non-empty and use only letters, digits, `-`, `_`, `.`"),
             );
         }
-        let listen = c.addr(
-            &at("listen"),
-            p.listen.as_deref().unwrap_or(facts.default_listen),
-        );
-        let upstream = parse_upstream(p.upstream.as_deref().unwrap_or(facts.default_upstream))
-            .map_err(|e| c.bad(at("upstream"), e))
-            .ok();
+        let listen = p
+            .listen
+            .as_deref()
+            .or(facts.map(|f| f.default_listen))
+            .and_then(|l| c.addr(&at("listen"), l));
+        let upstream = p
+            .upstream
+            .as_deref()
+            .or(facts.map(|f| f.default_upstream))
+            .and_then(|u| parse_upstream(u).map_err(|e| c.bad(at("upstream"), e)).ok());
         let poll_interval = c.duration(
             &at("poll_interval"),
             p.poll_interval.as_deref(),
@@ -248,20 +268,22 @@ pub(super) fn validate(
             limits.memory_threshold,
         );
         let slot_save = p.slot_save.unwrap_or(false);
-        if slot_save && kind != ProviderKind::LlamaCpp {
+        if slot_save && kind.is_some_and(|k| k != ProviderKind::LlamaCpp) {
             c.bad(
                 at("slot_save"),
                 "only a llamacpp provider has slots to save",
             );
         }
-        let env_var = api_keys_env(&name);
-        let api_keys: Vec<Secret> = match env(&env_var) {
-            Some(v) => v
-                .split(',')
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
-                .filter_map(|k| c.secret(&env_var, k.to_string(), true))
-                .collect(),
+        let env_var = name.as_deref().map(api_keys_env);
+        let api_keys: Vec<Secret> = match env_var.as_deref().and_then(env) {
+            Some(v) => {
+                let env_var = env_var.clone().unwrap_or_default();
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .filter_map(|k| c.secret(&env_var, k.to_string(), true))
+                    .collect()
+            }
             None => p
                 .api_keys
                 .unwrap_or_default()
@@ -277,7 +299,10 @@ pub(super) fn validate(
                 })
                 .collect(),
         };
-        if let (Some(listen), Some(upstream)) = (listen, upstream) {
+        seen.push((i, name.clone(), listen));
+        if let (Some(kind), Some(name), Some(listen), Some(upstream)) =
+            (kind, name, listen, upstream)
+        {
             providers.push(ProviderConfig {
                 name,
                 kind,
@@ -292,20 +317,23 @@ pub(super) fn validate(
             });
         }
     }
-    for (i, p) in providers.iter().enumerate() {
-        if providers[..i].iter().any(|q| q.name == p.name) {
-            c.bad(
-                format!("providers[{i}].name"),
-                format!("duplicate provider name `{}`", p.name),
-            );
+    for (n, (i, name, listen)) in seen.iter().enumerate() {
+        let earlier = &seen[..n];
+        if let Some(name) = name {
+            if earlier.iter().any(|(_, q, _)| q.as_ref() == Some(name)) {
+                c.bad(
+                    format!("providers[{i}].name"),
+                    format!("duplicate provider name `{name}`"),
+                );
+            }
         }
-        let clash = p.listen.port() != 0
-            && (p.listen == admin_listen || providers[..i].iter().any(|q| q.listen == p.listen));
-        if clash {
-            c.bad(
-                format!("providers[{i}].listen"),
-                format!("address {} is already used by another listener", p.listen),
-            );
+        if let Some(listen) = listen.filter(|l| l.port() != 0) {
+            if listen == admin_listen || earlier.iter().any(|(_, _, q)| *q == Some(listen)) {
+                c.bad(
+                    format!("providers[{i}].listen"),
+                    format!("address {listen} is already used by another listener"),
+                );
+            }
         }
     }
 
@@ -497,10 +525,12 @@ pub(super) fn validate(
         models.insert(name, o);
     }
 
-    if !c.problems.is_empty() {
+    if !read_problems.is_empty() || !c.problems.is_empty() {
+        let mut problems = read_problems;
+        problems.append(&mut c.problems);
         return Err(ConfigError::Invalid {
             origin: None,
-            problems: c.problems,
+            problems,
         });
     }
     Ok(Config {

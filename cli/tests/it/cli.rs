@@ -159,9 +159,40 @@ async fn the_admin_address_comes_from_the_config_when_not_given() {
     proxy.shutdown().await;
 }
 
+/// The port of the `http://127.0.0.1:PORT` that follows `label` on a line of `out`.
+fn printed_port(out: &str, label: &str) -> u16 {
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("a `{label}` line in:\n{out}"));
+    let at = line.find("http://127.0.0.1:").expect("an address") + "http://127.0.0.1:".len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a port in {line:?}"))
+}
+
+/// Issue 18: the demo tells its story on stdout with no log lines around it (the proxy's log
+/// goes to the file it names), and every listener is on a free port: the printed addresses
+/// are never the defaults (the demo used to take 127.0.0.1:11400 whenever it was free).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_its_workload_and_reports_it() {
-    let out = run(args(&["demo", "--no-wait", "--admin", "127.0.0.1:0"]), true).await;
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(BIN)
+            .args(["demo", "--no-wait"])
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .output()
+            .expect("the binary runs")
+    })
+    .await
+    .expect("runner");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     for expected in [
         "loaded on first use",
         "6/6 OK",
@@ -170,9 +201,56 @@ async fn demo_runs_its_workload_and_reports_it() {
         "nomic-embed-text is unloaded after 3s",
         "Dashboard:  http://127.0.0.1:",
     ] {
-        assert!(out.contains(expected), "`{expected}` in:\n{out}");
+        assert!(stdout.contains(expected), "`{expected}` in:\n{stdout}");
     }
-    assert!(!out.contains("not compacted"), "{out}");
+    assert!(!stdout.contains("not compacted"), "{stdout}");
+    for (name, text) in [("stdout", &stdout), ("stderr", &stderr)] {
+        assert!(
+            !text.contains(" INFO ") && !text.contains("llm_warden::") && !text.contains('\x1b'),
+            "no log lines on the demo's {name}:\n{text}"
+        );
+    }
+
+    let admin = printed_port(&stdout, "admin");
+    assert_eq!(printed_port(&stdout, "Dashboard:"), admin);
+    assert_ne!(admin, 11400, "the admin listener is on a free port");
+    // `  Ollama    http://127.0.0.1:SIM -> proxy http://127.0.0.1:PROXY`, and LM Studio's.
+    let sims = [
+        printed_port(&stdout, "Ollama"),
+        printed_port(&stdout, "LM Studio"),
+    ];
+    let proxies: Vec<u16> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("-> proxy "))
+        .map(|(_, url)| printed_port(url, "http"))
+        .collect();
+    assert_eq!(proxies.len(), 2, "{stdout}");
+    for (port, default) in sims.iter().chain(&proxies).zip([11434, 1234, 11435, 1235]) {
+        assert_ne!(*port, default, "free ports, not the defaults:\n{stdout}");
+    }
+
+    // The log is in the file the demo named, in the temporary directory.
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("the proxy's log: "))
+        .unwrap_or_else(|| panic!("the log file is named:\n{stdout}"));
+    let path = line
+        .split("the proxy's log: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" (").next())
+        .unwrap()
+        .to_string();
+    assert!(
+        std::path::Path::new(&path).starts_with(std::env::temp_dir()),
+        "{path}"
+    );
+    let log = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        log.contains(" INFO ")
+            && log.contains(&format!("admin listening listen=127.0.0.1:{admin}")),
+        "{path}:\n{log}"
+    );
 }
 
 #[test]

@@ -70,6 +70,38 @@ fn bad_config_exits_nonzero_naming_every_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.toml"));
 }
 
+/// Issue 18: `check-config` lists every problem in one run, unknown keys and wrong types
+/// included, and a refused upstream does not hide a duplicate name.
+#[test]
+fn check_config_reports_every_problem_at_once() {
+    let p = temp_file(
+        "many.toml",
+        "verbose = true\n[proxy]\nmax_conections = 100\n[[providers]]\nname = \"local\"\nkind = \"ollama\"\nupstream = \"https://127.0.0.1:11434\"\n[[providers]]\nname = \"local\"\nkind = \"lmstudio\"\napi_key = [\"x\"]\n[limits]\nmax_models_loaded = \"two\"\n",
+    );
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&p)
+        .env_remove("LLM_WARDEN_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no config is printed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("  - ")).collect();
+    for (line, expected) in lines.iter().zip([
+        "  - verbose: unknown field `verbose`",
+        "  - proxy.max_conections: unknown field `max_conections` (did you mean `max_connections`?)",
+        "  - providers[1].api_key: unknown field `api_key` (did you mean `api_keys`?)",
+        "  - limits.max_models_loaded: invalid type: string \"two\", expected u32 (line 13)",
+        "  - providers[0].upstream: `https://127.0.0.1:11434`: only http:// upstreams",
+        "  - providers[1].name: duplicate provider name `local`",
+    ]) {
+        assert!(line.starts_with(expected), "{expected:?} in:\n{err}");
+    }
+    assert_eq!(lines.len(), 6, "six problems, one line each:\n{err}");
+    assert!(err.contains(&p.display().to_string()), "{err}");
+}
+
 #[test]
 fn config_path_comes_from_the_environment_when_not_given() {
     let p = temp_file("env.toml", "[admin]\nlisten = \"127.0.0.1:19999\"\n");
