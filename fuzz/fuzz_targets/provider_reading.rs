@@ -151,9 +151,26 @@ fn proxy(body: &[u8], d: Dialect) -> Option<Reading> {
     })
 }
 
+/// Text the reference's own reader (serde_json into `Value`) refuses where the providers
+/// read on: an unpaired surrogate escape (Go and JavaScript read it) or a number beyond
+/// `f64` in a value nobody converts. No verdict for these.
+fn beyond_the_reference(text: &str) -> bool {
+    let mut de = serde_json::Deserializer::from_str(text);
+    match <Value as serde::Deserialize>::deserialize(&mut de) {
+        Ok(_) => false,
+        Err(e) => {
+            let e = e.to_string();
+            e.contains("surrogate") || e.contains("out of range") || e.contains("escape")
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     // The reference reads text; a body the proxy takes must be UTF-8 (a BOM is read past).
     let text = std::str::from_utf8(data).ok();
+    if text.is_some_and(beyond_the_reference) {
+        return;
+    }
     for d in [Dialect::Go, Dialect::JavaScript, Dialect::Nlohmann] {
         let ours = proxy(data, d);
         let theirs = text.and_then(|t| reference(t.strip_prefix('\u{feff}').unwrap_or(t), d));
