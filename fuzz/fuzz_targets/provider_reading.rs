@@ -9,7 +9,8 @@
 //!   simple case folding (computed here with `char::to_uppercase` then `to_lowercase`, one
 //!   char at a time, not with the proxy's table of two special runes); the last entry wins;
 //!   `null` leaves the string fields `model` and `prompt` as they were; repeated `options`
-//!   objects merge (`null` clears); bytes after the first value are ignored.
+//!   objects merge (`null` clears; another value is refused and changes nothing); bytes
+//!   after the first value are ignored.
 //!
 //! Properties: where the reference reads the body, the proxy reads the same model, stream,
 //! keep_alive (raw text), load-only flag and options limits; where the proxy names a
@@ -120,7 +121,10 @@ fn reference(text: &str, d: Dialect) -> Option<Reading> {
                         options.insert(ok.clone(), ov.clone());
                     }
                 }
-                _ => {}
+                // Go refuses the value and keeps the map as it was (the request fails);
+                // elsewhere the last value is the options, and it is not an object.
+                _ if go => {}
+                _ => options.clear(),
             }
         }
     }
@@ -131,7 +135,8 @@ fn reference(text: &str, d: Dialect) -> Option<Reading> {
         Some(_) => return None,
     };
     let empty = |v: &Option<Value>, e: Value| v.as_ref().is_none_or(|v| v.is_null() || *v == e);
-    r.load_only = empty(&prompt, Value::String(String::new())) && empty(&messages, Value::Array(vec![]));
+    r.load_only =
+        empty(&prompt, Value::String(String::new())) && empty(&messages, Value::Array(vec![]));
     r.num_ctx = options
         .get("num_ctx")
         .and_then(Value::as_f64)
@@ -145,7 +150,9 @@ fn proxy(body: &[u8], d: Dialect) -> Option<Reading> {
     Some(Reading {
         model: p.model().map(str::to_owned),
         stream: p.stream,
-        keep_alive: p.keep_alive.map(|k| serde_json::from_str(k.get()).expect("raw JSON")),
+        keep_alive: p
+            .keep_alive
+            .map(|k| serde_json::from_str(k.get()).expect("raw JSON")),
         load_only: p.is_load_only(),
         num_ctx: p.limits().num_ctx,
     })
@@ -175,10 +182,18 @@ fuzz_target!(|data: &[u8]| {
         let ours = proxy(data, d);
         let theirs = text.and_then(|t| reference(t.strip_prefix('\u{feff}').unwrap_or(t), d));
         match (&ours, &theirs) {
-            (Some(a), Some(b)) => assert_eq!(a, b, "{d:?}: the proxy and the provider read differently"),
+            (Some(a), Some(b)) => {
+                assert_eq!(a, b, "{d:?}: the proxy and the provider read differently")
+            }
             // The provider reads a model the proxy does not see: a request outside the lease.
-            (None, Some(b)) => assert!(b.model.is_none(), "{d:?}: refused, but the provider reads {b:?}"),
-            (Some(a), None) => assert!(a.model.is_none(), "{d:?}: the proxy reads a model the provider cannot: {a:?}"),
+            (None, Some(b)) => assert!(
+                b.model.is_none(),
+                "{d:?}: refused, but the provider reads {b:?}"
+            ),
+            (Some(a), None) => assert!(
+                a.model.is_none(),
+                "{d:?}: the proxy reads a model the provider cannot: {a:?}"
+            ),
             (None, None) => {}
         }
     }

@@ -54,7 +54,9 @@ fn json(bytes: &[u8]) -> serde_json::Value {
 
 fuzz_target!(|data: &[u8]| {
     // What the proxy does first with any inspected body.
-    let Ok(parsed) = ModelRequest::parse(data, Dialect::Go) else {
+    // Strict (JavaScript's reading): the properties below are about whole-body objects; Go's
+    // reading of a first value with bytes after it is `provider_reading`'s.
+    let Ok(parsed) = ModelRequest::parse(data, Dialect::JavaScript) else {
         return;
     };
     let _ = parsed.limits();
@@ -121,14 +123,14 @@ fuzz_target!(|data: &[u8]| {
         .into_iter()
         .filter_map(|(key, want, had)| want.filter(|n| Some(*n) != had).map(|n| (key, n)))
         .collect();
-        let old_opts = match parsed.options {
+        let old_opts = match parsed.options_object() {
             None => Some(Vec::new()),
-            Some(o) => entries(o.get().as_bytes()),
+            Some(o) => entries(o.as_bytes()),
         };
         // As the data plane gives a request runner options: the options object edited,
         // then one splice of the body.
         let out = (!changes.is_empty())
-            .then(|| rewrite::with_numbers(parsed.options.map(|o| o.get()), &changes).ok())
+            .then(|| rewrite::with_numbers(parsed.options_object(), &changes).ok())
             .flatten()
             .and_then(|opts| {
                 let at = parsed.options.map(|o| rewrite::span_in(data, o));

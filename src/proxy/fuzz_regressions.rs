@@ -115,3 +115,28 @@ fn an_overlapping_usage_key_is_read_however_it_is_framed() {
         assert_eq!(s.usage(), (Some(42), Some(7)), "piece {piece}");
     }
 }
+
+/// `fuzz/`, `request_body` (artifact crash-3fa7967d…, issue 18): `"options": null` was read as
+/// no options, so the runner-options edit added a second `options` key in front of the
+/// `null`, and the provider, reading the last one, got no options at all. The `null` is now
+/// where the edit goes.
+#[test]
+fn a_null_options_is_replaced_not_shadowed() {
+    let body = br#"{"model":"m","options":null,"prompt":"hi"}"#;
+    for d in [Dialect::Go, Dialect::JavaScript, Dialect::Nlohmann] {
+        let parsed = ModelRequest::parse(body, d).expect("readable");
+        assert_eq!(parsed.options_object(), None);
+        let opts = rewrite::with_numbers(parsed.options_object(), &[("num_ctx", 2048)]).unwrap();
+        let edit = rewrite::Splice {
+            key: "options",
+            at: parsed.options.map(|o| rewrite::span_in(body, o)),
+            raw: &opts,
+        };
+        let out = rewrite::splice(body, &[edit]).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"m","options":{"num_ctx":2048},"prompt":"hi"}"#,
+            "{d:?}"
+        );
+    }
+}

@@ -103,7 +103,7 @@ pub struct ModelRequest<'a> {
     pub prompt: Option<&'a RawValue>,
     pub messages: Option<&'a RawValue>,
     /// Ollama `options` (for `num_ctx`, `num_predict`), unparsed: the one the provider reads
-    /// last, where an edit goes.
+    /// last, where an edit goes (`null` included; [`Self::options_object`] without it).
     pub options: Option<&'a RawValue>,
     /// Go only: earlier `options` objects of the same body, which Go merges under the last
     /// one (empty unless the key repeats; no allocation then).
@@ -219,9 +219,11 @@ impl<'de> Visitor<'de> for TopLevel {
                 Field::Messages => r.messages = (!null).then_some(v),
                 Field::Options => {
                     if null {
-                        // A nil map: what came before is gone.
+                        // A nil map: what came before is gone. The `null` is kept, so an
+                        // edit replaces it rather than adding a key the provider reads
+                        // before it (found by `fuzz/`'s `request_body`).
                         r.options_before.clear();
-                        r.options = None;
+                        r.options = Some(v);
                     } else {
                         if go {
                             if let Some(earlier) = r.options.take() {
@@ -314,6 +316,12 @@ impl<'a> ModelRequest<'a> {
         read
     }
 
+    /// The last `options`, unless `null`: the object an edit of the runner options starts
+    /// from.
+    pub fn options_object(&self) -> Option<&'a str> {
+        self.options.map(RawValue::get).filter(|o| *o != "null")
+    }
+
     /// No prompt and no messages: Ollama's load-only (or, with `keep_alive: 0`, unload) form.
     pub fn is_load_only(&self) -> bool {
         let empty = |v: Option<&RawValue>, e: &str| {
@@ -329,6 +337,9 @@ impl<'a> ModelRequest<'a> {
     pub fn limits(&self) -> Limits {
         let mut o = OptionValues::default();
         for raw in self.options_before.iter().chain(self.options.as_ref()) {
+            if raw.get() == "null" {
+                continue;
+            }
             let mut de = serde_json::Deserializer::from_str(raw.get());
             // Not an object: Ollama refuses the request; nothing to read here.
             let _ = de.deserialize_map(OptionsVisitor(&mut o));

@@ -480,7 +480,7 @@ impl Call<'_> {
         if set.is_empty() {
             return None;
         }
-        rewrite::with_numbers(self.parsed.options.map(|o| o.get()), &set).ok()
+        rewrite::with_numbers(self.parsed.options_object(), &set).ok()
     }
 
     /// What the response says the proxy changed.

@@ -13,7 +13,14 @@ use http::Method;
 use llm_warden_sim::ollama::OllamaConfig;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_llm-warden");
+/// The binary under attack: the one `cargo test` built, or another named by
+/// `LLM_WARDEN_BIN`: `cargo build --release && LLM_WARDEN_BIN=$PWD/target/release/llm-warden
+/// cargo test -p llm-warden-cli --test it hostile` runs these cases against the release build.
+fn bin() -> std::path::PathBuf {
+    std::env::var_os("LLM_WARDEN_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_llm-warden").into())
+}
 const CHAT: &str =
     r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
 
@@ -52,7 +59,7 @@ impl Proxy {
             ),
         )
         .unwrap();
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
@@ -364,7 +371,7 @@ async fn web_pages_cannot_drive_the_admin_api_or_reach_ollama_through_a_rebound_
     assert_eq!(status_of(&exchange(admin, raw.into_bytes()).await), 200);
     let admin_url = format!("http://{admin}");
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
+        Command::new(bin())
             .args(["load", "--admin", &admin_url, "ollama", "llama3.2"])
             .env_remove("LLM_WARDEN_ADMIN_TOKEN")
             .output()
