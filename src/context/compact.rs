@@ -432,14 +432,18 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
                 tail,
                 summary: u64::from(cx.live().settings.summary_max_tokens),
             };
-            let evict = match plan::plan(&roles, &counts, b) {
+            let (evict, summary_max) = match plan::plan(&roles, &counts, b) {
                 Plan::Fits => {
                     return Fit::Unchanged {
                         estimate: Some(before),
                     }
                 }
-                Plan::TooLong { needed } => return report.rejected(needed, TOO_LONG, None),
-                Plan::Compact { evict, .. } => evict,
+                Plan::TooLong {
+                    needed,
+                    system,
+                    last_turn,
+                } => return report.rejected(needed, &too_long(system, last_turn, true), None),
+                Plan::Compact { evict, summary, .. } => (evict, summary),
             };
             let input = Evicted {
                 raws: &raws,
@@ -448,7 +452,7 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
                 counts: &counts,
                 evict: &evict,
             };
-            match summarized(state, req, input, budget, window, enc).await {
+            match summarized(state, req, input, budget, window, summary_max, enc).await {
                 Ok((body, after, calls, source)) => {
                     report.rewritten("summarized", body, after, calls, Some(source), None)
                 }
@@ -461,8 +465,19 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
     }
 }
 
-/// Why a conversation cannot be made to fit at all.
-const TOO_LONG: &str = "the system messages and the last turn alone exceed the window";
+/// Why a conversation cannot be made to fit at all, naming the parts that take the room
+/// (with a summary: the least one, [`plan::MIN_SUMMARY`] tokens, too).
+fn too_long(system: u64, last_turn: u64, summary: bool) -> String {
+    let least = if summary {
+        format!(" and a summary of at least {} tokens", plan::MIN_SUMMARY)
+    } else {
+        String::new()
+    };
+    format!(
+        "the system messages ({system} tokens) and the last turn ({last_turn} tokens){least} \
+         leave no room in the window with the reply's share"
+    )
+}
 
 /// The end of one request's fitting: logged, counted and listed once, whatever it was.
 struct Report<'a> {
@@ -566,6 +581,7 @@ async fn summarized(
     input: Evicted<'_>,
     budget: u64,
     window: u64,
+    summary_max: u64,
     enc: Encoding,
 ) -> Result<(String, u64, u32, &'static str), String> {
     let Evicted {
@@ -605,7 +621,8 @@ async fn summarized(
     // The summarizer has a window too: what it must read goes in pieces that fit it, each
     // piece's summary carried into the next (and cached: a later turn may stop there).
     let window_s = state.providers.window(sp, &sm).unwrap_or(window);
-    let max = u64::from(cx.live().settings.summary_max_tokens);
+    // The summary's room as planned: `summary_max_tokens`, or less on a small window.
+    let max = summary_max;
     let piece_budget = ((window_s as f64 * 0.9) as u64)
         .saturating_sub(2 * max + SUMMARIZER_OVERHEAD)
         .max(SUMMARIZER_OVERHEAD);
@@ -634,7 +651,7 @@ async fn summarized(
             sp,
             &sm,
             &transcript,
-            cx.live().settings.summary_max_tokens,
+            u32::try_from(max).unwrap_or(u32::MAX),
             cx.live().settings.summarizer_timeout,
         )
         .await?;
@@ -687,8 +704,14 @@ fn truncate(
         Plan::Fits => Fit::Unchanged {
             estimate: Some(report.before),
         },
-        Plan::TooLong { needed } => report.rejected(needed, TOO_LONG, failure),
-        Plan::Compact { evict, kept_tokens } => match rewrite(raws, &evict, None) {
+        Plan::TooLong {
+            needed,
+            system,
+            last_turn,
+        } => report.rejected(needed, &too_long(system, last_turn, false), failure),
+        Plan::Compact {
+            evict, kept_tokens, ..
+        } => match rewrite(raws, &evict, None) {
             Some(messages) => {
                 report.rewritten("truncated", messages, kept_tokens, 0, None, failure)
             }

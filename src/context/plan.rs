@@ -9,7 +9,10 @@
 //! - everything older (less system messages) is summarized; the summary goes where the first
 //!   summarized message was;
 //! - if system + summary + tail still exceeds `prompt`, the tail gives up its oldest turns;
-//!   if even the last turn does not fit, the conversation cannot be made to fit.
+//!   then the summary gives up room (its allowance is a ceiling, not a size: on a small window
+//!   the fixed `summary_max_tokens` would take it all), down to [`MIN_SUMMARY`];
+//! - only if system + the last turn + that minimum summary exceed `prompt` can the
+//!   conversation not be made to fit.
 
 /// What the planner needs to know of a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,19 +33,33 @@ pub struct Budget {
     pub prompt: u64,
     /// The most the verbatim recent turns may take (a share of the window).
     pub tail: u64,
-    /// What the summary message may take.
+    /// What the summary message may take at most (less when the window is small).
     pub summary: u64,
 }
+
+/// The least room a summary is given (or its allowance, if smaller): below this a summary
+/// says too little to be worth a model call, and the conversation is too long instead.
+pub const MIN_SUMMARY: u64 = 32;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
     /// The prompt fits as it is.
     Fits,
     /// Replace `evict` (message indices, ascending, no system message among them) by one
-    /// summary placed at `evict[0]`; `kept_tokens` is what the kept messages take.
-    Compact { evict: Vec<usize>, kept_tokens: u64 },
-    /// Even the system messages and the last turn exceed the budget.
-    TooLong { needed: u64 },
+    /// summary placed at `evict[0]`; `kept_tokens` is what the kept messages take, `summary`
+    /// the most the summary may take (at most the budget's).
+    Compact {
+        evict: Vec<usize>,
+        kept_tokens: u64,
+        summary: u64,
+    },
+    /// Even the system messages, the last turn and the least summary exceed the budget:
+    /// `needed` in all, of which `system` and `last_turn`.
+    TooLong {
+        needed: u64,
+        system: u64,
+        last_turn: u64,
+    },
 }
 
 /// The turns of a conversation: index ranges of non-system messages, each starting at a user
@@ -103,14 +120,28 @@ pub fn plan(roles: &[Role], tokens: &[u64], budget: Budget) -> Plan {
         keep -= 1;
     }
     let evicted_turns = turns.len() - keep;
-    let needed = system + tail + if evicted_turns > 0 { budget.summary } else { 0 };
-    if needed > budget.prompt || evicted_turns == 0 {
-        return Plan::TooLong { needed };
+    let last_turn = turns.last().map(cost).unwrap_or(0);
+    // What is left for the summary, up to its allowance.
+    let summary = budget
+        .summary
+        .min(budget.prompt.saturating_sub(system + tail));
+    let least = MIN_SUMMARY.min(budget.summary);
+    let too_long = |needed| Plan::TooLong {
+        needed,
+        system,
+        last_turn,
+    };
+    if evicted_turns == 0 {
+        return too_long(system + tail);
+    }
+    if system + tail + least > budget.prompt {
+        return too_long(system + tail + least);
     }
     let evict: Vec<usize> = turns[..evicted_turns].iter().flatten().copied().collect();
     Plan::Compact {
         evict,
         kept_tokens: system + tail,
+        summary,
     }
 }
 
@@ -140,27 +171,34 @@ mod tests {
             ("fits", vec![System, User], vec![10, 10], b(20, 10, 5), Plan::Fits),
             ("oldest turns go, system stays",
                 vec![System, User, SAY, User, SAY, User], vec![5, 10, 10, 10, 10, 10], b(40, 20, 5),
-                Plan::Compact { evict: vec![1, 2, 3], kept_tokens: 25 }),
+                Plan::Compact { evict: vec![1, 2, 3], kept_tokens: 25, summary: 5 }),
             ("the tail share bounds the verbatim turns",
                 vec![User, SAY, User, SAY, User], vec![10; 5], b(45, 10, 5),
-                Plan::Compact { evict: vec![0, 1, 2, 3], kept_tokens: 10 }),
+                Plan::Compact { evict: vec![0, 1, 2, 3], kept_tokens: 10, summary: 5 }),
             ("a tool call keeps its results",
                 vec![User, CALL, Tool, Tool, SAY, User], vec![10, 5, 5, 5, 10, 10], b(30, 20, 5),
-                Plan::Compact { evict: vec![0, 1, 2, 3], kept_tokens: 20 }),
+                Plan::Compact { evict: vec![0, 1, 2, 3], kept_tokens: 20, summary: 5 }),
             ("a call and its results move to the summary together",
                 vec![User, CALL, Tool, User], vec![10, 5, 30, 10], b(40, 40, 5),
-                Plan::Compact { evict: vec![0, 1, 2], kept_tokens: 10 }),
+                Plan::Compact { evict: vec![0, 1, 2], kept_tokens: 10, summary: 5 }),
             ("system messages in the middle are kept",
                 vec![System, User, System, SAY, User], vec![5, 10, 5, 10, 10], b(30, 10, 5),
-                Plan::Compact { evict: vec![1, 3], kept_tokens: 20 }),
+                Plan::Compact { evict: vec![1, 3], kept_tokens: 20, summary: 5 }),
             ("the tail shrinks until the summary fits too",
                 vec![User, SAY, User, SAY, User], vec![10; 5], b(32, 40, 10),
-                Plan::Compact { evict: vec![0, 1, 2], kept_tokens: 20 }),
+                Plan::Compact { evict: vec![0, 1, 2], kept_tokens: 20, summary: 10 }),
             ("the last turn alone is too long",
                 vec![System, User, SAY, User], vec![10, 10, 10, 100], b(50, 40, 5),
-                Plan::TooLong { needed: 115 }),
+                Plan::TooLong { needed: 115, system: 10, last_turn: 100 }),
             ("only one turn: nothing to summarize",
-                vec![System, User], vec![30, 30], b(50, 40, 5), Plan::TooLong { needed: 60 }),
+                vec![System, User], vec![30, 30], b(50, 40, 5),
+                Plan::TooLong { needed: 60, system: 30, last_turn: 30 }),
+            ("a small window: the summary takes what is left, not its full allowance",
+                vec![System, User, SAY, User], vec![24, 300, 300, 9], b(316, 100, 512),
+                Plan::Compact { evict: vec![1, 2], kept_tokens: 33, summary: 283 }),
+            ("too long only when not even the least summary fits",
+                vec![System, User, SAY, User], vec![24, 300, 300, 9], b(50, 10, 512),
+                Plan::TooLong { needed: 65, system: 24, last_turn: 9 }),
         ];
         for (what, roles, tokens, budget, want) in table {
             assert_eq!(plan(&roles, &tokens, budget), want, "{what}");
@@ -180,8 +218,17 @@ mod tests {
                 let tokens: Vec<u64> = (0..n as u64).map(|i| unit + i % 7).collect();
                 for prompt in [30u64, 60, 100, 200] {
                     let budget = b(prompt, prompt / 2, 8);
-                    if let Plan::Compact { evict, kept_tokens } = plan(roles, &tokens, budget) {
-                        assert!(kept_tokens + 8 <= prompt, "{n} {unit} {prompt}");
+                    if let Plan::Compact {
+                        evict,
+                        kept_tokens,
+                        summary,
+                    } = plan(roles, &tokens, budget)
+                    {
+                        assert!(kept_tokens + summary <= prompt, "{n} {unit} {prompt}");
+                        assert_eq!(
+                            summary, 8,
+                            "room for the whole allowance: {n} {unit} {prompt}"
+                        );
                         assert!(!evict.contains(&(n - 1)), "the last message stays");
                         assert!(evict.iter().all(|&i| roles[i] != System));
                         for &i in &evict {

@@ -562,3 +562,60 @@ async fn a_num_ctx_above_buffers_context_max_is_capped() {
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+#[tokio::test]
+async fn a_small_window_is_summarized_not_refused() {
+    // Issue 19 §1: window 512, a 24-word system prompt, 40 turns of ~25 words, a 9-word
+    // question. The prompt budget is 0.9 × 512 − 128 (the reply's room, at most a quarter of
+    // the window) = 332 tokens, less than the 512 of `summary_max_tokens`: the summary gets
+    // what the system message and the last turn leave, instead of the request being refused.
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::with(sim_with_window(512).await, "small", "").await;
+    let system = "You are a careful assistant for a small team. Answer briefly, in plain English, \
+                  and say so when you do not know the answer to a question.";
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    for i in 0..40 {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        let text = format!(
+            "turn {i}: {}",
+            "we talked about the build and the tests again ".repeat(3)
+        );
+        messages.push(json!({"role": role, "content": text}));
+    }
+    messages.push(json!({"role": "user", "content": "so what did we decide about the tests?"}));
+    let r = chat_via(&c, &proxy, &messages).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let header = r.headers["x-llm-warden-compacted"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (before, after) = header.split_once("->").unwrap();
+    let (before, after): (u64, u64) = (before.parse().unwrap(), after.parse().unwrap());
+    assert!(before > 332 && after <= 332, "{header}");
+    let (summarizer, forwarded) = upstream_chats(&sim);
+    // The summarizer (the same model, window 512) reads the history in pieces.
+    assert!(!summarizer.is_empty());
+    // Each call asks for no more than the room left, not the full 512.
+    for call in &summarizer {
+        let asked = call["options"]["num_predict"].as_u64().unwrap();
+        assert!(asked < 332, "num_predict {asked}");
+    }
+    let sent = forwarded[0]["messages"].as_array().unwrap();
+    assert_eq!(sent[0], messages[0], "the system message, verbatim");
+    assert_eq!(sent.last(), messages.last(), "the last turn, verbatim");
+    assert!(sent[1]["content"].as_str().unwrap().contains(SUMMARY));
+    // The same request again: the summary comes from the cache, no second call.
+    let r = chat_via(&c, &proxy, &messages).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        upstream_chats(&sim).0.len(),
+        summarizer.len(),
+        "a cache hit"
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
