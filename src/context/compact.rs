@@ -442,7 +442,7 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
                     needed,
                     system,
                     last_turn,
-                } => return report.rejected(needed, &too_long(system, last_turn, true), None),
+                } => return report.rejected(needed, &too_long(needed, system, last_turn), None),
                 Plan::Compact { evict, summary, .. } => (evict, summary),
             };
             let input = Evicted {
@@ -465,13 +465,13 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
     }
 }
 
-/// Why a conversation cannot be made to fit at all, naming the parts that take the room
-/// (with a summary: the least one, [`plan::MIN_SUMMARY`] tokens, too).
-fn too_long(system: u64, last_turn: u64, summary: bool) -> String {
-    let least = if summary {
-        format!(" and a summary of at least {} tokens", plan::MIN_SUMMARY)
-    } else {
-        String::new()
+/// Why a conversation cannot be made to fit at all, naming the parts of the `needed` tokens
+/// that take the room: the system messages, the last turn, and the rest the least summary
+/// (none when truncating).
+fn too_long(needed: u64, system: u64, last_turn: u64) -> String {
+    let least = match needed.saturating_sub(system + last_turn) {
+        0 => String::new(),
+        n => format!(" and a summary of at least {n} tokens"),
     };
     format!(
         "the system messages ({system} tokens) and the last turn ({last_turn} tokens){least} \
@@ -581,6 +581,7 @@ async fn summarized(
     input: Evicted<'_>,
     budget: u64,
     window: u64,
+    // The summary's room as planned: `summary_max_tokens`, or less on a small window.
     summary_max: u64,
     enc: Encoding,
 ) -> Result<(String, u64, u32, &'static str), String> {
@@ -621,10 +622,8 @@ async fn summarized(
     // The summarizer has a window too: what it must read goes in pieces that fit it, each
     // piece's summary carried into the next (and cached: a later turn may stop there).
     let window_s = state.providers.window(sp, &sm).unwrap_or(window);
-    // The summary's room as planned: `summary_max_tokens`, or less on a small window.
-    let max = summary_max;
     let piece_budget = ((window_s as f64 * 0.9) as u64)
-        .saturating_sub(2 * max + SUMMARIZER_OVERHEAD)
+        .saturating_sub(2 * summary_max + SUMMARIZER_OVERHEAD)
         .max(SUMMARIZER_OVERHEAD);
     let from_cache = previous.is_some();
     let (mut prior, mut k) = match previous {
@@ -651,7 +650,7 @@ async fn summarized(
             sp,
             &sm,
             &transcript,
-            u32::try_from(max).unwrap_or(u32::MAX),
+            u32::try_from(summary_max).unwrap_or(u32::MAX),
             cx.live().settings.summarizer_timeout,
         )
         .await?;
@@ -708,7 +707,7 @@ fn truncate(
             needed,
             system,
             last_turn,
-        } => report.rejected(needed, &too_long(system, last_turn, false), failure),
+        } => report.rejected(needed, &too_long(needed, system, last_turn), failure),
         Plan::Compact {
             evict, kept_tokens, ..
         } => match rewrite(raws, &evict, None) {
@@ -797,6 +796,21 @@ fn role_of(v: &Value) -> Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_long_names_the_parts_that_take_the_room() {
+        assert_eq!(
+            too_long(65, 24, 9),
+            "the system messages (24 tokens) and the last turn (9 tokens) and a summary of \
+             at least 32 tokens leave no room in the window with the reply's share"
+        );
+        // Truncating, or a single turn: no summary in the count.
+        assert_eq!(
+            too_long(60, 30, 30),
+            "the system messages (30 tokens) and the last turn (30 tokens) leave no room in \
+             the window with the reply's share"
+        );
+    }
 
     #[test]
     fn memory_pressure_compacts_earlier_and_caps_the_context() {

@@ -54,7 +54,8 @@ pub enum Plan {
         summary: u64,
     },
     /// Even the system messages, the last turn and the least summary exceed the budget:
-    /// `needed` in all, of which `system` and `last_turn`.
+    /// `needed` = `system` + `last_turn` + that summary (none when nothing is evicted, or
+    /// with no summary allowance).
     TooLong {
         needed: u64,
         system: u64,

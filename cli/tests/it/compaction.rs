@@ -101,6 +101,17 @@ fn chat(messages: &[Value]) -> String {
     json!({"model": "llama3.2", "messages": messages, "stream": false}).to_string()
 }
 
+/// The `x-llm-warden-compacted` header of a reply, and its `before->after` tokens.
+fn compacted(r: &Reply) -> (String, u64, u64) {
+    let header = r.headers["x-llm-warden-compacted"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let (before, after) = header.split_once("->").unwrap();
+    let (before, after) = (before.parse().unwrap(), after.parse().unwrap());
+    (header, before, after)
+}
+
 /// The chat requests that reached the simulator: the summarizer's and the others.
 fn upstream_chats(sim: &SimServer<OllamaSim>) -> (Vec<Value>, Vec<Value>) {
     let chats: Vec<Value> = sim
@@ -128,12 +139,7 @@ async fn a_long_conversation_is_summarized_to_fit_and_the_client_is_told() {
     let messages = conversation(40);
     let r = post_json(&c, &url, &chat(&messages)).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let header = r.headers["x-llm-warden-compacted"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let (before, after) = header.split_once("->").unwrap();
-    let (before, after): (u64, u64) = (before.parse().unwrap(), after.parse().unwrap());
+    let (header, before, after) = compacted(&r);
     // The budget: 0.9 × 4096 − 256 for the reply.
     assert!(before > 3430 && after <= 3430, "{header}");
     // The provider got the prompt whole: its own count is within the window.
@@ -589,12 +595,7 @@ async fn a_small_window_is_summarized_not_refused() {
     messages.push(json!({"role": "user", "content": "so what did we decide about the tests?"}));
     let r = chat_via(&c, &proxy, &messages).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let header = r.headers["x-llm-warden-compacted"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let (before, after) = header.split_once("->").unwrap();
-    let (before, after): (u64, u64) = (before.parse().unwrap(), after.parse().unwrap());
+    let (header, before, after) = compacted(&r);
     assert!(before > 332 && after <= 332, "{header}");
     let (summarizer, forwarded) = upstream_chats(&sim);
     // The summarizer (the same model, window 512) reads the history in pieces.
