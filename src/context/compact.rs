@@ -158,7 +158,16 @@ pub struct ChatRequest<'a> {
     pub messages: Option<&'a RawValue>,
     /// `options.num_predict` / `max_tokens` / `max_completion_tokens`.
     pub max_reply: Option<u64>,
+    /// Memory pressure chose the window (smaller than the request's or the model's own):
+    /// a request that cannot fit it even compacted is fitted into the least window that
+    /// holds it instead, at most this many tokens (`buffers.context.max`), at the usual
+    /// threshold. Shrinking may cost quality, never availability (issue 19).
+    pub raise_to: Option<u64>,
 }
+
+/// Raised windows are rounded up to this many tokens, so that requests of about the same
+/// size ask for the same runner (a runner of another size is a reload).
+pub const RAISE_STEP: u64 = 256;
 
 impl Compactor {
     pub fn new(config: &Config) -> Self {
@@ -293,13 +302,15 @@ impl Compactor {
             .unwrap_or_else(|| Encoding::for_model(model))
     }
 
-    fn threshold(&self, model: &str) -> f64 {
+    /// The share of the window the prompt may take; less under memory pressure, unless the
+    /// window was `raised` to fit the request.
+    fn threshold(&self, model: &str, raised: bool) -> f64 {
         let live = self.live.load();
         let t = live
             .overrides(model)
             .and_then(|o| o.compression_threshold)
             .unwrap_or(live.threshold);
-        if self.pressed() {
+        if self.pressed() && !raised {
             t * PRESSURE_FACTOR
         } else {
             t
@@ -317,8 +328,13 @@ impl Compactor {
         }
     }
 
+    /// `buffers.context.max`: the most context the proxy lets a request have.
+    pub fn context_max(&self) -> u64 {
+        self.live.load().context_max
+    }
+
     /// Whether memory pressure says compact earlier.
-    fn pressed(&self) -> bool {
+    pub fn pressed(&self) -> bool {
         self.compact_earlier
             .load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -351,35 +367,107 @@ impl Compactor {
 
     /// The budget for the prompt of `req` in a window of `window` tokens.
     pub fn prompt_budget(&self, req: &ChatRequest, window: u64) -> u64 {
-        let t = (self.threshold(req.model) * window as f64) as u64;
+        self.budget(req, window, false)
+    }
+
+    fn budget(&self, req: &ChatRequest, window: u64, raised: bool) -> u64 {
+        let t = (self.threshold(req.model, raised) * window as f64) as u64;
         t.saturating_sub(self.reserve(req, window))
+    }
+
+    /// The least window, a multiple of [`RAISE_STEP`], whose budget at the usual threshold
+    /// holds `needed` prompt tokens of `req`; `None` past `bound` (or if none does).
+    pub fn least_window(&self, req: &ChatRequest, needed: u64, bound: u64) -> Option<u64> {
+        let holds = |w: u64| self.budget(req, w, true) >= needed;
+        if !holds(bound) {
+            return None;
+        }
+        // Halving [lo, hi] in steps; `hi` always holds, so the answer does, and it is the
+        // least when the budget grows with the window (for thresholds above a quarter: the
+        // reply's default share is at most a quarter of the window).
+        let (mut lo, mut hi) = (0u64, bound.div_ceil(RAISE_STEP));
+        while lo + 1 < hi {
+            let mid = (lo + hi) / 2;
+            if holds(mid * RAISE_STEP) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some((hi * RAISE_STEP).min(bound))
     }
 }
 
-/// Fits `req` into `window` tokens (see the module doc).
-pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
+/// Fits `req` into `window` tokens (see the module doc); a request that cannot fit a window
+/// that memory pressure chose is fitted into the least window that holds it
+/// ([`ChatRequest::raise_to`]). Returns the fit and the window it is for.
+pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> (Fit, u64) {
+    let refused = match fit_into(state, req, window, false).await {
+        Ok(fit) => return (fit, window),
+        Err(refused) => refused,
+    };
+    let raised = req.raise_to.and_then(|bound| {
+        state
+            .compactor
+            .least_window(req, refused.needed, bound)
+            // The same window, at the usual threshold, may be enough.
+            .map(|w| w.max(window))
+    });
+    let (refused, window) = match raised {
+        Some(w) => match fit_into(state, req, w, true).await {
+            Ok(fit) => return (fit, w),
+            Err(refused) => (refused, w),
+        },
+        None => (refused, window),
+    };
+    let report = Report {
+        state,
+        req,
+        window,
+        before: refused.before,
+    };
+    (report.rejected(refused), window)
+}
+
+/// Why a request cannot fit a window: the tokens it needs at the least (without the reply's
+/// room), and the prompt's as sent.
+struct Refused {
+    needed: u64,
+    before: u64,
+    why: String,
+    failure: Option<String>,
+}
+
+/// Fits `req` into `window` tokens at the usual threshold if `raised`, else at the one memory
+/// pressure sets.
+async fn fit_into(
+    state: Stage<'_>,
+    req: &ChatRequest<'_>,
+    window: u64,
+    raised: bool,
+) -> Result<Fit, Refused> {
     let cx = &state.compactor;
     let policy = cx.policy(req.model);
     let Some(messages_raw) = req.messages else {
-        return Fit::Unchanged { estimate: None };
+        return Ok(Fit::Unchanged { estimate: None });
     };
     if policy == OverflowPolicy::Passthrough {
-        return Fit::Unchanged { estimate: None };
+        return Ok(Fit::Unchanged { estimate: None });
     }
-    let budget = cx.prompt_budget(req, window);
+    let budget = cx.budget(req, window, raised);
     if tokens::upper_bound(messages_raw.get().len()) <= budget {
-        return Fit::Unchanged { estimate: None };
+        return Ok(Fit::Unchanged { estimate: None });
     }
     let Ok(raws) = serde_json::from_str::<Vec<&RawValue>>(messages_raw.get()) else {
         // Not an array of messages: the provider answers its own error.
-        return Fit::Unchanged { estimate: None };
+        return Ok(Fit::Unchanged { estimate: None });
     };
     // An entry that is not a message object (`null`, a number, a string): the provider
     // refuses the body (Go cannot decode a number into `api.Message`; a `null` entry is an
     // empty message). Compacting would drop that entry and turn the provider's "no" into a
     // "yes" (issue 18): the body goes on unchanged, for the provider's own answer.
     if raws.iter().any(|r| !r.get().trim_start().starts_with('{')) {
-        return Fit::Unchanged { estimate: None };
+        return Ok(Fit::Unchanged { estimate: None });
     }
     let provider_name = state.providers.name(req.provider);
     let enc = cx.encoding(req.model);
@@ -391,9 +479,9 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
         .collect();
     let before: u64 = counts.iter().sum();
     if before <= budget {
-        return Fit::Unchanged {
+        return Ok(Fit::Unchanged {
             estimate: Some(before),
-        };
+        });
     }
     // Over the budget: the messages themselves are needed now (roles, the transcript).
     let values: Vec<Value> = raws
@@ -408,9 +496,9 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
                 .is_none_or(|c| c.is_string() || c.is_array() || c.is_null())
     };
     if !values.iter().all(readable) {
-        return Fit::Unchanged {
+        return Ok(Fit::Unchanged {
             estimate: Some(before),
-        };
+        });
     }
     let roles: Vec<Role> = values.iter().map(role_of).collect();
     let report = Report {
@@ -420,10 +508,15 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
         before,
     };
     match policy {
-        OverflowPolicy::Passthrough => Fit::Unchanged {
+        OverflowPolicy::Passthrough => Ok(Fit::Unchanged {
             estimate: Some(before),
-        },
-        OverflowPolicy::Reject => report.rejected(before, "on_overflow = reject", None),
+        }),
+        OverflowPolicy::Reject => Err(Refused {
+            needed: before,
+            before,
+            why: "on_overflow = reject".to_string(),
+            failure: None,
+        }),
         OverflowPolicy::TruncateOldest => truncate(&report, &raws, &roles, &counts, budget, None),
         OverflowPolicy::Summarize => {
             let tail = (cx.live().settings.keep_recent_share * window as f64) as u64;
@@ -434,15 +527,22 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
             };
             let (evict, summary_max) = match plan::plan(&roles, &counts, b) {
                 Plan::Fits => {
-                    return Fit::Unchanged {
+                    return Ok(Fit::Unchanged {
                         estimate: Some(before),
-                    }
+                    })
                 }
                 Plan::TooLong {
                     needed,
                     system,
                     last_turn,
-                } => return report.rejected(needed, &too_long(needed, system, last_turn), None),
+                } => {
+                    return Err(Refused {
+                        needed,
+                        before,
+                        why: too_long(needed, system, last_turn),
+                        failure: None,
+                    })
+                }
                 Plan::Compact { evict, summary, .. } => (evict, summary),
             };
             let input = Evicted {
@@ -453,9 +553,14 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> Fit {
                 evict: &evict,
             };
             match summarized(state, req, input, budget, window, summary_max, enc).await {
-                Ok((body, after, calls, source)) => {
-                    report.rewritten("summarized", body, after, calls, Some(source), None)
-                }
+                Ok((body, after, calls, source)) => Ok(report.rewritten(
+                    "summarized",
+                    body,
+                    after,
+                    calls,
+                    Some(source),
+                    None,
+                )),
                 Err(why) => {
                     tracing::warn!(model = req.model, error = %why, "summarizer failed; dropping the oldest turns instead");
                     truncate(&report, &raws, &roles, &counts, budget, Some(why))
@@ -489,13 +594,13 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
-    /// 400: even `needed` tokens (plus the reply's room) do not fit.
-    fn rejected(&self, needed: u64, why: &str, failure: Option<String>) -> Fit {
-        self.record("rejected", needed, 0, None, failure);
+    /// 400: even the tokens it needs (plus the reply's room) do not fit.
+    fn rejected(&self, refused: Refused) -> Fit {
+        self.record("rejected", refused.needed, 0, None, refused.failure);
         Fit::Reject {
-            tokens: needed + self.state.compactor.reserve(self.req, self.window),
+            tokens: refused.needed + self.state.compactor.reserve(self.req, self.window),
             window: self.window,
-            why: why.to_string(),
+            why: refused.why,
         }
     }
 
@@ -693,31 +798,36 @@ fn truncate(
     counts: &[u64],
     budget: u64,
     failure: Option<String>,
-) -> Fit {
+) -> Result<Fit, Refused> {
     let b = Budget {
         prompt: budget,
         tail: budget,
         summary: 0,
     };
     match plan::plan(roles, counts, b) {
-        Plan::Fits => Fit::Unchanged {
+        Plan::Fits => Ok(Fit::Unchanged {
             estimate: Some(report.before),
-        },
+        }),
         Plan::TooLong {
             needed,
             system,
             last_turn,
-        } => report.rejected(needed, &too_long(needed, system, last_turn), failure),
+        } => Err(Refused {
+            needed,
+            before: report.before,
+            why: too_long(needed, system, last_turn),
+            failure,
+        }),
         Plan::Compact {
             evict, kept_tokens, ..
-        } => match rewrite(raws, &evict, None) {
+        } => Ok(match rewrite(raws, &evict, None) {
             Some(messages) => {
                 report.rewritten("truncated", messages, kept_tokens, 0, None, failure)
             }
             None => Fit::Unchanged {
                 estimate: Some(report.before),
             },
-        },
+        }),
     }
 }
 
@@ -796,6 +906,7 @@ fn role_of(v: &Value) -> Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn too_long_names_the_parts_that_take_the_room() {
@@ -812,14 +923,156 @@ mod tests {
         );
     }
 
+    /// Providers as the compaction stage sees them, without a network: one Ollama whose
+    /// summarizer answers a fixed short summary.
+    struct OneOllama;
+
+    impl Providers for OneOllama {
+        fn name(&self, _: usize) -> &str {
+            "ollama"
+        }
+        fn kind(&self, _: usize) -> ProviderKind {
+            ProviderKind::Ollama
+        }
+        fn find(&self, _: &str) -> Option<usize> {
+            Some(0)
+        }
+        fn window(&self, _: usize, _: &str) -> Option<u64> {
+            None
+        }
+        fn compacted(&self, _: usize, _: &str, _: u64) {}
+        fn post<'a>(
+            &'a self,
+            _: usize,
+            _: &'a str,
+            _: &'static str,
+            _: &'a (dyn Fn(Shape) -> Bytes + Sync),
+            _: usize,
+        ) -> BoxFuture<'a, Result<(http::StatusCode, Bytes), String>> {
+            Box::pin(async {
+                let answer = r#"{"message":{"role":"assistant","content":"They talked."}}"#;
+                Ok((http::StatusCode::OK, Bytes::from_static(answer.as_bytes())))
+            })
+        }
+    }
+
+    fn words(n: usize, seed: usize) -> String {
+        (0..n)
+            .map(|i| ["river", "stone", "amber", "quiet", "delta", "north"][(i + seed) % 6])
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Issue 19: shrinking the context under memory pressure may cost quality, never
+    /// availability. Property over request sizes (history, last turn, reply limit), overflow
+    /// policies, normal windows and pressure levels: whatever the unpressured proxy serves is
+    /// served under pressure, in a window no larger than `buffers.context.max`, and what is
+    /// forwarded fits the window it is forwarded for.
+    #[tokio::test]
+    async fn no_request_the_unpressured_proxy_serves_is_refused_under_pressure() {
+        use crate::lifecycle::runner;
+        use crate::monitor::Level;
+        let dir = std::env::temp_dir().join(format!("llm-warden-raise-{}", std::process::id()));
+        let mut config = Config::default();
+        config.buffers.context_initial = 1024;
+        config.buffers.context_max = 8192;
+        config.compaction.cache_dir = Some(dir.clone());
+        let (mut served, mut raised, mut refused_both) = (0, 0, 0);
+        for policy in [
+            OverflowPolicy::Summarize,
+            OverflowPolicy::TruncateOldest,
+            OverflowPolicy::Reject,
+        ] {
+            config.compaction.on_overflow = policy;
+            let cx = Compactor::new(&config);
+            let stage = Stage {
+                compactor: &cx,
+                providers: &OneOllama,
+            };
+            for turns in [0usize, 2, 8] {
+                for turn_words in [40usize, 400] {
+                    for last in [9usize, 150, 600, 2500, 7000] {
+                        let mut messages = vec![
+                            json!({"role": "system", "content": words(24, 0)}),
+                        ];
+                        for t in 0..turns {
+                            let role = if t % 2 == 0 { "user" } else { "assistant" };
+                            messages.push(json!({"role": role, "content": words(turn_words, t)}));
+                        }
+                        messages.push(json!({"role": "user", "content": words(last, 7)}));
+                        let raw = serde_json::to_string(&messages).expect("json");
+                        let raw = RawValue::from_string(raw).expect("raw");
+                        for max_reply in [None, Some(150u64), Some(1500)] {
+                            for normal in [2048u64, 4096] {
+                                let req = |raise_to| ChatRequest {
+                                    provider: 0,
+                                    model: "m",
+                                    messages: Some(&raw),
+                                    max_reply,
+                                    raise_to,
+                                };
+                                cx.set_compact_earlier(false);
+                                let (unpressured, _) = fit(stage, &req(None), normal).await;
+                                for level in [Level::Normal, Level::Warning, Level::Critical] {
+                                    let cap = runner::cap(ProviderKind::Ollama, level, 1024, 256);
+                                    cx.set_compact_earlier(level != Level::Normal);
+                                    let window = cap.num_ctx.unwrap_or(normal);
+                                    let raise_to = cap.num_ctx.map(|_| cx.context_max());
+                                    let (pressured, used) = fit(stage, &req(raise_to), window).await;
+                                    let case = format!(
+                                        "{policy:?} turns={turns}x{turn_words} last={last} \
+                                         reply={max_reply:?} normal={normal} {level:?}: \
+                                         {unpressured:?} / {pressured:?}"
+                                    );
+                                    assert!(used <= 8192, "{case}");
+                                    let reserve = cx.reserve(&req(None), used);
+                                    match &pressured {
+                                        Fit::Reject { .. } => {
+                                            assert!(
+                                                matches!(unpressured, Fit::Reject { .. }),
+                                                "refused under pressure only: {case}"
+                                            );
+                                            refused_both += 1;
+                                        }
+                                        Fit::Rewritten { after, .. } => {
+                                            assert!(after + reserve <= used, "{case}");
+                                            served += 1;
+                                        }
+                                        Fit::Unchanged { estimate } => {
+                                            if let Some(e) = estimate {
+                                                assert!(e + reserve <= used, "{case}");
+                                            }
+                                            served += 1;
+                                        }
+                                    }
+                                    if used != window {
+                                        assert!(used > window, "{case}");
+                                        raised += 1;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        // Not vacuous: each outcome happens.
+        assert!(served > 100 && raised > 20 && refused_both > 10, "{served} {raised} {refused_both}");
+    }
+
     #[test]
     fn memory_pressure_compacts_earlier_and_caps_the_context() {
         let cx = Compactor::new(&Config::default());
         assert_eq!(cx.context_cap(), 32768, "buffers.context.max");
-        assert!((cx.threshold("m") - 0.9).abs() < 1e-9);
+        assert!((cx.threshold("m", false) - 0.9).abs() < 1e-9);
         cx.set_compact_earlier(true);
         assert_eq!(cx.context_cap(), 4096, "buffers.context.initial");
-        assert!((cx.threshold("m") - 0.9 * PRESSURE_FACTOR).abs() < 1e-9);
+        assert!((cx.threshold("m", false) - 0.9 * PRESSURE_FACTOR).abs() < 1e-9);
+        assert!(
+            (cx.threshold("m", true) - 0.9).abs() < 1e-9,
+            "a window raised to fit the request: the usual threshold"
+        );
         cx.set_compact_earlier(false);
         assert_eq!(cx.context_cap(), 32768);
     }

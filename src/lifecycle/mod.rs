@@ -555,7 +555,12 @@ impl LifecycleHandle {
     ) -> Result<Lease, LifecycleError> {
         // The fast path (see `gate`): a ready model whose gate is open. A client's idle
         // hint is the actor's to record, so such requests ask it.
-        if hint.is_none() {
+        // A request that needs more context than the runner has goes to the actor too
+        // (it reloads the model larger: `runner`).
+        let fits = || {
+            ask.floor().is_none() || self.facts.get(model).is_none_or(|f| ask.served_by(f.runner))
+        };
+        if hint.is_none() && fits() {
             if let Some(g) = self.gates.load().get(model) {
                 if g.try_take() {
                     return Ok(Lease(LeaseFrom::Gate(g.clone())));

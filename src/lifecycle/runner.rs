@@ -10,7 +10,12 @@
 //! | critical | `num_ctx` = half of that (at least 512); Ollama also a `num_batch` whose |
 //! |          | compute buffers fit `buffers.working.initial` (`memory::batch`)          |
 //!
-//! A request's own smaller value is kept ("capped at", never raised). LM Studio gets its
+//! A request's own smaller value is kept ("capped at", never raised). A request that the
+//! capped context cannot hold, even compacted, is not refused for it (issue 19): the data plane
+//! works out the least context that fits it (at most `buffers.context.max`) and asks for at
+//! least that ([`LoadAsk::AtLeast`]); the load gets it, and a runner already loaded smaller is
+//! reloaded at that size once its requests are done ("reshape", in the actor). Shrinking may
+//! cost quality, never availability. LM Studio gets its
 //! context through its load API (requests there cannot change a loaded model's context, and
 //! have no `num_batch`); llama-server's router takes no options per load, so it gets none.
 //!
@@ -47,8 +52,29 @@ pub enum LoadAsk {
     /// It carries these runner options (none: the provider's defaults), and will carry the
     /// runner's: the load gets the smaller of these and the pressure cap.
     Options(Shape),
+    /// As `Options`, and the context must be at least this many tokens: the request does
+    /// not fit a smaller one (the cap is raised to it; a runner loaded smaller is reloaded).
+    AtLeast(Shape, u64),
     /// It cannot carry runner options (Ollama's `/v1/*`): the provider's defaults.
     Defaults,
+}
+
+impl LoadAsk {
+    /// The least context the asker can be served with, if it needs more than any.
+    pub fn floor(&self) -> Option<u64> {
+        match self {
+            LoadAsk::AtLeast(_, floor) => Some(*floor),
+            _ => None,
+        }
+    }
+
+    /// Whether a runner with these options can serve the asker (`None`: any context).
+    pub fn served_by(&self, runner: Shape) -> bool {
+        match (self.floor(), runner.num_ctx) {
+            (Some(floor), Some(n)) => n >= floor,
+            _ => true,
+        }
+    }
 }
 
 impl Default for LoadAsk {
@@ -82,6 +108,15 @@ pub fn cap(kind: ProviderKind, level: Level, context_initial: u64, working_mb: u
             num_ctx: Some((context_initial / 2).max(MIN_CONTEXT)),
             batch_budget: (kind == ProviderKind::Ollama).then_some(working_mb * MIB),
         },
+    }
+}
+
+/// The context a load gets: the smaller of the cap and what was asked, raised to the least
+/// that its waiters need (`floor`).
+pub fn context(cap: Option<u64>, asked: Option<u64>, floor: Option<u64>) -> Option<u64> {
+    match (capped(cap, asked), floor) {
+        (Some(n), Some(f)) => Some(n.max(f)),
+        (n, f) => n.or(f),
     }
 }
 
@@ -131,5 +166,29 @@ mod tests {
         assert_eq!(capped(Some(2048), None), Some(2048));
         assert_eq!(capped(None, Some(8192)), Some(8192));
         assert_eq!(capped(None, None), None);
+    }
+
+    #[test]
+    fn a_floor_raises_the_cap_and_nothing_else() {
+        assert_eq!(context(Some(512), None, Some(1024)), Some(1024));
+        assert_eq!(context(Some(512), Some(8192), Some(700)), Some(700));
+        assert_eq!(context(Some(2048), None, Some(1024)), Some(2048));
+        assert_eq!(context(Some(2048), Some(1024), None), Some(1024));
+        assert_eq!(context(None, None, Some(900)), Some(900));
+        assert_eq!(context(None, None, None), None);
+        let ask = LoadAsk::AtLeast(Shape::default(), 1024);
+        assert!(!ask.served_by(Shape {
+            num_ctx: Some(512),
+            num_batch: None
+        }));
+        assert!(ask.served_by(Shape {
+            num_ctx: Some(1024),
+            num_batch: None
+        }));
+        assert!(ask.served_by(Shape::default()), "the provider's own window");
+        assert!(LoadAsk::default().served_by(Shape {
+            num_ctx: Some(512),
+            num_batch: None
+        }));
     }
 }

@@ -1117,6 +1117,86 @@ async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_ho
     assert_eq!(rig.lc.runner("d"), None);
 }
 
+/// A request the pressure's smaller context cannot hold asks for at least what it needs
+/// (issue 19): a fresh load gets it, and a runner loaded smaller is reloaded at that size once
+/// the requests holding it are done; until then neither it nor later requests take a lease
+/// on the small runner, and no request is forwarded to a runner too small for it.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_needs_more_context_than_the_cap_reshapes_the_runner() {
+    use crate::monitor::{Level, Snapshot};
+    let (_tx, rx) = watch::channel(Snapshot {
+        pressure_level: Level::Critical,
+        ..Snapshot::default()
+    });
+    let mut s = settings();
+    s.kind = crate::providers::ProviderKind::Ollama;
+    s.pressure = Some(rx);
+    s.max_models_loaded = 10;
+    let rig = start(s);
+    let ctx = |n| Shape {
+        num_ctx: Some(n),
+        num_batch: None,
+    };
+    // Not loaded: the load gets the request's floor instead of the cap (2048).
+    drop(
+        rig.lc
+            .acquire("fresh", None, LoadAsk::AtLeast(Shape::default(), 3072))
+            .await
+            .expect("a lease"),
+    );
+    assert_eq!(rig.lc.runner("fresh"), Some(ctx(3072)));
+    // Loaded at the cap, with a request in flight.
+    let small = rig
+        .lc
+        .acquire("a", None, LoadAsk::default())
+        .await
+        .expect("a lease");
+    assert_eq!(rig.lc.runner("a"), Some(ctx(2048)));
+    let lc = rig.lc.clone();
+    let big =
+        tokio::spawn(async move { lc.acquire("a", None, LoadAsk::AtLeast(ctx(2048), 4096)).await });
+    rig.settle().await;
+    // A later small request does not slip past on the small runner either.
+    let lc = rig.lc.clone();
+    let later = tokio::spawn(async move { lc.acquire("a", None, LoadAsk::default()).await });
+    rig.settle().await;
+    assert!(!big.is_finished() && !later.is_finished());
+    assert_eq!(
+        rig.provider.calls(),
+        ["load fresh ctx=3072", "load a ctx=2048"],
+        "nothing unloaded under the lease in flight"
+    );
+    drop(small);
+    let big = big.await.expect("joined").expect("a lease");
+    assert_eq!(
+        rig.provider.calls(),
+        [
+            "load fresh ctx=3072",
+            "load a ctx=2048",
+            "unload a",
+            "load a ctx=4096"
+        ]
+    );
+    assert_eq!(rig.lc.runner("a"), Some(ctx(4096)));
+    let later = later.await.expect("joined").expect("a lease");
+    drop((big, later));
+    // A runner large enough serves a floor at once, through the fast path.
+    drop(
+        rig.lc
+            .acquire("a", None, LoadAsk::AtLeast(Shape::default(), 3000))
+            .await
+            .expect("a lease"),
+    );
+    assert_eq!(rig.provider.calls().len(), 4, "no reload for a floor it meets");
+    let events = rig.lc.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.starts_with("reshape")),
+        "the unload says why: {events:?}"
+    );
+}
+
 // === lifecycle events ===
 
 #[tokio::test(start_paused = true)]

@@ -43,6 +43,10 @@ pub const COMPACTED_HEADER: &str = "x-llm-warden-compacted";
 /// Set when Ollama's `num_ctx` was rewritten (to the loaded model's, to a cap, or to the
 /// smaller context of a load under memory pressure): `<sent or "default">-><used>`.
 pub const NUM_CTX_HEADER: &str = "x-llm-warden-num-ctx";
+/// Set when the context memory pressure allows could not hold the request, even compacted,
+/// and a larger one was chosen for it: `<the pressure's window>-><chosen>` (a runner loaded
+/// smaller is reloaded at the chosen size).
+pub const CONTEXT_HEADER: &str = "x-llm-warden-context";
 /// Set when Ollama's `num_batch` was rewritten (memory pressure): `<sent or "default">-><used>`.
 pub const NUM_BATCH_HEADER: &str = "x-llm-warden-num-batch";
 
@@ -70,6 +74,9 @@ struct Call<'a> {
     edits: Edits,
     /// Prompt tokens, when counted (to calibrate against the provider's count).
     estimate: Option<u64>,
+    /// The window memory pressure chose and the larger one the request needs
+    /// ([`CONTEXT_HEADER`]): its load (or reload) gets at least that.
+    raised: Option<(u64, u64)>,
 }
 
 /// What the proxy changes in the body, applied in one rewrite just before forwarding.
@@ -156,6 +163,7 @@ pub(super) async fn inspected(
         keep_alive,
         model,
         estimate: None,
+        raised: None,
     };
     if let Err(e) = call.fit().await {
         let mut g = state
@@ -211,10 +219,14 @@ impl Call<'_> {
         if self.kind() == ProviderKind::Ollama && !self.native {
             return LoadAsk::Defaults;
         }
-        LoadAsk::Options(Shape {
+        let shape = Shape {
             num_ctx: self.edits.num_ctx.or(self.limits.num_ctx),
             num_batch: self.limits.num_batch,
-        })
+        };
+        match self.raised {
+            Some((_, floor)) => LoadAsk::AtLeast(shape, floor),
+            None => LoadAsk::Options(shape),
+        }
     }
 
     /// The runner options a native Ollama request will carry, as far as can be known before
@@ -263,7 +275,7 @@ impl Call<'_> {
         // What the lifecycle published of the model, read once: the window it runs with
         // (the actor publishes it from its own loads at once, and from the provider's list
         // for loads made by others) and its runner options.
-        let facts = self.p.lifecycle.facts(&self.model);
+        let mut facts = self.p.lifecycle.facts(&self.model);
         let expected = self.expected_runner(facts);
         let shaped = !expected.is_default();
         let loaded_window = facts.and_then(|f| f.window);
@@ -275,14 +287,16 @@ impl Call<'_> {
                 let loaded = self.p.lifecycle.load(&self.model, self.load_ask()).await;
                 if let Ok(view) = loaded {
                     known = view.context_length;
+                    facts = self.p.lifecycle.facts(&self.model);
                 }
             }
         }
-        let req = context::ChatRequest {
+        let mut req = context::ChatRequest {
             provider: self.provider,
             model: &self.model,
             messages: Some(messages),
             max_reply: self.limits.max_reply,
+            raise_to: None,
         };
         let mut window = if shaped {
             expected.num_ctx.or(sent_ctx).or(known)
@@ -313,11 +327,26 @@ impl Call<'_> {
         let Some(window) = window else {
             return Ok(());
         };
+        // Memory pressure chose this window (a runner loaded or about to load smaller, or a
+        // client's num_ctx capped at `initial`): a request it cannot hold gets a larger one,
+        // up to `buffers.context.max` (and the client's own num_ctx).
+        let imposed = facts.and_then(|f| f.runner.num_ctx) == Some(window);
+        let capped = cx.pressed() && self.edits.num_ctx == Some(window) && sent_ctx > Some(window);
+        if (shaped && expected.num_ctx == Some(window)) || imposed || capped {
+            let max = cx.context_max();
+            req.raise_to = Some(sent_ctx.map_or(max, |s| s.min(max)));
+        }
         let stage = context::Stage {
             compactor: cx,
             providers: self.state,
         };
-        let fit = context::fit(stage, &req, window).await;
+        let (fit, used) = context::fit(stage, &req, window).await;
+        if used != window {
+            self.raised = Some((window, used));
+            if self.native {
+                self.edits.num_ctx = (Some(used) != sent_ctx).then_some(used);
+            }
+        }
         match fit {
             context::Fit::Unchanged { estimate } => self.estimate = estimate,
             context::Fit::Rewritten {
@@ -409,6 +438,9 @@ impl Call<'_> {
                 // The runner's value wins over any normalization; none is needed where the
                 // request sent it already.
                 if let Some(n) = runner.num_ctx {
+                    // Never less than the request was fitted to (the actor reloads a runner
+                    // smaller than that before granting the lease).
+                    let n = self.raised.map_or(n, |(_, floor)| n.max(floor));
                     self.edits.num_ctx = (Some(n) != self.limits.num_ctx).then_some(n);
                 }
                 if let Some(n) = runner.num_batch {
@@ -490,6 +522,7 @@ impl Call<'_> {
             compacted: e.messages.as_ref().map(|(_, b, a)| (*b, *a)),
             num_ctx: e.num_ctx.map(|n| (self.limits.num_ctx, n)),
             num_batch: e.num_batch.map(|n| (self.limits.num_batch, n)),
+            context: self.raised,
         }
     }
 }
@@ -542,13 +575,20 @@ struct Notes {
     num_ctx: Option<(Option<u64>, u64)>,
     /// Ollama `num_batch` as sent and as forwarded.
     num_batch: Option<(Option<u64>, u64)>,
+    /// The window memory pressure allowed and the one chosen for the request.
+    context: Option<(u64, u64)>,
 }
 
 impl Notes {
     fn write(&self, resp: &mut Response<ProxyBody>) {
-        if let Some((before, after)) = self.compacted {
-            if let Ok(v) = http::HeaderValue::from_str(&format!("{before}->{after}")) {
-                resp.headers_mut().insert(COMPACTED_HEADER, v);
+        for (name, note) in [
+            (COMPACTED_HEADER, self.compacted),
+            (CONTEXT_HEADER, self.context),
+        ] {
+            if let Some((before, after)) = note {
+                if let Ok(v) = http::HeaderValue::from_str(&format!("{before}->{after}")) {
+                    resp.headers_mut().insert(name, v);
+                }
             }
         }
         for (name, note) in [

@@ -300,3 +300,80 @@ async fn loads_under_pressure_get_smaller_runners_that_later_requests_keep() {
     );
     proxy.shutdown().await;
 }
+
+/// Issue 19: at critical the runner gets half of `buffers.context.initial` (512 here), which a
+/// 150-word chat asking for a 150-token reply does not fit even compacted (nothing older to
+/// summarize). It is served, at the least context that holds it, and the answer says which;
+/// a runner already loaded at 512 is reloaded at that size once it is idle.
+#[tokio::test]
+async fn at_critical_a_request_the_small_context_cannot_hold_gets_a_larger_one() {
+    let sim = start_ollama(Default::default()).await;
+    let (proxy, machine) = start(&sim.url(), "[buffers.context]\ninitial = 1024\n").await;
+    let c = client();
+    let chat = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    machine.set_pressure(0.95);
+    until(&c, &proxy, "critical", |s| {
+        s["system"]["pressure_level"] == "critical"
+    })
+    .await;
+    let words: Vec<String> = (0..150).map(|i| format!("lorem{i}ipsum")).collect();
+    let big = |model: &str| {
+        serde_json::json!({
+            "model": model,
+            "messages": [{"role": "user", "content": words.join(" ")}],
+            "stream": false,
+            "options": {"num_predict": 150},
+        })
+        .to_string()
+    };
+    let hello = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":false}}"#
+        )
+    };
+
+    // Not loaded: loaded at the request's need, not at 512.
+    let r = post_json(&c, &chat, &big("llama3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let chosen = header(&r, "x-llm-warden-context").unwrap_or_else(|| panic!("the context chosen is named: {:?}", r.headers));
+    let (from, to) = chosen.split_once("->").expect("<pressure's>-><chosen>");
+    assert_eq!(from, "512");
+    let to: u32 = to.parse().expect("a number");
+    assert!(to > 512 && to <= 32768 && to % 256 == 0, "{chosen}");
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx"),
+        Some(format!("default->{to}"))
+    );
+    assert_eq!(sim.state.loaded_num_ctx("llama3.2"), Some(to));
+    assert_eq!(header(&r, "x-llm-warden-compacted"), None, "sent whole");
+    // A small request then keeps that runner.
+    let loads = sim.state.load_count("llama3.2");
+    let r = post_json(&c, &chat, &hello("llama3.2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-num-ctx"),
+        Some(format!("default->{to}"))
+    );
+    assert_eq!(sim.state.load_count("llama3.2"), loads, "not reloaded");
+
+    // Loaded at 512 by a small request first: the large one reloads it at its need.
+    let r = post_json(&c, &chat, &hello("qwen2.5:7b")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sim.state.loaded_num_ctx("qwen2.5:7b"), Some(512));
+    let r = post_json(&c, &chat, &big("qwen2.5:7b")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        header(&r, "x-llm-warden-context"),
+        Some(format!("512->{to}"))
+    );
+    assert_eq!(sim.state.loaded_num_ctx("qwen2.5:7b"), Some(to));
+    assert_eq!(sim.state.load_count("qwen2.5:7b"), 2);
+    let s = status(&c, &proxy).await;
+    let reshaped = s["lifecycle_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["model"] == "qwen2.5:7b" && e["reason"].as_str().unwrap().starts_with("reshape"));
+    assert!(reshaped, "{}", s["lifecycle_events"]);
+    proxy.shutdown().await;
+}

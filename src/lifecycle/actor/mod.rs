@@ -88,6 +88,10 @@ struct Model {
     /// A request for another model waited past `queue.aging`, and this model is in its
     /// way: no new leases, so it drains and can be swapped out. Recomputed by `schedule`.
     draining: bool,
+    /// A waiter needs a larger context than this model's runner has: no new leases, and
+    /// once the last one is back it is unloaded and loaded at the larger size. Recomputed
+    /// by `schedule`.
+    reshape: bool,
 }
 
 /// [`Plan`] with owned names, so it outlives the borrow of the table.
@@ -234,7 +238,7 @@ impl Actor {
                 reply,
             } => {
                 let name = self.entry(&model);
-                if self.grantable_now(&name) {
+                if self.grantable_now(&name) && ask.served_by(self.models[&name].shape) {
                     self.grant(&name, reply, hint);
                 } else {
                     self.enqueue(id, name, ask, Reply::Request { reply, hint });
@@ -377,6 +381,7 @@ impl Actor {
                 unload_waiters: Vec::new(),
                 unload_requested: false,
                 draining: false,
+                reshape: false,
             },
         );
         name
@@ -399,6 +404,7 @@ impl Actor {
         let m = &self.models[name];
         m.status == ModelStatus::Ready
             && !m.draining
+            && !m.reshape
             && !m.unload_requested
             && (self.settings.queue.policy == QueuePolicy::Grouped || self.queue.is_empty())
     }
@@ -411,7 +417,7 @@ impl Actor {
     fn sync_gates(&self) {
         let watch = self.queue.iter().any(|w| {
             let m = &self.models[&w.model];
-            m.status != ModelStatus::Ready || m.draining || m.unload_requested
+            m.status != ModelStatus::Ready || m.draining || m.reshape || m.unload_requested
         });
         for m in self.models.values() {
             let open = self.grantable_now(&m.name) && self.idle_timeout(m) != Some(Duration::ZERO);
@@ -508,7 +514,7 @@ impl Actor {
         if m.active == 0 {
             m.idle_since = Some(Instant::now());
         }
-        let needs_work = m.leases() == 0 && (m.unload_requested || m.draining);
+        let needs_work = m.leases() == 0 && (m.unload_requested || m.draining || m.reshape);
         if needs_work
             || !self.queue.is_empty()
             || self.idle_timeout_of(name) == Some(Duration::ZERO)

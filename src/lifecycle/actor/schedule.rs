@@ -28,6 +28,7 @@ impl Actor {
             self.freed.pop_front();
         }
         self.mark_draining(now);
+        self.mark_reshape();
         self.grant_waiting();
         self.start_loads();
         // Unloads that are due: asked by an admin, or idle past the timeout.
@@ -39,12 +40,17 @@ impl Actor {
             let idle_due = m.queued == 0
                 && m.idle_from()
                     .is_some_and(|since| self.idle_timeout(m).is_some_and(|t| since + t <= now));
-            if m.unload_requested || idle_due {
-                due.push(m.name.clone());
+            if m.unload_requested || idle_due || m.reshape {
+                due.push((m.name.clone(), m.reshape));
             }
         }
-        for name in due {
-            self.start_unload(&name, "idle");
+        for (name, reshape) in due {
+            let why = if reshape {
+                "reshape: a request needs a larger context"
+            } else {
+                "idle"
+            };
+            self.start_unload(&name, why);
         }
     }
 
@@ -102,7 +108,10 @@ impl Actor {
         let mut i = 0;
         while i < self.queue.len() {
             let m = &self.models[&self.queue[i].model];
-            let ready = m.status == ModelStatus::Ready && !m.draining && !m.unload_requested;
+            let ready = m.status == ModelStatus::Ready
+                && !m.draining
+                && !m.reshape
+                && !m.unload_requested;
             if !ready {
                 if fifo {
                     return;
@@ -232,7 +241,14 @@ impl Actor {
             .find(|w| w.model == *name)
             .map(|w| w.ask)
             .unwrap_or_default();
-        let (mut shape, batch_budget, imposed) = self.load_shape(ask);
+        // The least context its waiters need: every one of them is served by this load.
+        let floor = self
+            .queue
+            .iter()
+            .filter(|w| w.model == *name)
+            .filter_map(|w| w.ask.floor())
+            .max();
+        let (mut shape, batch_budget, imposed) = self.load_shape(ask, floor);
         // Asked through the admin API, or needed by a request (the oldest waiter started it).
         let reason = match self
             .queue
@@ -420,13 +436,14 @@ impl Actor {
         self.schedule();
     }
 
-    /// The runner options a load asked as `ask` gets now, the compute-buffer budget its
-    /// `num_batch` must fit (see `runner`), and whether memory pressure imposed them (then
-    /// requests must carry them; a load at the request's own options is the provider's
-    /// business, as if the request had started it).
-    pub(super) fn load_shape(&self, ask: LoadAsk) -> (Shape, Option<u64>, bool) {
-        let LoadAsk::Options(asked) = ask else {
-            return (Shape::default(), None, false);
+    /// The runner options a load asked as `ask` gets now (its context at least `floor`), the
+    /// compute-buffer budget its `num_batch` must fit (see `runner`), and whether memory
+    /// pressure imposed them (then requests must carry them; a load at the request's own
+    /// options is the provider's business, as if the request had started it).
+    pub(super) fn load_shape(&self, ask: LoadAsk, floor: Option<u64>) -> (Shape, Option<u64>, bool) {
+        let asked = match ask {
+            LoadAsk::Options(asked) | LoadAsk::AtLeast(asked, _) => asked,
+            LoadAsk::Defaults => return (Shape::default(), None, false),
         };
         let level = self
             .settings
@@ -440,10 +457,26 @@ impl Actor {
             self.settings.working_initial_mb,
         );
         let shape = Shape {
-            num_ctx: runner::capped(cap.num_ctx, asked.num_ctx),
+            num_ctx: runner::context(cap.num_ctx, asked.num_ctx, floor),
             num_batch: asked.num_batch,
         };
         let imposed = cap.num_ctx.is_some() || cap.batch_budget.is_some();
         (shape, cap.batch_budget, imposed)
+    }
+
+    /// Ready models whose runner is too small for a waiter ([`LoadAsk::AtLeast`]): they take
+    /// no new leases and, once their last one is back, are reloaded at the larger size.
+    pub(super) fn mark_reshape(&mut self) {
+        for m in self.models.values_mut() {
+            m.reshape = false;
+        }
+        for w in &self.queue {
+            let Some(m) = self.models.get_mut(&w.model) else {
+                continue;
+            };
+            if m.status == ModelStatus::Ready && !w.ask.served_by(m.shape) {
+                m.reshape = true;
+            }
+        }
     }
 }
