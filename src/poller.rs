@@ -228,9 +228,19 @@ impl Poller {
             }
             if let Some(size) = m.size_bytes {
                 let tokens = state.stats.model(i, &m.model).context_tokens();
+                // The provider's settings as they are now (Ollama reports neither); a
+                // reported `parallel` wins.
+                let live = state.config.load();
+                let settings = live.providers.get(i).unwrap_or(&p.config);
+                let kv = crate::memory::KvLayout {
+                    slots: m.parallel.unwrap_or(u64::from(settings.num_parallel)),
+                    bytes_per_element: crate::memory::kv_bytes_per_element(
+                        &settings.kv_cache_type,
+                    ),
+                };
                 state
                     .memory
-                    .update(i, &m.model, size, m.context_length, tokens);
+                    .update(i, &m.model, size, m.context_length, kv, tokens);
             }
         }
         let names: Vec<&str> = loaded.iter().map(|m| m.model.as_str()).collect();

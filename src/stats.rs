@@ -701,6 +701,7 @@ mod tests {
             size_bytes: Some(3 << 30),
             vram_bytes: Some(1 << 30),
             context_length: Some(8192),
+            parallel: None,
         };
         t.apply_report(0, std::slice::from_ref(&big));
         let s = t.snapshot();
@@ -786,6 +787,7 @@ mod tests {
                 size_bytes: None,
                 vram_bytes: None,
                 context_length: None,
+                parallel: None,
             }],
         );
         request(&t, "behind", 500);

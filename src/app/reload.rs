@@ -1,7 +1,8 @@
 //! Config reload on a running proxy: on SIGHUP and when the config file changes (checked
 //! every [`WATCH_EVERY`]), without dropping a connection.
 //!
-//! What changes live: `[limits]` and each provider's `max_models_loaded` / `memory_threshold`,
+//! What changes live: `[limits]` and each provider's `max_models_loaded` / `memory_threshold`
+//! / `num_parallel` / `kv_cache_type` (the memory split, from the next poll),
 //! `[queue]`, `[models.*]` (idle timeouts, pinning, sizes, windows, tokenizers, thresholds,
 //! overflow policies), `[buffers]`, `[compaction]` (but for its cache's place and size),
 //! `[memory_pressure]` thresholds, action and hysteresis, `[proxy] max_request_body` and

@@ -169,6 +169,12 @@ pub struct ProviderConfig {
     /// `ollama` on a loopback listener: host names served besides Ollama's own (local names
     /// and private addresses; `crate::hosts`).
     pub allowed_hosts: Vec<String>,
+    /// Parallel slots each loaded model runs with (Ollama's `OLLAMA_NUM_PARALLEL`, which the
+    /// proxy cannot read): the KV cache is this many times the loaded context.
+    pub num_parallel: u32,
+    /// The KV cache's element type (Ollama's `OLLAMA_KV_CACHE_TYPE`): one of
+    /// [`crate::memory::KV_CACHE_TYPES`].
+    pub kv_cache_type: String,
 }
 
 /// docs/design.md: ResourceLimits. The first two apply to each provider on its own (a provider entry

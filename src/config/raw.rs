@@ -59,6 +59,8 @@ pub(super) struct RawProvider {
     pub(super) slot_save: Option<bool>,
     pub(super) api_keys: Option<Vec<String>>,
     pub(super) allowed_hosts: Option<Vec<String>>,
+    pub(super) num_parallel: Option<u32>,
+    pub(super) kv_cache_type: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

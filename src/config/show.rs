@@ -106,6 +106,12 @@ impl Config {
                 if !p.allowed_hosts.is_empty() {
                     t.insert("allowed_hosts".into(), strings(&p.allowed_hosts));
                 }
+                if p.num_parallel != 1 {
+                    t.insert("num_parallel".into(), int(p.num_parallel));
+                }
+                if p.kv_cache_type != "f16" {
+                    t.insert("kv_cache_type".into(), s(p.kv_cache_type.clone()));
+                }
                 Value::Table(t)
             })
             .collect();

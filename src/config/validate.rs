@@ -274,6 +274,20 @@ pub(super) fn validate(
                 "only a llamacpp provider has slots to save",
             );
         }
+        let num_parallel = p.num_parallel.unwrap_or(1);
+        if !(1..=512).contains(&num_parallel) {
+            c.bad(at("num_parallel"), "must be from 1 to 512 (OLLAMA_NUM_PARALLEL)");
+        }
+        let kv_cache_type = p.kv_cache_type.clone().unwrap_or_else(|| "f16".to_string());
+        if !crate::memory::KV_CACHE_TYPES.contains(&kv_cache_type.as_str()) {
+            c.bad(
+                at("kv_cache_type"),
+                format!(
+                    "unknown KV cache type `{kv_cache_type}` (expected {})",
+                    crate::memory::KV_CACHE_TYPES.join(", ")
+                ),
+            );
+        }
         let env_var = name.as_deref().map(api_keys_env);
         let api_keys: Vec<Secret> = match env_var.as_deref().and_then(env) {
             Some(v) => {
@@ -314,6 +328,8 @@ pub(super) fn validate(
                 slot_save,
                 api_keys,
                 allowed_hosts,
+                num_parallel,
+                kv_cache_type,
             });
         }
     }

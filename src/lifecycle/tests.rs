@@ -877,6 +877,7 @@ async fn models_loaded_or_unloaded_behind_the_proxys_back_are_followed() {
         size_bytes: Some(GB),
         vram_bytes: None,
         context_length: Some(4096),
+        parallel: None,
     };
     rig.lc.report(vec![seen("x")], Instant::now());
     let v = rig.view("x").await;
@@ -1080,6 +1081,7 @@ async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_ho
         size_bytes: None,
         vram_bytes: None,
         context_length: Some(ctx),
+        parallel: None,
     };
     rig.lc
         .report(vec![seen("a", 2048), seen("b", 4096)], Instant::now());

@@ -27,9 +27,13 @@
 //!   present, else `embedding_length / head_count` (integer division, as Ollama does);
 //!   `context` = the loaded context per slot (`/api/ps` `context_length`, which is per slot:
 //!   Ollama starts its runner with `-c context × slots -np slots`); `slots` =
-//!   `OLLAMA_NUM_PARALLEL` (default 1; LM Studio `loaded_instances[].config.parallel`);
-//!   bytes per element 2 (f16, Ollama's default
-//!   `OLLAMA_KV_CACHE_TYPE`; see [`kv_bytes_per_element`]). Example, Llama 3.2 3B at 4096
+//!   `OLLAMA_NUM_PARALLEL`, which the provider's `num_parallel` setting mirrors (default 1;
+//!   LM Studio reports `loaded_instances[].config.parallel`, which wins); bytes per element
+//!   from the provider's `kv_cache_type` setting, which mirrors `OLLAMA_KV_CACHE_TYPE`
+//!   (default f16 = 2; see [`kv_bytes_per_element`] and [`KvLayout`]). Neither is inferred
+//!   from the loaded size: what the size holds beyond the weights is the KV cache *and* the
+//!   compute graph and runner overhead, which no provider reports apart, so 2 slots at f16,
+//!   4 at q8_0 and 1 slot plus a 500 MB graph can look alike. Example, Llama 3.2 3B at 4096
 //!   tokens, one slot: 2 × 28 × 4096 × 8 × 128 × 2 B = 448 MiB. The simulator computes its
 //!   `/api/ps` `size` as weights + exactly this KV cache (f16, one slot), so for its models
 //!   the split is exact and working = 0.
@@ -74,6 +78,31 @@ pub const MIB: u64 = 1 << 20;
 
 /// f16, Ollama's default KV cache type: the bytes per element [`allocation`] assumes.
 pub const F16_BYTES_PER_ELEMENT: f64 = 2.0;
+
+/// How a provider lays out its KV cache: parallel slots (each holds the loaded context) and
+/// the bytes of one element. Ollama reports neither: `/api/ps` `context_length` is the
+/// context of one slot (it starts its runner with `-c num_ctx × OLLAMA_NUM_PARALLEL -np
+/// OLLAMA_NUM_PARALLEL` and `--cache-type-k/v OLLAMA_KV_CACHE_TYPE`: `llm/llama_server.go`),
+/// so they come from the provider's settings (`num_parallel`, `kv_cache_type`), mirroring
+/// those environment variables; LM Studio reports each instance's `parallel`, which wins.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvLayout {
+    pub slots: u64,
+    pub bytes_per_element: f64,
+}
+
+impl Default for KvLayout {
+    /// Ollama's defaults: one slot, f16.
+    fn default() -> Self {
+        KvLayout {
+            slots: 1,
+            bytes_per_element: F16_BYTES_PER_ELEMENT,
+        }
+    }
+}
+
+/// The KV cache types a provider setting may name (`OLLAMA_KV_CACHE_TYPE`'s values).
+pub const KV_CACHE_TYPES: [&str; 4] = ["f16", "q8_0", "q4_0", "f32"];
 
 /// Bytes per KV cache element for an `OLLAMA_KV_CACHE_TYPE` (`f16`, `q8_0`, `q4_0`, `f32`),
 /// as Ollama's own estimate counts them (`kvCacheBytesPerElement`): 2, 1, 0.5 and 4; any
@@ -216,12 +245,13 @@ pub struct Buffers {
 
 /// Splits what the provider reports for a loaded model into buffers:
 /// `reported_bytes` = /api/ps `size` (or LM Studio's size), `weights_bytes` = size on disk
-/// (/api/tags `size`), `context` = loaded context length (per slot), `slots` = parallel
-/// slots (Ollama's OLLAMA_NUM_PARALLEL, 1 if unknown; 0 counts as 1), `tokens_in_context` =
-/// tokens currently held (for `used`, all slots together), `geometry` if known.
+/// (/api/tags `size`), `context` = loaded context length (per slot), `kv` = the slots
+/// (Ollama's OLLAMA_NUM_PARALLEL; 0 counts as 1) and bytes per element (its
+/// OLLAMA_KV_CACHE_TYPE), `tokens_in_context` = tokens currently held (for `used`, all
+/// slots together), `geometry` if known.
 ///
-/// allocated = reported; model = weights (capped at reported); context = KV estimate at
-/// f16 (capped so model + context <= reported); working = reported − model − context;
+/// allocated = reported; model = weights (capped at reported); context = KV estimate for
+/// the slots at the cache type (capped so model + context <= reported); working = reported − model − context;
 /// used = model + KV for tokens_in_context (capped at context) + working; peak =
 /// max(`previous_peak_mb`, used), so pass 0 when the model was loaded anew. Unknown
 /// weights, geometry or context: see the module doc.
@@ -229,14 +259,14 @@ pub fn allocation(
     reported_bytes: u64,
     weights_bytes: Option<u64>,
     context: Option<u64>,
-    slots: u64,
+    kv: KvLayout,
     tokens_in_context: u64,
     geometry: Option<&Geometry>,
     previous_peak_mb: u64,
 ) -> Allocation {
-    let bpe = F16_BYTES_PER_ELEMENT;
+    let bpe = kv.bytes_per_element;
     let kv_estimate = match (geometry, context) {
-        (Some(g), Some(ctx)) => g.kv_bytes(ctx, slots.max(1), bpe),
+        (Some(g), Some(ctx)) => g.kv_bytes(ctx, kv.slots.max(1), bpe),
         _ => 0,
     };
     let (model, kv) = match weights_bytes {
@@ -350,14 +380,15 @@ impl MemoryTable {
         g
     }
 
-    /// Recomputes the allocation of a loaded model from what the provider reported; the
-    /// peak carries over while the model stays loaded.
+    /// Recomputes the allocation of a loaded model from what the provider reported (its KV
+    /// cache laid out as `kv` says); the peak carries over while the model stays loaded.
     pub fn update(
         &self,
         provider: usize,
         model: &str,
         reported_bytes: u64,
         context: Option<u64>,
+        kv: KvLayout,
         tokens_in_context: u64,
     ) {
         let Some(p) = self.providers.get(provider) else {
@@ -370,7 +401,7 @@ impl MemoryTable {
             reported_bytes,
             weights,
             context,
-            1,
+            kv,
             tokens_in_context,
             geometry.as_ref(),
             peak,

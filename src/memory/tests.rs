@@ -463,7 +463,10 @@ fn allocation_splits_the_report_into_buffers() {
             c.reported,
             c.weights,
             c.context,
-            c.slots,
+            KvLayout {
+                slots: c.slots,
+                bytes_per_element: F16_BYTES_PER_ELEMENT,
+            },
             c.tokens,
             c.geometry.as_ref(),
             c.previous_peak,
@@ -514,7 +517,7 @@ fn allocation_serializes_as_status_shows_it() {
         LLAMA_WEIGHTS + LLAMA_KV_4096,
         Some(LLAMA_WEIGHTS),
         Some(4096),
-        1,
+        KvLayout::default(),
         0,
         Some(&llama()),
         0,
@@ -614,7 +617,7 @@ async fn simulator_size_is_weights_plus_the_kv_estimate() {
 
         let kv = g.kv_bytes(ctx, 1, F16_BYTES_PER_ELEMENT);
         assert_eq!(size, weights + kv, "{name}: size = weights + KV, in bytes");
-        let a = allocation(size, Some(weights), Some(ctx), 1, 0, Some(&g), 0);
+        let a = allocation(size, Some(weights), Some(ctx), KvLayout::default(), 0, Some(&g), 0);
         eprintln!(
             "{name}: size {size} B = weights {weights} + KV {kv} (ctx {ctx}) → {}",
             serde_json::to_string(&a).expect("serializes")

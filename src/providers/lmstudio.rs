@@ -51,6 +51,7 @@ pub(super) fn parse_loaded(path: &str, v: &Value) -> Option<Vec<LoadedModel>> {
                     context_length: inst
                         .pointer("/config/context_length")
                         .and_then(Value::as_u64),
+                    parallel: inst.pointer("/config/parallel").and_then(Value::as_u64),
                 });
             }
         }
@@ -66,6 +67,7 @@ pub(super) fn parse_loaded(path: &str, v: &Value) -> Option<Vec<LoadedModel>> {
                     size_bytes: None,
                     vram_bytes: None,
                     context_length: m.get("loaded_context_length").and_then(Value::as_u64),
+                    parallel: None,
                 })
             })
             .collect()

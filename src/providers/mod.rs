@@ -48,8 +48,10 @@ pub struct LoadedModel {
     pub size_bytes: Option<u64>,
     /// Of that, on the GPU (Ollama `size_vram`).
     pub vram_bytes: Option<u64>,
-    /// The context the model was loaded with.
+    /// The context the model was loaded with (per parallel slot).
     pub context_length: Option<u64>,
+    /// Parallel slots, where the provider says (LM Studio's `config.parallel`).
+    pub parallel: Option<u64>,
 }
 
 impl ProviderKind {
@@ -316,12 +318,14 @@ mod tests {
                     size_bytes: Some(3_556_000_000),
                     vram_bytes: Some(3_000_000_000),
                     context_length: Some(4096),
+                    parallel: None,
                 },
                 LoadedModel {
                     model: "old:1b".into(),
                     size_bytes: Some(10),
                     vram_bytes: None,
                     context_length: None,
+                    parallel: None,
                 },
             ]
         );
@@ -333,13 +337,15 @@ mod tests {
         );
         assert!(ProviderKind::Ollama.parse_loaded("/api/ps", b"[]").is_err());
 
-        let v1 = br#"{"models":[{"type":"llm","key":"qwen/qwen3-8b","size_bytes":5027783488,"loaded_instances":[{"id":"qwen/qwen3-8b","config":{"context_length":8192}},{"id":"qwen/qwen3-8b:2","config":{"context_length":4096}}],"max_context_length":40960},{"type":"llm","key":"idle","size_bytes":1,"loaded_instances":[]}]}"#;
+        let v1 = br#"{"models":[{"type":"llm","key":"qwen/qwen3-8b","size_bytes":5027783488,"loaded_instances":[{"id":"qwen/qwen3-8b","config":{"context_length":8192,"parallel":4}},{"id":"qwen/qwen3-8b:2","config":{"context_length":4096}}],"max_context_length":40960},{"type":"llm","key":"idle","size_bytes":1,"loaded_instances":[]}]}"#;
         let got = ProviderKind::LmStudio
             .parse_loaded("/api/v1/models", v1)
             .unwrap();
         assert_eq!(got.len(), 2, "one entry per loaded instance: {got:?}");
         assert_eq!(got[0].model, "qwen/qwen3-8b");
         assert_eq!(got[0].context_length, Some(8192));
+        assert_eq!(got[0].parallel, Some(4), "its slots, for the memory split");
+        assert_eq!(got[1].parallel, None);
         assert_eq!(got[1].model, "qwen/qwen3-8b:2");
         assert_eq!(got[1].size_bytes, Some(5_027_783_488));
 
@@ -354,6 +360,7 @@ mod tests {
                 size_bytes: None,
                 vram_bytes: None,
                 context_length: Some(8192),
+                parallel: None,
             }]
         );
     }

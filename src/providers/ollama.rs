@@ -86,6 +86,7 @@ pub(super) fn parse_loaded(v: &Value) -> Option<Vec<LoadedModel>> {
                 size_bytes: m.get("size").and_then(Value::as_u64),
                 vram_bytes: m.get("size_vram").and_then(Value::as_u64),
                 context_length: m.get("context_length").and_then(Value::as_u64),
+                parallel: None,
             })
         })
         .collect()

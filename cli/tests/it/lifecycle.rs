@@ -90,6 +90,42 @@ async fn the_first_request_loads_the_model_through_the_providers_api() {
     proxy.shutdown().await;
 }
 
+/// Issue 19: Ollama allocates `num_ctx × OLLAMA_NUM_PARALLEL` of KV cache in the type
+/// `OLLAMA_KV_CACHE_TYPE` sets, and reports neither. With the provider's `num_parallel` and
+/// `kv_cache_type` set as the server runs, the split is exact; left at Ollama's defaults
+/// (1, f16), the cache the settings leave out shows as working memory.
+#[tokio::test]
+async fn the_memory_split_counts_parallel_slots_and_the_kv_cache_type() {
+    let sim = start_ollama(OllamaConfig {
+        num_parallel: 4,
+        kv_cache_type: "q8_0".to_string(),
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    // 4 slots × 448 MB of f16 for 4096 tokens, at q8_0's byte an element: 896 MB.
+    for (settings, buffers) in [
+        (
+            "num_parallel = 4\nkv_cache_type = \"q8_0\"\n",
+            serde_json::json!({"model_mb": 1926, "context_mb": 896, "working_mb": 0}),
+        ),
+        (
+            "",
+            serde_json::json!({"model_mb": 1926, "context_mb": 448, "working_mb": 448}),
+        ),
+    ] {
+        let proxy = start_proxy(&[("ollama", sim.url())], settings).await;
+        let r = post_json(&c, &format!("http://{}/api/chat", proxy.proxy_addr(0)), CHAT).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        proxy.refresh(0).await;
+        let s = status(&c, &proxy).await;
+        let mem = &model_entry(&s, "ollama0", "llama3.2:latest")["memory"];
+        assert_eq!(mem["allocated_mb"], 1926 + 896, "{mem}");
+        assert_eq!(mem["buffers"], buffers, "{settings:?}");
+        proxy.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn fifty_concurrent_first_requests_share_one_load_on_both_providers() {
     let ollama = start_ollama(OllamaConfig {

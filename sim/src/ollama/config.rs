@@ -36,6 +36,9 @@ pub struct OllamaConfig {
     /// (Ollama's default is 1). 0 = unlimited, the simulator's default, so that tests of
     /// the proxy are not paced by it.
     pub num_parallel: usize,
+    /// `OLLAMA_KV_CACHE_TYPE` (`f16`, `q8_0`, `q4_0`; anything else is f16): with
+    /// `num_parallel`, what the KV cache in `/api/ps` `size` takes.
+    pub kv_cache_type: String,
     /// Length of the simulated embeddings.
     pub embedding_dims: usize,
     /// `/api/version`.
@@ -67,6 +70,7 @@ impl Default for OllamaConfig {
             default_num_ctx: 4096,
             max_queue: 512,
             num_parallel: 0,
+            kv_cache_type: "f16".to_string(),
             embedding_dims: 8,
             version: "0.13.0".to_string(),
             clock: Clock::system(),
@@ -148,11 +152,20 @@ pub(super) fn geometry(m: &SimModel) -> Geometry {
     }
 }
 
-/// f16 K and V for every layer at `num_ctx`.
-pub(super) fn kv_cache_bytes(m: &SimModel, num_ctx: u32) -> u64 {
+/// K and V for every layer at `num_ctx` per slot. Ollama starts its runner with `-c num_ctx
+/// × OLLAMA_NUM_PARALLEL -np OLLAMA_NUM_PARALLEL --cache-type-k/-v OLLAMA_KV_CACHE_TYPE`
+/// (`llm/llama_server.go`), while `/api/ps` `context_length` stays the per-slot `num_ctx`;
+/// element sizes as Ollama's own estimate counts them (f16 2, q8_0 1, q4_0 ½ bytes).
+pub(super) fn kv_cache_bytes(m: &SimModel, num_ctx: u32, cfg: &OllamaConfig) -> u64 {
     let g = geometry(m);
     let head_dim = u64::from(g.embd / g.heads.max(1));
-    2 * u64::from(g.blocks) * u64::from(num_ctx) * u64::from(g.kv_heads) * head_dim * 2
+    let slots = cfg.num_parallel.max(1) as u64;
+    let f16 = 2 * u64::from(g.blocks) * u64::from(num_ctx) * slots * u64::from(g.kv_heads) * head_dim * 2;
+    match cfg.kv_cache_type.as_str() {
+        "q8_0" => f16 / 2,
+        "q4_0" => f16 / 4,
+        _ => f16,
+    }
 }
 
 pub(super) fn parameter_count(size: &str) -> u64 {

@@ -165,7 +165,7 @@ pub(super) fn ps(sim: &OllamaSim) -> Response<SimBody> {
         .iter()
         .map(|(name, r)| {
             let expires = r.expires_at(now);
-            let size = r.model.size_bytes + kv_cache_bytes(&r.model, r.num_ctx);
+            let size = r.model.size_bytes + kv_cache_bytes(&r.model, r.num_ctx, &sim.cfg);
             (
                 expires,
                 PsModel {
