@@ -234,9 +234,7 @@ impl Poller {
                 let settings = live.providers.get(i).unwrap_or(&p.config);
                 let kv = crate::memory::KvLayout {
                     slots: m.parallel.unwrap_or(u64::from(settings.num_parallel)),
-                    bytes_per_element: crate::memory::kv_bytes_per_element(
-                        &settings.kv_cache_type,
-                    ),
+                    bytes_per_element: crate::memory::kv_bytes_per_element(&settings.kv_cache_type),
                 };
                 state
                     .memory

@@ -380,17 +380,25 @@ fn a_problem_while_reading_is_not_repeated_by_the_rules() {
 fn the_kv_cache_layout_is_ollamas_defaults_unless_set_and_checked() {
     let c = load_str("[[providers]]\nkind = \"ollama\"\n").unwrap();
     assert_eq!(
-        (c.providers[0].num_parallel, c.providers[0].kv_cache_type.as_str()),
+        (
+            c.providers[0].num_parallel,
+            c.providers[0].kv_cache_type.as_str()
+        ),
         (1, "f16")
     );
-    let c = load_str("[[providers]]\nkind = \"ollama\"\nnum_parallel = 4\nkv_cache_type = \"q4_0\"\n")
-        .unwrap();
+    let c =
+        load_str("[[providers]]\nkind = \"ollama\"\nnum_parallel = 4\nkv_cache_type = \"q4_0\"\n")
+            .unwrap();
     assert_eq!(
-        (c.providers[0].num_parallel, c.providers[0].kv_cache_type.as_str()),
+        (
+            c.providers[0].num_parallel,
+            c.providers[0].kv_cache_type.as_str()
+        ),
         (4, "q4_0")
     );
-    let err = load_str("[[providers]]\nkind = \"ollama\"\nnum_parallel = 0\nkv_cache_type = \"q5_1\"\n")
-        .unwrap_err();
+    let err =
+        load_str("[[providers]]\nkind = \"ollama\"\nnum_parallel = 0\nkv_cache_type = \"q5_1\"\n")
+            .unwrap_err();
     let problems: Vec<_> = err
         .problems()
         .iter()
@@ -399,7 +407,10 @@ fn the_kv_cache_layout_is_ollamas_defaults_unless_set_and_checked() {
     assert_eq!(
         problems,
         [
-            ("providers[0].num_parallel", "must be from 1 to 512 (OLLAMA_NUM_PARALLEL)"),
+            (
+                "providers[0].num_parallel",
+                "must be from 1 to 512 (OLLAMA_NUM_PARALLEL)"
+            ),
             (
                 "providers[0].kv_cache_type",
                 "unknown KV cache type `q5_1` (expected f16, q8_0, q4_0, f32)"

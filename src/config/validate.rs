@@ -276,7 +276,10 @@ pub(super) fn validate(
         }
         let num_parallel = p.num_parallel.unwrap_or(1);
         if !(1..=512).contains(&num_parallel) {
-            c.bad(at("num_parallel"), "must be from 1 to 512 (OLLAMA_NUM_PARALLEL)");
+            c.bad(
+                at("num_parallel"),
+                "must be from 1 to 512 (OLLAMA_NUM_PARALLEL)",
+            );
         }
         let kv_cache_type = p.kv_cache_type.clone().unwrap_or_else(|| "f16".to_string());
         if !crate::memory::KV_CACHE_TYPES.contains(&kv_cache_type.as_str()) {

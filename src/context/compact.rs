@@ -553,14 +553,9 @@ async fn fit_into(
                 evict: &evict,
             };
             match summarized(state, req, input, budget, window, summary_max, enc).await {
-                Ok((body, after, calls, source)) => Ok(report.rewritten(
-                    "summarized",
-                    body,
-                    after,
-                    calls,
-                    Some(source),
-                    None,
-                )),
+                Ok((body, after, calls, source)) => {
+                    Ok(report.rewritten("summarized", body, after, calls, Some(source), None))
+                }
                 Err(why) => {
                     tracing::warn!(model = req.model, error = %why, "summarizer failed; dropping the oldest turns instead");
                     truncate(&report, &raws, &roles, &counts, budget, Some(why))
@@ -992,9 +987,7 @@ mod tests {
             for turns in [0usize, 2, 8] {
                 for turn_words in [40usize, 400] {
                     for last in [9usize, 150, 600, 2500, 7000] {
-                        let mut messages = vec![
-                            json!({"role": "system", "content": words(24, 0)}),
-                        ];
+                        let mut messages = vec![json!({"role": "system", "content": words(24, 0)})];
                         for t in 0..turns {
                             let role = if t % 2 == 0 { "user" } else { "assistant" };
                             messages.push(json!({"role": role, "content": words(turn_words, t)}));
@@ -1018,7 +1011,8 @@ mod tests {
                                     cx.set_compact_earlier(level != Level::Normal);
                                     let window = cap.num_ctx.unwrap_or(normal);
                                     let raise_to = cap.num_ctx.map(|_| cx.context_max());
-                                    let (pressured, used) = fit(stage, &req(raise_to), window).await;
+                                    let (pressured, used) =
+                                        fit(stage, &req(raise_to), window).await;
                                     let case = format!(
                                         "{policy:?} turns={turns}x{turn_words} last={last} \
                                          reply={max_reply:?} normal={normal} {level:?}: \
@@ -1058,7 +1052,10 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&dir);
         // Not vacuous: each outcome happens.
-        assert!(served > 100 && raised > 20 && refused_both > 10, "{served} {raised} {refused_both}");
+        assert!(
+            served > 100 && raised > 20 && refused_both > 10,
+            "{served} {raised} {refused_both}"
+        );
     }
 
     #[test]

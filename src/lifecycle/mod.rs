@@ -558,7 +558,11 @@ impl LifecycleHandle {
         // A request that needs more context than the runner has goes to the actor too
         // (it reloads the model larger: `runner`).
         let fits = || {
-            ask.floor().is_none() || self.facts.get(model).is_none_or(|f| ask.served_by(f.runner))
+            ask.floor().is_none()
+                || self
+                    .facts
+                    .get(model)
+                    .is_none_or(|f| ask.served_by(f.runner))
         };
         if hint.is_none() && fits() {
             if let Some(g) = self.gates.load().get(model) {

@@ -1155,8 +1155,10 @@ async fn a_request_that_needs_more_context_than_the_cap_reshapes_the_runner() {
         .expect("a lease");
     assert_eq!(rig.lc.runner("a"), Some(ctx(2048)));
     let lc = rig.lc.clone();
-    let big =
-        tokio::spawn(async move { lc.acquire("a", None, LoadAsk::AtLeast(ctx(2048), 4096)).await });
+    let big = tokio::spawn(async move {
+        lc.acquire("a", None, LoadAsk::AtLeast(ctx(2048), 4096))
+            .await
+    });
     rig.settle().await;
     // A later small request does not slip past on the small runner either.
     let lc = rig.lc.clone();
@@ -1189,12 +1191,14 @@ async fn a_request_that_needs_more_context_than_the_cap_reshapes_the_runner() {
             .await
             .expect("a lease"),
     );
-    assert_eq!(rig.provider.calls().len(), 4, "no reload for a floor it meets");
+    assert_eq!(
+        rig.provider.calls().len(),
+        4,
+        "no reload for a floor it meets"
+    );
     let events = rig.lc.events();
     assert!(
-        events
-            .iter()
-            .any(|e| e.reason.starts_with("reshape")),
+        events.iter().any(|e| e.reason.starts_with("reshape")),
         "the unload says why: {events:?}"
     );
 }

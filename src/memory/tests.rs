@@ -617,7 +617,15 @@ async fn simulator_size_is_weights_plus_the_kv_estimate() {
 
         let kv = g.kv_bytes(ctx, 1, F16_BYTES_PER_ELEMENT);
         assert_eq!(size, weights + kv, "{name}: size = weights + KV, in bytes");
-        let a = allocation(size, Some(weights), Some(ctx), KvLayout::default(), 0, Some(&g), 0);
+        let a = allocation(
+            size,
+            Some(weights),
+            Some(ctx),
+            KvLayout::default(),
+            0,
+            Some(&g),
+            0,
+        );
         eprintln!(
             "{name}: size {size} B = weights {weights} + KV {kv} (ctx {ctx}) → {}",
             serde_json::to_string(&a).expect("serializes")

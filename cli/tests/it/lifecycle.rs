@@ -115,7 +115,12 @@ async fn the_memory_split_counts_parallel_slots_and_the_kv_cache_type() {
         ),
     ] {
         let proxy = start_proxy(&[("ollama", sim.url())], settings).await;
-        let r = post_json(&c, &format!("http://{}/api/chat", proxy.proxy_addr(0)), CHAT).await;
+        let r = post_json(
+            &c,
+            &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+            CHAT,
+        )
+        .await;
         assert_eq!(r.status, 200, "{}", r.text());
         proxy.refresh(0).await;
         let s = status(&c, &proxy).await;

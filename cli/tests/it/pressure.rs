@@ -335,11 +335,15 @@ async fn at_critical_a_request_the_small_context_cannot_hold_gets_a_larger_one()
     // Not loaded: loaded at the request's need, not at 512.
     let r = post_json(&c, &chat, &big("llama3.2")).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let chosen = header(&r, "x-llm-warden-context").unwrap_or_else(|| panic!("the context chosen is named: {:?}", r.headers));
+    let chosen = header(&r, "x-llm-warden-context")
+        .unwrap_or_else(|| panic!("the context chosen is named: {:?}", r.headers));
     let (from, to) = chosen.split_once("->").expect("<pressure's>-><chosen>");
     assert_eq!(from, "512");
     let to: u32 = to.parse().expect("a number");
-    assert!(to > 512 && to <= 32768 && to % 256 == 0, "{chosen}");
+    assert!(
+        to > 512 && to <= 32768 && to.is_multiple_of(256),
+        "{chosen}"
+    );
     assert_eq!(
         header(&r, "x-llm-warden-num-ctx"),
         Some(format!("default->{to}"))
@@ -369,11 +373,9 @@ async fn at_critical_a_request_the_small_context_cannot_hold_gets_a_larger_one()
     assert_eq!(sim.state.loaded_num_ctx("qwen2.5:7b"), Some(to));
     assert_eq!(sim.state.load_count("qwen2.5:7b"), 2);
     let s = status(&c, &proxy).await;
-    let reshaped = s["lifecycle_events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|e| e["model"] == "qwen2.5:7b" && e["reason"].as_str().unwrap().starts_with("reshape"));
+    let reshaped = s["lifecycle_events"].as_array().unwrap().iter().any(|e| {
+        e["model"] == "qwen2.5:7b" && e["reason"].as_str().unwrap().starts_with("reshape")
+    });
     assert!(reshaped, "{}", s["lifecycle_events"]);
     proxy.shutdown().await;
 }

@@ -160,7 +160,8 @@ pub(super) fn kv_cache_bytes(m: &SimModel, num_ctx: u32, cfg: &OllamaConfig) -> 
     let g = geometry(m);
     let head_dim = u64::from(g.embd / g.heads.max(1));
     let slots = cfg.num_parallel.max(1) as u64;
-    let f16 = 2 * u64::from(g.blocks) * u64::from(num_ctx) * slots * u64::from(g.kv_heads) * head_dim * 2;
+    let f16 =
+        2 * u64::from(g.blocks) * u64::from(num_ctx) * slots * u64::from(g.kv_heads) * head_dim * 2;
     match cfg.kv_cache_type.as_str() {
         "q8_0" => f16 / 2,
         "q4_0" => f16 / 4,

@@ -108,10 +108,8 @@ impl Actor {
         let mut i = 0;
         while i < self.queue.len() {
             let m = &self.models[&self.queue[i].model];
-            let ready = m.status == ModelStatus::Ready
-                && !m.draining
-                && !m.reshape
-                && !m.unload_requested;
+            let ready =
+                m.status == ModelStatus::Ready && !m.draining && !m.reshape && !m.unload_requested;
             if !ready {
                 if fifo {
                     return;
@@ -440,7 +438,11 @@ impl Actor {
     /// compute-buffer budget its `num_batch` must fit (see `runner`), and whether memory
     /// pressure imposed them (then requests must carry them; a load at the request's own
     /// options is the provider's business, as if the request had started it).
-    pub(super) fn load_shape(&self, ask: LoadAsk, floor: Option<u64>) -> (Shape, Option<u64>, bool) {
+    pub(super) fn load_shape(
+        &self,
+        ask: LoadAsk,
+        floor: Option<u64>,
+    ) -> (Shape, Option<u64>, bool) {
         let asked = match ask {
             LoadAsk::Options(asked) | LoadAsk::AtLeast(asked, _) => asked,
             LoadAsk::Defaults => return (Shape::default(), None, false),
