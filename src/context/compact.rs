@@ -46,8 +46,11 @@ pub const CALIBRATION_FILE: &str = "calibration.json";
 /// Under memory pressure (warning and above), conversations are compacted at this share of
 /// the usual `compression_threshold`.
 pub const PRESSURE_FACTOR: f64 = 0.75;
-/// Tokens the summarizer's own instructions and the transcript's labels take, about.
-const SUMMARIZER_OVERHEAD: u64 = 256;
+/// Tokens the summarizer's request takes besides its instructions and the messages: the chat
+/// template and the transcript's labels, about.
+const SUMMARIZER_LABELS: u64 = 32;
+/// The least reply a summarizer call asks for, however small its window.
+const MIN_SUMMARIZER_REPLY: u64 = 16;
 
 /// What the compaction stage works with: the compactor, and the providers as compaction
 /// sees them (nothing else of the proxy's state).
@@ -719,12 +722,16 @@ async fn summarized(
             return Ok((body, after, 0, "cache"));
         }
     }
-    // The summarizer has a window too: what it must read goes in pieces that fit it, each
-    // piece's summary carried into the next (and cached: a later turn may stop there).
+    // The summarizer has a window too, and each call must fit it whole: its instructions,
+    // the summary so far, a piece of the messages and the reply's room. What it must read
+    // goes in pieces, each piece's summary carried into the next (and cached: a later turn
+    // may stop there). On a small window the reply asked for is smaller than the plan's
+    // room (at most a third of what the instructions leave), so that a piece still fits:
+    // a provider would otherwise cut the transcript (Ollama drops the prompt's start).
     let window_s = state.providers.window(sp, &sm).unwrap_or(window);
-    let piece_budget = ((window_s as f64 * 0.9) as u64)
-        .saturating_sub(2 * summary_max + SUMMARIZER_OVERHEAD)
-        .max(SUMMARIZER_OVERHEAD);
+    let usable = ((window_s as f64 * 0.9) as u64)
+        .saturating_sub(cx.counter.count_text(enc, summarize::PROMPT) + SUMMARIZER_LABELS);
+    let summary_max = summary_max.min(usable / 3).max(MIN_SUMMARIZER_REPLY);
     let from_cache = previous.is_some();
     let (mut prior, mut k) = match previous {
         Some((s, j)) => (Some(s.text), j),
@@ -732,6 +739,11 @@ async fn summarized(
     };
     let mut calls = 0u32;
     while k < evict.len() {
+        // What the instructions, the summary so far and the reply leave for messages.
+        let carried = prior
+            .as_deref()
+            .map_or(0, |p| cx.counter.count_text(enc, p));
+        let piece_budget = usable.saturating_sub(summary_max + carried).max(1);
         let mut end = k;
         let mut taken = 0u64;
         while end < evict.len() {

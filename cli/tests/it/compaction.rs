@@ -600,10 +600,23 @@ async fn a_small_window_is_summarized_not_refused() {
     let (summarizer, forwarded) = upstream_chats(&sim);
     // The summarizer (the same model, window 512) reads the history in pieces.
     assert!(!summarizer.is_empty());
-    // Each call asks for no more than the room left, not the full 512.
+    // Each call asks for no more than the room left, not the full 512, and fits the
+    // summarizer's window whole (instructions, transcript and reply; by the simulator's
+    // count, with 4 tokens a message for the template), so no provider has to cut it.
     for call in &summarizer {
         let asked = call["options"]["num_predict"].as_u64().unwrap();
         assert!(asked < 332, "num_predict {asked}");
+        let prompt: u64 = call["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                u64::from(llm_warden_sim::common::count_tokens(
+                    m["content"].as_str().unwrap(),
+                )) + 4
+            })
+            .sum();
+        assert!(prompt + asked <= 512, "prompt {prompt} + reply {asked}");
     }
     let sent = forwarded[0]["messages"].as_array().unwrap();
     assert_eq!(sent[0], messages[0], "the system message, verbatim");
