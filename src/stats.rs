@@ -49,6 +49,9 @@ pub struct ModelStats {
     /// Requests whose prompt the compactor rewrote, and the tokens that saved.
     compactions: AtomicU64,
     tokens_saved: AtomicU64,
+    /// Of those, requests the prune step shortened, and the tokens pruning alone saved.
+    prunes: AtomicU64,
+    pruned_tokens: AtomicU64,
     /// Tokens in context (docs/design.md: `contextSize`): the latest request's prompt as estimated
     /// when it was forwarded (0 = not counted: it was small), and prompt + reply as the
     /// provider reported them for the latest finished request (0 = none reported).
@@ -98,6 +101,10 @@ pub struct ModelSnapshot {
     /// Requests whose prompt was compacted to fit the window, and the tokens that saved.
     pub compactions: u64,
     pub tokens_saved: u64,
+    /// Of those, requests the prune step shortened (duplicates and answered images out of
+    /// the older turns), and the tokens pruning alone saved.
+    pub prunes: u64,
+    pub pruned_tokens: u64,
     /// Tokens in context: the latest forwarded prompt as estimated (null when it was too
     /// small to need counting), and the latest finished request's prompt + reply as the
     /// provider reported them.
@@ -364,6 +371,8 @@ impl ModelStats {
         take(&self.completion_tokens, &into.completion_tokens);
         take(&self.compactions, &into.compactions);
         take(&self.tokens_saved, &into.tokens_saved);
+        take(&self.prunes, &into.prunes);
+        take(&self.pruned_tokens, &into.pruned_tokens);
         for (from, to) in self.requests.iter().zip(&into.requests) {
             for (from, to) in from.iter().zip(to) {
                 take(from, to);
@@ -403,6 +412,8 @@ impl ModelStats {
             context_length: reported.as_ref().and_then(|r| r.context_length),
             compactions: self.compactions.load(Relaxed),
             tokens_saved: self.tokens_saved.load(Relaxed),
+            prunes: self.prunes.load(Relaxed),
+            pruned_tokens: self.pruned_tokens.load(Relaxed),
             context_tokens_estimated: Some(self.context_estimated.load(Relaxed)).filter(|n| *n > 0),
             context_tokens_reported: Some(self.context_reported.load(Relaxed)).filter(|n| *n > 0),
             requests_by_endpoint: self.requests_by_endpoint(),
@@ -434,6 +445,12 @@ impl ModelStats {
     pub fn record_compaction(&self, saved: u64) {
         self.compactions.fetch_add(1, Relaxed);
         self.tokens_saved.fetch_add(saved, Relaxed);
+    }
+
+    /// A request's prompt was pruned (before any summary), saving `tokens` tokens.
+    pub fn record_prune(&self, tokens: u64) {
+        self.prunes.fetch_add(1, Relaxed);
+        self.pruned_tokens.fetch_add(tokens, Relaxed);
     }
 
     fn touch(&self) {

@@ -149,6 +149,8 @@ fn merge_unlisted(into: &mut ModelSnapshot, from: &ModelSnapshot) {
     into.completion_tokens += from.completion_tokens;
     into.compactions += from.compactions;
     into.tokens_saved += from.tokens_saved;
+    into.prunes += from.prunes;
+    into.pruned_tokens += from.pruned_tokens;
     for (e, s, n) in &from.requests_by_endpoint {
         match into
             .requests_by_endpoint
@@ -344,6 +346,20 @@ impl Collector for Scrape {
             "Prompt tokens those compactions removed (estimated).",
             Counter,
             |r| Some(r.counters.tokens_saved),
+        )?;
+        self.per_model(
+            e,
+            "llm_warden_compaction_prunes",
+            "Of those compactions, requests the prune step shortened (repeated content and answered images out of the older turns).",
+            Counter,
+            |r| Some(r.counters.prunes),
+        )?;
+        self.per_model(
+            e,
+            "llm_warden_compaction_pruned_tokens",
+            "Prompt tokens the prune step removed (estimated; part of the tokens saved).",
+            Counter,
+            |r| Some(r.counters.pruned_tokens),
         )?;
         // --- lifecycle ---
         self.per_model(

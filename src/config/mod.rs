@@ -245,6 +245,9 @@ pub enum PressureAction {
 #[derive(Clone, Debug)]
 pub struct CompactionConfig {
     pub on_overflow: OverflowPolicy,
+    /// Before summarizing or truncating, drop earlier copies of large repeated content and
+    /// images already answered from the older turns (`context::prune`).
+    pub prune: bool,
     /// Which provider summarizes; `None` = the request's own.
     pub summarizer_provider: Option<String>,
     /// Which model summarizes; `None` = the request's own.
@@ -288,6 +291,7 @@ pub struct ModelOverrides {
     pub context_window: Option<u32>,
     pub compression_threshold: Option<f64>,
     pub on_overflow: Option<OverflowPolicy>,
+    pub prune: Option<bool>,
 }
 
 // === errors ===

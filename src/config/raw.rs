@@ -119,6 +119,7 @@ pub(super) struct RawPressure {
 #[serde(deny_unknown_fields, default, expecting = "a table")]
 pub(super) struct RawCompaction {
     pub(super) on_overflow: Option<String>,
+    pub(super) prune: Option<bool>,
     pub(super) summarizer_provider: Option<String>,
     pub(super) summarizer_model: Option<String>,
     pub(super) summarizer_timeout: Option<String>,
@@ -141,6 +142,7 @@ pub(super) struct RawModel {
     pub(super) context_window: Option<u32>,
     pub(super) compression_threshold: Option<f64>,
     pub(super) on_overflow: Option<String>,
+    pub(super) prune: Option<bool>,
 }
 
 // === reading, every problem at once ===

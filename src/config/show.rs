@@ -199,6 +199,7 @@ impl Config {
         let c = &self.compaction;
         let mut ct = Table::new();
         ct.insert("on_overflow".into(), s(overflow_name(c.on_overflow)));
+        ct.insert("prune".into(), Value::Boolean(c.prune));
         if let Some(p) = &c.summarizer_provider {
             ct.insert("summarizer_provider".into(), s(p.clone()));
         }
@@ -247,6 +248,9 @@ impl Config {
             }
             if let Some(p) = o.on_overflow {
                 t.insert("on_overflow".into(), s(overflow_name(p)));
+            }
+            if let Some(p) = o.prune {
+                t.insert("prune".into(), Value::Boolean(p));
             }
             models.insert(name.clone(), Value::Table(t));
         }

@@ -469,6 +469,7 @@ pub(super) fn validate(
             rc.on_overflow.as_deref().unwrap_or("summarize"),
         )
         .unwrap_or(OverflowPolicy::Summarize),
+        prune: rc.prune.unwrap_or(true),
         summarizer_provider: rc.summarizer_provider.clone().filter(|s| !s.is_empty()),
         summarizer_model: rc.summarizer_model.clone().filter(|s| !s.is_empty()),
         summarizer_timeout: c.duration(
@@ -531,6 +532,7 @@ pub(super) fn validate(
                 .on_overflow
                 .as_deref()
                 .and_then(|s| overflow_policy(&mut c, &at("on_overflow"), s)),
+            prune: m.prune,
         };
         if let Some(t) = o.tokenizer.as_deref().filter(|t| !tokenizer_ok(t)) {
             c.bad(

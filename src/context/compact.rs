@@ -7,13 +7,18 @@
 //!  count each message (tiktoken, calibrated per model) ≤ budget? ── yes ──► unchanged
 //!        │ no: on_overflow
 //!        ├─ passthrough ─► unchanged      ├─ reject ─► 400 (tokens and window)
+//!        │  truncate_oldest, summarize:
+//!        ├─ prune (`compaction.prune`): earlier copies of large content and answered
+//!        │  images out of the older turns; count again ≤ budget? ── yes ──► `pruned`
+//!        │  no: go on with the pruned messages
 //!        ├─ truncate_oldest ─► plan, drop the older turns
 //!        └─ summarize ─► plan; summary of the older turns: cache (exact, then the longest
 //!                        cached prefix + the newer turns) or the summarizer; on failure,
 //!                        truncate_oldest; rewrite `messages` (kept messages byte for byte)
 //! ```
 //! The budget is `compression_threshold × window − room for the reply`. Kept messages are
-//! copied as raw bytes, so system messages and recent turns reach the provider unchanged.
+//! copied as raw bytes, so system messages and recent turns reach the provider unchanged
+//! (pruned messages as [`super::prune`] rewrites them: the same bytes on every turn).
 
 use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
@@ -27,8 +32,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::cache::{Summary, SummaryCache, SummaryKey};
-use super::events::{CompactionEvent, EventLog};
+use super::events::{CompactionEvent, EventLog, PruneCounts};
 use super::plan::{self, Budget, Plan, Role};
+use super::prune;
 use super::summarize;
 use crate::config::{CompactionConfig, Config, ModelOverrides, OverflowPolicy};
 use crate::lifecycle::Shape;
@@ -71,6 +77,8 @@ pub trait Providers: Send + Sync {
     fn window(&self, provider: usize, model: &str) -> Option<u64>;
     /// Counts `saved` tokens of compaction for `model`.
     fn compacted(&self, provider: usize, model: &str, saved: u64);
+    /// Counts a forwarded request that pruning shortened by `tokens` (before any summary).
+    fn pruned(&self, provider: usize, model: &str, tokens: u64);
     /// POSTs a JSON body to `path` on `provider` while holding a lease on `model` (which
     /// loads it, or waits, as a request would); the body is made under the lease from the
     /// runner options the model runs with (Ollama reloads a runner whose options differ
@@ -140,11 +148,12 @@ pub enum Fit {
     /// Forward as it is. `estimate`: the prompt's tokens, when they were counted.
     Unchanged { estimate: Option<u64> },
     /// Forward with `messages` replaced by this array (raw JSON; the kept messages byte
-    /// for byte); the header says `before->after`.
+    /// for byte); the header says `before->after`, and what pruning took out.
     Rewritten {
         messages: String,
         before: u64,
         after: u64,
+        pruned: Option<PruneCounts>,
     },
     /// Answer 400: the prompt needs `tokens` (with the reply's room), the window has `window`.
     Reject {
@@ -289,6 +298,14 @@ impl Compactor {
         self.live.store(std::sync::Arc::new(Live::of(config)));
     }
 
+    /// Whether the prune step runs for `model` (`compaction.prune`, per model too).
+    pub fn prune(&self, model: &str) -> bool {
+        let live = self.live.load();
+        live.overrides(model)
+            .and_then(|o| o.prune)
+            .unwrap_or(live.settings.prune)
+    }
+
     pub fn policy(&self, model: &str) -> OverflowPolicy {
         let live = self.live.load();
         live.overrides(model)
@@ -428,6 +445,7 @@ pub async fn fit(state: Stage<'_>, req: &ChatRequest<'_>, window: u64) -> (Fit, 
         req,
         window,
         before: refused.before,
+        pruned: None,
     };
     (report.rejected(refused), window)
 }
@@ -504,12 +522,63 @@ async fn fit_into(
         });
     }
     let roles: Vec<Role> = values.iter().map(role_of).collect();
+    // Prune first, for the policies that rewrite (it loses less than either): what is left
+    // is counted again, and if it fits nothing more is done (no summarizer call).
+    let pruning = matches!(
+        policy,
+        OverflowPolicy::Summarize | OverflowPolicy::TruncateOldest
+    ) && cx.prune(req.model);
+    let pruned = if pruning {
+        prune::prune(&raws, &values, &roles)
+    } else {
+        prune::Pruned::default()
+    };
+    let (duplicates, images) = (pruned.duplicates, pruned.images);
+    let owned: Vec<Option<Box<RawValue>>> = pruned
+        .messages
+        .into_iter()
+        .map(|m| m.and_then(|s| RawValue::from_string(s).ok()))
+        .collect();
+    let changed = owned.iter().any(Option::is_some);
+    let raws: Vec<&RawValue> = raws
+        .iter()
+        .enumerate()
+        .map(|(i, r)| owned.get(i).and_then(Option::as_deref).unwrap_or(*r))
+        .collect();
+    let (values, counts) = if changed {
+        let values: Vec<Value> = values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match owned.get(i).and_then(Option::as_deref) {
+                Some(o) => serde_json::from_str(o.get()).unwrap_or(Value::Null),
+                None => v,
+            })
+            .collect();
+        let counts: Vec<u64> = cx
+            .count_messages(enc, &raws)
+            .await
+            .iter()
+            .map(|&n| (n as f64 * ratio).ceil() as u64)
+            .collect();
+        (values, counts)
+    } else {
+        (values, counts)
+    };
+    let after_pruning: u64 = counts.iter().sum();
     let report = Report {
         state,
         req,
         window,
         before,
+        pruned: changed.then_some(PruneCounts {
+            duplicates,
+            images,
+            tokens: before.saturating_sub(after_pruning),
+        }),
     };
+    if changed && after_pruning <= budget {
+        return Ok(report.rewritten("pruned", join(&raws), after_pruning, 0, None, None));
+    }
     match policy {
         OverflowPolicy::Passthrough => Ok(Fit::Unchanged {
             estimate: Some(before),
@@ -589,12 +658,15 @@ struct Report<'a> {
     window: u64,
     /// The prompt's estimated tokens as the client sent it.
     before: u64,
+    /// What pruning took out (`None`: nothing), before a summary or truncation if any.
+    pruned: Option<PruneCounts>,
 }
 
 impl Report<'_> {
     /// 400: even the tokens it needs (plus the reply's room) do not fit.
     fn rejected(&self, refused: Refused) -> Fit {
-        self.record("rejected", refused.needed, 0, None, refused.failure);
+        // Nothing is forwarded: what pruning would have taken out is not said.
+        self.record("rejected", refused.needed, 0, None, refused.failure, None);
         Fit::Reject {
             tokens: refused.needed + self.state.compactor.reserve(self.req, self.window),
             window: self.window,
@@ -612,16 +684,24 @@ impl Report<'_> {
         source: Option<&'static str>,
         failure: Option<String>,
     ) -> Fit {
-        self.record(action, after, summarizer_calls, source, failure);
-        self.state.providers.compacted(
-            self.req.provider,
-            self.req.model,
-            self.before.saturating_sub(after),
+        self.record(
+            action,
+            after,
+            summarizer_calls,
+            source,
+            failure,
+            self.pruned,
         );
+        let (providers, req) = (self.state.providers, self.req);
+        providers.compacted(req.provider, req.model, self.before.saturating_sub(after));
+        if let Some(p) = self.pruned {
+            providers.pruned(req.provider, req.model, p.tokens);
+        }
         Fit::Rewritten {
             messages,
             before: self.before,
             after,
+            pruned: self.pruned,
         }
     }
 
@@ -632,6 +712,7 @@ impl Report<'_> {
         summarizer_calls: u32,
         source: Option<&'static str>,
         failure: Option<String>,
+        pruned: Option<PruneCounts>,
     ) {
         let (state, req) = (self.state, self.req);
         let provider = state.providers.name(req.provider).to_string();
@@ -645,6 +726,9 @@ impl Report<'_> {
             summarizer_calls,
             source,
             failure = failure.as_deref(),
+            pruned_duplicates = pruned.map(|p| p.duplicates),
+            pruned_images = pruned.map(|p| p.images),
+            pruned_tokens = pruned.map(|p| p.tokens),
             "context compaction"
         );
         state.compactor.events.push(CompactionEvent {
@@ -658,6 +742,7 @@ impl Report<'_> {
             summarizer_calls,
             source,
             failure,
+            pruned,
         });
     }
 }
@@ -856,6 +941,21 @@ fn summarizer_of(state: Stage<'_>, req: &ChatRequest<'_>) -> (usize, String) {
     (sp, sm)
 }
 
+/// The `messages` array of `raws`, as they are (after pruning).
+fn join(raws: &[&RawValue]) -> String {
+    let len: usize = raws.iter().map(|r| r.get().len() + 1).sum();
+    let mut out = String::with_capacity(len + 1);
+    out.push('[');
+    for (i, r) in raws.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(r.get());
+    }
+    out.push(']');
+    out
+}
+
 /// The message that stands for the summarized ones.
 fn summary_message(text: &str, n: usize) -> String {
     let content = format!(
@@ -896,7 +996,7 @@ fn rewrite(raws: &[&RawValue], evict: &[usize], summary: Option<&str>) -> Option
     Some(out)
 }
 
-fn role_of(v: &Value) -> Role {
+pub(super) fn role_of(v: &Value) -> Role {
     match v.get("role").and_then(Value::as_str) {
         Some("system") | Some("developer") => Role::System,
         Some("assistant") => Role::Assistant {
@@ -948,6 +1048,7 @@ mod tests {
             None
         }
         fn compacted(&self, _: usize, _: &str, _: u64) {}
+        fn pruned(&self, _: usize, _: &str, _: u64) {}
         fn post<'a>(
             &'a self,
             _: usize,

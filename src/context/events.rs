@@ -12,7 +12,7 @@ pub struct CompactionEvent {
     pub at: String,
     pub provider: String,
     pub model: String,
-    /// `summarized`, `truncated` or `rejected`.
+    /// `pruned`, `summarized`, `truncated` or `rejected`.
     pub action: &'static str,
     pub tokens_before: u64,
     pub tokens_after: u64,
@@ -24,6 +24,20 @@ pub struct CompactionEvent {
     /// Why the summarizer was not used (it failed), when truncation stood in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// What pruning took out first (`pruned`, and `summarized` / `truncated` after it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruned: Option<PruneCounts>,
+}
+
+/// What the prune step took out of one request.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct PruneCounts {
+    /// Earlier copies of large content replaced by a marker.
+    pub duplicates: u32,
+    /// Images removed from messages already answered.
+    pub images: u32,
+    /// Prompt tokens that saved (estimated).
+    pub tokens: u64,
 }
 
 /// Recent compactions, oldest first.

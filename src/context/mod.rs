@@ -13,6 +13,7 @@ pub mod cache;
 pub mod compact;
 pub mod events;
 pub mod plan;
+pub mod prune;
 pub mod summarize;
 #[cfg(test)]
 mod tests;

@@ -50,7 +50,7 @@ use crate::transport::server::{self, RequestBody};
 use crate::upstream::ProviderState;
 pub use error::{Fault, ProxyError};
 pub use inbound::{Dialect, ModelRequest, Unreadable};
-pub use model::{COMPACTED_HEADER, NUM_BATCH_HEADER, NUM_CTX_HEADER};
+pub use model::{COMPACTED_HEADER, NUM_BATCH_HEADER, NUM_CTX_HEADER, PRUNED_HEADER};
 pub use observe::UsageScanner;
 
 /// What the data plane reads: every provider listener shares one, built by `app` from the
@@ -387,6 +387,10 @@ impl context::Providers for DataPlane {
 
     fn compacted(&self, provider: usize, model: &str, saved: u64) {
         self.stats.model(provider, model).record_compaction(saved);
+    }
+
+    fn pruned(&self, provider: usize, model: &str, tokens: u64) {
+        self.stats.model(provider, model).record_prune(tokens);
     }
 
     fn post<'a>(

@@ -40,6 +40,9 @@ use crate::upstream::ProviderState;
 
 /// Set on a response whose request was compacted: `<tokens before>-><tokens after>`.
 pub const COMPACTED_HEADER: &str = "x-llm-warden-compacted";
+/// Set on a response whose request was pruned (with the compacted header):
+/// `duplicates=<n>, images=<n>`.
+pub const PRUNED_HEADER: &str = "x-llm-warden-pruned";
 /// Set when Ollama's `num_ctx` was rewritten (to the loaded model's, to a cap, or to the
 /// smaller context of a load under memory pressure): `<sent or "default">-><used>`.
 pub const NUM_CTX_HEADER: &str = "x-llm-warden-num-ctx";
@@ -90,6 +93,8 @@ struct Edits {
     num_batch: Option<u64>,
     /// `messages` after compaction (raw JSON), with the prompt tokens before and after.
     messages: Option<(String, u64, u64)>,
+    /// Duplicates and images pruned from `messages`, when any.
+    pruned: Option<(u32, u32)>,
 }
 
 /// Forwards a model request (see the module doc).
@@ -353,9 +358,11 @@ impl Call<'_> {
                 messages,
                 before,
                 after,
+                pruned,
             } => {
                 self.estimate = Some(after);
                 self.edits.messages = Some((messages, before, after));
+                self.edits.pruned = pruned.map(|p| (p.duplicates, p.images));
             }
             context::Fit::Reject {
                 tokens,
@@ -520,6 +527,7 @@ impl Call<'_> {
         let e = &self.edits;
         Notes {
             compacted: e.messages.as_ref().map(|(_, b, a)| (*b, *a)),
+            pruned: e.pruned,
             num_ctx: e.num_ctx.map(|n| (self.limits.num_ctx, n)),
             num_batch: e.num_batch.map(|n| (self.limits.num_batch, n)),
             context: self.raised,
@@ -571,6 +579,8 @@ impl KeepAlivePlan {
 struct Notes {
     /// Prompt tokens before and after compaction.
     compacted: Option<(u64, u64)>,
+    /// Duplicates and images pruned.
+    pruned: Option<(u32, u32)>,
     /// Ollama `num_ctx` as sent (`None`: absent) and as forwarded.
     num_ctx: Option<(Option<u64>, u64)>,
     /// Ollama `num_batch` as sent and as forwarded.
@@ -589,6 +599,12 @@ impl Notes {
                 if let Ok(v) = http::HeaderValue::from_str(&format!("{before}->{after}")) {
                     resp.headers_mut().insert(name, v);
                 }
+            }
+        }
+        if let Some((duplicates, images)) = self.pruned {
+            let v = format!("duplicates={duplicates}, images={images}");
+            if let Ok(v) = http::HeaderValue::from_str(&v) {
+                resp.headers_mut().insert(PRUNED_HEADER, v);
             }
         }
         for (name, note) in [

@@ -633,3 +633,162 @@ async fn a_small_window_is_summarized_not_refused() {
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// A source file of about 6 KB, as a `read_file` tool prints it.
+fn source_file() -> String {
+    (0..120)
+        .map(|i| format!("    let value_{i} = compute(input, {i}); // step {i} of the parser\n"))
+        .collect()
+}
+
+/// An agent's tool loop: the same file read three times, then the user's next request.
+/// Written as raw JSON (the bytes the client sends), with the tool results' keys in the
+/// client's own order and spacing.
+fn tool_loop_raw() -> Vec<String> {
+    let file = serde_json::to_string(&source_file()).unwrap();
+    let call = |id: &str| {
+        format!(
+            r#"{{"role":"assistant","content":"","tool_calls":[{{"id":"{id}","type":"function","function":{{"name":"read_file","arguments":{{"path":"src/parser.rs"}}}}}}]}}"#
+        )
+    };
+    let result = |id: &str, content: &str| {
+        format!(r#"{{"role": "tool", "content": {content}, "tool_call_id": "{id}"}}"#)
+    };
+    vec![
+        format!(r#"{{"role":"system","content":"{SYSTEM}"}}"#),
+        r#"{"role":"user","content":"The parser fails on empty input. Find out why."}"#.into(),
+        call("c1"),
+        result("c1", &file),
+        call("c2"),
+        result("c2", &file),
+        call("c3"),
+        result("c3", &file),
+        r#"{"role":"assistant","content":"Step 0 does not check for empty input."}"#.into(),
+        r#"{"role":"user","content":"Fix it."}"#.into(),
+    ]
+}
+
+fn raw_chat(messages: &[String]) -> String {
+    format!(
+        r#"{{"model":"llama3.2","messages":[{}],"stream":false}}"#,
+        messages.join(",")
+    )
+}
+
+/// The body of the one chat request that reached the simulator and is not the summarizer's.
+fn forwarded_raw(sim: &SimServer<OllamaSim>) -> Vec<String> {
+    sim.state
+        .log
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/api/chat")
+        .map(|c| String::from_utf8(c.body.to_vec()).unwrap())
+        .filter(|b| !b.contains(PROMPT))
+        .collect()
+}
+
+/// The `messages` array of a body, as its raw bytes.
+fn messages_raw(body: &str) -> String {
+    let v: std::collections::HashMap<String, &serde_json::value::RawValue> =
+        serde_json::from_str(body).unwrap();
+    v["messages"].get().to_string()
+}
+
+#[tokio::test]
+async fn repeated_tool_outputs_are_pruned_without_a_summarizer_call() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("prune", "").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let messages = tool_loop_raw();
+    let r = post_json(&c, &url, &raw_chat(&messages)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (header, before, after) = compacted(&r);
+    assert!(before > 3430 && after <= 3430, "{header}");
+    assert_eq!(r.headers["x-llm-warden-pruned"], "duplicates=2, images=0");
+
+    let (summarizer, _) = upstream_chats(&sim);
+    assert!(
+        summarizer.is_empty(),
+        "pruning was enough: no summarizer call"
+    );
+    let bodies = forwarded_raw(&sim);
+    assert_eq!(bodies.len(), 1);
+    // The exact bytes: the first two reads are markers (every other key as the client wrote
+    // it), the third read and every other message byte for byte.
+    let marker = format!(
+        "[llm-warden: {} bytes pruned here; the same content appears again later in this conversation]",
+        {
+            let n = source_file().len();
+            format!("{},{:03}", n / 1000, n % 1000)
+        }
+    );
+    let pruned =
+        |id: &str| format!(r#"{{"role": "tool", "content": "{marker}", "tool_call_id": "{id}"}}"#);
+    let mut expected = messages.clone();
+    expected[3] = pruned("c1");
+    expected[5] = pruned("c2");
+    assert_eq!(
+        messages_raw(&bodies[0]),
+        format!("[{}]", expected.join(",")),
+        "the forwarded messages, byte for byte"
+    );
+    // /status and the metrics count it as a compaction, and as a prune.
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    assert_eq!(
+        (m["compactions"].as_u64(), m["prunes"].as_u64()),
+        (Some(1), Some(1)),
+        "{m}"
+    );
+    assert_eq!(m["tokens_saved"], before - after);
+    assert_eq!(m["pruned_tokens"], before - after);
+    let e = &s["compaction"]["events"][0];
+    assert_eq!(e["action"], "pruned", "{e}");
+    assert_eq!(e["summarizer_calls"], 0);
+    assert_eq!(
+        e["pruned"],
+        json!({"duplicates": 2, "images": 0, "tokens": before - after})
+    );
+
+    // The next turn: the pruned messages are the same bytes (the provider's prefix cache
+    // keeps hitting); the newest read is still the last copy, and stays whole.
+    let mut next = messages.clone();
+    next.push(r#"{"role":"assistant","content":"Done: step 0 returns early."}"#.into());
+    next.push(r#"{"role":"user","content":"Thanks."}"#.into());
+    let r = post_json(&c, &url, &raw_chat(&next)).await;
+    assert_eq!(r.status, 200);
+    let bodies = forwarded_raw(&sim);
+    let prefix = format!("[{},", expected[..8].join(","));
+    let sent = messages_raw(&bodies[1]);
+    assert!(sent.starts_with(&prefix), "{sent}");
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[tokio::test]
+async fn with_prune_off_for_the_model_the_same_loop_is_summarized() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("prune-off", "[models.\"llama3.2\"]\nprune = false\n").await;
+    let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
+    let r = post_json(&c, &url, &raw_chat(&tool_loop_raw())).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!r.headers.contains_key("x-llm-warden-pruned"));
+    // The summarizer reads the three copies (in pieces: its window is 4096 tokens too).
+    let (summarizer, _) = upstream_chats(&sim);
+    assert!(!summarizer.is_empty());
+    let s = status(&c, &proxy).await;
+    let e = &s["compaction"]["events"][0];
+    assert_eq!(e["action"], "summarized", "{e}");
+    assert_eq!(e["summarizer_calls"], summarizer.len());
+    assert!(e.get("pruned").is_none(), "{e}");
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}

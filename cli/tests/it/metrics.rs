@@ -401,6 +401,8 @@ async fn metrics_count_exactly_what_went_through_the_proxy() {
         "llm_warden_completion_tokens_total",
         "llm_warden_compactions_total",
         "llm_warden_compaction_tokens_saved_total",
+        "llm_warden_compaction_prunes_total",
+        "llm_warden_compaction_pruned_tokens_total",
         "llm_warden_model_loads_total",
         "llm_warden_model_unloads_total",
         "llm_warden_model_load_duration_seconds",

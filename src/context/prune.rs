@@ -1,0 +1,359 @@
+//! Pruning: a cheap, deterministic step before a conversation is summarized or truncated.
+//! Agent clients (coding agents, tool loops) resend the same large content again and again: a
+//! file read five times, a test run repeated, a screenshot already answered. Pruning drops
+//! the earlier copies of large content, and images already answered, from the older turns,
+//! without a model call; what is left is counted again, and only if it still does not fit
+//! is it summarized (or truncated), so the summarizer reads less and is called less.
+//!
+//! Pure: no I/O, no token counting. For each message, either "unchanged" (the caller keeps
+//! its raw bytes) or its replacement (raw JSON).
+//!
+//! Rules, and why:
+//! - **Only older messages change.** System and developer messages, and the last turn
+//!   (everything from the last user message on) are never modified: they are what the model
+//!   must answer now. A copy in the last turn still counts as a *later copy* of an older one.
+//! - **Duplicates.** A message's `content` string, or a text part (`{"type":"text","text":…}`)
+//!   of a content array, of at least [`MIN_BYTES`] bytes whose text appears again in a later
+//!   message (as a content string or text part, any role) is replaced by a marker (see
+//!   [`duplicate_marker`]): the latest copy stays whole. "Appears again" is near-exact:
+//!   compared after [`normalized`] (CRLF as LF, trailing spaces of each line and blank lines
+//!   at either end dropped), so a tool that prints the same file with other line endings
+//!   still matches.
+//! - **Answered images.** An older message's images, when an assistant message follows it:
+//!   Ollama's `images: [base64…]` key is dropped and a marker appended to its `content`;
+//!   an OpenAI `{"type":"image_url",…}` part becomes a text part holding the marker.
+//! - **Byte-stable from turn to turn.** A marker depends only on the content it stands for
+//!   (its size in bytes, its number of images), never on where the later copy is; and a
+//!   conversation only grows, so once a message has a later copy it keeps one. The same old
+//!   message prunes to the same bytes on every later turn: the provider's prefix cache keeps
+//!   hitting, and the summary cache (keyed by the evicted messages' bytes) too. The one
+//!   change is the turn where a later copy first appears.
+//! - **Nothing else changes.** Only the content string, the one text part, or the images
+//!   are replaced; every other key (`role`, `tool_calls` and their arguments,
+//!   `tool_call_id`, `name`, …), its value and the order of keys stay byte for byte: the new
+//!   values are spliced into the message's own bytes.
+//! - **Not touched:** content below [`MIN_BYTES`] (short repeated phrases carry the
+//!   conversation's meaning and save little), `tool_calls` arguments (an edit's own text is
+//!   the record of what was changed), and a message the splice cannot read (left as it is).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::plan::Role;
+
+/// The least content (bytes of text) pruned as a duplicate. A marker takes about 100 bytes:
+/// below 512 it saves little, and short texts repeated ("run the tests again", "done") are
+/// part of what the conversation says, not resent payload.
+pub const MIN_BYTES: usize = 512;
+
+/// What pruning did to a conversation.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// For each message: `None` = unchanged, else its replacement (raw JSON).
+    pub messages: Vec<Option<String>>,
+    /// Contents and text parts replaced by a marker.
+    pub duplicates: u32,
+    /// Images removed.
+    pub images: u32,
+    /// Bytes the replaced messages lost.
+    pub bytes: u64,
+}
+
+impl Pruned {
+    /// Whether any message changed.
+    pub fn changed(&self) -> bool {
+        self.messages.iter().any(Option::is_some)
+    }
+}
+
+/// The marker that stands for `bytes` bytes of content repeated later.
+pub fn duplicate_marker(bytes: usize) -> String {
+    format!(
+        "[llm-warden: {} bytes pruned here; the same content appears again later in this conversation]",
+        thousands(bytes as u64)
+    )
+}
+
+/// The marker for `n` images removed from a message already answered.
+pub fn image_marker(n: usize) -> String {
+    let s = if n == 1 { "" } else { "s" };
+    format!("[llm-warden: {n} image{s} removed; already answered]")
+}
+
+/// `4213` → `4,213`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The text two copies are compared by: CRLF as LF, trailing whitespace of each line and
+/// blank lines at either end dropped.
+pub fn normalized(text: &str) -> String {
+    let lines: Vec<&str> = text.split('\n').map(str::trim_end).collect();
+    let start = lines
+        .iter()
+        .position(|l| !l.is_empty())
+        .unwrap_or(lines.len());
+    let end = lines
+        .iter()
+        .rposition(|l| !l.is_empty())
+        .map_or(start, |e| e + 1);
+    lines[start..end].join("\n")
+}
+
+/// Where a text sits in a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// The `content` string.
+    Content,
+    /// The text part at this index of the `content` array.
+    Part(usize),
+}
+
+/// The large texts of a message, with their places.
+fn texts(v: &Value) -> Vec<(Place, &str)> {
+    match v.get("content") {
+        Some(Value::String(s)) => vec![(Place::Content, s.as_str())],
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|(k, p)| Some((Place::Part(k), p.get("text")?.as_str()?)))
+            .collect(),
+        _ => Vec::new(),
+    }
+    .into_iter()
+    .filter(|(_, t)| t.len() >= MIN_BYTES)
+    .collect()
+}
+
+/// Prunes the older messages of a conversation (see the module doc). `values` and `roles`
+/// are those of `raws`, in order.
+pub fn prune(raws: &[&RawValue], values: &[Value], roles: &[Role]) -> Pruned {
+    let mut out = Pruned {
+        messages: vec![None; raws.len()],
+        ..Pruned::default()
+    };
+    // Everything from the last user message on is the last turn; no user message: nothing
+    // is older than the turn being answered.
+    let Some(last_user) = roles.iter().rposition(|r| *r == Role::User) else {
+        return out;
+    };
+    let last_assistant = roles
+        .iter()
+        .rposition(|r| matches!(r, Role::Assistant { .. }));
+    // The last message each large text appears in.
+    let mut last_seen: HashMap<String, usize> = HashMap::new();
+    for (i, v) in values.iter().enumerate() {
+        for (_, t) in texts(v) {
+            last_seen.insert(normalized(t), i);
+        }
+    }
+    for i in 0..last_user {
+        if roles[i] == Role::System {
+            continue;
+        }
+        let v = &values[i];
+        let repeated: Vec<(Place, usize)> = texts(v)
+            .into_iter()
+            .filter(|(_, t)| last_seen.get(&normalized(t)).is_some_and(|&j| j > i))
+            .map(|(p, t)| (p, t.len()))
+            .collect();
+        let answered = last_assistant.is_some_and(|a| a > i);
+        if let Some((raw, dups, images)) = rewrite(raws[i].get(), v, &repeated, answered) {
+            out.bytes += raws[i].get().len().saturating_sub(raw.len()) as u64;
+            out.duplicates += dups;
+            out.images += images;
+            out.messages[i] = Some(raw);
+        }
+    }
+    out
+}
+
+/// The keys of a JSON object and their raw values, in the order they are written.
+struct Entries<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    out.push((k, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> Entries<'a> {
+    fn parse(text: &'a str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+
+    fn find(&self, key: &str) -> Option<(usize, &'a RawValue)> {
+        // The last of duplicate keys is the one a reader keeps.
+        self.0
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, (k, _))| k == key)
+            .map(|(i, (_, v))| (i, *v))
+    }
+}
+
+/// Where `inner` (a slice of `outer`) sits in `outer`.
+fn span(outer: &str, inner: &str) -> Range<usize> {
+    let start = (inner.as_ptr() as usize).saturating_sub(outer.as_ptr() as usize);
+    start..start + inner.len()
+}
+
+fn quoted(s: &str) -> String {
+    Value::String(s.to_string()).to_string()
+}
+
+/// Message `msg` (raw) with the texts at `repeated` replaced by markers and, if `answered`,
+/// its images removed: the new raw message, the duplicates and images it lost; `None` when
+/// nothing changes (or the message cannot be read for a splice).
+fn rewrite(
+    msg: &str,
+    v: &Value,
+    repeated: &[(Place, usize)],
+    answered: bool,
+) -> Option<(String, u32, u32)> {
+    let ollama_images = v
+        .get("images")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let image_parts = match v.get("content") {
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
+            .count(),
+        _ => 0,
+    };
+    let strip = answered && (ollama_images > 0 || image_parts > 0);
+    if repeated.is_empty() && !strip {
+        return None;
+    }
+    let entries = Entries::parse(msg)?;
+    let content = entries.find("content");
+    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
+    let (mut dups, mut images) = (0u32, 0u32);
+    let dup_of = |place: Place| repeated.iter().find(|(p, _)| *p == place).map(|(_, n)| *n);
+    match (content, v.get("content")) {
+        (Some((_, raw)), Some(Value::String(text))) => {
+            let mut new = match dup_of(Place::Content) {
+                Some(n) => {
+                    dups += 1;
+                    duplicate_marker(n)
+                }
+                None => text.clone(),
+            };
+            if strip && ollama_images > 0 {
+                if !new.is_empty() {
+                    new.push('\n');
+                }
+                new.push_str(&image_marker(ollama_images));
+            }
+            if new != *text {
+                edits.push((span(msg, raw.get()), quoted(&new)));
+            }
+        }
+        (Some((_, raw)), Some(Value::Array(parts))) => {
+            let raw_parts: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
+            if raw_parts.len() != parts.len() {
+                return None;
+            }
+            for (k, (rp, p)) in raw_parts.iter().zip(parts).enumerate() {
+                let kind = p.get("type").and_then(Value::as_str);
+                if kind == Some("image_url") && answered {
+                    images += 1;
+                    let part = serde_json::json!({"type": "text", "text": image_marker(1)});
+                    edits.push((span(msg, rp.get()), part.to_string()));
+                } else if let Some(n) = dup_of(Place::Part(k)) {
+                    let (_, text) = Entries::parse(rp.get())?.find("text")?;
+                    dups += 1;
+                    edits.push((span(msg, text.get()), quoted(&duplicate_marker(n))));
+                }
+            }
+        }
+        (Some((_, raw)), _) if strip && ollama_images > 0 => {
+            // `"content": null` with images: the marker is the content.
+            edits.push((span(msg, raw.get()), quoted(&image_marker(ollama_images))));
+        }
+        _ => {}
+    }
+    if strip && ollama_images > 0 {
+        let (e, _) = entries.find("images")?;
+        let value = |i: usize| span(msg, entries.0[i].1.get());
+        let has_content = content.is_some();
+        let added = |lead: &str, tail: &str| {
+            if has_content {
+                String::new()
+            } else {
+                format!(
+                    "{lead}\"content\":{}{tail}",
+                    quoted(&image_marker(ollama_images))
+                )
+            }
+        };
+        let range = if e > 0 {
+            // From the end of the entry before: `,"images":[…]` goes.
+            (value(e - 1).end..value(e).end, added(",", ""))
+        } else {
+            // From its key (the whitespace before it stays).
+            let open = msg.find('{')? + 1;
+            let open = open + msg[open..].find('"')?;
+            let end = value(0).end;
+            if entries.0.len() > 1 {
+                // The first entry, and the comma after it.
+                let comma = end + msg[end..].find(',')? + 1;
+                (open..comma, added("", ","))
+            } else {
+                (open..end, added("", ""))
+            }
+        };
+        edits.push(range);
+        images += ollama_images as u32;
+    }
+    if edits.is_empty() {
+        return None;
+    }
+    edits.sort_by_key(|(r, _)| r.start);
+    let mut new = String::with_capacity(msg.len());
+    let mut at = 0;
+    for (r, text) in &edits {
+        if r.start < at {
+            return None;
+        }
+        new.push_str(&msg[at..r.start]);
+        new.push_str(text);
+        at = r.end;
+    }
+    new.push_str(&msg[at..]);
+    Some((new, dups, images))
+}
+
+#[cfg(test)]
+#[path = "prune_tests.rs"]
+mod tests;
