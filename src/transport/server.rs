@@ -639,11 +639,10 @@ impl Conn {
             .await;
             match got {
                 Some(Ok(0)) | Some(Err(_)) | None => return Ok(None),
-                Some(Ok(_)) => {
-                    if self.buf.len() > MAX_HEAD {
-                        return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-                    }
-                }
+                // Parsed at the top of the loop: a head that is still partial past
+                // `MAX_HEAD` is refused there (`parse_head`). The buffer's length says
+                // nothing alone: one read may bring a head and much of its body.
+                Some(Ok(_)) => {}
             }
         }
     }
@@ -1256,6 +1255,46 @@ mod tests {
         raw.extend(std::iter::repeat_n(b'z', n));
         let r = exchange(addr, &raw).await;
         assert!(r.ends_with(&format!("true Some({n}) {n}")), "{r}");
+    }
+
+    /// Found by examples/prunebench.rs (agent conversations with screenshots, ~500 KB a
+    /// request): a read that completes a head and brings more body than `MAX_HEAD` with it
+    /// was refused with 431 before the head was looked at. After a large body the read
+    /// buffer is large, so the next request's head and much of its body arrive in one read.
+    #[tokio::test]
+    async fn a_head_read_together_with_a_large_body_is_not_too_large() {
+        let addr = start(|req: Request<RequestBody>| async move {
+            let n = req.into_body().collect().await.unwrap().to_bytes().len();
+            Response::new(Full::new(Bytes::from(format!("got {n}"))))
+        })
+        .await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let request = |n: usize, close: &str| {
+            let mut raw =
+                format!("POST /x HTTP/1.1\r\nHost: x\r\n{close}Content-Length: {n}\r\n\r\n")
+                    .into_bytes();
+            raw.extend(std::iter::repeat_n(b'{', n));
+            raw
+        };
+        s.write_all(&request(1_000_000, "")).await.unwrap();
+        let mut first = Vec::new();
+        while !first.ends_with(b"got 1000000") {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&first));
+            first.extend_from_slice(&chunk[..n]);
+        }
+        s.write_all(&request(MAX_HEAD + 200_000, "Connection: close\r\n"))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\n")
+                && out.ends_with(&format!("got {}", MAX_HEAD + 200_000)),
+            "{out}"
+        );
     }
 
     #[tokio::test]
