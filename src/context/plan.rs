@@ -66,7 +66,7 @@ pub enum Plan {
 /// The turns of a conversation: index ranges of non-system messages, each starting at a user
 /// or assistant message and holding the tool results that answer it. System messages are
 /// in no turn.
-fn turns(roles: &[Role]) -> Vec<Vec<usize>> {
+pub(super) fn turns(roles: &[Role]) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut open_call = false;
     for (i, r) in roles.iter().enumerate() {

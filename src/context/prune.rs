@@ -9,9 +9,13 @@
 //! its raw bytes) or its replacement (raw JSON).
 //!
 //! Rules, and why:
-//! - **Only older messages change.** System and developer messages, and the last turn
-//!   (everything from the last user message on) are never modified: they are what the model
-//!   must answer now. A copy in the last turn still counts as a *later copy* of an older one.
+//! - **Only older messages change.** System and developer messages, the last user message
+//!   and the last turn as the planner counts turns (a call with its results, or one
+//!   message) are never modified: they are what the model must answer now. In an agent's
+//!   tool loop the earlier calls' results are older turns (the model has acted on them), so
+//!   a file read three times in one loop keeps only its last read whole, as a summary
+//!   would evict those steps too. A copy in a protected message still counts as a *later
+//!   copy* of an older one.
 //! - **Duplicates.** A message's `content` string, or a text part (`{"type":"text","text":…}`)
 //!   of a content array, of at least [`MIN_BYTES`] bytes whose text appears again in a later
 //!   message (as a content string or text part, any role) is replaced by a marker (see
@@ -19,7 +23,8 @@
 //!   compared after [`normalized`] (CRLF as LF, trailing spaces of each line and blank lines
 //!   at either end dropped), so a tool that prints the same file with other line endings
 //!   still matches.
-//! - **Answered images.** An older message's images, when an assistant message follows it:
+//! - **Answered images.** The images of a message before the last user message, when an
+//!   assistant message follows it (within the current tool loop the task's images stay):
 //!   Ollama's `images: [base64…]` key is dropped and a marker appended to its `content`;
 //!   an OpenAI `{"type":"image_url",…}` part becomes a text part holding the marker.
 //! - **Byte-stable from turn to turn.** A marker depends only on the content it stands for
@@ -146,11 +151,15 @@ pub fn prune(raws: &[&RawValue], values: &[Value], roles: &[Role]) -> Pruned {
         messages: vec![None; raws.len()],
         ..Pruned::default()
     };
-    // Everything from the last user message on is the last turn; no user message: nothing
-    // is older than the turn being answered.
+    // No user message: nothing is older than the turn being answered.
     let Some(last_user) = roles.iter().rposition(|r| *r == Role::User) else {
         return out;
     };
+    // The last turn as the planner counts it: from there on nothing changes.
+    let last_turn = super::plan::turns(roles)
+        .last()
+        .and_then(|t| t.first().copied())
+        .unwrap_or(last_user);
     let last_assistant = roles
         .iter()
         .rposition(|r| matches!(r, Role::Assistant { .. }));
@@ -161,8 +170,8 @@ pub fn prune(raws: &[&RawValue], values: &[Value], roles: &[Role]) -> Pruned {
             last_seen.insert(normalized(t), i);
         }
     }
-    for i in 0..last_user {
-        if roles[i] == Role::System {
+    for i in 0..last_turn {
+        if roles[i] == Role::System || i == last_user {
             continue;
         }
         let v = &values[i];
@@ -171,7 +180,7 @@ pub fn prune(raws: &[&RawValue], values: &[Value], roles: &[Role]) -> Pruned {
             .filter(|(_, t)| last_seen.get(&normalized(t)).is_some_and(|&j| j > i))
             .map(|(p, t)| (p, t.len()))
             .collect();
-        let answered = last_assistant.is_some_and(|a| a > i);
+        let answered = i < last_user && last_assistant.is_some_and(|a| a > i);
         if let Some((raw, dups, images)) = rewrite(raws[i].get(), v, &repeated, answered) {
             out.bytes += raws[i].get().len().saturating_sub(raw.len()) as u64;
             out.duplicates += dups;

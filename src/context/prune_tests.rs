@@ -303,3 +303,34 @@ fn one_more_turn_leaves_the_messages_already_pruned_byte_for_byte() {
     // And the same conversation prunes to the same bytes every time.
     assert_eq!(run(&next).1, b);
 }
+
+#[test]
+fn in_one_tool_loop_the_earlier_reads_are_older_turns() {
+    // A coding agent's loop after one user message: the file is read, edited elsewhere,
+    // read again and again. The earlier reads are turns the model has acted on; the last
+    // call and its result, and the user's task, stay as they are.
+    let f = file();
+    let task = r#"{"role":"user","content":"fix the bug in a.rs"}"#.to_string();
+    let msgs = vec![
+        task.clone(),
+        call("r1"),
+        result("r1", &f),
+        call("r2"),
+        result("r2", &f),
+        call("r3"),
+        result("r3", &f),
+    ];
+    let (p, out) = run(&msgs);
+    let pruned = |id: &str| {
+        format!(
+            r#"{{"role": "tool", "content": {}, "tool_call_id": "{id}", "name": "read_file"}}"#,
+            q(MARK_660)
+        )
+    };
+    assert_eq!(out[2], pruned("r1"));
+    assert_eq!(out[4], pruned("r2"));
+    for i in [0, 1, 3, 5, 6] {
+        assert_eq!(out[i], msgs[i], "message {i}");
+    }
+    assert_eq!(p.duplicates, 2);
+}
