@@ -6,6 +6,7 @@
 //! Not a provider: nothing here is used by the proxy itself.
 
 pub mod common;
+pub mod extractive;
 pub mod llamacpp;
 pub mod lmstudio;
 pub mod ollama;

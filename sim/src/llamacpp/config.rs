@@ -56,6 +56,11 @@ pub struct LlamaCppConfig {
     pub clock: Clock,
     /// The reply text of every generation; `None`: deterministic words seeded by the request.
     pub fixed_reply: Option<String>,
+    /// Answer llm-warden's summarization requests (recognized by the opening of its
+    /// summarizer instructions) with an extractive summary of the transcript, within
+    /// `max_tokens` (4-byte pieces, as this simulator counts reply tokens): a deterministic
+    /// stand-in for a model, not what llama-server does (see [`crate::extractive`]).
+    pub extractive_summarizer: bool,
     /// Tokens generated when the request gives no `max_tokens` / `n_predict` (the model
     /// "stops" there, finish reason `stop`).
     pub max_tokens_default: u32,
@@ -85,6 +90,7 @@ impl Default for LlamaCppConfig {
             fail_load: None,
             clock: Clock::system(),
             fixed_reply: None,
+            extractive_summarizer: false,
             max_tokens_default: 16,
             embedding_dims: 8,
         }

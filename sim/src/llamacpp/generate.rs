@@ -22,6 +22,7 @@ use super::state::{killed, Instance, Lease};
 use super::wire::{obj, ok, sse_data, sse_response, Fail, J};
 use super::{Handled, LlamaCppSim, Req, BUILD_INFO};
 use crate::common::{channel_body, embedding, hash_bytes, reply_pieces, tokenize};
+use crate::extractive;
 
 /// Template token ids (outside the 32k vocabulary of `common::tokenize`).
 const IM_START: u32 = 32001;
@@ -111,8 +112,15 @@ impl LlamaCppSim {
 
     /// The reply's pieces: the fixed reply or generated words, cut by `limit` (`-1` or none:
     /// no limit) and by the room left in the context.
-    fn reply(&self, seed: u64, limit: Option<i64>, room: u32) -> (Vec<String>, bool, bool) {
-        let mut pieces: Vec<String> = match &self.cfg.fixed_reply {
+    /// `summary`: the extractive stand-in's answer, in place of either.
+    fn reply(
+        &self,
+        seed: u64,
+        limit: Option<i64>,
+        room: u32,
+        summary: Option<String>,
+    ) -> (Vec<String>, bool, bool) {
+        let mut pieces: Vec<String> = match summary.as_ref().or(self.cfg.fixed_reply.as_ref()) {
             Some(text) => split_pieces(text),
             None => reply_pieces(seed, self.cfg.max_tokens_default as usize)
                 .into_iter()
@@ -135,6 +143,26 @@ impl LlamaCppSim {
         (pieces, capped, truncated)
     }
 
+    /// With the extractive stand-in on, a summarization request's summary within `limit`.
+    fn summary(&self, req: &Req, limit: Option<i64>) -> Option<String> {
+        if !self.cfg.extractive_summarizer {
+            return None;
+        }
+        let messages = req.body.get("messages")?.as_array()?;
+        let transcript = extractive::summary_request(messages.iter().map(|m| {
+            (
+                m.get("role").and_then(Value::as_str).unwrap_or(""),
+                m.get("content").and_then(Value::as_str).unwrap_or(""),
+            )
+        }))?;
+        let budget = limit
+            .filter(|m| *m >= 0)
+            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        Some(extractive::summarize(&transcript, budget, |s| {
+            split_pieces(s).len()
+        }))
+    }
+
     /// Checks the prompt against the slot, waits for a slot and draws the reply.
     async fn prepare(
         self: &Arc<Self>,
@@ -154,7 +182,9 @@ impl LlamaCppSim {
         // The reply and its id follow from the request's bytes alone: the same request gets
         // the same bytes (on a manual clock), so pass-through can be compared byte for byte.
         let seed = hash_bytes(&req.call.body);
-        let (pieces, capped, truncated) = self.reply(seed, limit, lease.inst.n_ctx - n_prompt);
+        let summary = self.summary(req, limit);
+        let (pieces, capped, truncated) =
+            self.reply(seed, limit, lease.inst.n_ctx - n_prompt, summary);
         let reply_ids = pieces.iter().flat_map(|p| tokenize(p)).collect();
         {
             let mut st = self.lock();

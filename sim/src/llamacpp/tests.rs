@@ -888,3 +888,29 @@ async fn embeddings_on_an_embedding_model() {
     let r = get(&c, &s, "/nope").await;
     assert_eq!(r.text, NOT_FOUND);
 }
+
+#[tokio::test]
+async fn extractive_summarizer_answers_the_proxys_summary_requests() {
+    let (s, c) = start(LlamaCppConfig {
+        extractive_summarizer: true,
+        ..cfg()
+    })
+    .await;
+    let body = serde_json::json!({
+        "model": A,
+        "max_tokens": 9,
+        "messages": [
+            {"role": "system", "content": "You condense conversations. Summarize it."},
+            {"role": "user", "content": "user: Nice weather today. Ticket OPS-2291 is open.\nassistant: Sure thing.\n"},
+        ],
+    });
+    let v = post(&c, &s, "/v1/chat/completions", &body.to_string())
+        .await
+        .json();
+    // 4-byte pieces: " Ticket OPS-2291 is open." is 7 of them.
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Ticket OPS-2291 is open."
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}

@@ -24,6 +24,12 @@ pub struct OllamaConfig {
     /// Every reply says exactly this (one token per word, capped by `num_predict`) instead
     /// of seeded words: a deterministic summarizer for the compaction tests.
     pub fixed_reply: Option<String>,
+    /// Answer llm-warden's summarization requests (recognized by the opening of its
+    /// summarizer instructions) with an extractive summary of the transcript, within
+    /// `num_predict` tokens as the prompt tokenizer counts them (4 bytes each): a
+    /// deterministic stand-in for a model, not what Ollama does (see [`crate::extractive`]).
+    /// Other requests are answered as usual.
+    pub extractive_summarizer: bool,
     /// `OLLAMA_MAX_LOADED_MODELS`.
     pub max_loaded_models: usize,
     /// `OLLAMA_KEEP_ALIVE`; `Duration::MAX` means forever.
@@ -65,6 +71,7 @@ impl Default for OllamaConfig {
             token_delay: Duration::ZERO,
             reply_tokens: 8,
             fixed_reply: None,
+            extractive_summarizer: false,
             max_loaded_models: 3,
             keep_alive: Duration::from_secs(300),
             default_num_ctx: 4096,

@@ -18,6 +18,7 @@ use super::{
     PROMPT_TOO_LONG, SSE,
 };
 use crate::common::{self, SimBody};
+use crate::extractive;
 use crate::SimModel;
 
 /// A generation that has its runner and knows what it will say.
@@ -90,12 +91,27 @@ impl OllamaSim {
                 cut_middle(*tokens, num_ctx, num_keep)
             }
         };
-        let mut n = match &self.cfg.fixed_reply {
+        let limit = req.opts.num_predict.filter(|l| *l >= 0);
+        // A summarization request, with the extractive stand-in on: its summary, within the
+        // reply's limit as the prompt tokenizer counts it (4 bytes a token: what the summary
+        // will cost in the prompt it goes back into; its words, the reply's tokens, are fewer).
+        let summary = match &req.prompt {
+            Prompt::Chat(msgs) if self.cfg.extractive_summarizer => {
+                extractive::summary_request(msgs.iter().map(|m| (m.role.as_str(), m.content())))
+                    .map(|t| {
+                        let budget = limit.map_or(usize::MAX, |l| l as usize);
+                        extractive::summarize(&t, budget, |s| common::count_tokens(s) as usize)
+                    })
+            }
+            _ => None,
+        };
+        let fixed = summary.as_ref().or(self.cfg.fixed_reply.as_ref());
+        let mut n = match fixed {
             Some(text) => fixed_pieces(text, usize::MAX).len(),
             None => self.cfg.reply_tokens,
         };
         let mut done_reason = "stop";
-        if let Some(limit) = req.opts.num_predict.filter(|l| *l >= 0) {
+        if let Some(limit) = limit {
             if (limit as u64) < n as u64 {
                 n = limit as usize;
                 done_reason = "length";
@@ -106,7 +122,7 @@ impl OllamaSim {
             slot,
             label: req.label,
             prompt_tokens,
-            pieces: match &self.cfg.fixed_reply {
+            pieces: match fixed {
                 Some(text) => fixed_pieces(text, n),
                 None => common::reply_pieces(req.seed, n)
                     .into_iter()

@@ -346,6 +346,10 @@ pub(super) struct ChatMsg {
 }
 
 impl ChatMsg {
+    pub(super) fn content(&self) -> &str {
+        &self.content
+    }
+
     pub(super) fn tokens(&self) -> u32 {
         common::count_tokens(&self.content)
             + MESSAGE_OVERHEAD_TOKENS

@@ -244,3 +244,35 @@ async fn native_error_bodies() {
     );
     assert!(srv.state.log.calls().len() >= 12);
 }
+
+#[tokio::test]
+async fn extractive_summarizer_answers_the_proxys_summary_requests() {
+    let srv = start(OllamaConfig {
+        extractive_summarizer: true,
+        ..manual()
+    })
+    .await;
+    let transcript =
+        "user: Hello there, how is it going? The deploy key for staging is K7-4419.\\n\
+                      assistant: Noted, I will keep that in mind for later.\\n";
+    let body = format!(
+        r#"{{"model":"llama3.2","stream":false,"options":{{"num_predict":10}},"messages":[
+            {{"role":"system","content":"You condense conversations. Summarize the conversation below."}},
+            {{"role":"user","content":"{transcript}"}}]}}"#
+    );
+    let v = post(&srv, "/api/chat", &body).await.json();
+    assert_eq!(
+        v["message"]["content"],
+        "The deploy key for staging is K7-4419."
+    );
+    // 10 tokens of 4 bytes; 7 words generated.
+    assert_eq!(v["eval_count"], 7);
+    assert_eq!(v["done_reason"], "stop");
+    // Any other chat gets the usual seeded words.
+    let other = r#"{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"The deploy key for staging is K7-4419."}]}"#;
+    let v = post(&srv, "/api/chat", other).await.json();
+    assert!(!v["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("K7-4419"));
+}
