@@ -25,11 +25,12 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{header, Request};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use llm_warden_sim::ollama::{self, OllamaConfig};
 use serde_json::json;
 use tokio::net::TcpListener;
+
+#[path = "common/mod.rs"]
+mod common;
 
 #[derive(Parser, Debug)]
 #[command(about = "added latency of the context stage on a long chat")]
@@ -42,24 +43,10 @@ struct Args {
     tokens: usize,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+use common::HttpClient;
 
 fn main() {
-    let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ctxbench: {e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = rt.block_on(run(args)) {
-        eprintln!("ctxbench: {e}");
-        std::process::exit(2);
-    }
+    common::main_with("ctxbench", run(Args::parse()));
 }
 
 /// A system message and user/assistant turns of ~100 tokens, about `tokens` in all; `tag`
@@ -120,11 +107,7 @@ async fn scenario(args: &Args, name: &str, num_ctx: u32, cold: bool) -> Result<(
         sim.url(),
         cache.display()
     );
-    let cfg = llm_warden::config::load_str(&toml).map_err(|e| e.to_string())?;
-    let proxy = llm_warden::app::start(cfg)
-        .await
-        .map_err(|e| e.to_string())?;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (proxy, client) = common::start_proxy(&toml).await?;
     let make = |tag: usize| {
         Bytes::from(
             json!({"model": "llama3.2", "messages": conversation(args.tokens, tag), "stream": false})

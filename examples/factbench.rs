@@ -36,12 +36,16 @@ use clap::Parser;
 use http::{header, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use llm_warden::context::summarize;
 use llm_warden_sim::ollama::{self, OllamaConfig};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::Rng;
 
 #[derive(Parser, Debug)]
 #[command(about = "share of planted facts that survive compaction")]
@@ -95,45 +99,20 @@ struct Args {
     llama_threads: u32,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+use common::HttpClient;
 
 fn main() {
-    let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("factbench: {e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = rt.block_on(run(args)) {
-        eprintln!("factbench: {e}");
-        std::process::exit(2);
-    }
+    common::main_with("factbench", run(Args::parse()));
 }
 
 // --- conversations ---
 
-/// SplitMix64: small, seeded, the same everywhere.
-struct Rng(u64);
+/// Numbers for the planted facts.
+trait Digits {
+    fn digits(&mut self, n: usize) -> String;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
+impl Digits for Rng {
     fn digits(&mut self, n: usize) -> String {
         (0..n)
             .map(|i| {
@@ -671,11 +650,7 @@ async fn measure(
         summary_max_tokens,
         cache.display()
     );
-    let cfg = llm_warden::config::load_str(&toml).map_err(|e| e.to_string())?;
-    let proxy = llm_warden::app::start(cfg)
-        .await
-        .map_err(|e| e.to_string())?;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (proxy, client) = common::start_proxy(&toml).await?;
     let (path, reply) = match provider {
         Provider::Sim => (
             "/api/chat",

@@ -23,12 +23,14 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{header, Request};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use llm_warden::context::summarize::PROMPT;
 use llm_warden_sim::ollama::{self, OllamaConfig};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+
+#[path = "common/mod.rs"]
+mod common;
+use common::Rng;
 
 #[derive(Parser, Debug)]
 #[command(about = "tokens and summarizer calls the prune stage saves on agent conversations")]
@@ -38,48 +40,13 @@ struct Args {
     window: u32,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+use common::HttpClient;
 
 fn main() {
-    let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("prunebench: {e}");
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = rt.block_on(run(args)) {
-        eprintln!("prunebench: {e}");
-        std::process::exit(2);
-    }
+    common::main_with("prunebench", run(Args::parse()));
 }
 
 // === the corpus ===
-
-/// splitmix64: the same sessions on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
 
 const IDENTS: &[&str] = &[
     "config", "request", "window", "tokens", "budget", "reader", "parser", "state", "cache",
@@ -402,11 +369,7 @@ async fn replay(args: &Args, s: &Session, name: &str, prune: bool) -> Result<Rep
         sim.url(),
         cache.display()
     );
-    let cfg = llm_warden::config::load_str(&toml).map_err(|e| e.to_string())?;
-    let proxy = llm_warden::app::start(cfg)
-        .await
-        .map_err(|e| e.to_string())?;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let (proxy, client) = common::start_proxy(&toml).await?;
     let url = format!("http://{}/api/chat", proxy.proxy_addr(0));
     let mut r = Replay::default();
     let mut last_headers = http::HeaderMap::new();

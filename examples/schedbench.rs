@@ -44,6 +44,10 @@ use llm_warden_sim::ollama::{self, OllamaConfig};
 use llm_warden_sim::SimModel;
 use tokio::net::TcpListener;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::Rng;
+
 /// The models the clients ask for, as the simulator names them.
 const MODELS: [&str; 3] = ["llama3.2:latest", "qwen2.5:7b", "mistral:7b"];
 /// One request may take this long before it counts as an error (a hang).
@@ -105,31 +109,8 @@ impl Policy {
 }
 
 fn main() {
-    let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match rt.block_on(run(args)) {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("schedbench: {e}");
-            std::process::exit(2);
-        }
-    }
-}
-
-/// SplitMix64: a tiny seeded PRNG, enough to draw models.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+    if !common::main_with("schedbench", run(Args::parse())) {
+        std::process::exit(1);
     }
 }
 
@@ -171,7 +152,7 @@ async fn run(args: Args) -> Result<bool, String> {
     if args.requests == 0 || args.clients == 0 {
         return Err("--requests and --clients must be at least 1".into());
     }
-    let mut rng = SplitMix(args.seed);
+    let mut rng = Rng(args.seed);
     let plan: Arc<Vec<&'static str>> = Arc::new(
         (0..args.requests)
             .map(|_| MODELS[(rng.next() % MODELS.len() as u64) as usize])
