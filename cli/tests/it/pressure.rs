@@ -40,8 +40,13 @@ impl ResourceProbe for Machine {
 }
 
 async fn start(sim_url: &str, extra: &str) -> (Running, Machine) {
+    start_kind("ollama", sim_url, extra).await
+}
+
+/// As [`start`], with a provider of `kind` named `<kind>0`.
+async fn start_kind(kind: &str, sim_url: &str, extra: &str) -> (Running, Machine) {
     let toml = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nname = \"ollama0\"\nkind = \"ollama\"\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[[providers]]\nname = \"{kind}0\"\nkind = \"{kind}\"\n\
          listen = \"127.0.0.1:0\"\nupstream = \"{sim_url}\"\n\
          [memory_pressure]\nsample_interval = \"50ms\"\n{extra}\n\
          [models.\"qwen2.5:7b\"]\npinned = true\n"
@@ -377,5 +382,53 @@ async fn at_critical_a_request_the_small_context_cannot_hold_gets_a_larger_one()
         e["model"] == "qwen2.5:7b" && e["reason"].as_str().unwrap().starts_with("reshape")
     });
     assert!(reshaped, "{}", s["lifecycle_events"]);
+    proxy.shutdown().await;
+}
+
+/// The same on LM Studio, whose context is set by its load API (requests cannot change it)
+/// and whose simulator answers an error when a prompt overflows the loaded context: the load
+/// the proxy makes to learn the window gets the pressure's 512, and the request that cannot
+/// fit it is served after the runner is reloaded at its need.
+#[tokio::test]
+async fn at_critical_lm_studio_reloads_a_model_too_small_for_the_request() {
+    use llm_warden_sim::lmstudio::LmStudioConfig;
+    let sim = start_lmstudio(LmStudioConfig::default()).await;
+    let (proxy, machine) = start_kind(
+        "lmstudio",
+        &sim.url(),
+        "[buffers.context]\ninitial = 1024\n",
+    )
+    .await;
+    let c = client();
+    machine.set_pressure(0.95);
+    until(&c, &proxy, "critical", |s| {
+        s["system"]["pressure_level"] == "critical"
+    })
+    .await;
+    let words: Vec<String> = (0..150).map(|i| format!("lorem{i}ipsum")).collect();
+    let chat = serde_json::json!({
+        "model": "qwen2.5-7b-instruct",
+        "messages": [{"role": "user", "content": words.join(" ")}],
+        "max_tokens": 150,
+    })
+    .to_string();
+    let url = format!("http://{}/v1/chat/completions", proxy.proxy_addr(0));
+    let r = post_json(&c, &url, &chat).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let chosen = header(&r, "x-llm-warden-context").unwrap_or_else(|| panic!("{:?}", r.headers));
+    let to: u32 = chosen
+        .strip_prefix("512->")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{chosen}"));
+    assert!(to > 512, "{chosen}");
+    assert_eq!(
+        sim.state.loaded_context_length("qwen2.5-7b-instruct"),
+        Some(to)
+    );
+    assert_eq!(
+        sim.state.load_count("qwen2.5-7b-instruct"),
+        2,
+        "loaded at 512 to learn the window, then at the request's need"
+    );
     proxy.shutdown().await;
 }
