@@ -167,6 +167,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_simulators_know_a_summarizer_request_by_its_opening() {
+        // sim/src/extractive.rs matches the instructions' first words; a new prompt must
+        // keep them or change them there too.
+        assert!(PROMPT.starts_with(llm_warden_sim::extractive::SUMMARIZER_PROMPT_OPENING));
+    }
+
+    #[test]
     fn transcripts_name_roles_tools_and_the_previous_summary() {
         let msgs = [
             json!({"role":"user","content":"what is the weather in Paris?"}),
