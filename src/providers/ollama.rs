@@ -74,6 +74,20 @@ pub(super) fn canonical_model(model: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether an `/api/ps` `expires_at` (RFC 3339) is a real deadline: a runner kept "forever"
+/// (`keep_alive` negative) expires at `time.Now().Add(math.MaxInt64)` (`server/sched.go`),
+/// about 292 years out, so only the year is read. `None` for a time that cannot be read, or
+/// Go's zero time (a runner still loading; `PsHandler` replaces it, older versions may not).
+fn expires(at: &str) -> Option<bool> {
+    let year: u64 = at.get(..4)?.parse().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let this_year = 1970 + now / 31_556_952;
+    (year >= 1970).then_some(year < this_year + 100)
+}
+
 /// `GET /api/ps` → `{"models":[{"name","size","size_vram","context_length",...}]}`.
 pub(super) fn parse_loaded(v: &Value) -> Option<Vec<LoadedModel>> {
     v.get("models")?
@@ -87,6 +101,10 @@ pub(super) fn parse_loaded(v: &Value) -> Option<Vec<LoadedModel>> {
                 vram_bytes: m.get("size_vram").and_then(Value::as_u64),
                 context_length: m.get("context_length").and_then(Value::as_u64),
                 parallel: None,
+                expires: m
+                    .get("expires_at")
+                    .and_then(Value::as_str)
+                    .and_then(expires),
             })
         })
         .collect()
