@@ -74,10 +74,13 @@ pub(super) fn canonical_model(model: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Whether an `/api/ps` `expires_at` (RFC 3339) is a real deadline: a runner kept "forever"
-/// (`keep_alive` negative) expires at `time.Now().Add(math.MaxInt64)` (`server/sched.go`),
-/// about 292 years out, so only the year is read. `None` for a time that cannot be read, or
-/// Go's zero time (a runner still loading; `PsHandler` replaces it, older versions may not).
+/// Whether an `/api/ps` `expires_at` (RFC 3339) is a real deadline. A negative `keep_alive`
+/// is `math.MaxInt64` (api/types.go, `Duration.UnmarshalJSON`), and an idle runner's
+/// `expiresAt` is `time.Now().Add(sessionDuration)` (server/sched.go), so "forever" is about
+/// 292 years out: only the year is read. `None` for a time that cannot be read, or Go's zero
+/// time (`Scheduler.loadedModels` replaces it with now + the session duration; older
+/// versions may not). The value is set when the runner goes idle, so while a request holds
+/// it the list may still show the deadline of before.
 fn expires(at: &str) -> Option<bool> {
     let year: u64 = at.get(..4)?.parse().ok()?;
     let now = std::time::SystemTime::now()

@@ -725,7 +725,9 @@ impl Actor {
     /// ready model the proxy loaded that the list shows expiring gets the load-only request
     /// again (`Backend::keep`: `{"model", "keep_alive": -1}` with the runner's options, so
     /// it is not reloaded for them), once at a time; a failure is tried again at the next
-    /// poll. Skipped when the options the proxy holds for the runner disagree with the
+    /// poll (Ollama sets `expiresAt` only when the runner goes idle, so one kept while busy
+    /// may be told again at a poll or two; each is a load-only request, no model work).
+    /// Skipped when the options the proxy holds for the runner disagree with the
     /// list's context (sending them would reload it), and for models loaded behind the
     /// proxy's back (their own keep-alive is left to whoever loaded them).
     fn apply_report(&mut self, loaded: Vec<LoadedModel>, polled_at: Instant) {
