@@ -133,8 +133,9 @@ pub(super) async fn inspected(
         }
         Err(e) => return local_error(p, &ProxyError::from(e), endpoint.errors),
     };
-    // A readable object without a model: the provider answers with its own error ("model is
-    // required"), unchanged, and nothing is counted.
+    // A readable object without a model: the provider answers with its own error, unchanged
+    // (Ollama: 400 "model is required" on chat, 404 "model '' not found" on generate and
+    // embed, server/routes.go), and nothing is counted.
     let Some(model) = parsed.model().map(|m| kind.canonical_model(m).into_owned()) else {
         drop(parsed);
         return forward(state, p, endpoint, parts, bytes, None).await;
