@@ -123,10 +123,25 @@ impl Poller {
                 continue;
             }
             self.loaded_path.store(at, Relaxed);
+            if matches!(
+                status,
+                http::StatusCode::UNAUTHORIZED | http::StatusCode::FORBIDDEN
+            ) {
+                // LM Studio with "Require Authentication" on, and no or a wrong
+                // `upstream_api_key`: said in /status, tried again at the next poll.
+                let hint = if p.config.upstream.has_api_key() {
+                    "the provider refuses providers[].upstream_api_key"
+                } else {
+                    "the provider asks a key: set providers[].upstream_api_key"
+                };
+                let message = crate::providers::ops::error_message(status, &body);
+                return p.mark_refused(format!("GET {path}: {status}: {message} ({hint})"));
+            }
             if !status.is_success() {
                 tracing::debug!(provider = %p.config.name, %path, %status, "loaded-models list refused");
                 return;
             }
+            p.mark_accepted();
             if n.is_multiple_of(CATALOG_EVERY) && p.config.kind.facts().catalog_path.is_none() {
                 // LM Studio's /api/v1 list carries every model's size with its state.
                 if let Ok(sizes) = p.config.kind.parse_catalog(path, &body) {
@@ -248,9 +263,10 @@ impl Poller {
     /// `GET upstream + path`, body read up to [`POLL_BODY_LIMIT`].
     async fn fetch(&self, path: &str) -> Result<(http::StatusCode, bytes::Bytes), FetchError> {
         let p = self.provider();
-        let req = Request::get(format!("{}{path}", p.config.upstream))
+        let mut req = Request::get(format!("{}{path}", p.config.upstream))
             .body(Full::new(bytes::Bytes::new()))
             .map_err(|e| FetchError::Other(e.to_string()))?;
+        p.config.upstream.authorize(req.headers_mut());
         let resp = self
             .state
             .client

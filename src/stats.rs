@@ -719,6 +719,7 @@ mod tests {
             vram_bytes: Some(1 << 30),
             context_length: Some(8192),
             parallel: None,
+            expires: None,
         };
         t.apply_report(0, std::slice::from_ref(&big));
         let s = t.snapshot();
@@ -805,6 +806,7 @@ mod tests {
                 vram_bytes: None,
                 context_length: None,
                 parallel: None,
+                expires: None,
             }],
         );
         request(&t, "behind", 500);

@@ -119,6 +119,28 @@ impl ProviderState {
         }
     }
 
+    /// The provider answered but refused the proxy's own call (401 or 403: it asks a
+    /// credential the proxy lacks, or has wrong: `upstream_api_key`): reachable, with the
+    /// refusal as its last error, logged when it starts or changes (not at every poll).
+    pub fn mark_refused(&self, why: String) {
+        self.mark_reachable();
+        let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() != Some(why.as_str()) {
+            tracing::warn!(provider = %self.config.name, upstream = %self.config.upstream, error = %why, "provider refuses the proxy's calls");
+            *last = Some(why);
+        }
+    }
+
+    /// The provider answered the proxy's own call: a refusal recorded before is over.
+    pub fn mark_accepted(&self) {
+        if self.reachable() {
+            let mut last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+            if last.take().is_some() {
+                tracing::info!(provider = %self.config.name, "provider accepts the proxy's calls");
+            }
+        }
+    }
+
     pub fn mark_unreachable(&self, why: String) {
         if self.reachable.swap(false, Relaxed) || self.last_error().is_none() {
             tracing::warn!(provider = %self.config.name, upstream = %self.config.upstream, error = %why, "provider is unreachable");

@@ -11,10 +11,14 @@
 //!
 //! What needs a restart (a change is logged and the running value kept): `[admin] listen`
 //! and `token`; the providers' names, kinds, listen addresses, upstreams, `poll_interval`,
-//! `slot_save` and `api_keys` (or their number); `[proxy] connect_timeout`,
-//! `max_connections` and `header_read_timeout` (the listeners are set up with them once;
-//! secrets are fixed at start so a half-applied rotation never refuses a client that
-//! presented the key it was given); `compaction.cache_dir` and
+//! `slot_save`, `api_keys` (or their number) and `upstream_api_key` (file or environment);
+//! `[proxy] connect_timeout`, `max_connections` and `header_read_timeout` (the listeners are
+//! set up with them once; secrets are fixed at start so a half-applied rotation never
+//! refuses a client that presented the key it was given; the upstream key likewise: the
+//! poller, the lifecycle's backend and the forwarding path each hold the provider's upstream
+//! from start, so a live change would reach some of the proxy's calls and not others, and a
+//! provider whose token was rotated is followed by restarting the proxy with the new one,
+//! its 401s showing in `/status` until then); `compaction.cache_dir` and
 //! `compaction.cache_entries`; `memory_pressure.sample_interval` and `gpu`.
 //!
 //! A new config that does not validate is refused whole: the error, with each problem's key
@@ -91,6 +95,11 @@ pub fn apply(state: &AppState, new: Config) -> Vec<String> {
             if n.api_keys != o.api_keys {
                 kept.push(format!("providers[{i}].api_keys"));
                 n.api_keys = o.api_keys.clone();
+            }
+            if n.upstream_api_key != o.upstream_api_key {
+                kept.push(format!("providers[{i}].upstream_api_key"));
+                n.upstream_api_key = o.upstream_api_key.clone();
+                n.upstream = o.upstream.clone();
             }
         }
     }

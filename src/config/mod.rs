@@ -27,9 +27,23 @@ pub const ADMIN_TOKEN_ENV: &str = "LLM_WARDEN_ADMIN_TOKEN";
 /// `LLM_WARDEN_API_KEYS_` + the provider's name in upper case, `-` and `.` as `_`.
 pub const API_KEYS_ENV_PREFIX: &str = "LLM_WARDEN_API_KEYS_";
 
+/// Prefix of the environment variable holding the key a provider asks of the proxy
+/// (`upstream_api_key`): `LLM_WARDEN_UPSTREAM_API_KEY_` + the name, as [`api_keys_env`].
+pub const UPSTREAM_API_KEY_ENV_PREFIX: &str = "LLM_WARDEN_UPSTREAM_API_KEY_";
+
 /// The environment variable that holds provider `name`'s API keys.
 pub fn api_keys_env(name: &str) -> String {
-    let mut v = String::from(API_KEYS_ENV_PREFIX);
+    env_for(API_KEYS_ENV_PREFIX, name)
+}
+
+/// The environment variable that holds the key provider `name` asks of the proxy.
+pub fn upstream_api_key_env(name: &str) -> String {
+    env_for(UPSTREAM_API_KEY_ENV_PREFIX, name)
+}
+
+/// `prefix` + `name` in upper case, anything but letters and digits as `_`.
+fn env_for(prefix: &str, name: &str) -> String {
+    let mut v = String::from(prefix);
     v.extend(name.chars().map(|c| {
         if c.is_ascii_alphanumeric() {
             c.to_ascii_uppercase()
@@ -166,6 +180,11 @@ pub struct ProviderConfig {
     /// Keys a client must present (`Authorization: Bearer <key>`); empty = no check, and the
     /// client's `Authorization` goes upstream unchanged. When checked, it is not forwarded.
     pub api_keys: Vec<Secret>,
+    /// The key the provider asks of its callers (LM Studio's "Require Authentication"):
+    /// sent as `Authorization: Bearer <key>` on the proxy's own calls and, when `api_keys`
+    /// consumed the client's, on forwarded requests. Also in `upstream` (which sends it);
+    /// kept here for `check-config` and reload. `$LLM_WARDEN_UPSTREAM_API_KEY_<NAME>` wins.
+    pub upstream_api_key: Option<Secret>,
     /// `ollama` on a loopback listener: host names served besides Ollama's own (local names
     /// and private addresses; `crate::hosts`).
     pub allowed_hosts: Vec<String>,
@@ -390,7 +409,7 @@ pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<String>), ConfigE
 }
 
 /// Parses and validates a TOML document (secrets in the environment apply: see
-/// [`ADMIN_TOKEN_ENV`], [`api_keys_env`]).
+/// [`ADMIN_TOKEN_ENV`], [`api_keys_env`], [`upstream_api_key_env`]).
 pub fn load_str(text: &str) -> Result<Config, ConfigError> {
     load_str_with_env(text, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
 }

@@ -58,6 +58,7 @@ pub(super) struct RawProvider {
     pub(super) memory_threshold: Option<f64>,
     pub(super) slot_save: Option<bool>,
     pub(super) api_keys: Option<Vec<String>>,
+    pub(super) upstream_api_key: Option<String>,
     pub(super) allowed_hosts: Option<Vec<String>>,
     pub(super) num_parallel: Option<u32>,
     pub(super) kv_cache_type: Option<String>,

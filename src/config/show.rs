@@ -103,6 +103,9 @@ impl Config {
                 if !keys.is_empty() {
                     t.insert("api_keys".into(), Value::Array(keys));
                 }
+                if let Some(k) = p.upstream_api_key.as_ref().and_then(file_secret) {
+                    t.insert("upstream_api_key".into(), k);
+                }
                 if !p.allowed_hosts.is_empty() {
                     t.insert("allowed_hosts".into(), strings(&p.allowed_hosts));
                 }

@@ -212,6 +212,61 @@ fn an_admin_listener_off_loopback_needs_a_token() {
 }
 
 #[test]
+fn upstream_api_key_comes_from_the_file_or_the_environment_and_is_never_shown() {
+    let text = "[[providers]]\nname = \"lm.studio\"\nkind = \"lmstudio\"\nupstream_api_key = \"sk-lm-file:KEY\"\n";
+    let none = |_: &str| None;
+    let c = load_str_with_env(text, &none).unwrap();
+    let p = &c.providers[0];
+    assert!(p
+        .upstream_api_key
+        .as_ref()
+        .unwrap()
+        .matches(b"sk-lm-file:KEY"));
+    assert!(p.upstream.has_api_key());
+    // The file's is written back (the output stands for the file), never in Debug.
+    assert!(c
+        .to_toml()
+        .contains("upstream_api_key = \"sk-lm-file:KEY\""));
+    assert!(!format!("{c:?}").contains("sk-lm-file"), "{c:?}");
+    assert!(!p.upstream.to_string().contains("sk-lm"));
+    assert_eq!(
+        upstream_api_key_env("lm.studio"),
+        "LLM_WARDEN_UPSTREAM_API_KEY_LM_STUDIO"
+    );
+    // The environment wins, and is neither written out nor shown.
+    let env =
+        |k: &str| (k == "LLM_WARDEN_UPSTREAM_API_KEY_LM_STUDIO").then(|| "sk-lm-env:KEY".into());
+    let c = load_str_with_env(text, &env).unwrap();
+    let p = &c.providers[0];
+    assert!(p
+        .upstream_api_key
+        .as_ref()
+        .unwrap()
+        .matches(b"sk-lm-env:KEY"));
+    let mut h = http::HeaderMap::new();
+    p.upstream.authorize(&mut h);
+    assert_eq!(h[http::header::AUTHORIZATION], "Bearer sk-lm-env:KEY");
+    assert!(!c.to_toml().contains("sk-lm"), "{}", c.to_toml());
+    assert!(!format!("{c:?}").contains("sk-lm"));
+    // None: nothing sent.
+    let c = load_str_with_env("[[providers]]\nkind = \"lmstudio\"\n", &none).unwrap();
+    assert!(c.providers[0].upstream_api_key.is_none());
+    let mut h = http::HeaderMap::new();
+    c.providers[0].upstream.authorize(&mut h);
+    assert!(h.is_empty());
+    // Empty, or not sendable in a header: refused with the key's path.
+    for bad in ["\"\"", "\"has space\""] {
+        let err = load_str_with_env(
+            &format!("[[providers]]\nkind = \"lmstudio\"\nupstream_api_key = {bad}\n"),
+            &none,
+        )
+        .unwrap_err();
+        let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["providers[0].upstream_api_key"], "{bad}");
+    }
+}
+
+#[test]
 fn api_keys_come_from_the_file_or_the_providers_environment_variable() {
     let text =
         "[[providers]]\nname = \"my-ollama\"\nkind = \"ollama\"\napi_keys = [\"a\", \"b\"]\n";

@@ -316,6 +316,25 @@ pub(super) fn validate(
                 })
                 .collect(),
         };
+        let key_var = name.as_deref().map(upstream_api_key_env);
+        let upstream_api_key = match key_var.as_deref().and_then(env) {
+            Some(v) => {
+                let key_var = key_var.clone().unwrap_or_default();
+                c.secret(&key_var, v.trim().to_string(), true)
+            }
+            None => match p.upstream_api_key {
+                Some(k) if k.is_empty() => {
+                    c.bad(at("upstream_api_key"), "must not be empty (leave it out)");
+                    None
+                }
+                Some(k) => c.secret(&at("upstream_api_key"), k, false),
+                None => None,
+            },
+        };
+        let upstream = match (upstream, &upstream_api_key) {
+            (Some(u), Some(k)) => u.with_api_key(k.expose()).ok(),
+            (u, _) => u,
+        };
         seen.push((i, name.clone(), listen));
         if let (Some(kind), Some(name), Some(listen), Some(upstream)) =
             (kind, name, listen, upstream)
@@ -330,6 +349,7 @@ pub(super) fn validate(
                 memory_threshold,
                 slot_save,
                 api_keys,
+                upstream_api_key,
                 allowed_hosts,
                 num_parallel,
                 kv_cache_type,

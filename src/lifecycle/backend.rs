@@ -24,6 +24,13 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Unloads what `load` returned as `instance_id`.
     fn unload(&self, instance_id: &str) -> BoxFuture<'static, Result<(), OpError>>;
+    /// Tells the provider again to keep a loaded `model` until told otherwise, with the
+    /// runner options in `shape` (so it is not reloaded for them): Ollama's load-only
+    /// request with `keep_alive: -1`, the same as a load. Nothing elsewhere: no other
+    /// provider unloads on a timer of its own that a request can reset.
+    fn keep(&self, _model: &str, _shape: Shape) -> BoxFuture<'static, Result<(), OpError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The real backend: `providers::ops` over the shared upstream client. Loads ask the provider
@@ -167,6 +174,27 @@ impl Backend for OpsBackend {
             table
                 .geometry_or_fetch(provider, &client, &upstream, &model)
                 .await
+        })
+    }
+
+    fn keep(&self, model: &str, shape: Shape) -> BoxFuture<'static, Result<(), OpError>> {
+        if self.kind != ProviderKind::Ollama {
+            return Box::pin(async { Ok(()) });
+        }
+        let (client, upstream, model) = (
+            self.client.clone(),
+            self.upstream.clone(),
+            model.to_string(),
+        );
+        Box::pin(async move {
+            let opts = LoadOptions {
+                context_length: shape.num_ctx,
+                num_batch: shape.num_batch,
+                ..LoadOptions::default()
+            };
+            ops::load(&client, &upstream, ProviderKind::Ollama, &model, &opts)
+                .await
+                .map(drop)
         })
     }
 

@@ -370,6 +370,11 @@ enum Event {
         model: Arc<str>,
         result: Result<(), OpError>,
     },
+    /// The provider was told again to keep the model (`Backend::keep`).
+    Kept {
+        model: Arc<str>,
+        result: Result<(), OpError>,
+    },
     Report {
         loaded: Vec<LoadedModel>,
         polled_at: tokio::time::Instant,
@@ -460,6 +465,7 @@ impl std::fmt::Debug for Event {
             Event::Drained { .. } => "Drained",
             Event::LoadDone { .. } => "LoadDone",
             Event::UnloadDone { .. } => "UnloadDone",
+            Event::Kept { .. } => "Kept",
             Event::Report { .. } => "Report",
             Event::Catalog { .. } => "Catalog",
             Event::Window { .. } => "Window",

@@ -34,7 +34,9 @@
 //!
 //! Ollama's OpenAI-compatible `/v1/*` cannot carry runner options, so a `/v1` request for a
 //! model loaded smaller makes Ollama reload it at its defaults (the poll then sees the new
-//! context and the actor stops publishing the smaller runner). A load started for a request
+//! context and the actor stops publishing the smaller runner, and tells Ollama `keep_alive:
+//! -1` again for it: the reloaded runner has Ollama's default keep-alive, see the actor's
+//! `apply_report`). A load started for a request
 //! that cannot carry options ([`LoadAsk::Defaults`]) therefore gets the provider's defaults.
 
 use crate::memory::MIB;

@@ -83,6 +83,15 @@ impl Backend for FakeProvider {
         Box::pin(async move { g })
     }
 
+    fn keep(&self, model: &str, shape: Shape) -> BoxFuture<'static, Result<(), OpError>> {
+        let mut call = format!("keep {model}");
+        if let Some(n) = shape.num_ctx {
+            call.push_str(&format!(" ctx={n}"));
+        }
+        self.calls.lock().unwrap().push(call);
+        Box::pin(async { Ok(()) })
+    }
+
     fn unload(&self, instance_id: &str) -> BoxFuture<'static, Result<(), OpError>> {
         let check = self.on_unload.lock().unwrap().clone();
         if let Some(check) = check {
@@ -878,6 +887,7 @@ async fn models_loaded_or_unloaded_behind_the_proxys_back_are_followed() {
         vram_bytes: None,
         context_length: Some(4096),
         parallel: None,
+        expires: None,
     };
     rig.lc.report(vec![seen("x")], Instant::now());
     let v = rig.view("x").await;
@@ -1082,6 +1092,7 @@ async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_ho
         vram_bytes: None,
         context_length: Some(ctx),
         parallel: None,
+        expires: None,
     };
     rig.lc
         .report(vec![seen("a", 2048), seen("b", 4096)], Instant::now());
@@ -1117,6 +1128,81 @@ async fn a_load_takes_its_first_waiters_options_and_publishes_them_while_they_ho
         .await
         .is_err());
     assert_eq!(rig.lc.runner("d"), None);
+}
+
+/// Ollama reloaded a runner the proxy loaded (a `/v1` request with other options) and gave it
+/// its default keep-alive: the poll sees a real deadline and the proxy says `-1` again, with
+/// the options the runner now has, once per sighting; never for a model loaded behind its
+/// back, nor with options that would reload the runner.
+#[tokio::test(start_paused = true)]
+async fn a_runner_ollama_reloaded_with_a_deadline_is_told_to_stay() {
+    use crate::monitor::{Level, Snapshot};
+    let (_tx, rx) = watch::channel(Snapshot {
+        pressure_level: Level::Warning,
+        ..Snapshot::default()
+    });
+    let mut s = settings();
+    s.kind = crate::providers::ProviderKind::Ollama;
+    s.pressure = Some(rx);
+    let rig = start(s);
+    let small = Shape {
+        num_ctx: Some(2048),
+        num_batch: None,
+    };
+    drop(
+        rig.lc
+            .acquire("a", None, LoadAsk::Options(small))
+            .await
+            .expect("a lease"),
+    );
+    let seen = |m: &str, ctx: Option<u64>, expires: bool| crate::providers::LoadedModel {
+        model: m.into(),
+        size_bytes: None,
+        vram_bytes: None,
+        context_length: ctx,
+        parallel: None,
+        expires: Some(expires),
+    };
+    let keeps = |rig: &Rig| {
+        rig.provider
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("keep"))
+            .collect::<Vec<_>>()
+    };
+    // As loaded: kept forever, nothing to do.
+    rig.lc
+        .report(vec![seen("a", Some(2048), false)], Instant::now());
+    rig.settle().await;
+    assert!(keeps(&rig).is_empty());
+    // The context the proxy holds is not confirmed by the list: sending it could reload
+    // the runner, so nothing is sent.
+    rig.lc.report(vec![seen("a", None, true)], Instant::now());
+    rig.settle().await;
+    assert!(keeps(&rig).is_empty());
+    // Reloaded at Ollama's defaults with its 5 minutes: told -1 at the defaults.
+    rig.lc
+        .report(vec![seen("a", Some(8192), true)], Instant::now());
+    rig.settle().await;
+    assert_eq!(keeps(&rig), ["keep a"]);
+    assert_eq!(rig.lc.runner("a"), None, "the list's runner is the truth");
+    // The next poll sees "forever": nothing more.
+    rig.lc
+        .report(vec![seen("a", Some(8192), false)], Instant::now());
+    rig.settle().await;
+    assert_eq!(keeps(&rig), ["keep a"]);
+    // A model someone else loaded, with their own keep-alive: left to them.
+    rig.lc.report(
+        vec![
+            seen("a", Some(8192), false),
+            seen("theirs", Some(4096), true),
+        ],
+        Instant::now(),
+    );
+    rig.settle().await;
+    assert_eq!(keeps(&rig), ["keep a"]);
+    let view = rig.lc.snapshot().await;
+    assert!(view.iter().any(|m| m.model == "theirs"), "{view:?}");
 }
 
 /// A request the pressure's smaller context cannot hold asks for at least what it needs

@@ -83,6 +83,7 @@ pub(super) fn parse_loaded(v: &Value) -> Option<Vec<LoadedModel>> {
                 // Newer builds put the child's `n_ctx` in `meta`; else `/props` says.
                 context_length: m.pointer("/meta/n_ctx").and_then(Value::as_u64),
                 parallel: None,
+                expires: None,
             });
         }
     }

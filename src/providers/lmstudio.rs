@@ -52,6 +52,7 @@ pub(super) fn parse_loaded(path: &str, v: &Value) -> Option<Vec<LoadedModel>> {
                         .pointer("/config/context_length")
                         .and_then(Value::as_u64),
                     parallel: inst.pointer("/config/parallel").and_then(Value::as_u64),
+                    expires: None,
                 });
             }
         }
@@ -68,6 +69,7 @@ pub(super) fn parse_loaded(path: &str, v: &Value) -> Option<Vec<LoadedModel>> {
                     vram_bytes: None,
                     context_length: m.get("loaded_context_length").and_then(Value::as_u64),
                     parallel: None,
+                    expires: None,
                 })
             })
             .collect()

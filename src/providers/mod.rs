@@ -52,6 +52,11 @@ pub struct LoadedModel {
     pub context_length: Option<u64>,
     /// Parallel slots, where the provider says (LM Studio's `config.parallel`).
     pub parallel: Option<u64>,
+    /// Whether the provider will unload the model on its own timer: Ollama's `expires_at`
+    /// within a century (`Some(true)`) or Go's "forever", `now + MaxInt64` ns, three
+    /// centuries out (`Some(false)`); `None` where the provider does not say.
+    #[serde(skip)]
+    pub expires: Option<bool>,
 }
 
 impl ProviderKind {
@@ -308,7 +313,7 @@ mod tests {
 
     #[test]
     fn loaded_models_are_read_from_each_providers_list() {
-        let ps = br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","size":3556000000,"digest":"a8","details":{"family":"llama"},"expires_at":"2026-11-26T10:05:01.55-08:00","size_vram":3000000000,"context_length":4096},{"name":"old:1b","size":10}]}"#;
+        let ps = br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","size":3556000000,"digest":"a8","details":{"family":"llama"},"expires_at":"2026-11-26T10:05:01.55-08:00","size_vram":3000000000,"context_length":4096},{"name":"old:1b","size":10},{"name":"kept:1b","expires_at":"2318-03-15T02:37:52.4-07:00"},{"name":"loading:1b","expires_at":"0001-01-01T00:00:00Z"}]}"#;
         let got = ProviderKind::Ollama.parse_loaded("/api/ps", ps).unwrap();
         assert_eq!(
             got,
@@ -319,6 +324,7 @@ mod tests {
                     vram_bytes: Some(3_000_000_000),
                     context_length: Some(4096),
                     parallel: None,
+                    expires: Some(true),
                 },
                 LoadedModel {
                     model: "old:1b".into(),
@@ -326,6 +332,24 @@ mod tests {
                     vram_bytes: None,
                     context_length: None,
                     parallel: None,
+                    expires: None,
+                },
+                // Kept "forever" (keep_alive -1): Go's now + MaxInt64.
+                LoadedModel {
+                    model: "kept:1b".into(),
+                    size_bytes: None,
+                    vram_bytes: None,
+                    context_length: None,
+                    parallel: None,
+                    expires: Some(false),
+                },
+                LoadedModel {
+                    model: "loading:1b".into(),
+                    size_bytes: None,
+                    vram_bytes: None,
+                    context_length: None,
+                    parallel: None,
+                    expires: None,
                 },
             ]
         );
@@ -361,6 +385,7 @@ mod tests {
                 vram_bytes: None,
                 context_length: Some(8192),
                 parallel: None,
+                expires: None,
             }]
         );
     }

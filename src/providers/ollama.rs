@@ -74,6 +74,23 @@ pub(super) fn canonical_model(model: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether an `/api/ps` `expires_at` (RFC 3339) is a real deadline. A negative `keep_alive`
+/// is `math.MaxInt64` (api/types.go, `Duration.UnmarshalJSON`), and an idle runner's
+/// `expiresAt` is `time.Now().Add(sessionDuration)` (server/sched.go), so "forever" is about
+/// 292 years out: only the year is read. `None` for a time that cannot be read, or Go's zero
+/// time (`Scheduler.loadedModels` replaces it with now + the session duration; older
+/// versions may not). The value is set when the runner goes idle, so while a request holds
+/// it the list may still show the deadline of before.
+fn expires(at: &str) -> Option<bool> {
+    let year: u64 = at.get(..4)?.parse().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    let this_year = 1970 + now / 31_556_952;
+    (year >= 1970).then_some(year < this_year + 100)
+}
+
 /// `GET /api/ps` → `{"models":[{"name","size","size_vram","context_length",...}]}`.
 pub(super) fn parse_loaded(v: &Value) -> Option<Vec<LoadedModel>> {
     v.get("models")?
@@ -87,6 +104,10 @@ pub(super) fn parse_loaded(v: &Value) -> Option<Vec<LoadedModel>> {
                 vram_bytes: m.get("size_vram").and_then(Value::as_u64),
                 context_length: m.get("context_length").and_then(Value::as_u64),
                 parallel: None,
+                expires: m
+                    .get("expires_at")
+                    .and_then(Value::as_str)
+                    .and_then(expires),
             })
         })
         .collect()

@@ -631,6 +631,8 @@ async fn call(
         None => Request::get(uri).body(Full::new(Bytes::new())),
     }
     .map_err(|e| OpError::BadResponse(format!("request not buildable: {e}")))?;
+    let mut req = req;
+    upstream.authorize(req.headers_mut());
     let resp = client.request(req).await.map_err(|e| {
         let chain = error_chain(&e);
         if e.is_connect() {
@@ -706,7 +708,7 @@ fn error_text(v: &Value) -> Option<&str> {
 }
 
 /// The provider's error text, else the start of the body, else the status's reason.
-fn error_message(status: StatusCode, body: &[u8]) -> String {
+pub fn error_message(status: StatusCode, body: &[u8]) -> String {
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
         if let Some(text) = error_text(&v) {
             return text.to_string();

@@ -24,7 +24,8 @@
 //! nothing is forwarded: invalid UTF-8 and lone surrogate escapes (Go reads them as U+FFFD),
 //! a `model` that is not a string (llama-server's `json_value` reads it as "" and, with one
 //! model, serves the request). A readable object without a model also goes on, for the
-//! provider's own "model is required".
+//! provider's own answer (Ollama: 400 "model is required" on chat, 404 "model '' not found"
+//! on generate and embed).
 
 use std::borrow::Cow;
 use std::fmt;

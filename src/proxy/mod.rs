@@ -158,12 +158,16 @@ pub async fn handle(
         return r;
     }
     // Off by default (one length check); when on, the key stops here: it is the proxy's,
-    // not the provider's.
+    // not the provider's. The provider gets its own credential instead, if it has one
+    // (`upstream_api_key`). Without `api_keys` the client's `Authorization` is the client's
+    // business and passes unchanged: the proxy adds none, so it never lends its credential
+    // to a client the provider would refuse.
     if !p.config.api_keys.is_empty() {
         if let Err(e) = check_api_key(&p.config.api_keys, req.headers()) {
             return local_error(p, &e, kind.error_style(req.uri().path()));
         }
         req.headers_mut().remove(http::header::AUTHORIZATION);
+        p.config.upstream.authorize(req.headers_mut());
     }
     if req.method() == Method::POST {
         if let Some(endpoint) = kind.classify(&routed_path(req.uri().path())) {
@@ -411,10 +415,11 @@ impl context::Providers for DataPlane {
                 None
             };
             let runner = p.lifecycle.runner(model).unwrap_or_default();
-            let req = Request::post(format!("{}{path}", p.config.upstream))
+            let mut req = Request::post(format!("{}{path}", p.config.upstream))
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(Full::new(body(runner)))
                 .map_err(|e| e.to_string())?;
+            p.config.upstream.authorize(req.headers_mut());
             let sent = self.client.request(req).await;
             let resp =
                 sent.map_err(|e| format!("summarizer `{}` unreachable: {e}", p.config.name))?;

@@ -5,7 +5,7 @@
 //!  read the body once (size limit; a coded body: 415) → parse it once, as the provider
 //!         reads JSON (ModelRequest: borrowed spans; a body the provider might read and the
 //!         proxy cannot: 400; one every provider refuses: forwarded for its own error)
-//!  → resolve: the model (canonical name), Ollama's keep_alive (an unload form ends here)
+//!  → resolve: the model (canonical name), Ollama's keep_alive (the unload form of generate and chat ends here)
 //!  → fit: the window (published by the lifecycle actor, or predicted from its rule),
 //!         num_ctx normalization or cap, compaction (before the lease: a slow summary must
 //!         not pin the target)
@@ -133,8 +133,9 @@ pub(super) async fn inspected(
         }
         Err(e) => return local_error(p, &ProxyError::from(e), endpoint.errors),
     };
-    // A readable object without a model: the provider answers with its own error ("model is
-    // required"), unchanged, and nothing is counted.
+    // A readable object without a model: the provider answers with its own error, unchanged
+    // (Ollama: 400 "model is required" on chat, 404 "model '' not found" on generate and
+    // embed, server/routes.go), and nothing is counted.
     let Some(model) = parsed.model().map(|m| kind.canonical_model(m).into_owned()) else {
         drop(parsed);
         return forward(state, p, endpoint, parts, bytes, None).await;
@@ -542,7 +543,7 @@ struct KeepAlivePlan {
     hint: Option<IdleHint>,
     /// Set `keep_alive` to -1 upstream.
     rewrite: bool,
-    /// A load-only request with `keep_alive: 0`: an unload.
+    /// A load-only `/api/generate` or `/api/chat` with `keep_alive: 0`: an unload.
     unload: bool,
     /// Where the client's `keep_alive` value sits in the body as read (`None`: absent).
     at: Option<Range<usize>>,
@@ -565,10 +566,21 @@ impl KeepAlivePlan {
                 (hint, hint.is_some())
             }
         };
+        // Only generate and chat have an unload form: Ollama's `GenerateHandler` (`req.Prompt
+        // == "" && req.KeepAlive.Duration == 0` → `s.sched.expireRunner`) and `ChatHandler`
+        // (`len(req.Messages) == 0`, the same), server/routes.go. Its `EmbedHandler` and
+        // `EmbeddingsHandler` have none: they schedule the runner with the request's
+        // keep_alive (`scheduleRunner`), answer (an empty input: empty embeddings, the model
+        // loaded), and the runner then expires after keep_alive. So on embed `0` stays what
+        // any other value is: an idle hint (the proxy may unload the model once this request
+        // is done, never under it).
+        let unload_form = matches!(endpoint.operation, Operation::Chat | Operation::Completion);
         KeepAlivePlan {
             hint,
             rewrite,
-            unload: hint == Some(IdleHint::After(Duration::ZERO)) && parsed.is_load_only(),
+            unload: unload_form
+                && hint == Some(IdleHint::After(Duration::ZERO))
+                && parsed.is_load_only(),
             at: parsed.keep_alive.map(|r| rewrite::span_in(body, r)),
         }
     }
@@ -676,6 +688,60 @@ async fn forward(
                 g.fail(e.status());
             }
             local_error(p, &e, endpoint.errors)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::ProviderKind;
+
+    fn plan(path: &str, body: &str) -> KeepAlivePlan {
+        let endpoint = ProviderKind::Ollama
+            .classify(path)
+            .expect("an inspected endpoint");
+        let parsed = ModelRequest::parse(body.as_bytes(), inbound::Dialect::Go).expect("readable");
+        KeepAlivePlan::of(endpoint, body.as_bytes(), &parsed)
+    }
+
+    #[test]
+    fn keep_alive_zero_unloads_only_on_generate_and_chat() {
+        let zero = Some(IdleHint::After(Duration::ZERO));
+        for (path, body) in [
+            ("/api/generate", r#"{"model":"m","keep_alive":0}"#),
+            (
+                "/api/generate",
+                r#"{"model":"m","prompt":"","keep_alive":"0s"}"#,
+            ),
+            ("/api/chat", r#"{"model":"m","messages":[],"keep_alive":0}"#),
+        ] {
+            let p = plan(path, body);
+            assert!(p.unload, "{path} {body}");
+            assert_eq!(p.hint, zero);
+        }
+        for (path, body) in [
+            ("/api/embed", r#"{"model":"m","keep_alive":0}"#),
+            ("/api/embed", r#"{"model":"m","input":"hi","keep_alive":0}"#),
+            (
+                "/api/embed",
+                r#"{"model":"m","input":[],"keep_alive":"0s"}"#,
+            ),
+            ("/api/embeddings", r#"{"model":"m","keep_alive":0}"#),
+            (
+                "/api/embeddings",
+                r#"{"model":"m","prompt":"hi","keep_alive":0}"#,
+            ),
+            // A prompt: a request that runs, not an unload.
+            (
+                "/api/generate",
+                r#"{"model":"m","prompt":"hi","keep_alive":0}"#,
+            ),
+        ] {
+            let p = plan(path, body);
+            assert!(!p.unload, "{path} {body}");
+            assert_eq!(p.hint, zero, "0 stays an idle hint: {path} {body}");
+            assert!(p.rewrite, "the provider is told -1: {path} {body}");
         }
     }
 }

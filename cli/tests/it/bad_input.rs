@@ -206,6 +206,12 @@ async fn each_bad_input_gets_the_answer_its_client_expects_and_the_proxy_stays_h
         "400",
         "model is required",
     );
+    // Generate's is Ollama's 404 `model '' not found` (server/routes.go GenerateHandler).
+    ollama_error(
+        &rig.raw(post("/api/generate", "", no_model)).await,
+        "404",
+        "model '' not found",
+    );
     rig.healthy(counted).await;
     counted += 1;
 

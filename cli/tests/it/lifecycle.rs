@@ -457,6 +457,66 @@ async fn a_clients_unload_request_unloads_gracefully_through_the_proxy() {
 }
 
 #[tokio::test]
+async fn embed_keep_alive_zero_is_an_idle_hint_not_an_unload() {
+    let sim = start_ollama(Default::default()).await;
+    let c = client();
+    // The simulator follows Ollama's EmbedHandler: no unload form; an empty input with
+    // keep_alive 0 loads the model, answers empty embeddings, and the runner then expires.
+    let r = post_json(
+        &c,
+        &format!("{}/api/embed", sim.url()),
+        r#"{"model":"nomic-embed-text","keep_alive":0}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["embeddings"], serde_json::json!([]));
+    assert_eq!(sim.state.load_count("nomic-embed-text:latest"), 1);
+    assert!(eventually(LIMIT, || async { sim.state.loaded().is_empty() }).await);
+
+    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    for (path, body) in [
+        (
+            "/api/embed",
+            r#"{"model":"nomic-embed-text","input":"hi","keep_alive":0}"#,
+        ),
+        (
+            "/api/embeddings",
+            r#"{"model":"nomic-embed-text","prompt":"hi","keep_alive":0}"#,
+        ),
+    ] {
+        let r = post_json(&c, &format!("{base}{path}"), body).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        // Embedded, counted, and sent with the proxy's keep_alive: the request ran under a
+        // lease rather than being taken for an unload.
+        let sent = sim
+            .state
+            .log
+            .calls()
+            .into_iter()
+            .rfind(|c| c.path == path)
+            .unwrap();
+        assert_eq!(sent.json()["keep_alive"], -1, "{path}");
+        let v = r.json();
+        let vector = v
+            .get("embeddings")
+            .and_then(|e| e[0].as_array())
+            .or(v["embedding"].as_array());
+        assert!(vector.is_some_and(|e| !e.is_empty()), "{path}: {v}");
+    }
+    let s = status(&c, &proxy).await;
+    assert_eq!(
+        model_entry(&s, "ollama0", "nomic-embed-text:latest")["total_requests"].as_u64(),
+        Some(2),
+        "{s}"
+    );
+    // The hint: an idle timeout of zero, so the proxy unloads it once idle, never under a request.
+    assert!(eventually(LIMIT, || async { sim.state.loaded().is_empty() }).await);
+    assert_eq!(sim.state.unloads_while_busy(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn admin_api_loads_and_unloads_models() {
     let ollama = start_ollama(Default::default()).await;
     let mut cfg = LmStudioConfig::default();

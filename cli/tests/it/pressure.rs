@@ -432,3 +432,75 @@ async fn at_critical_lm_studio_reloads_a_model_too_small_for_the_request() {
     );
     proxy.shutdown().await;
 }
+
+/// Issue 20: a `/v1` request cannot carry `num_ctx`, so for a runner the proxy loaded smaller
+/// Ollama reloads it at its defaults and with its own keep-alive (5 minutes). The poll sees
+/// the deadline in `/api/ps` and the proxy tells Ollama `keep_alive: -1` again, with the
+/// runner's options (no second reload): a day later on Ollama's clock the model is loaded.
+#[tokio::test]
+async fn a_runner_ollama_reloads_for_a_v1_request_is_told_to_stay_loaded() {
+    let clock = Clock::fixed();
+    let sim = start_ollama(OllamaConfig {
+        clock: clock.clone(),
+        ..Default::default()
+    })
+    .await;
+    let (proxy, machine) = start(&sim.url(), "[buffers.context]\ninitial = 2048\n").await;
+    let c = client();
+    machine.set_pressure(0.75);
+    until(&c, &proxy, "warning", |s| {
+        s["system"]["pressure_level"] == "warning"
+    })
+    .await;
+    let chat = r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#;
+    let r = post_json(
+        &c,
+        &format!("http://{}/api/chat", proxy.proxy_addr(0)),
+        chat,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sim.state.loaded_num_ctx("llama3.2"), Some(2048));
+    let r = post_json(
+        &c,
+        &format!("http://{}/v1/chat/completions", proxy.proxy_addr(0)),
+        chat,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sim.state.loaded_num_ctx("llama3.2"), Some(4096), "reloaded");
+    let loads = sim.state.load_count("llama3.2");
+    let calls = sim.state.log.calls().len();
+    // The poll sees the reload and its deadline; the proxy says -1 at the defaults.
+    let kept = poll(LIMIT, || async {
+        proxy.refresh(0).await;
+        sim.state.log.calls()[calls..]
+            .iter()
+            .find(|c| c.path == "/api/generate")
+            .map(|c| c.json())
+    })
+    .await;
+    assert_eq!(
+        kept,
+        Some(serde_json::json!({"model":"llama3.2:latest","keep_alive":-1,"stream":false}))
+    );
+    // Ollama's list now says "forever" (Go's now + MaxInt64, three centuries out).
+    let ps = format!("{}/api/ps", sim.url());
+    let forever = poll(LIMIT, || async {
+        let v = get(&c, &ps).await.json();
+        let at = v["models"][0]["expires_at"].as_str()?.to_string();
+        (at.get(..4)?.parse::<u32>().ok()? > 2200).then_some(at)
+    })
+    .await;
+    assert!(forever.is_some(), "{}", get(&c, &ps).await.text());
+    clock.advance(Duration::from_secs(24 * 3600));
+    assert_eq!(sim.state.loaded(), ["llama3.2:latest"], "a day later");
+    proxy.refresh(0).await;
+    let told = sim.state.log.calls()[calls..]
+        .iter()
+        .filter(|c| c.path == "/api/generate")
+        .count();
+    assert_eq!(told, 1, "told once");
+    assert_eq!(sim.state.load_count("llama3.2"), loads, "no second reload");
+    proxy.shutdown().await;
+}

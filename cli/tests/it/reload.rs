@@ -150,7 +150,7 @@ async fn connection_settings_and_secrets_need_a_restart_and_the_grace_period_doe
             .unwrap();
     let new = config(
         &sim.url(),
-        "api_keys = [\"k\"]\n[proxy]\nmax_connections = 5\nheader_read_timeout = \"5s\"\nshutdown_grace = \"2s\"\n[limits]\nunload_on_shutdown = true\n",
+        "api_keys = [\"k\"]\nupstream_api_key = \"u\"\n[proxy]\nmax_connections = 5\nheader_read_timeout = \"5s\"\nshutdown_grace = \"2s\"\n[limits]\nunload_on_shutdown = true\n",
     )
     .replace("[admin]\n", "[admin]\ntoken = \"t\"\n");
     let kept =
@@ -161,12 +161,15 @@ async fn connection_settings_and_secrets_need_a_restart_and_the_grace_period_doe
             "admin.token",
             "proxy.max_connections",
             "proxy.header_read_timeout",
-            "providers[0].api_keys"
+            "providers[0].api_keys",
+            "providers[0].upstream_api_key"
         ]
     );
     let now = proxy.state.config.load();
     assert_eq!(now.proxy.shutdown_grace, Duration::from_secs(2));
     assert!(now.limits.unload_on_shutdown && now.admin.token.is_none());
     assert!(now.providers[0].api_keys.is_empty());
+    assert!(now.providers[0].upstream_api_key.is_none());
+    assert!(!now.providers[0].upstream.has_api_key());
     proxy.shutdown().await;
 }

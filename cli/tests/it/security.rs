@@ -297,3 +297,202 @@ async fn nothing_a_client_sends_changes_the_upstream() {
     assert!(sim.state.log.count("/api/generate") >= 1);
     proxy.shutdown().await;
 }
+
+const LMS_TOKEN: &str = "sk-lm-abcdefgh:ABCDEFGHIJKLMNOPQRST";
+
+fn lmstudio_requiring(token: &str) -> llm_warden_sim::lmstudio::LmStudioConfig {
+    llm_warden_sim::lmstudio::LmStudioConfig {
+        api_key: Some(token.into()),
+        ..Default::default()
+    }
+}
+
+/// Issue 20: LM Studio 0.4 with "Require Authentication" refuses every call without its
+/// token. With `upstream_api_key` the proxy's own calls (polls, load, unload) carry it, and
+/// so do forwarded requests whose client key the proxy consumed (`api_keys`): the client's
+/// key never reaches the provider.
+#[tokio::test]
+async fn a_provider_requiring_a_token_gets_the_upstream_api_key_on_every_call() {
+    let sim = start_lmstudio(lmstudio_requiring(LMS_TOKEN)).await;
+    let proxy = start_proxy(
+        &[("lmstudio", sim.url())],
+        &format!("api_keys = [\"client-key\"]\nupstream_api_key = \"{LMS_TOKEN}\"\n"),
+    )
+    .await;
+    let c = client();
+    proxy.refresh(0).await;
+    let s = status(&c, &proxy).await;
+    assert_eq!(s["providers"][0]["reachable"], true, "{s}");
+    assert!(s["providers"][0].get("last_error").is_none(), "{s}");
+    let admin = |path: &str| format!("http://{}{path}", proxy.admin_addr);
+    let r = send(
+        &c,
+        Method::POST,
+        &admin("/models/lmstudio0/qwen2.5-7b-instruct/load"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sim.state.loaded(), ["qwen2.5-7b-instruct"]);
+    let chat = r#"{"model":"qwen2.5-7b-instruct","messages":[{"role":"user","content":"hi"}]}"#;
+    let url = format!("http://{}/v1/chat/completions", proxy.proxy_addr(0));
+    let r = send(
+        &c,
+        Method::POST,
+        &url,
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer client-key"),
+        ],
+        chat,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A lazy load on the request path too.
+    let chat2 = chat.replace("qwen2.5-7b-instruct", "llama-3.2-3b-instruct");
+    let r = send(
+        &c,
+        Method::POST,
+        &url,
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer client-key"),
+        ],
+        chat2,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(
+        &c,
+        Method::POST,
+        &admin("/models/lmstudio0/qwen2.5-7b-instruct/unload"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sim.state.loaded(), ["llama-3.2-3b-instruct"]);
+    let calls = sim.state.log.calls();
+    for path in [
+        "/api/v1/models",
+        "/api/v1/models/load",
+        "/api/v1/models/unload",
+        "/v1/chat/completions",
+    ] {
+        assert!(calls.iter().any(|c| c.path == path), "{path} was called");
+    }
+    for call in &calls {
+        assert_eq!(
+            call.headers
+                .get("authorization")
+                .map(|v| v.to_str().unwrap()),
+            Some(format!("Bearer {LMS_TOKEN}").as_str()),
+            "{} {}",
+            call.method,
+            call.path
+        );
+    }
+    proxy.shutdown().await;
+}
+
+/// Without `api_keys` the client's own `Authorization` is its business: it passes unchanged,
+/// and the proxy's key is never put on a client's request (a client the provider refuses
+/// stays refused).
+#[tokio::test]
+async fn without_api_keys_the_upstream_api_key_is_not_lent_to_clients() {
+    let sim = start_lmstudio(lmstudio_requiring(LMS_TOKEN)).await;
+    let proxy = start_proxy(
+        &[("lmstudio", sim.url())],
+        &format!("upstream_api_key = \"{LMS_TOKEN}\"\n"),
+    )
+    .await;
+    let c = client();
+    let url = format!("http://{}/v1/models", proxy.proxy_addr(0));
+    let r = send(
+        &c,
+        Method::GET,
+        &url,
+        &[("authorization", "Bearer mine")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let r = send(&c, Method::GET, &url, &[], "").await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let auth = format!("Bearer {LMS_TOKEN}");
+    let r = send(
+        &c,
+        Method::GET,
+        &url,
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen: Vec<Option<String>> = sim
+        .state
+        .log
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/v1/models")
+        .map(|c| {
+            c.headers
+                .get("authorization")
+                .map(|v| v.to_str().unwrap().to_string())
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [Some("Bearer mine".to_string()), None, Some(auth.clone())]
+    );
+    proxy.shutdown().await;
+}
+
+/// Without the key (or with a wrong one) the provider's 401 shows in `/status` as the
+/// provider's last error, naming the setting (never the key); the provider stays
+/// reachable, polls go on at their interval, and a load answers the provider's refusal.
+#[tokio::test]
+async fn a_provider_refusing_the_proxys_calls_says_so_in_status() {
+    for extra in [
+        "",
+        "upstream_api_key = \"sk-lm-wrongwro:ABCDEFGHIJKLMNOPQRST\"\n",
+    ] {
+        let sim = start_lmstudio(lmstudio_requiring(LMS_TOKEN)).await;
+        let proxy = start_proxy(&[("lmstudio", sim.url())], extra).await;
+        let c = client();
+        proxy.refresh(0).await;
+        let s = status(&c, &proxy).await;
+        let p = &s["providers"][0];
+        assert_eq!(p["reachable"], true, "{s}");
+        let e = p["last_error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("401") && e.contains("upstream_api_key") && !e.contains("sk-lm"),
+            "{s}"
+        );
+        // A load fails with the provider's refusal, in the admin API's answer.
+        let r = send(
+            &c,
+            Method::POST,
+            &format!(
+                "http://{}/models/lmstudio0/qwen2.5-7b-instruct/load",
+                proxy.admin_addr
+            ),
+            &[],
+            "",
+        )
+        .await;
+        assert!(
+            r.status.is_client_error() || r.status.is_server_error(),
+            "{}",
+            r.text()
+        );
+        assert!(
+            r.text().contains("401") || r.text().contains("API token"),
+            "{}",
+            r.text()
+        );
+        proxy.shutdown().await;
+    }
+}

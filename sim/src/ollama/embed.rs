@@ -87,6 +87,11 @@ pub(super) async fn embed(sim: &Arc<OllamaSim>, call: &Call) -> Handled {
     let truncate = f.bool("truncate")?.unwrap_or(true);
     let dimensions = f.int("dimensions")?;
     let opts = parse_options(map.get("options"))?;
+    // Ollama's EmbedHandler checks the model before the input, and an empty one is 404
+    // `model '' not found` (server/routes.go), like generate's; embeddings' is 400.
+    if label.is_empty() {
+        return Err(ApiError::not_found(""));
+    }
     let inputs = embed_inputs(map.get("input"), "EmbedRequest")?;
     let model = require_model(sim, &label)?;
     let e = embed_core(

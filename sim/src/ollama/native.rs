@@ -121,8 +121,12 @@ pub(super) async fn generate(sim: &Arc<OllamaSim>, call: &Call) -> Handled {
         .get("context")
         .and_then(Value::as_array)
         .is_some_and(|c| !c.is_empty());
+    // Ollama's GenerateHandler answers an empty model as an unknown one (its
+    // `parseAndValidateModelRef` fails → 404 `model '' not found`, server/routes.go), unlike
+    // chat's 400 `model is required`; its own test asserts it (server/routes_generate_test.go,
+    // TestGenerate "missing model").
     if label.is_empty() {
-        return Err(ApiError::bad("model is required"));
+        return Err(ApiError::not_found(""));
     }
     if raw && (!template.is_empty() || !system.is_empty() || has_context) {
         return Err(ApiError::bad(

@@ -88,6 +88,8 @@ struct Model {
     /// A request for another model waited past `queue.aging`, and this model is in its
     /// way: no new leases, so it drains and can be swapped out. Recomputed by `schedule`.
     draining: bool,
+    /// `Backend::keep` is under way (one at a time per model).
+    keeping: bool,
     /// A waiter needs a larger context than this model's runner has: no new leases, and
     /// once the last one is back it is unloaded and loaded at the larger size. Recomputed
     /// by `schedule`.
@@ -278,6 +280,20 @@ impl Actor {
                 result,
             } => self.load_done(&model, shape, result),
             Event::UnloadDone { model, result } => self.unload_done(&model, result),
+            Event::Kept { model, result } => {
+                if let Some(m) = self.models.get_mut(&*model) {
+                    m.keeping = false;
+                }
+                match result {
+                    Ok(()) => {
+                        tracing::info!(provider = %self.settings.provider, model = %model, "provider told again to keep the model loaded");
+                    }
+                    // The next poll that still sees a deadline tries again.
+                    Err(e) => {
+                        tracing::warn!(provider = %self.settings.provider, model = %model, error = %e, "cannot tell the provider to keep the model loaded");
+                    }
+                }
+            }
             Event::Report { loaded, polled_at } => self.apply_report(loaded, polled_at),
             Event::Window { model, tokens } => match self.models.get_mut(&*model) {
                 Some(m) => m.context_length = Some(tokens),
@@ -381,6 +397,7 @@ impl Actor {
                 unload_waiters: Vec::new(),
                 unload_requested: false,
                 draining: false,
+                keeping: false,
                 reshape: false,
             },
         );
@@ -694,9 +711,29 @@ impl Actor {
     /// Follows the provider's list: models loaded behind the proxy's back become `ready`
     /// (and are managed from then on: idle timeout, limits); models it no longer lists, that
     /// nobody is using, become `unloaded` (its own timer, a restart, another client).
+    ///
+    /// # Keeping a reloaded runner (Ollama)
+    ///
+    /// The proxy loads with `keep_alive: -1` and rewrites every native request's, so a runner
+    /// it loaded never expires on Ollama's own timer, except after a reload it did not ask
+    /// for: a `/v1` request whose options differ from the runner's (it cannot carry
+    /// `num_ctx`, `runner.rs`) makes Ollama load a new runner with `OLLAMA_KEEP_ALIVE`
+    /// (5 minutes by default; `server/sched.go`: a new runner takes the request's
+    /// `sessionDuration`, nil on `/v1`, else the default). The reload is seen here, and only
+    /// here, for every way it can happen: `/api/ps` gives the runner an `expires_at` with a
+    /// real deadline ([`LoadedModel::expires`]) where "forever" is three centuries out. So a
+    /// ready model the proxy loaded that the list shows expiring gets the load-only request
+    /// again (`Backend::keep`: `{"model", "keep_alive": -1}` with the runner's options, so
+    /// it is not reloaded for them), once at a time; a failure is tried again at the next
+    /// poll (Ollama sets `expiresAt` only when the runner goes idle, so one kept while busy
+    /// may be told again at a poll or two; each is a load-only request, no model work).
+    /// Skipped when the options the proxy holds for the runner disagree with the
+    /// list's context (sending them would reload it), and for models loaded behind the
+    /// proxy's back (their own keep-alive is left to whoever loaded them).
     fn apply_report(&mut self, loaded: Vec<LoadedModel>, polled_at: Instant) {
         let now = Instant::now();
         let provider = self.settings.provider.clone();
+        let mut keep: Vec<(Arc<str>, Shape)> = Vec::new();
         for lm in &loaded {
             let name = self.entry(&lm.model);
             let seq = self.shared.next_seq();
@@ -717,6 +754,17 @@ impl Actor {
                 m.shape = Shape::default();
             }
             m.reported = Some(lm.clone());
+            if m.status == ModelStatus::Ready
+                && m.loaded_by_proxy
+                && lm.expires == Some(true)
+                && !m.keeping
+                && !m.unload_requested
+                && m.changed_at <= polled_at
+                && (m.shape.num_ctx.is_none() || m.shape.num_ctx == lm.context_length)
+            {
+                m.keeping = true;
+                keep.push((name.clone(), m.shape));
+            }
             if matches!(m.status, ModelStatus::Unloaded | ModelStatus::Error)
                 && m.changed_at <= polled_at
             {
@@ -752,6 +800,15 @@ impl Actor {
                 m.shape = Shape::default();
                 tracing::info!(provider = %provider, model = %m.name, "model no longer loaded on the provider");
             }
+        }
+        for (model, shape) in keep {
+            tracing::info!(provider = %provider, model = %model, "the provider would unload the model on its own timer (a reload): keeping it");
+            let op = self.backend.keep(&model, shape);
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let result = op.await;
+                let _ = tx.send(Event::Kept { model, result });
+            });
         }
         self.schedule();
     }

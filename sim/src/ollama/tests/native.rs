@@ -191,6 +191,31 @@ async fn native_error_bodies() {
             StatusCode::BAD_REQUEST,
             r#"{"error":"model is required"}"#,
         ),
+        // Ollama's own test: server/routes_generate_test.go, TestGenerate "missing model".
+        (
+            "/api/generate",
+            r#"{}"#,
+            StatusCode::NOT_FOUND,
+            r#"{"error":"model '' not found"}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"prompt":"hi"}"#,
+            StatusCode::NOT_FOUND,
+            r#"{"error":"model '' not found"}"#,
+        ),
+        (
+            "/api/embed",
+            r#"{"input":"hi"}"#,
+            StatusCode::NOT_FOUND,
+            r#"{"error":"model '' not found"}"#,
+        ),
+        (
+            "/api/embeddings",
+            r#"{"prompt":"hi"}"#,
+            StatusCode::BAD_REQUEST,
+            r#"{"error":"model is required"}"#,
+        ),
         (
             "/api/chat",
             r#"{"model":"nomic-embed-text","messages":[{"role":"user","content":"x"}]}"#,
