@@ -21,11 +21,9 @@ async fn websocket_upgrade_passes_through_both_ways() {
     ))
     .await
     .unwrap();
-    let echoed = ws.next().await.unwrap().unwrap();
-    assert_eq!(
-        echoed,
-        Message::text(r#"{"authVersion":1,"clientIdentifier":"guest:x","clientPasskey":"y"}"#)
-    );
+    // The simulator answers the SDK's auth packet (the proxy has no `api_keys`, so it passes).
+    let answer = ws.next().await.unwrap().unwrap();
+    assert_eq!(answer, Message::text(r#"{"success":true}"#));
     // Binary and a larger frame, in both directions.
     let big = vec![7u8; 200_000];
     ws.send(Message::binary(big.clone())).await.unwrap();

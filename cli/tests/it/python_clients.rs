@@ -232,7 +232,10 @@ fn python() -> PathBuf {
 /// Runs `cmd` to completion like `Command::output`, but kills it after `limit`.
 fn output_within(mut cmd: Command, limit: Duration) -> Output {
     let dir = std::env::temp_dir();
-    let tag = format!("llm-warden-python-{}", std::process::id());
+    // One pair of files per script run: several tests of this process may run scripts at once.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let tag = format!("llm-warden-python-{}-{run}", std::process::id());
     let (out_path, err_path) = (
         dir.join(format!("{tag}.stdout")),
         dir.join(format!("{tag}.stderr")),
@@ -328,4 +331,75 @@ impl Drop for DirLock {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// Runs `cli/tests/python/lmstudio_sdk.py` (the official `lmstudio` SDK) against `host`
+/// (`host:port`) and checks its summary line.
+async fn run_lmstudio_sdk(host: String, token: Option<&str>) {
+    let python = tokio::task::spawn_blocking(python)
+        .await
+        .expect("venv setup did not panic");
+    let mut cmd = Command::new(&python);
+    cmd.arg(repo().join("cli/tests/python/lmstudio_sdk.py"))
+        .env("WARDEN_LMS_HOST", &host)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .env_remove("LMSTUDIO_API_TOKEN");
+    if let Some(t) = token {
+        cmd.env("WARDEN_LMS_TOKEN", t);
+    }
+    for v in PROXY_VARS {
+        cmd.env_remove(v);
+    }
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || output_within(cmd, SCRIPT_TIMEOUT))
+        .await
+        .expect("the script runner did not panic");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "lmstudio_sdk.py ({:.1?}):\n{stdout}{stderr}",
+        started.elapsed()
+    );
+    assert!(
+        out.status.success(),
+        "lmstudio_sdk.py failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("checks passed"),
+        "no summary line from lmstudio_sdk.py:\n{stdout}"
+    );
+}
+
+/// The `lmstudio` SDK speaks its WebSocket protocol to the simulator directly: greeting,
+/// in-band auth, list, load, streamed predict with stats, unload, all on the REST API's state.
+#[tokio::test]
+async fn lmstudio_sdk_against_the_simulator() {
+    let sim = start_lmstudio(LmStudioConfig::default()).await;
+    run_lmstudio_sdk(sim.addr.to_string(), None).await;
+    assert!(
+        sim.state.loaded().is_empty(),
+        "the script unloaded its model"
+    );
+    assert_eq!(sim.state.load_count("qwen2.5-7b-instruct"), 1);
+    assert_eq!(sim.state.active_requests(), 0);
+    assert_eq!(sim.state.cancelled(), 0);
+}
+
+/// With an API key the simulator wants the token's identifier and passkey in the SDK's auth
+/// packet: the SDK connects with `api_token` and a client without one is refused.
+#[tokio::test]
+async fn lmstudio_sdk_with_api_token_against_the_simulator() {
+    let token = "sk-lm-abcdefgh:ABCDEFGHIJKLMNOPQRST";
+    let sim = start_lmstudio(LmStudioConfig {
+        api_key: Some(token.to_string()),
+        ..Default::default()
+    })
+    .await;
+    run_lmstudio_sdk(sim.addr.to_string(), Some(token)).await;
+    assert!(
+        sim.state.loaded().is_empty(),
+        "the script unloaded its model"
+    );
 }

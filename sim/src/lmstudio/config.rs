@@ -237,12 +237,12 @@ impl LmStudioSim {
 }
 
 /// The publisher part of a `publisher/name` key.
-fn publisher(key: &str) -> &str {
+pub(super) fn publisher(key: &str) -> &str {
     key.split_once('/').map_or("lmstudio-community", |(p, _)| p)
 }
 
 /// `qwen2.5-7b-instruct` → `Qwen2.5 7B Instruct`.
-fn display_name(key: &str) -> String {
+pub(super) fn display_name(key: &str) -> String {
     let name = key.rsplit('/').next().unwrap_or(key);
     name.split(['-', '_'])
         .filter(|w| !w.is_empty())

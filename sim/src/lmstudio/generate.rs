@@ -95,14 +95,14 @@ pub(super) async fn send_all(
 
 /// Counts a generation as active, overall and on its instance (what an unload request checks);
 /// on drop before `done`, counts it as cancelled.
-struct GenGuard {
+pub(super) struct GenGuard {
     sim: Arc<LmStudioSim>,
     instance: String,
-    done: bool,
+    pub(super) done: bool,
 }
 
 impl GenGuard {
-    fn start(sim: Arc<LmStudioSim>, instance: &str) -> Self {
+    pub(super) fn start(sim: Arc<LmStudioSim>, instance: &str) -> Self {
         sim.active.fetch_add(1, Ordering::SeqCst);
         *sim.lock().busy.entry(instance.to_string()).or_default() += 1;
         GenGuard {

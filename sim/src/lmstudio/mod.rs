@@ -1,7 +1,7 @@
 //! Simulated LM Studio server (`docs/providers.md` §2, checklist docs/providers.md §5.2): the public handle
 //! (`LmStudioSim`, `spawn`, `bind`), bearer auth and the router. Routes live in `openai`
 //! (`/v1/*`, `/api/v0/*`), `native` (`/api/v1/*`), `config` (knobs, model lists) and
-//! `websocket` (SDK namespaces, echo only); `state` owns loaded models, JIT and TTL,
+//! `websocket` (the SDK's WebSocket protocol); `state` owns loaded models, JIT and TTL,
 //! `generate` token pacing and streams, `request` body parsing and errors, `wire` the JSON.
 
 mod config;
@@ -35,7 +35,8 @@ use wire::{json, Greeting, UnknownEndpoint};
 const JSON: &str = "application/json; charset=utf-8";
 /// Content type of every stream.
 const SSE: &str = "text/event-stream";
-/// The SDK's WebSocket namespaces; a WebSocket upgrade on one of them is accepted.
+/// The SDK's WebSocket namespaces; a WebSocket upgrade on one of them is accepted (`/llm`
+/// and `/embedding` answer the SDK's calls, the others authenticate only).
 pub const WS_NAMESPACES: [&str; 7] = [
     "/llm",
     "/embedding",
@@ -146,7 +147,13 @@ pub async fn bind(cfg: LmStudioConfig, addr: &str) -> std::io::Result<SimServer<
 
 async fn handle(sim: Arc<LmStudioSim>, req: Request<Incoming>) -> Response<SimBody> {
     let (call, on_upgrade) = record(req, &sim.log).await;
-    if let Some(key) = &sim.cfg.api_key {
+    let sdk_upgrade = call.method == Method::GET
+        && WS_NAMESPACES.contains(&call.path.as_str())
+        && is_websocket_upgrade(&call);
+    // The SDK probes the greeting and opens its WebSocket without an `Authorization` header
+    // and authenticates in-band (see `websocket`), so neither needs the bearer token.
+    let open = sdk_upgrade || (call.method == Method::GET && call.path == "/lmstudio-greeting");
+    if let (Some(key), false) = (&sim.cfg.api_key, open) {
         let expected = format!("Bearer {key}");
         let ok = call
             .headers
@@ -165,11 +172,8 @@ async fn handle(sim: Arc<LmStudioSim>, req: Request<Incoming>) -> Response<SimBo
             return json(StatusCode::UNAUTHORIZED, &body);
         }
     }
-    if call.method == Method::GET
-        && WS_NAMESPACES.contains(&call.path.as_str())
-        && is_websocket_upgrade(&call)
-    {
-        return websocket(&call, on_upgrade);
+    if sdk_upgrade {
+        return websocket(sim.clone(), &call, on_upgrade);
     }
     let result = match (&call.method, call.path.as_str()) {
         (&Method::GET, "/lmstudio-greeting") => {

@@ -1,6 +1,6 @@
 //! Unit tests over real HTTP against `bind(.., "127.0.0.1:0")`: exact bytes of bodies and
 //! streams on every API, JIT/TTL/auto-evict on a manual clock, load and unload, auth, the
-//! overflow policy, WebSocket echo, cancellation and simulated stream failures.
+//! overflow policy, the SDK's WebSocket protocol, cancellation and simulated stream failures.
 
 use super::state::Plan;
 use super::*;
@@ -794,21 +794,93 @@ async fn over_long_prompt_errors_or_is_silent() {
     assert_eq!(r.json()["usage"]["prompt_tokens"], 5004);
 }
 
-#[tokio::test]
-async fn websocket_namespaces_echo() {
-    let (s, _) = start(cfg()).await;
-    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{}/llm", s.addr), tcp)
+/// Opens `ws://addr/<ns>` and sends the SDK's auth packet; returns the socket and the answer.
+async fn ws_auth(
+    addr: std::net::SocketAddr,
+    ns: &str,
+    packet: &str,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    serde_json::Value,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/{ns}"), tcp)
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    ws.send(Message::Text(r#"{"authVersion":1}"#.into()))
-        .await
-        .unwrap();
+    ws.send(Message::Text(packet.into())).await.unwrap();
+    let answer = ws.next().await.unwrap().unwrap();
+    let answer = serde_json::from_str(answer.to_text().unwrap()).unwrap();
+    (ws, answer)
+}
+
+async fn ws_call(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    msg: serde_json::Value,
+) -> serde_json::Value {
+    ws.send(Message::Text(msg.to_string())).await.unwrap();
+    let answer = ws.next().await.unwrap().unwrap();
+    serde_json::from_str(answer.to_text().unwrap()).unwrap()
+}
+
+const GUEST: &str = r#"{"authVersion":1,"clientIdentifier":"guest:x","clientPasskey":"y"}"#;
+
+#[tokio::test]
+async fn websocket_namespaces_speak_the_sdk_protocol() {
+    let (s, _) = start(cfg()).await;
+    // A first frame that is not an auth packet is refused, and the socket closed.
+    let (mut ws, answer) = ws_auth(s.addr, "llm", r#"{"authVersion":1}"#).await;
+    assert_eq!(answer["success"], false);
+    assert!(answer["error"].is_string());
+    while let Some(Ok(m)) = ws.next().await {
+        assert!(m.is_close());
+    }
+
+    let (mut ws, answer) = ws_auth(s.addr, "llm", GUEST).await;
+    assert_eq!(answer, serde_json::json!({"success": true}));
+    let list = serde_json::json!({"type": "rpcCall", "endpoint": "listLoaded", "callId": 1});
     assert_eq!(
-        ws.next().await.unwrap().unwrap(),
-        Message::Text(r#"{"authVersion":1}"#.into())
+        ws_call(&mut ws, list.clone()).await,
+        serde_json::json!({"type": "rpcResult", "callId": 1, "result": []})
     );
+    // A manual load through the channel shows in the REST state.
+    let load = serde_json::json!({"type": "channelCreate", "endpoint": "loadModel", "channelId": 1,
+        "creationParameter": {"modelKey": QWEN, "loadConfigStack": {"layers": []}}});
+    let mut seen = vec![ws_call(&mut ws, load).await];
+    while seen.last().unwrap()["type"] != "channelClose" {
+        let m = ws.next().await.unwrap().unwrap();
+        seen.push(serde_json::from_str(m.to_text().unwrap()).unwrap());
+    }
+    let kinds: Vec<&str> = seen
+        .iter()
+        .map(|m| {
+            m.pointer("/message/type")
+                .or(m.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "resolved",
+            "progress",
+            "progress",
+            "success",
+            "channelClose"
+        ]
+    );
+    assert_eq!(seen[3]["message"]["info"]["identifier"], QWEN);
+    assert_eq!(s.state.loaded(), [QWEN]);
+    let unload = serde_json::json!({"type": "rpcCall", "endpoint": "unloadModel", "callId": 2,
+        "parameter": {"identifier": QWEN}});
+    assert_eq!(
+        ws_call(&mut ws, unload.clone()).await,
+        serde_json::json!({"type": "rpcResult", "callId": 2})
+    );
+    assert!(s.state.loaded().is_empty());
+    assert_eq!(ws_call(&mut ws, unload).await["type"], "rpcError");
+    // Binary frames are echoed (a transport check; the SDK sends none); pings answered.
     ws.send(Message::Binary(vec![0, 1, 2])).await.unwrap();
     assert_eq!(
         ws.next().await.unwrap().unwrap(),
@@ -820,12 +892,39 @@ async fn websocket_namespaces_echo() {
     while let Some(Ok(m)) = ws.next().await {
         assert!(m.is_close());
     }
-    assert_eq!(s.state.log.count("/llm"), 1);
+    assert_eq!(s.state.log.count("/llm"), 2);
+
+    // Other namespaces authenticate and answer calls with an error.
+    let (mut ws, answer) = ws_auth(s.addr, "system", GUEST).await;
+    assert_eq!(answer["success"], true);
+    assert_eq!(ws_call(&mut ws, list).await["type"], "rpcError");
 
     // A non-namespace path is not upgraded.
     let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     let err = tokio_tungstenite::client_async(format!("ws://{}/nope", s.addr), tcp).await;
     assert!(err.is_err());
+}
+
+#[tokio::test]
+async fn websocket_auth_with_an_api_key() {
+    let (s, c) = start(LmStudioConfig {
+        api_key: Some("sk-lm-abcdefgh:ABCDEFGHIJKLMNOPQRST".into()),
+        ..cfg()
+    })
+    .await;
+    // The SDK probes the greeting without a token.
+    assert_eq!(
+        get(&c, &s, "/lmstudio-greeting").await.status,
+        StatusCode::OK
+    );
+    let (_, answer) = ws_auth(s.addr, "llm", GUEST).await;
+    assert_eq!(answer["success"], false);
+    let wrong =
+        r#"{"authVersion":1,"clientIdentifier":"abcdefgh","clientPasskey":"ABCDEFGHIJKLMNOPQRSx"}"#;
+    assert_eq!(ws_auth(s.addr, "llm", wrong).await.1["success"], false);
+    let right =
+        r#"{"authVersion":1,"clientIdentifier":"abcdefgh","clientPasskey":"ABCDEFGHIJKLMNOPQRST"}"#;
+    assert_eq!(ws_auth(s.addr, "llm", right).await.1["success"], true);
 }
 
 #[tokio::test(start_paused = true)]
