@@ -403,3 +403,22 @@ async fn lmstudio_sdk_with_api_token_against_the_simulator() {
         "the script unloaded its model"
     );
 }
+
+/// Through the proxy (no `api_keys`): the SDK's greeting and WebSocket pass through unchanged,
+/// and the model it loads is the simulator's.
+#[tokio::test]
+async fn lmstudio_sdk_through_the_proxy() {
+    let sim = start_lmstudio(LmStudioConfig::default()).await;
+    let proxy = start_proxy(&[("lmstudio", sim.url())], "").await;
+    run_lmstudio_sdk(proxy.proxy_addr(0).to_string(), None).await;
+    assert!(
+        sim.state.loaded().is_empty(),
+        "the script unloaded its model"
+    );
+    assert_eq!(sim.state.load_count("qwen2.5-7b-instruct"), 1);
+    assert!(
+        sim.state.log.count("/llm") >= 1,
+        "the SDK's socket reached the simulator"
+    );
+    proxy.shutdown().await;
+}
