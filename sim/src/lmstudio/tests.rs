@@ -905,6 +905,76 @@ async fn websocket_namespaces_speak_the_sdk_protocol() {
     assert!(err.is_err());
 }
 
+#[tokio::test(start_paused = true)]
+async fn websocket_predict_streams_stops_on_cancel_and_counts_a_disconnect() {
+    let (s, c) = start(LmStudioConfig {
+        token_delay: Duration::from_secs(1),
+        reply_tokens: 100_000,
+        ..cfg()
+    })
+    .await;
+    let r = post(
+        &c,
+        &s,
+        "/api/v1/models/load",
+        &format!(r#"{{"model":"{QWEN}"}}"#),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let predict = |id: u64| {
+        serde_json::json!({"type": "channelCreate", "endpoint": "predict", "channelId": id,
+            "creationParameter": {
+                "modelSpecifier": {"type": "query", "query": {"identifier": QWEN}},
+                "history": {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]},
+                "predictionConfigStack": {"layers": []}}})
+    };
+    let (mut ws, _) = ws_auth(s.addr, "llm", GUEST).await;
+    let first = ws_call(&mut ws, predict(1)).await;
+    assert_eq!(first["message"]["type"], "fragment");
+    assert_eq!(first["message"]["fragment"]["tokensCount"], 1);
+    assert_eq!(s.state.active_requests(), 1);
+    let cancel =
+        serde_json::json!({"type": "channelSend", "channelId": 1, "message": {"type": "cancel"}});
+    ws.send(Message::Text(cancel.to_string())).await.unwrap();
+    let success = loop {
+        let m = ws.next().await.unwrap().unwrap();
+        let m: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        if m["message"]["type"] == "success" {
+            break m;
+        }
+        assert_eq!(m["message"]["type"], "fragment");
+    };
+    let stats = &success["message"]["stats"];
+    assert_eq!(stats["stopReason"], "userStopped");
+    assert_eq!(stats["promptTokensCount"], 5);
+    let predicted = stats["predictedTokensCount"].as_u64().unwrap();
+    assert!(predicted >= 1);
+    assert_eq!(stats["totalTokensCount"].as_u64(), Some(5 + predicted));
+    assert_eq!(success["message"]["modelInfo"]["identifier"], QWEN);
+    let close = ws.next().await.unwrap().unwrap();
+    assert_eq!(
+        close.to_text().unwrap(),
+        r#"{"channelId":1,"type":"channelClose"}"#
+    );
+    assert_eq!(s.state.active_requests(), 0);
+    assert_eq!(s.state.cancelled(), 1);
+
+    // A client that goes away mid-prediction stops it too.
+    assert_eq!(
+        ws_call(&mut ws, predict(2)).await["message"]["type"],
+        "fragment"
+    );
+    drop(ws);
+    for _ in 0..10_000 {
+        if s.state.cancelled() == 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.state.cancelled(), 2);
+    assert_eq!(s.state.active_requests(), 0);
+}
+
 #[tokio::test]
 async fn websocket_auth_with_an_api_key() {
     let (s, c) = start(LmStudioConfig {

@@ -492,7 +492,8 @@ impl LmStudioSim {
 
     /// Channel `predict`: fragments, then `success` with the stats; a model that is not loaded
     /// is an error (the SDK loads through `getOrLoad` first). A `cancel` stops the generation
-    /// with `stopReason: "userStopped"`.
+    /// with `stopReason: "userStopped"` (counted in `cancelled`, as is a client that goes
+    /// away). The prompt count is capped at the loaded context (no overflow error here).
     async fn ch_predict(
         self: Arc<Self>,
         param: Value,
@@ -540,6 +541,7 @@ impl LmStudioSim {
                 }
             }
             if *cancel.borrow() {
+                // Counted as cancelled (the guard is not `done`), like a REST client that left.
                 stop = "userStopped";
                 break;
             }
@@ -555,7 +557,7 @@ impl LmStudioSim {
             }
             predicted += 1;
         }
-        guard.done = true;
+        guard.done = stop != "userStopped";
         drop(guard);
         self.touch(&inst.id);
         let stats = json!({
