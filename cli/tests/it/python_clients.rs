@@ -1,6 +1,8 @@
 //! The official Python clients (`ollama`, `openai`) against both simulators, through the
 //! proxy: `cli/tests/python/clients.py` does the talking and asserts what the clients see; this
-//! test checks that the proxy counted exactly what the script sent.
+//! test checks that the proxy counted exactly what the script sent. The official `lmstudio` SDK
+//! (`cli/tests/python/lmstudio_sdk.py`) runs against the LM Studio simulator's WebSocket
+//! protocol: directly, with an API token, and through a proxy without `api_keys`.
 //!
 //! The interpreter is `$LLM_WARDEN_PYTHON` when set, else `<repo>/.venv/bin/python`, which this
 //! test creates from `cli/tests/python/requirements.txt` when it is missing or stale (needs
