@@ -384,7 +384,8 @@ async fn lmstudio_sdk_against_the_simulator() {
         sim.state.loaded().is_empty(),
         "the script unloaded its model"
     );
-    assert_eq!(sim.state.load_count("qwen2.5-7b-instruct"), 1);
+    // load_new_instance, then llm.model's just-in-time load.
+    assert_eq!(sim.state.load_count("qwen2.5-7b-instruct"), 2);
     assert_eq!(sim.state.active_requests(), 0);
     assert_eq!(sim.state.cancelled(), 0);
 }
@@ -417,7 +418,7 @@ async fn lmstudio_sdk_through_the_proxy() {
         sim.state.loaded().is_empty(),
         "the script unloaded its model"
     );
-    assert_eq!(sim.state.load_count("qwen2.5-7b-instruct"), 1);
+    assert_eq!(sim.state.load_count("qwen2.5-7b-instruct"), 2);
     assert!(
         sim.state.log.count("/llm") >= 1,
         "the SDK's socket reached the simulator"

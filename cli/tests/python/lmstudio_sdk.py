@@ -111,4 +111,12 @@ with lms.Client(HOST, api_token=TOKEN) as client:
     v0 = {m["id"]: m for m in rest("/api/v0/models")["data"]}
     check(v0[MODEL]["state"] == "not-loaded", "the REST API v0 sees the unload")
 
+    # llm.model(key) gets or loads (the `getOrLoad` channel: a just-in-time load).
+    jit = client.llm.model(MODEL)
+    check(jit.identifier == MODEL, f"llm.model loads {jit.identifier}")
+    again = client.llm.model(MODEL)
+    check(again.identifier == MODEL, "llm.model again finds it loaded")
+    jit.unload()
+    check(client.llm.list_loaded() == [], "nothing loaded at the end")
+
 print(f"lmstudio_sdk: {checks} checks passed", flush=True)
