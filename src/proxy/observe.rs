@@ -48,6 +48,14 @@ static TIMINGS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
         Finder::new(b"\"predicted_n\""),
     ]
 });
+/// The Responses and Messages APIs: Anthropic's `message_start` carries `input_tokens` (Ollama
+/// writes an estimate there when it has no count yet) and `message_delta` the final
+/// `input_tokens` / `output_tokens`: the last seen wins. `"output_tokens_details"` is
+/// another key (the closing quote is part of the pattern).
+static INPUT_OUTPUT: LazyLock<Patterns> = LazyLock::new(|| Patterns {
+    prompt: Finder::new(b"\"input_tokens\""),
+    completion: Finder::new(b"\"output_tokens\""),
+});
 static LMSTUDIO_V1: LazyLock<Patterns> = LazyLock::new(|| Patterns {
     prompt: Finder::new(b"\"input_tokens\""),
     completion: Finder::new(b"\"total_output_tokens\""),
@@ -107,6 +115,7 @@ impl UsageScanner {
             UsageKeys::OpenAi | UsageKeys::LlamaCpp => &OPENAI,
             UsageKeys::LmStudioV1 => &LMSTUDIO_V1,
             UsageKeys::LlamaCppNative => &LLAMACPP_NATIVE,
+            UsageKeys::InputOutput => &INPUT_OUTPUT,
         }
     }
 
@@ -417,6 +426,50 @@ mod tests {
         // Other kinds ignore timings.
         let s = scan_in_pieces(UsageKeys::OpenAi, finish, 1000);
         assert_eq!(s.usage(), (None, None));
+    }
+
+    /// The Anthropic Messages API as Ollama writes it (`anthropic.StreamConverter.Process`:
+    /// `message_start` with the prompt count or an estimate, `message_delta` with both final
+    /// counts) and as Anthropic does (`message_delta` with `output_tokens` only).
+    #[test]
+    fn messages_usage_from_message_start_and_message_delta() {
+        let ollama = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"m\",\"content\":[],\"usage\":{\"input_tokens\":9,\"output_tokens\":0}}}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi \\\"output_tokens\\\":99\"}}\n\nevent: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":12,\"output_tokens\":5}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for piece in 1..ollama.len() {
+            let s = scan_in_pieces(UsageKeys::InputOutput, ollama, piece);
+            assert_eq!(
+                (s.usage(), s.error),
+                ((Some(12), Some(5)), false),
+                "piece {piece}"
+            );
+        }
+        let anthropic = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n";
+        let s = scan_in_pieces(UsageKeys::InputOutput, anthropic, 7);
+        assert_eq!(s.usage(), (Some(25), Some(15)));
+        // Not streamed: one `usage`.
+        let whole = br#"{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":12,"output_tokens":5}}"#;
+        let s = scan_in_pieces(UsageKeys::InputOutput, whole, 3);
+        assert_eq!(s.usage(), (Some(12), Some(5)));
+        // An error event inside the stream.
+        let failed = b"event: message_start\ndata: {}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"x\"}}\n\n";
+        assert!(scan_in_pieces(UsageKeys::InputOutput, failed, 5).error);
+    }
+
+    /// The Responses API as Ollama writes it (`openai.ResponsesStreamConverter`: `usage` null
+    /// until `response.completed`, with `input_tokens_details` / `output_tokens_details`).
+    #[test]
+    fn responses_usage_from_response_completed() {
+        let stream = b"event: response.created\ndata: {\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"usage\":null},\"sequence_number\":0,\"type\":\"response.created\"}\n\nevent: response.output_text.delta\ndata: {\"content_index\":0,\"delta\":\"Hi\",\"item_id\":\"msg_1\",\"logprobs\":[],\"output_index\":0,\"sequence_number\":4,\"type\":\"response.output_text.delta\"}\n\nevent: response.completed\ndata: {\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"usage\":{\"input_tokens\":31,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":7,\"output_tokens_details\":{\"reasoning_tokens\":0},\"total_tokens\":38}},\"sequence_number\":9,\"type\":\"response.completed\"}\n\n";
+        for piece in 1..stream.len() {
+            let s = scan_in_pieces(UsageKeys::InputOutput, stream, piece);
+            assert_eq!(
+                (s.usage(), s.error),
+                ((Some(31), Some(7)), false),
+                "piece {piece}"
+            );
+        }
+        let whole = br#"{"id":"resp_1","object":"response","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"Hi"}]}],"usage":{"input_tokens":31,"output_tokens":7,"total_tokens":38,"input_tokens_details":{"cached_tokens":0},"output_tokens_details":{"reasoning_tokens":0}}}"#;
+        let s = scan_in_pieces(UsageKeys::InputOutput, whole, 5);
+        assert_eq!(s.usage(), (Some(31), Some(7)));
     }
 
     #[test]
