@@ -1,0 +1,204 @@
+//! `/v1/messages` (Anthropic Messages API) and `/v1/responses` (OpenAI Responses API) through
+//! the proxy (issue 20 §1): counted with the provider's own tokens, leased while they stream
+//! (an admin unload waits), errors the proxy writes in each API's shape.
+
+use std::time::Duration;
+
+use crate::support::*;
+use llm_warden_sim::ollama::OllamaConfig;
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn messages_body(model: &str, stream: bool) -> String {
+    json!({
+        "model": model,
+        "max_tokens": 64,
+        "system": [{"type": "text", "text": "You are terse."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello to the proxy, please."}]}],
+        "stream": stream,
+    })
+    .to_string()
+}
+
+fn responses_body(model: &str, stream: bool) -> String {
+    json!({
+        "model": model,
+        "instructions": "You are terse.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Say hello to the proxy, please."}]}],
+        "stream": stream,
+    })
+    .to_string()
+}
+
+/// The `input_tokens` / `output_tokens` the provider reported: the body's `usage`, or the last
+/// ones of the stream's events (`message_delta`, `response.completed`).
+fn provider_usage(r: &Reply) -> (u64, u64) {
+    let text = r.text();
+    let mut usage = None;
+    if let Ok(v) = serde_json::from_str::<Value>(&text) {
+        usage = Some(v["usage"].clone());
+    } else {
+        for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            let v: Value = serde_json::from_str(data).unwrap();
+            for u in [&v["usage"], &v["response"]["usage"], &v["message"]["usage"]] {
+                if u["output_tokens"].is_u64() {
+                    let mut merged = usage.take().unwrap_or(json!({}));
+                    for k in ["input_tokens", "output_tokens"] {
+                        if u[k].is_u64() {
+                            merged[k] = u[k].clone();
+                        }
+                    }
+                    usage = Some(merged);
+                }
+            }
+        }
+    }
+    let u = usage.unwrap_or_else(|| panic!("no usage in {text}"));
+    (
+        u["input_tokens"].as_u64().unwrap(),
+        u["output_tokens"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn ollama_messages_and_responses_are_counted_with_the_providers_tokens() {
+    let sim = start_ollama(OllamaConfig::default()).await;
+    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+    let c = client();
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    let mut want = (0, 0);
+    let cases = [
+        ("/v1/messages", messages_body("llama3.2", false)),
+        ("/v1/messages", messages_body("llama3.2", true)),
+        ("/v1/responses", responses_body("llama3.2", false)),
+        ("/v1/responses", responses_body("llama3.2", true)),
+    ];
+    for (n, (path, body)) in cases.iter().enumerate() {
+        let r = post_json(&c, &format!("{base}{path}"), body).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let (input, output) = provider_usage(&r);
+        assert!(input > 0 && output > 0, "{path}: {}", r.text());
+        want = (want.0 + input, want.1 + output);
+        let s = status(&c, &proxy).await;
+        let m = model_entry(&s, "ollama0", "llama3.2:latest");
+        assert_eq!(
+            (
+                m["total_requests"].as_u64(),
+                m["prompt_tokens"].as_u64(),
+                m["completion_tokens"].as_u64(),
+                m["errors"].as_u64(),
+            ),
+            (Some(n as u64 + 1), Some(want.0), Some(want.1), Some(0)),
+            "{path} #{n}: {m}"
+        );
+    }
+    // The stream's events as Ollama names them, relayed untouched.
+    let r = post_json(&c, &format!("{base}/v1/messages"), &cases[1].1).await;
+    let text = r.text();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"message_start"), "{events:?}");
+    assert_eq!(
+        &events[events.len() - 3..],
+        ["content_block_stop", "message_delta", "message_stop"]
+    );
+    // The metrics label the endpoints.
+    let m = get(&c, &format!("http://{}/metrics", proxy.admin_addr)).await;
+    for label in ["endpoint=\"v1_messages\"", "endpoint=\"v1_responses\""] {
+        assert!(m.text().contains(label), "{label}");
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_streaming_message_or_response_holds_its_lease_against_an_admin_unload() {
+    for (path, body) in [
+        ("/v1/messages", messages_body("llama3.2", true)),
+        ("/v1/responses", responses_body("llama3.2", true)),
+    ] {
+        let sim = start_ollama(OllamaConfig {
+            token_delay: Duration::from_millis(40),
+            ..Default::default()
+        })
+        .await;
+        let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+        let c = client();
+        let url = format!("http://{}{path}", proxy.proxy_addr(0));
+        let streaming = {
+            let c = c.clone();
+            tokio::spawn(async move { post_json(&c, &url, &body).await })
+        };
+        assert!(eventually(LIMIT, || async { sim.state.active_requests() == 1 }).await);
+        let s = status(&c, &proxy).await;
+        assert_eq!(
+            model_entry(&s, "ollama0", "llama3.2:latest")["active_requests"],
+            1,
+            "{path}: {s}"
+        );
+        let unload = {
+            let c = c.clone();
+            let url = format!(
+                "http://{}/models/ollama0/llama3.2:latest/unload",
+                proxy.admin_addr
+            );
+            tokio::spawn(async move { post_json(&c, &url, "").await })
+        };
+        let r = streaming.await.unwrap();
+        assert_eq!(r.status, 200);
+        let end = if path == "/v1/messages" {
+            "event: message_stop"
+        } else {
+            "event: response.completed"
+        };
+        assert!(r.text().contains(end), "{path}: the stream was not cut");
+        let u = unload.await.unwrap();
+        assert_eq!(u.status, 200, "{}", u.text());
+        assert!(sim.state.loaded().is_empty());
+        assert_eq!(sim.state.unloads_while_busy(), 0, "{path}");
+        let s = status(&c, &proxy).await;
+        let m = model_entry(&s, "ollama0", "llama3.2:latest");
+        assert_eq!(
+            (m["total_requests"].as_u64(), m["active_requests"].as_u64()),
+            (Some(1), Some(0)),
+            "{path}: {m}"
+        );
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn errors_the_proxy_writes_take_each_apis_shape() {
+    let sim = start_ollama(OllamaConfig::default()).await;
+    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+    let c = client();
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    // A body the proxy cannot read (a model that is not a string): 400 from the proxy.
+    let bad = r#"{"model":["llama3.2"],"max_tokens":5,"messages":[]}"#;
+    let r = post_json(&c, &format!("{base}/v1/messages"), bad).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    let r = post_json(&c, &format!("{base}/v1/responses"), bad).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    // Ollama's own errors on these paths are its middleware's (Anthropic's shape too).
+    let r = post_json(
+        &c,
+        &format!("{base}/v1/messages"),
+        r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error"]["message"],
+        "max_tokens is required and must be positive"
+    );
+    proxy.shutdown().await;
+}
