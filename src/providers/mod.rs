@@ -152,18 +152,19 @@ pub(crate) const MESSAGES_PATH: &str = "/v1/messages";
 /// The two endpoints every kind serves alike (Ollama's `middleware` package, LM Studio
 /// 0.3.29+/0.4, llama-server's `/v1/responses` and `/v1/messages` handlers): the OpenAI
 /// Responses API and the Anthropic Messages API, both counting `input_tokens` /
-/// `output_tokens`. Responses errors take the kind's OpenAI-compatible shape.
+/// `output_tokens` (see [`UsageKeys`]). Responses errors take the kind's OpenAI-compatible
+/// shape.
 pub(crate) fn responses_or_messages(path: &str, openai_errors: ErrorStyle) -> Option<Endpoint> {
     match path {
         "/v1/responses" => Some(Endpoint {
             operation: Operation::Responses,
-            usage: UsageKeys::InputOutput,
+            usage: UsageKeys::Responses,
             errors: openai_errors,
             label: "v1_responses",
         }),
         MESSAGES_PATH => Some(Endpoint {
             operation: Operation::Messages,
-            usage: UsageKeys::InputOutput,
+            usage: UsageKeys::Anthropic,
             errors: ErrorStyle::Anthropic,
             label: "v1_messages",
         }),
@@ -202,10 +203,16 @@ pub enum UsageKeys {
     /// llama-server's native `/completion`: `tokens_evaluated` / `tokens_predicted`, else
     /// `timings`.
     LlamaCppNative,
-    /// `input_tokens` / `output_tokens`: the OpenAI Responses API (`usage`, in the
-    /// `response.completed` event when streamed) and the Anthropic Messages API (`usage`;
-    /// streamed, `message_start` then `message_delta`, whose counts are the final ones).
-    InputOutput,
+    /// `usage.input_tokens` / `output_tokens` of the OpenAI Responses API (in the
+    /// `response.completed` event when streamed); `input_tokens` includes the cached ones
+    /// (`input_tokens_details.cached_tokens` is a part of it).
+    Responses,
+    /// The Anthropic Messages API: `usage` (streamed: `message_start`, then `message_delta`,
+    /// whose counts are the final ones). Its `input_tokens` leaves out the tokens read from
+    /// or written to the prompt cache, so the prompt is `input_tokens` +
+    /// `cache_read_input_tokens` + `cache_creation_input_tokens` (llama-server streams
+    /// `input_tokens: 1, cache_read_input_tokens: 19` for a 20-token prompt).
+    Anthropic,
 }
 
 /// What kind of work an inspected endpoint does.
@@ -337,7 +344,7 @@ mod tests {
                 (r.operation, r.usage, r.errors, r.label),
                 (
                     Operation::Responses,
-                    UsageKeys::InputOutput,
+                    UsageKeys::Responses,
                     responses_errors,
                     "v1_responses"
                 ),
@@ -349,7 +356,7 @@ mod tests {
                 (m.operation, m.usage, m.errors, m.label),
                 (
                     Operation::Messages,
-                    UsageKeys::InputOutput,
+                    UsageKeys::Anthropic,
                     ErrorStyle::Anthropic,
                     "v1_messages"
                 ),
