@@ -166,10 +166,7 @@ impl UsageScanner {
                 Some(self.prompt.unwrap_or(0) + read.unwrap_or(0) + created.unwrap_or(0))
             }
         };
-        (
-            prompt.or(timed_prompt),
-            self.completion.or(predicted_n),
-        )
+        (prompt.or(timed_prompt), self.completion.or(predicted_n))
     }
 
     /// The body ended: a number at the very end is complete now.

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::support::*;
+use llm_warden_sim::llamacpp::LlamaCppConfig;
 use llm_warden_sim::ollama::OllamaConfig;
 use serde_json::{json, Value};
 
@@ -31,9 +32,10 @@ fn responses_body(model: &str, stream: bool) -> String {
     .to_string()
 }
 
-/// The `input_tokens` / `output_tokens` the provider reported: the body's `usage`, or the last
-/// ones of the stream's events (`message_delta`, `response.completed`).
-fn provider_usage(r: &Reply) -> (u64, u64) {
+/// The `input_tokens` / `output_tokens` / `cache_read_input_tokens` the provider reported:
+/// the body's `usage`, or the last ones of the stream's events (`message_start`,
+/// `message_delta`, `response.completed`).
+fn raw_usage(r: &Reply) -> (u64, u64, u64) {
     let text = r.text();
     let mut usage = None;
     if let Ok(v) = serde_json::from_str::<Value>(&text) {
@@ -44,7 +46,7 @@ fn provider_usage(r: &Reply) -> (u64, u64) {
             for u in [&v["usage"], &v["response"]["usage"], &v["message"]["usage"]] {
                 if u["output_tokens"].is_u64() {
                     let mut merged = usage.take().unwrap_or(json!({}));
-                    for k in ["input_tokens", "output_tokens"] {
+                    for k in ["input_tokens", "output_tokens", "cache_read_input_tokens"] {
                         if u[k].is_u64() {
                             merged[k] = u[k].clone();
                         }
@@ -58,30 +60,89 @@ fn provider_usage(r: &Reply) -> (u64, u64) {
     (
         u["input_tokens"].as_u64().unwrap(),
         u["output_tokens"].as_u64().unwrap(),
+        u["cache_read_input_tokens"].as_u64().unwrap_or(0),
     )
 }
 
-#[tokio::test]
-async fn ollama_messages_and_responses_are_counted_with_the_providers_tokens() {
-    let sim = start_ollama(OllamaConfig::default()).await;
-    let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+/// A simulator behind the proxy, as these tests see it.
+struct Target {
+    kind: &'static str,
+    url: String,
+    provider: &'static str,
+    /// The model as requested, and as `/status` names it.
+    model: &'static str,
+    status_model: &'static str,
+    active: Box<dyn Fn() -> usize + Send + Sync>,
+    unloads_while_busy: Box<dyn Fn() -> usize + Send + Sync>,
+    loaded: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    _keep: Box<dyn std::any::Any + Send + Sync>,
+}
+
+async fn ollama(token_delay: Duration) -> Target {
+    let sim = start_ollama(OllamaConfig {
+        token_delay,
+        ..Default::default()
+    })
+    .await;
+    let state = sim.state.clone();
+    let (a, b, c) = (state.clone(), state.clone(), state);
+    Target {
+        kind: "ollama",
+        url: sim.url(),
+        provider: "ollama0",
+        model: "llama3.2",
+        status_model: "llama3.2:latest",
+        active: Box::new(move || a.active_requests()),
+        unloads_while_busy: Box::new(move || b.unloads_while_busy()),
+        loaded: Box::new(move || c.loaded()),
+        _keep: Box::new(sim),
+    }
+}
+
+async fn llamacpp(token_delay: Duration) -> Target {
+    let sim = llm_warden_sim::llamacpp::spawn(
+        LlamaCppConfig {
+            token_delay,
+            ..Default::default()
+        },
+        listener().await,
+    );
+    let state = sim.state.clone();
+    let (a, b, c) = (state.clone(), state.clone(), state);
+    Target {
+        kind: "llamacpp",
+        url: sim.url(),
+        provider: "llamacpp0",
+        model: QWEN,
+        status_model: QWEN,
+        active: Box::new(move || a.active_requests()),
+        unloads_while_busy: Box::new(move || b.unloads_while_busy()),
+        loaded: Box::new(move || c.loaded()),
+        _keep: Box::new(sim),
+    }
+}
+
+const QWEN: &str = "qwen2.5-7b-instruct-q4_k_m";
+
+async fn counted_with_the_providers_tokens(t: Target) {
+    let proxy = start_proxy(&[(t.kind, t.url.clone())], "").await;
     let c = client();
     let base = format!("http://{}", proxy.proxy_addr(0));
     let mut want = (0, 0);
     let cases = [
-        ("/v1/messages", messages_body("llama3.2", false)),
-        ("/v1/messages", messages_body("llama3.2", true)),
-        ("/v1/responses", responses_body("llama3.2", false)),
-        ("/v1/responses", responses_body("llama3.2", true)),
+        ("/v1/messages", messages_body(t.model, false)),
+        ("/v1/messages", messages_body(t.model, true)),
+        ("/v1/responses", responses_body(t.model, false)),
+        ("/v1/responses", responses_body(t.model, true)),
     ];
     for (n, (path, body)) in cases.iter().enumerate() {
         let r = post_json(&c, &format!("{base}{path}"), body).await;
-        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.status, 200, "{} {path}: {}", t.kind, r.text());
         let (input, output) = provider_usage(&r);
         assert!(input > 0 && output > 0, "{path}: {}", r.text());
         want = (want.0 + input, want.1 + output);
         let s = status(&c, &proxy).await;
-        let m = model_entry(&s, "ollama0", "llama3.2:latest");
+        let m = model_entry(&s, t.provider, t.status_model);
         assert_eq!(
             (
                 m["total_requests"].as_u64(),
@@ -90,10 +151,12 @@ async fn ollama_messages_and_responses_are_counted_with_the_providers_tokens() {
                 m["errors"].as_u64(),
             ),
             (Some(n as u64 + 1), Some(want.0), Some(want.1), Some(0)),
-            "{path} #{n}: {m}"
+            "{} {path} #{n}: {m}\n{}",
+            t.kind,
+            r.text()
         );
     }
-    // The stream's events as Ollama names them, relayed untouched.
+    // The stream's events as the provider names them, relayed untouched.
     let r = post_json(&c, &format!("{base}/v1/messages"), &cases[1].1).await;
     let text = r.text();
     let events: Vec<&str> = text
@@ -113,53 +176,67 @@ async fn ollama_messages_and_responses_are_counted_with_the_providers_tokens() {
     proxy.shutdown().await;
 }
 
+/// The prompt tokens of a `/v1/messages` stream: `input_tokens` plus the cached part
+/// (`cache_read_input_tokens`), as the proxy counts them.
+fn provider_usage(r: &Reply) -> (u64, u64) {
+    let (input, output, cached) = raw_usage(r);
+    (input + cached, output)
+}
+
 #[tokio::test]
-async fn a_streaming_message_or_response_holds_its_lease_against_an_admin_unload() {
-    for (path, body) in [
-        ("/v1/messages", messages_body("llama3.2", true)),
-        ("/v1/responses", responses_body("llama3.2", true)),
+async fn ollama_messages_and_responses_are_counted_with_the_providers_tokens() {
+    counted_with_the_providers_tokens(ollama(Duration::ZERO).await).await;
+}
+
+#[tokio::test]
+async fn llamacpp_messages_and_responses_are_counted_with_the_providers_tokens() {
+    counted_with_the_providers_tokens(llamacpp(Duration::ZERO).await).await;
+}
+
+async fn lease_holds_against_an_admin_unload(
+    make: fn(Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = Target>>>,
+) {
+    for (path, end) in [
+        ("/v1/messages", "event: message_stop"),
+        ("/v1/responses", "event: response.completed"),
     ] {
-        let sim = start_ollama(OllamaConfig {
-            token_delay: Duration::from_millis(40),
-            ..Default::default()
-        })
-        .await;
-        let proxy = start_proxy(&[("ollama", sim.url())], "").await;
+        let t = make(Duration::from_millis(40)).await;
+        let body = if path == "/v1/messages" {
+            messages_body(t.model, true)
+        } else {
+            responses_body(t.model, true)
+        };
+        let proxy = start_proxy(&[(t.kind, t.url.clone())], "").await;
         let c = client();
         let url = format!("http://{}{path}", proxy.proxy_addr(0));
         let streaming = {
             let c = c.clone();
             tokio::spawn(async move { post_json(&c, &url, &body).await })
         };
-        assert!(eventually(LIMIT, || async { sim.state.active_requests() == 1 }).await);
+        assert!(eventually(LIMIT, || async { (t.active)() == 1 }).await);
         let s = status(&c, &proxy).await;
         assert_eq!(
-            model_entry(&s, "ollama0", "llama3.2:latest")["active_requests"],
+            model_entry(&s, t.provider, t.status_model)["active_requests"],
             1,
             "{path}: {s}"
         );
         let unload = {
             let c = c.clone();
             let url = format!(
-                "http://{}/models/ollama0/llama3.2:latest/unload",
-                proxy.admin_addr
+                "http://{}/models/{}/{}/unload",
+                proxy.admin_addr, t.provider, t.status_model
             );
             tokio::spawn(async move { post_json(&c, &url, "").await })
         };
         let r = streaming.await.unwrap();
         assert_eq!(r.status, 200);
-        let end = if path == "/v1/messages" {
-            "event: message_stop"
-        } else {
-            "event: response.completed"
-        };
         assert!(r.text().contains(end), "{path}: the stream was not cut");
         let u = unload.await.unwrap();
         assert_eq!(u.status, 200, "{}", u.text());
-        assert!(sim.state.loaded().is_empty());
-        assert_eq!(sim.state.unloads_while_busy(), 0, "{path}");
+        assert!((t.loaded)().is_empty());
+        assert_eq!((t.unloads_while_busy)(), 0, "{path}");
         let s = status(&c, &proxy).await;
-        let m = model_entry(&s, "ollama0", "llama3.2:latest");
+        let m = model_entry(&s, t.provider, t.status_model);
         assert_eq!(
             (m["total_requests"].as_u64(), m["active_requests"].as_u64()),
             (Some(1), Some(0)),
@@ -167,6 +244,16 @@ async fn a_streaming_message_or_response_holds_its_lease_against_an_admin_unload
         );
         proxy.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn a_streaming_message_or_response_holds_its_lease_against_an_admin_unload() {
+    lease_holds_against_an_admin_unload(|d| Box::pin(ollama(d))).await;
+}
+
+#[tokio::test]
+async fn on_llamacpp_a_streaming_message_or_response_holds_its_lease_against_an_admin_unload() {
+    lease_holds_against_an_admin_unload(|d| Box::pin(llamacpp(d))).await;
 }
 
 #[tokio::test]
