@@ -329,3 +329,112 @@ impl Drop for DirLock {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+/// The `openai` client's Responses API (`responses.create`, streamed and not) and the
+/// `anthropic` client's Messages API (`messages.create`, `messages.stream`) through the proxy,
+/// against the Ollama and llama.cpp simulators (`cli/tests/python/compat_clients.py`): each
+/// request counted with the provider's tokens, `active_requests` 1 while `messages.stream`
+/// answers, and an admin unload issued then waits for the stream (issue 20 §1).
+#[tokio::test]
+async fn responses_and_messages_clients_through_the_proxy() {
+    let python = tokio::task::spawn_blocking(python)
+        .await
+        .expect("venv setup did not panic");
+    let token_delay = Duration::from_millis(30);
+    let ollama = start_ollama(OllamaConfig {
+        token_delay,
+        ..Default::default()
+    })
+    .await;
+    let llamacpp = llm_warden_sim::llamacpp::spawn(
+        llm_warden_sim::llamacpp::LlamaCppConfig {
+            token_delay,
+            ..Default::default()
+        },
+        listener().await,
+    );
+    const QWEN: &str = "qwen2.5-7b-instruct-q4_k_m";
+    let targets = [
+        (
+            "ollama",
+            ollama.url(),
+            "ollama0",
+            "llama3.2",
+            "llama3.2:latest",
+        ),
+        ("llamacpp", llamacpp.url(), "llamacpp0", QWEN, QWEN),
+    ];
+    for (kind, url, provider, model, status_model) in targets {
+        let proxy = start_proxy(&[(kind, url)], "").await;
+        let admin = format!("http://{}", proxy.admin_addr);
+        let report = run_compat_script(
+            &python,
+            &[
+                &format!("http://{}", proxy.proxy_addr(0)),
+                model,
+                &admin,
+                provider,
+                status_model,
+            ],
+        )
+        .await;
+        let c = client();
+        let s = status(&c, &proxy).await;
+        let m = model_entry(&s, provider, status_model);
+        let what = format!("{kind}: {m}\nscript: {report}");
+        assert_eq!(m["total_requests"], 4, "{what}");
+        assert_eq!(report["requests"], 4, "{what}");
+        assert_eq!(m["active_requests"], 0, "{what}");
+        assert_eq!(m["errors"], 0, "{what}");
+        assert_eq!(m["prompt_tokens"], report["prompt_tokens"], "{what}");
+        assert_eq!(
+            m["completion_tokens"], report["completion_tokens"],
+            "{what}"
+        );
+        assert_eq!(
+            m["unloads"], 1,
+            "the admin unload, after the stream: {what}"
+        );
+        proxy.shutdown().await;
+    }
+    assert_eq!(ollama.state.unloads_while_busy(), 0);
+    assert_eq!(llamacpp.state.unloads_while_busy(), 0);
+}
+
+/// Runs `compat_clients.py` with `args`; returns its report.
+async fn run_compat_script(python: &Path, args: &[&str]) -> serde_json::Value {
+    let report_path = std::env::temp_dir().join(format!(
+        "llm-warden-compat-clients-{}-{}.json",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let mut cmd = Command::new(python);
+    cmd.arg(repo().join("cli/tests/python/compat_clients.py"))
+        .args(args)
+        .env("WARDEN_PY_REPORT", &report_path)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    for v in PROXY_VARS {
+        cmd.env_remove(v);
+    }
+    let out = tokio::task::spawn_blocking(move || output_within(cmd, SCRIPT_TIMEOUT))
+        .await
+        .expect("the script runner did not panic");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("compat_clients.py {args:?}:\n{stdout}{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("checks passed"),
+        "compat_clients.py failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        out.status
+    );
+    let report = serde_json::from_slice(
+        &fs::read(&report_path).unwrap_or_else(|e| panic!("{}: {e}", report_path.display())),
+    )
+    .expect("the report is JSON");
+    let _ = fs::remove_file(&report_path);
+    report
+}
