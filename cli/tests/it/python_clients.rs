@@ -232,7 +232,10 @@ fn python() -> PathBuf {
 /// Runs `cmd` to completion like `Command::output`, but kills it after `limit`.
 fn output_within(mut cmd: Command, limit: Duration) -> Output {
     let dir = std::env::temp_dir();
-    let tag = format!("llm-warden-python-{}", std::process::id());
+    // One pair of files per run: tests in this process run scripts at the same time.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = format!("llm-warden-python-{}-{run}", std::process::id());
     let (out_path, err_path) = (
         dir.join(format!("{tag}.stdout")),
         dir.join(format!("{tag}.stderr")),
@@ -402,7 +405,7 @@ async fn responses_and_messages_clients_through_the_proxy() {
 }
 
 /// Runs `compat_clients.py` with `args`; returns its report.
-async fn run_compat_script(python: &Path, args: &[&str]) -> serde_json::Value {
+pub(crate) async fn run_compat_script(python: &Path, args: &[&str]) -> serde_json::Value {
     let report_path = std::env::temp_dir().join(format!(
         "llm-warden-compat-clients-{}-{}.json",
         std::process::id(),
