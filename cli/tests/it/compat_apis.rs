@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::support::*;
 use llm_warden_sim::llamacpp::LlamaCppConfig;
+use llm_warden_sim::lmstudio::LmStudioConfig;
 use llm_warden_sim::ollama::OllamaConfig;
 use serde_json::{json, Value};
 
@@ -124,6 +125,27 @@ async fn llamacpp(token_delay: Duration) -> Target {
 
 const QWEN: &str = "qwen2.5-7b-instruct-q4_k_m";
 
+async fn lmstudio(token_delay: Duration) -> Target {
+    let sim = start_lmstudio(LmStudioConfig {
+        token_delay,
+        ..Default::default()
+    })
+    .await;
+    let state = sim.state.clone();
+    let (a, b, c) = (state.clone(), state.clone(), state);
+    Target {
+        kind: "lmstudio",
+        url: sim.url(),
+        provider: "lmstudio0",
+        model: "qwen2.5-7b-instruct",
+        status_model: "qwen2.5-7b-instruct",
+        active: Box::new(move || a.active_requests()),
+        unloads_while_busy: Box::new(move || b.unloads_while_busy()),
+        loaded: Box::new(move || c.loaded()),
+        _keep: Box::new(sim),
+    }
+}
+
 async fn counted_with_the_providers_tokens(t: Target) {
     let proxy = start_proxy(&[(t.kind, t.url.clone())], "").await;
     let c = client();
@@ -193,6 +215,11 @@ async fn llamacpp_messages_and_responses_are_counted_with_the_providers_tokens()
     counted_with_the_providers_tokens(llamacpp(Duration::ZERO).await).await;
 }
 
+#[tokio::test]
+async fn lmstudio_messages_and_responses_are_counted_with_the_providers_tokens() {
+    counted_with_the_providers_tokens(lmstudio(Duration::ZERO).await).await;
+}
+
 async fn lease_holds_against_an_admin_unload(
     make: fn(Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = Target>>>,
 ) {
@@ -249,6 +276,11 @@ async fn lease_holds_against_an_admin_unload(
 #[tokio::test]
 async fn a_streaming_message_or_response_holds_its_lease_against_an_admin_unload() {
     lease_holds_against_an_admin_unload(|d| Box::pin(ollama(d))).await;
+}
+
+#[tokio::test]
+async fn on_lmstudio_a_streaming_message_or_response_holds_its_lease_against_an_admin_unload() {
+    lease_holds_against_an_admin_unload(|d| Box::pin(lmstudio(d))).await;
 }
 
 #[tokio::test]

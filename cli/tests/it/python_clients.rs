@@ -335,7 +335,7 @@ impl Drop for DirLock {
 
 /// The `openai` client's Responses API (`responses.create`, streamed and not) and the
 /// `anthropic` client's Messages API (`messages.create`, `messages.stream`) through the proxy,
-/// against the Ollama and llama.cpp simulators (`cli/tests/python/compat_clients.py`): each
+/// against the Ollama, llama.cpp and LM Studio simulators (`cli/tests/python/compat_clients.py`): each
 /// request counted with the provider's tokens, `active_requests` 1 while `messages.stream`
 /// answers, and an admin unload issued then waits for the stream (issue 20 §1).
 #[tokio::test]
@@ -356,7 +356,13 @@ async fn responses_and_messages_clients_through_the_proxy() {
         },
         listener().await,
     );
+    let lmstudio = start_lmstudio(LmStudioConfig {
+        token_delay,
+        ..Default::default()
+    })
+    .await;
     const QWEN: &str = "qwen2.5-7b-instruct-q4_k_m";
+    const LMS: &str = "qwen2.5-7b-instruct";
     let targets = [
         (
             "ollama",
@@ -366,6 +372,7 @@ async fn responses_and_messages_clients_through_the_proxy() {
             "llama3.2:latest",
         ),
         ("llamacpp", llamacpp.url(), "llamacpp0", QWEN, QWEN),
+        ("lmstudio", lmstudio.url(), "lmstudio0", LMS, LMS),
     ];
     for (kind, url, provider, model, status_model) in targets {
         let proxy = start_proxy(&[(kind, url)], "").await;
@@ -402,6 +409,7 @@ async fn responses_and_messages_clients_through_the_proxy() {
     }
     assert_eq!(ollama.state.unloads_while_busy(), 0);
     assert_eq!(llamacpp.state.unloads_while_busy(), 0);
+    assert_eq!(lmstudio.state.unloads_while_busy(), 0);
 }
 
 /// Runs `compat_clients.py` with `args`; returns its report.
