@@ -150,14 +150,13 @@ impl ProxyError {
     /// after Anthropic's documented list: 529 and 503 are `overloaded_error`).
     fn anthropic_type(&self) -> &'static str {
         match self.status().as_u16() {
-            400 => "invalid_request_error",
             401 => "authentication_error",
             403 => "permission_error",
             404 => "not_found_error",
             413 => "request_too_large",
             429 => "rate_limit_error",
             503 | 529 => "overloaded_error",
-            // 408, 415 and other refusals of the request as sent.
+            // 400, 408, 415 and other refusals of the request as sent.
             400..=499 => "invalid_request_error",
             _ => "api_error",
         }

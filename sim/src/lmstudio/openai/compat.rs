@@ -19,7 +19,8 @@ use super::super::request::{content_text, is_stream, message_tokens, Api, Fail};
 use super::super::wire::{json as json_response, sse_response};
 use super::super::{Handled, LmStudioSim};
 use super::OaiGen;
-use crate::common::{alnum_id, channel_body, Call};
+use crate::common::{alnum_id, channel_body, Call, SimBody};
+use http::Response;
 
 fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
@@ -43,7 +44,7 @@ impl LmStudioSim {
         tokens: Vec<Bytes>,
         tail: Vec<Bytes>,
         error: Bytes,
-    ) -> Handled {
+    ) -> Response<SimBody> {
         let instance = g.r.instance;
         let (tx, body) = channel_body();
         let fail_after = self.take_stream_failure();
@@ -53,7 +54,7 @@ impl LmStudioSim {
                 .await;
             sim.touch(&instance);
         });
-        Ok(sse_response(body))
+        sse_response(body)
     }
 
     pub(in crate::lmstudio) async fn messages(self: &Arc<Self>, call: &Call) -> Handled {
@@ -151,7 +152,7 @@ impl LmStudioSim {
                 "error": {"type": "api_error", "message": super::super::generate::SIMULATED_FAILURE},
             }),
         );
-        self.spawn_stream(g, tokens, tail, error)
+        Ok(self.spawn_stream(g, tokens, tail, error))
     }
 
     pub(in crate::lmstudio) async fn responses(self: &Arc<Self>, call: &Call) -> Handled {
@@ -271,6 +272,6 @@ impl LmStudioSim {
             "error",
             &json!({"type": "error", "code": null, "message": super::super::generate::SIMULATED_FAILURE, "param": null, "sequence_number": 0}),
         );
-        self.spawn_stream(g, tokens, tail, error)
+        Ok(self.spawn_stream(g, tokens, tail, error))
     }
 }
