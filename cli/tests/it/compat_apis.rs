@@ -82,6 +82,8 @@ struct Target {
 async fn ollama(token_delay: Duration) -> Target {
     let sim = start_ollama(OllamaConfig {
         token_delay,
+        // A stream long enough to be looked at while it answers.
+        reply_tokens: 24,
         ..Default::default()
     })
     .await;
@@ -227,7 +229,7 @@ async fn lease_holds_against_an_admin_unload(
         ("/v1/messages", "event: message_stop"),
         ("/v1/responses", "event: response.completed"),
     ] {
-        let t = make(Duration::from_millis(40)).await;
+        let t = make(Duration::from_millis(60)).await;
         let body = if path == "/v1/messages" {
             messages_body(t.model, true)
         } else {

@@ -504,6 +504,11 @@ async fn responses_and_messages_clients_with_the_real_server() {
             "llama",
             "smol-r",
         ],
+        // 200 tokens whatever the model says: still streaming when /status is read.
+        &[
+            ("WARDEN_STREAM_MAX_TOKENS", "200"),
+            ("WARDEN_STREAM_EXTRA", r#"{"ignore_eos": true}"#),
+        ],
     )
     .await;
     wait_for("the requests counted", READY, || async {

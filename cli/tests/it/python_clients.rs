@@ -343,9 +343,12 @@ async fn responses_and_messages_clients_through_the_proxy() {
     let python = tokio::task::spawn_blocking(python)
         .await
         .expect("venv setup did not panic");
-    let token_delay = Duration::from_millis(30);
+    // Slow enough that the stream is still answering when the script looks at /status.
+    let token_delay = Duration::from_millis(60);
     let ollama = start_ollama(OllamaConfig {
         token_delay,
+        // A stream long enough to be looked at while it answers.
+        reply_tokens: 24,
         ..Default::default()
     })
     .await;
@@ -386,6 +389,7 @@ async fn responses_and_messages_clients_through_the_proxy() {
                 provider,
                 status_model,
             ],
+            &[],
         )
         .await;
         let c = client();
@@ -413,7 +417,11 @@ async fn responses_and_messages_clients_through_the_proxy() {
 }
 
 /// Runs `compat_clients.py` with `args`; returns its report.
-pub(crate) async fn run_compat_script(python: &Path, args: &[&str]) -> serde_json::Value {
+pub(crate) async fn run_compat_script(
+    python: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> serde_json::Value {
     let report_path = std::env::temp_dir().join(format!(
         "llm-warden-compat-clients-{}-{}.json",
         std::process::id(),
@@ -427,7 +435,8 @@ pub(crate) async fn run_compat_script(python: &Path, args: &[&str]) -> serde_jso
         .args(args)
         .env("WARDEN_PY_REPORT", &report_path)
         .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1");
+        .env("PYTHONUNBUFFERED", "1")
+        .envs(envs.iter().copied());
     for v in PROXY_VARS {
         cmd.env_remove(v);
     }

@@ -12,6 +12,10 @@ wait for the stream, which must end whole. When $WARDEN_PY_REPORT names a file, 
 {"requests": n, "prompt_tokens": n, "completion_tokens": n} as the clients saw them (Anthropic
 prompt tokens: `input_tokens` + `cache_read_input_tokens` + `cache_creation_input_tokens`).
 Exits 1 naming the failed check; prints `compat clients: N checks passed` on success.
+
+$WARDEN_STREAM_MAX_TOKENS (default 64) and $WARDEN_STREAM_EXTRA (a JSON object sent as extra
+body fields, e.g. {"ignore_eos": true} for llama-server) shape the `messages.stream`
+request, so that a fast real model is still answering when the script looks at /status.
 """
 
 import importlib.metadata
@@ -127,8 +131,9 @@ def messages(c: Checks, url: str, model: str, admin):
     unload = {}
     with client.messages.stream(
         model=model,
-        max_tokens=64,
+        max_tokens=int(os.environ.get("WARDEN_STREAM_MAX_TOKENS", "64")),
         messages=[{"role": "user", "content": "Say hello."}],
+        extra_body=json.loads(os.environ.get("WARDEN_STREAM_EXTRA", "{}")),
     ) as stream:
         pieces = []
         for text in stream.text_stream:
