@@ -323,3 +323,90 @@ async fn errors_the_proxy_writes_take_each_apis_shape() {
     );
     proxy.shutdown().await;
 }
+
+/// Sends `body` to `path` directly and through the proxy; the answers must be the same bytes
+/// (status, headers but `date`, body), streamed or not. A warm-up request first, so the
+/// provider's state (a loaded model, a cached prefix) is the same for both.
+async fn identical(c: &TestClient, direct: &str, proxied: &str, path: &str, body: &str) {
+    let run = |base: &str| {
+        let url = format!("{base}{path}");
+        let body = bytes::Bytes::from(body.to_string());
+        async move {
+            send(
+                c,
+                http::Method::POST,
+                &url,
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await
+        }
+    };
+    let _warm = run(direct).await;
+    let a = run(direct).await;
+    let b = run(proxied).await;
+    assert_eq!(a.status, b.status, "status of {path} {body}");
+    assert_eq!(
+        a.comparable_headers(),
+        b.comparable_headers(),
+        "headers of {path} {body}"
+    );
+    assert_eq!(a.text(), b.text(), "body of {path} {body}");
+    assert!(!a.body.is_empty(), "{path} {body}");
+}
+
+/// Byte for byte through the proxy, on every simulator: both APIs, streamed and not, and the
+/// provider's own errors (which the proxy forwards, never rewrites).
+#[tokio::test]
+async fn messages_and_responses_are_byte_identical_through_the_proxy() {
+    let ollama = start_ollama(OllamaConfig {
+        clock: Clock::fixed(),
+        ..Default::default()
+    })
+    .await;
+    let llamacpp = llm_warden_sim::llamacpp::spawn(
+        LlamaCppConfig {
+            clock: Clock::fixed(),
+            ..Default::default()
+        },
+        listener().await,
+    );
+    let lmstudio = start_lmstudio(LmStudioConfig {
+        clock: Clock::fixed(),
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    for (kind, url, model) in [
+        ("ollama", ollama.url(), "llama3.2"),
+        ("llamacpp", llamacpp.url(), QWEN),
+        ("lmstudio", lmstudio.url(), "qwen2.5-7b-instruct"),
+    ] {
+        let proxy = start_proxy(&[(kind, url.clone())], "").await;
+        let proxied = format!("http://{}", proxy.proxy_addr(0));
+        for stream in [false, true] {
+            identical(
+                &c,
+                &url,
+                &proxied,
+                "/v1/messages",
+                &messages_body(model, stream),
+            )
+            .await;
+            identical(
+                &c,
+                &url,
+                &proxied,
+                "/v1/responses",
+                &responses_body(model, stream),
+            )
+            .await;
+        }
+        // The provider's own refusals pass through as they are.
+        let no_messages = json!({"model": model, "max_tokens": 5}).to_string();
+        identical(&c, &url, &proxied, "/v1/messages", &no_messages).await;
+        let bad_input = json!({"model": model, "input": 5}).to_string();
+        identical(&c, &url, &proxied, "/v1/responses", &bad_input).await;
+        proxy.shutdown().await;
+    }
+}
