@@ -410,3 +410,68 @@ async fn messages_and_responses_are_byte_identical_through_the_proxy() {
         proxy.shutdown().await;
     }
 }
+
+/// The lazy load and the queue apply: a request waits for its model's load; with the queue
+/// full the next is refused at once, with 503 and `retry-after`, in its API's shape; the
+/// waiting one gets its queue timeout in Anthropic's shape.
+#[tokio::test]
+async fn a_full_queue_answers_each_api_in_its_shape() {
+    let sim = start_ollama(OllamaConfig {
+        load_latency: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let proxy = start_proxy(
+        &[("ollama", sim.url())],
+        "[queue]\nmax_waiting = 1\ntimeout = \"300ms\"\n",
+    )
+    .await;
+    let c = client();
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), format!("{base}/v1/messages"));
+        async move { post_json(&c, &url, &messages_body("llama3.2", true)).await }
+    });
+    assert!(eventually(LIMIT, || async { sim.state.loading().len() == 1 }).await);
+    let r = post_json(
+        &c,
+        &format!("{base}/v1/messages"),
+        &messages_body("llama3.2", false),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.headers["retry-after"], "1");
+    let v = r.json();
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("overloaded_error")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue.max_waiting"),
+        "{v}"
+    );
+    let r = post_json(
+        &c,
+        &format!("{base}/v1/responses"),
+        &responses_body("llama3.2", false),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "queue_full", "{}", r.text());
+    let r = first.await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["type"], "overloaded_error", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue.timeout"),
+        "{v}"
+    );
+    proxy.shutdown().await;
+}
