@@ -508,7 +508,10 @@ async fn responses_and_messages_clients_with_the_real_server() {
         &[
             ("WARDEN_STREAM_MAX_TOKENS", "200"),
             ("WARDEN_STREAM_EXTRA", r#"{"ignore_eos": true}"#),
+            // The first request loads the model; the whole test suite may be running beside.
+            ("WARDEN_CLIENT_TIMEOUT", "120"),
         ],
+        Duration::from_secs(300),
     )
     .await;
     wait_for("the requests counted", READY, || async {

@@ -390,6 +390,7 @@ async fn responses_and_messages_clients_through_the_proxy() {
                 status_model,
             ],
             &[],
+            SCRIPT_TIMEOUT,
         )
         .await;
         let c = client();
@@ -421,6 +422,7 @@ pub(crate) async fn run_compat_script(
     python: &Path,
     args: &[&str],
     envs: &[(&str, &str)],
+    limit: Duration,
 ) -> serde_json::Value {
     let report_path = std::env::temp_dir().join(format!(
         "llm-warden-compat-clients-{}-{}.json",
@@ -440,7 +442,7 @@ pub(crate) async fn run_compat_script(
     for v in PROXY_VARS {
         cmd.env_remove(v);
     }
-    let out = tokio::task::spawn_blocking(move || output_within(cmd, SCRIPT_TIMEOUT))
+    let out = tokio::task::spawn_blocking(move || output_within(cmd, limit))
         .await
         .expect("the script runner did not panic");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -14,8 +14,9 @@ prompt tokens: `input_tokens` + `cache_read_input_tokens` + `cache_creation_inpu
 Exits 1 naming the failed check; prints `compat clients: N checks passed` on success.
 
 $WARDEN_STREAM_MAX_TOKENS (default 64) and $WARDEN_STREAM_EXTRA (a JSON object sent as extra
-body fields, e.g. {"ignore_eos": true} for llama-server) shape the `messages.stream`
-request, so that a fast real model is still answering when the script looks at /status.
+body fields, e.g. {"ignore_eos": true} for llama-server) shape the streamed requests, so that
+a fast real model streams several tokens and is still answering when the script looks at
+/status. $WARDEN_CLIENT_TIMEOUT: seconds per request (default 30).
 """
 
 import importlib.metadata
@@ -35,7 +36,8 @@ for _var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
 import anthropic  # noqa: E402
 import openai  # noqa: E402
 
-TIMEOUT = 30.0
+# Per request; a real model on a busy machine may need more ($WARDEN_CLIENT_TIMEOUT).
+TIMEOUT = float(os.environ.get("WARDEN_CLIENT_TIMEOUT", "30"))
 
 
 class CheckFailed(Exception):
@@ -87,6 +89,7 @@ def responses(c: Checks, url: str, model: str):
     r = client.responses.create(
         model=model,
         instructions="You are terse.",
+        max_output_tokens=48,
         input=[{"role": "user", "content": [{"type": "input_text", "text": "Why is the sky blue?"}]}],
     )
     c.check(r.status == "completed", "status completed", r.status)
@@ -97,7 +100,13 @@ def responses(c: Checks, url: str, model: str):
 
     c.section = "openai responses.create stream"
     deltas, completed = [], None
-    for event in client.responses.create(model=model, input="Say hello.", stream=True):
+    for event in client.responses.create(
+        model=model,
+        input="Say hello.",
+        max_output_tokens=48,
+        stream=True,
+        extra_body=json.loads(os.environ.get("WARDEN_STREAM_EXTRA", "{}")),
+    ):
         if event.type == "response.output_text.delta":
             deltas.append(event.delta)
         elif event.type == "response.completed":
