@@ -28,7 +28,7 @@ pub const UNLISTED_MODEL: &str = "_unlisted";
 
 /// Every inspected endpoint's label (`providers::Endpoint::label`), and `other` for one added
 /// later and not listed here yet.
-pub const ENDPOINTS: [&str; 15] = [
+pub const ENDPOINTS: [&str; 17] = [
     "api_chat",
     "api_generate",
     "api_embed",
@@ -43,6 +43,8 @@ pub const ENDPOINTS: [&str; 15] = [
     "completion",
     "infill",
     "embedding",
+    "v1_responses",
+    "v1_messages",
     "other",
 ];
 
@@ -271,6 +273,8 @@ mod tests {
             "/infill",
             "/embedding",
             "/embeddings",
+            "/v1/responses",
+            "/v1/messages",
         ];
         for kind in [
             ProviderKind::Ollama,

@@ -56,6 +56,8 @@ fuzz_target!(|data: &[u8]| {
         UsageKeys::LmStudioV1,
         UsageKeys::LlamaCpp,
         UsageKeys::LlamaCppNative,
+        UsageKeys::Responses,
+        UsageKeys::Anthropic,
     ] {
         let whole = scan(keys, [body]);
         assert_eq!(

@@ -38,7 +38,7 @@ pub(super) fn classify(path: &str) -> Option<Endpoint> {
         "/completion" | "/completions" => endpoint(Completion, LlamaCppNative, "completion"),
         "/infill" => endpoint(Completion, LlamaCppNative, "infill"),
         "/embedding" | "/embeddings" => endpoint(Embedding, LlamaCppNative, "embedding"),
-        _ => None,
+        _ => super::responses_or_messages(path, ErrorStyle::LlamaCpp),
     }
 }
 

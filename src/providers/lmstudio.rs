@@ -32,7 +32,7 @@ pub(super) fn classify(path: &str) -> Option<Endpoint> {
         "/api/v0/completions" => endpoint(Completion, OpenAi, "v0_completions"),
         "/api/v0/embeddings" => endpoint(Embedding, OpenAi, "v0_embeddings"),
         "/api/v1/chat" => endpoint(Chat, LmStudioV1, "v1_chat"),
-        _ => None,
+        _ => super::responses_or_messages(path, ErrorStyle::OpenAi),
     }
 }
 

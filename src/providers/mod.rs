@@ -143,9 +143,37 @@ impl ProviderKind {
     pub fn error_style(self, path: &str) -> ErrorStyle {
         match self {
             ProviderKind::Ollama => ollama::error_style(path),
+            _ if path == MESSAGES_PATH => ErrorStyle::Anthropic,
             ProviderKind::LmStudio => ErrorStyle::OpenAi,
             ProviderKind::LlamaCpp => ErrorStyle::LlamaCpp,
         }
+    }
+}
+
+/// The Anthropic Messages API's path, served by all three kinds: its clients read errors in
+/// Anthropic's shape whoever serves it.
+pub(crate) const MESSAGES_PATH: &str = "/v1/messages";
+
+/// The two endpoints every kind serves alike (Ollama's `middleware` package, LM Studio
+/// 0.3.29+/0.4, llama-server's `/v1/responses` and `/v1/messages` handlers): the OpenAI
+/// Responses API and the Anthropic Messages API, both counting `input_tokens` /
+/// `output_tokens` (see [`UsageKeys`]). Responses errors take the kind's OpenAI-compatible
+/// shape.
+pub(crate) fn responses_or_messages(path: &str, openai_errors: ErrorStyle) -> Option<Endpoint> {
+    match path {
+        "/v1/responses" => Some(Endpoint {
+            operation: Operation::Responses,
+            usage: UsageKeys::Responses,
+            errors: openai_errors,
+            label: "v1_responses",
+        }),
+        MESSAGES_PATH => Some(Endpoint {
+            operation: Operation::Messages,
+            usage: UsageKeys::Anthropic,
+            errors: ErrorStyle::Anthropic,
+            label: "v1_messages",
+        }),
+        _ => None,
     }
 }
 
@@ -159,6 +187,9 @@ pub enum ErrorStyle {
     /// `{"error":{"code":<status>,"message","type"}}` (llama-server, every endpoint; the
     /// OpenAI SDK reads it too).
     LlamaCpp,
+    /// `{"type":"error","error":{"type","message"}}` (the Anthropic Messages API,
+    /// `/v1/messages`, on every kind; Ollama's `anthropic.NewError` names the types).
+    Anthropic,
 }
 
 /// Which JSON keys carry the token counts in a response of this endpoint.
@@ -177,6 +208,16 @@ pub enum UsageKeys {
     /// llama-server's native `/completion`: `tokens_evaluated` / `tokens_predicted`, else
     /// `timings`.
     LlamaCppNative,
+    /// `usage.input_tokens` / `output_tokens` of the OpenAI Responses API (in the
+    /// `response.completed` event when streamed); `input_tokens` includes the cached ones
+    /// (`input_tokens_details.cached_tokens` is a part of it).
+    Responses,
+    /// The Anthropic Messages API: `usage` (streamed: `message_start`, then `message_delta`,
+    /// whose counts are the final ones). Its `input_tokens` leaves out the tokens read from
+    /// or written to the prompt cache, so the prompt is `input_tokens` +
+    /// `cache_read_input_tokens` + `cache_creation_input_tokens` (llama-server streams
+    /// `input_tokens: 1, cache_read_input_tokens: 19` for a 20-token prompt).
+    Anthropic,
 }
 
 /// What kind of work an inspected endpoint does.
@@ -185,6 +226,11 @@ pub enum Operation {
     Chat,
     Completion,
     Embedding,
+    /// The OpenAI Responses API (`instructions` + `input` items): not compacted.
+    Responses,
+    /// The Anthropic Messages API (top-level `system` + `messages` of content blocks): not
+    /// compacted (the compactor reads OpenAI/Ollama messages).
+    Messages,
 }
 
 /// An inspected model endpoint: its body names a model, its response carries usage.
@@ -285,6 +331,46 @@ mod tests {
                 usage,
                 "{kind:?} {path}"
             );
+        }
+    }
+
+    /// `/v1/responses` and `/v1/messages` on every kind: counted by `input_tokens` /
+    /// `output_tokens`, errors in the OpenAI-compatible shape of the kind (Responses) or
+    /// Anthropic's (Messages), not compacted (their own operations).
+    #[test]
+    fn responses_and_messages_on_every_kind() {
+        for (kind, responses_errors) in [
+            (ProviderKind::Ollama, ErrorStyle::OpenAi),
+            (ProviderKind::LmStudio, ErrorStyle::OpenAi),
+            (ProviderKind::LlamaCpp, ErrorStyle::LlamaCpp),
+        ] {
+            let r = kind.classify("/v1/responses").expect("responses");
+            assert_eq!(
+                (r.operation, r.usage, r.errors, r.label),
+                (
+                    Operation::Responses,
+                    UsageKeys::Responses,
+                    responses_errors,
+                    "v1_responses"
+                ),
+                "{kind:?}"
+            );
+            assert_eq!(kind.error_style("/v1/responses"), responses_errors);
+            let m = kind.classify("/v1/messages").expect("messages");
+            assert_eq!(
+                (m.operation, m.usage, m.errors, m.label),
+                (
+                    Operation::Messages,
+                    UsageKeys::Anthropic,
+                    ErrorStyle::Anthropic,
+                    "v1_messages"
+                ),
+                "{kind:?}"
+            );
+            assert_eq!(kind.error_style("/v1/messages"), ErrorStyle::Anthropic);
+            // Not model work: token counting, retrieving a stored response.
+            assert_eq!(kind.classify("/v1/messages/count_tokens"), None);
+            assert_eq!(kind.classify("/v1/responses/resp_1"), None);
         }
     }
 

@@ -38,12 +38,14 @@ pub(super) fn classify(path: &str) -> Option<Endpoint> {
         "/v1/chat/completions" => openai(Operation::Chat, "v1_chat_completions"),
         "/v1/completions" => openai(Operation::Completion, "v1_completions"),
         "/v1/embeddings" => openai(Operation::Embedding, "v1_embeddings"),
-        _ => None,
+        _ => super::responses_or_messages(path, ErrorStyle::OpenAi),
     }
 }
 
 pub(super) fn error_style(path: &str) -> ErrorStyle {
-    if path.starts_with("/v1/") {
+    if path == super::MESSAGES_PATH {
+        ErrorStyle::Anthropic
+    } else if path.starts_with("/v1/") {
         ErrorStyle::OpenAi
     } else {
         ErrorStyle::Ollama

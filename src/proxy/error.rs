@@ -146,6 +146,22 @@ impl ProxyError {
         }
     }
 
+    /// The Anthropic error `type` for this error's status (Ollama's `anthropic.NewError`,
+    /// after Anthropic's documented list: 529 and 503 are `overloaded_error`).
+    fn anthropic_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            // 400, 408, 415 and other refusals of the request as sent.
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
     /// Status plus a JSON body in `style`. Body and headers are all the caller needs.
     pub fn to_parts(&self, style: ErrorStyle) -> (StatusCode, &'static str, Bytes) {
         let message = self.to_string();
@@ -170,6 +186,17 @@ impl ProxyError {
                     status,
                     "application/json; charset=utf-8",
                     Bytes::from(serde_json::json!({ "error": error }).to_string()),
+                )
+            }
+            ErrorStyle::Anthropic => {
+                let body = serde_json::json!({
+                    "type": "error",
+                    "error": { "type": self.anthropic_type(), "message": message },
+                });
+                (
+                    self.status(),
+                    "application/json",
+                    Bytes::from(body.to_string()),
                 )
             }
             ErrorStyle::OpenAi => {
@@ -261,5 +288,59 @@ mod tests {
         assert_eq!(v["error"]["type"], "api_error");
         assert_eq!(v["error"]["code"], "upstream_unreachable");
         assert!(v["error"]["param"].is_null());
+    }
+
+    /// `/v1/messages` clients (the `anthropic` SDK) read `{"type":"error","error":{"type",
+    /// "message"}}`: an unknown model, a full queue, a bad body.
+    #[test]
+    fn anthropic_clients_get_anthropics_error_shape() {
+        let cases = [
+            (
+                ProxyError::Lifecycle(LifecycleError::NotFound {
+                    provider: "p".into(),
+                    model: "nope".into(),
+                }),
+                404,
+                "not_found_error",
+            ),
+            (
+                ProxyError::Lifecycle(LifecycleError::QueueFull {
+                    provider: "p".into(),
+                    max_waiting: 1,
+                    retry_after: std::time::Duration::from_secs(1),
+                }),
+                503,
+                "overloaded_error",
+            ),
+            (
+                ProxyError::BodyRead("eof".into()),
+                400,
+                "invalid_request_error",
+            ),
+            (
+                ProxyError::BodyTooLarge { limit: 10 },
+                413,
+                "request_too_large",
+            ),
+            (
+                ProxyError::UpstreamUnreachable {
+                    provider: "p".into(),
+                    upstream: "u".into(),
+                    reason: "r".into(),
+                },
+                502,
+                "api_error",
+            ),
+        ];
+        for (e, status, ty) in cases {
+            let (got, ct, body) = e.to_parts(ErrorStyle::Anthropic);
+            assert_eq!(got.as_u16(), status, "{e}");
+            assert_eq!(ct, "application/json");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["type"], "error", "{v}");
+            assert_eq!(v["error"]["type"], ty, "{v}");
+            assert_eq!(v["error"]["message"], e.to_string());
+            assert_eq!(v.as_object().map(|o| o.len()), Some(2), "{v}");
+        }
     }
 }

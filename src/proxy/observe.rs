@@ -48,6 +48,21 @@ static TIMINGS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
         Finder::new(b"\"predicted_n\""),
     ]
 });
+/// The Responses and Messages APIs: Anthropic's `message_start` carries `input_tokens` (Ollama
+/// writes an estimate there when it has no count yet) and `message_delta` the final
+/// `input_tokens` / `output_tokens`: the last seen wins. `"output_tokens_details"` is
+/// another key (the closing quote is part of the pattern).
+static INPUT_OUTPUT: LazyLock<Patterns> = LazyLock::new(|| Patterns {
+    prompt: Finder::new(b"\"input_tokens\""),
+    completion: Finder::new(b"\"output_tokens\""),
+});
+/// Anthropic's prompt-cache counts, which its `input_tokens` leaves out.
+static CACHE_INPUT: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"cache_read_input_tokens\""),
+        Finder::new(b"\"cache_creation_input_tokens\""),
+    ]
+});
 static LMSTUDIO_V1: LazyLock<Patterns> = LazyLock::new(|| Patterns {
     prompt: Finder::new(b"\"input_tokens\""),
     completion: Finder::new(b"\"total_output_tokens\""),
@@ -83,6 +98,8 @@ pub struct UsageScanner {
     pub completion: Option<u64>,
     /// llama-server `timings`: `prompt_n`, `cache_n`, `predicted_n`.
     timings: [Option<u64>; 3],
+    /// Anthropic: `cache_read_input_tokens`, `cache_creation_input_tokens`.
+    cached: [Option<u64>; 2],
     pub error: bool,
 }
 
@@ -97,6 +114,7 @@ impl UsageScanner {
             prompt: None,
             completion: None,
             timings: [None; 3],
+            cached: [None; 2],
             error: false,
         }
     }
@@ -107,6 +125,7 @@ impl UsageScanner {
             UsageKeys::OpenAi | UsageKeys::LlamaCpp => &OPENAI,
             UsageKeys::LmStudioV1 => &LMSTUDIO_V1,
             UsageKeys::LlamaCppNative => &LLAMACPP_NATIVE,
+            UsageKeys::Responses | UsageKeys::Anthropic => &INPUT_OUTPUT,
         }
     }
 
@@ -141,10 +160,13 @@ impl UsageScanner {
     pub fn usage(&self) -> (Option<u64>, Option<u64>) {
         let [prompt_n, cache_n, predicted_n] = self.timings;
         let timed_prompt = prompt_n.map(|p| p + cache_n.unwrap_or(0));
-        (
-            self.prompt.or(timed_prompt),
-            self.completion.or(predicted_n),
-        )
+        let prompt = match self.cached {
+            [None, None] => self.prompt,
+            [read, created] => {
+                Some(self.prompt.unwrap_or(0) + read.unwrap_or(0) + created.unwrap_or(0))
+            }
+        };
+        (prompt.or(timed_prompt), self.completion.or(predicted_n))
     }
 
     /// The body ended: a number at the very end is complete now.
@@ -180,6 +202,13 @@ impl UsageScanner {
         }
         if matches!(self.keys, UsageKeys::LlamaCpp | UsageKeys::LlamaCppNative) {
             for (slot, key) in self.timings.iter_mut().zip(TIMINGS.iter()) {
+                if let Some(v) = last_number(key, buf, at_end) {
+                    *slot = Some(v);
+                }
+            }
+        }
+        if self.keys == UsageKeys::Anthropic {
+            for (slot, key) in self.cached.iter_mut().zip(CACHE_INPUT.iter()) {
                 if let Some(v) = last_number(key, buf, at_end) {
                     *slot = Some(v);
                 }
@@ -417,6 +446,65 @@ mod tests {
         // Other kinds ignore timings.
         let s = scan_in_pieces(UsageKeys::OpenAi, finish, 1000);
         assert_eq!(s.usage(), (None, None));
+    }
+
+    /// The Anthropic Messages API as Ollama writes it (`anthropic.StreamConverter.Process`:
+    /// `message_start` with the prompt count or an estimate, `message_delta` with both final
+    /// counts) and as Anthropic does (`message_delta` with `output_tokens` only).
+    #[test]
+    fn messages_usage_from_message_start_and_message_delta() {
+        let ollama = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"m\",\"content\":[],\"usage\":{\"input_tokens\":9,\"output_tokens\":0}}}\n\nevent: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi \\\"output_tokens\\\":99\"}}\n\nevent: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":12,\"output_tokens\":5}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for piece in 1..ollama.len() {
+            let s = scan_in_pieces(UsageKeys::Anthropic, ollama, piece);
+            assert_eq!(
+                (s.usage(), s.error),
+                ((Some(12), Some(5)), false),
+                "piece {piece}"
+            );
+        }
+        let anthropic = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n";
+        let s = scan_in_pieces(UsageKeys::Anthropic, anthropic, 7);
+        assert_eq!(s.usage(), (Some(25), Some(15)));
+        // Not streamed: one `usage`.
+        let whole = br#"{"id":"msg_1","type":"message","role":"assistant","model":"m","content":[{"type":"text","text":"Hi"}],"stop_reason":"end_turn","usage":{"input_tokens":12,"output_tokens":5}}"#;
+        let s = scan_in_pieces(UsageKeys::Anthropic, whole, 3);
+        assert_eq!(s.usage(), (Some(12), Some(5)));
+        // An error event inside the stream.
+        let failed = b"event: message_start\ndata: {}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"x\"}}\n\n";
+        assert!(scan_in_pieces(UsageKeys::Anthropic, failed, 5).error);
+        // llama-server (its output, b-series with `/v1/messages`): streamed, the prompt's
+        // cached part is `cache_read_input_tokens`, left out of `input_tokens`; the
+        // `message_delta` has `output_tokens` only.
+        let llama = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"chatcmpl-Lm2\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"m.gguf\",\"stop_reason\":null,\"stop_sequence\":null,\"usage\":{\"cache_read_input_tokens\":19,\"input_tokens\":1,\"output_tokens\":0}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"I\"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":8}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for piece in 1..llama.len() {
+            let s = scan_in_pieces(UsageKeys::Anthropic, llama, piece);
+            assert_eq!(s.usage(), (Some(20), Some(8)), "piece {piece}");
+        }
+        let whole = br#"{"id":"chatcmpl-Jw1","type":"message","role":"assistant","content":[{"type":"text","text":"Hi"}],"model":"m.gguf","stop_reason":"max_tokens","stop_sequence":null,"usage":{"cache_read_input_tokens":0,"input_tokens":20,"output_tokens":8}}"#;
+        let s = scan_in_pieces(UsageKeys::Anthropic, whole, 4);
+        assert_eq!(s.usage(), (Some(20), Some(8)));
+        // The Responses API counts the cached part inside `input_tokens`: not added twice.
+        let resp = br#"{"usage":{"input_tokens":20,"output_tokens":4,"total_tokens":24,"input_tokens_details":{"cached_tokens":19}}}"#;
+        let s = scan_in_pieces(UsageKeys::Responses, resp, 4);
+        assert_eq!(s.usage(), (Some(20), Some(4)));
+    }
+
+    /// The Responses API as Ollama writes it (`openai.ResponsesStreamConverter`: `usage` null
+    /// until `response.completed`, with `input_tokens_details` / `output_tokens_details`).
+    #[test]
+    fn responses_usage_from_response_completed() {
+        let stream = b"event: response.created\ndata: {\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"usage\":null},\"sequence_number\":0,\"type\":\"response.created\"}\n\nevent: response.output_text.delta\ndata: {\"content_index\":0,\"delta\":\"Hi\",\"item_id\":\"msg_1\",\"logprobs\":[],\"output_index\":0,\"sequence_number\":4,\"type\":\"response.output_text.delta\"}\n\nevent: response.completed\ndata: {\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"usage\":{\"input_tokens\":31,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":7,\"output_tokens_details\":{\"reasoning_tokens\":0},\"total_tokens\":38}},\"sequence_number\":9,\"type\":\"response.completed\"}\n\n";
+        for piece in 1..stream.len() {
+            let s = scan_in_pieces(UsageKeys::Responses, stream, piece);
+            assert_eq!(
+                (s.usage(), s.error),
+                ((Some(31), Some(7)), false),
+                "piece {piece}"
+            );
+        }
+        let whole = br#"{"id":"resp_1","object":"response","status":"completed","output":[{"type":"message","content":[{"type":"output_text","text":"Hi"}]}],"usage":{"input_tokens":31,"output_tokens":7,"total_tokens":38,"input_tokens_details":{"cached_tokens":0},"output_tokens_details":{"reasoning_tokens":0}}}"#;
+        let s = scan_in_pieces(UsageKeys::Responses, whole, 5);
+        assert_eq!(s.usage(), (Some(31), Some(7)));
     }
 
     #[test]

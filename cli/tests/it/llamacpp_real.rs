@@ -471,3 +471,68 @@ async fn single_mode_passes_through_with_the_lifecycle_off() {
     assert_eq!(r.json()["kind"], "lifecycle_off");
     proxy.shutdown().await;
 }
+
+/// The real `openai` (Responses API) and `anthropic` (Messages API) Python clients through the
+/// proxy to the real llama-server (router mode, which serves `/v1/responses` and
+/// `/v1/messages`): each request counted with the server's tokens (Anthropic's prompt is
+/// `input_tokens` + `cache_read_input_tokens`), the stream leased: `active_requests` 1 while
+/// `messages.stream` answers, and an admin unload issued then waits for it (issue 20 §1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_and_messages_clients_with_the_real_server() {
+    let server = Server::start("compat", &["smol-r"]).await;
+    let config = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[providers]]\nname = \"llama\"\nkind = \"llamacpp\"\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"{}\"\npoll_interval = \"200ms\"\n",
+        server.url
+    );
+    let proxy = llm_warden::app::start(llm_warden::config::load_str(&config).expect("config"))
+        .await
+        .expect("proxy starts");
+    let c = client();
+    wait_for("the router mode seen", READY, || async {
+        status(&c, &proxy).await["providers"][0]["mode"] == "router"
+    })
+    .await;
+    let python = tokio::task::spawn_blocking(python).await.expect("venv");
+    let report = crate::python_clients::run_compat_script(
+        &python,
+        &[
+            &format!("http://{}", proxy.proxy_addr(0)),
+            "smol-r",
+            &format!("http://{}", proxy.admin_addr),
+            "llama",
+            "smol-r",
+        ],
+        // 200 tokens whatever the model says: still streaming when /status is read.
+        &[
+            ("WARDEN_STREAM_MAX_TOKENS", "200"),
+            ("WARDEN_STREAM_EXTRA", r#"{"ignore_eos": true}"#),
+            // The first request loads the model; the whole test suite may be running beside.
+            ("WARDEN_CLIENT_TIMEOUT", "120"),
+        ],
+        Duration::from_secs(300),
+    )
+    .await;
+    wait_for("the requests counted", READY, || async {
+        let s = status(&c, &proxy).await;
+        let m = model_entry(&s, "llama", "smol-r");
+        m["total_requests"] == 4 && m["active_requests"] == 0
+    })
+    .await;
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "llama", "smol-r");
+    let what = format!("{m}\nscript: {report}\n{}", server.log());
+    assert_eq!(m["errors"], 0, "{what}");
+    assert_eq!(m["prompt_tokens"], report["prompt_tokens"], "{what}");
+    assert_eq!(
+        m["completion_tokens"], report["completion_tokens"],
+        "{what}"
+    );
+    assert_eq!(
+        m["unloads"], 1,
+        "the admin unload, after the stream: {what}"
+    );
+    assert_eq!(server.status_of("smol-r").await, "unloaded");
+    proxy.shutdown().await;
+}

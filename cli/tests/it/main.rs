@@ -9,6 +9,7 @@ mod support;
 mod bad_input;
 mod cli;
 mod compaction;
+mod compat_apis;
 mod config;
 mod dashboard;
 mod errors;

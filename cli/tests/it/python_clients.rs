@@ -425,3 +425,131 @@ async fn lmstudio_sdk_through_the_proxy() {
     );
     proxy.shutdown().await;
 }
+
+/// The `openai` client's Responses API (`responses.create`, streamed and not) and the
+/// `anthropic` client's Messages API (`messages.create`, `messages.stream`) through the proxy,
+/// against the Ollama, llama.cpp and LM Studio simulators (`cli/tests/python/compat_clients.py`): each
+/// request counted with the provider's tokens, `active_requests` 1 while `messages.stream`
+/// answers, and an admin unload issued then waits for the stream (issue 20 §1).
+#[tokio::test]
+async fn responses_and_messages_clients_through_the_proxy() {
+    let python = tokio::task::spawn_blocking(python)
+        .await
+        .expect("venv setup did not panic");
+    // Slow enough that the stream is still answering when the script looks at /status.
+    let token_delay = Duration::from_millis(60);
+    let ollama = start_ollama(OllamaConfig {
+        token_delay,
+        // A stream long enough to be looked at while it answers.
+        reply_tokens: 24,
+        ..Default::default()
+    })
+    .await;
+    let llamacpp = llm_warden_sim::llamacpp::spawn(
+        llm_warden_sim::llamacpp::LlamaCppConfig {
+            token_delay,
+            ..Default::default()
+        },
+        listener().await,
+    );
+    let lmstudio = start_lmstudio(LmStudioConfig {
+        token_delay,
+        ..Default::default()
+    })
+    .await;
+    const QWEN: &str = "qwen2.5-7b-instruct-q4_k_m";
+    const LMS: &str = "qwen2.5-7b-instruct";
+    let targets = [
+        (
+            "ollama",
+            ollama.url(),
+            "ollama0",
+            "llama3.2",
+            "llama3.2:latest",
+        ),
+        ("llamacpp", llamacpp.url(), "llamacpp0", QWEN, QWEN),
+        ("lmstudio", lmstudio.url(), "lmstudio0", LMS, LMS),
+    ];
+    for (kind, url, provider, model, status_model) in targets {
+        let proxy = start_proxy(&[(kind, url)], "").await;
+        let admin = format!("http://{}", proxy.admin_addr);
+        let report = run_compat_script(
+            &python,
+            &[
+                &format!("http://{}", proxy.proxy_addr(0)),
+                model,
+                &admin,
+                provider,
+                status_model,
+            ],
+            &[],
+            SCRIPT_TIMEOUT,
+        )
+        .await;
+        let c = client();
+        let s = status(&c, &proxy).await;
+        let m = model_entry(&s, provider, status_model);
+        let what = format!("{kind}: {m}\nscript: {report}");
+        assert_eq!(m["total_requests"], 4, "{what}");
+        assert_eq!(report["requests"], 4, "{what}");
+        assert_eq!(m["active_requests"], 0, "{what}");
+        assert_eq!(m["errors"], 0, "{what}");
+        assert_eq!(m["prompt_tokens"], report["prompt_tokens"], "{what}");
+        assert_eq!(
+            m["completion_tokens"], report["completion_tokens"],
+            "{what}"
+        );
+        assert_eq!(
+            m["unloads"], 1,
+            "the admin unload, after the stream: {what}"
+        );
+        proxy.shutdown().await;
+    }
+    assert_eq!(ollama.state.unloads_while_busy(), 0);
+    assert_eq!(llamacpp.state.unloads_while_busy(), 0);
+    assert_eq!(lmstudio.state.unloads_while_busy(), 0);
+}
+
+/// Runs `compat_clients.py` with `args`; returns its report.
+pub(crate) async fn run_compat_script(
+    python: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    limit: Duration,
+) -> serde_json::Value {
+    let report_path = std::env::temp_dir().join(format!(
+        "llm-warden-compat-clients-{}-{}.json",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    let mut cmd = Command::new(python);
+    cmd.arg(repo().join("cli/tests/python/compat_clients.py"))
+        .args(args)
+        .env("WARDEN_PY_REPORT", &report_path)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1")
+        .envs(envs.iter().copied());
+    for v in PROXY_VARS {
+        cmd.env_remove(v);
+    }
+    let out = tokio::task::spawn_blocking(move || output_within(cmd, limit))
+        .await
+        .expect("the script runner did not panic");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("compat_clients.py {args:?}:\n{stdout}{stderr}");
+    assert!(
+        out.status.success() && stdout.contains("checks passed"),
+        "compat_clients.py failed ({}):\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        out.status
+    );
+    let report = serde_json::from_slice(
+        &fs::read(&report_path).unwrap_or_else(|e| panic!("{}: {e}", report_path.display())),
+    )
+    .expect("the report is JSON");
+    let _ = fs::remove_file(&report_path);
+    report
+}

@@ -11,6 +11,9 @@
 //! A prompt of `n_ctx` tokens or more is refused (`exceed_context_size_error`); a reply that
 //! would overflow the slot stops at the context's end (`length`, native `truncated:true`).
 
+/// `/v1/messages` and `/v1/responses`.
+mod compat;
+
 use std::sync::Arc;
 
 use bytes::Bytes;

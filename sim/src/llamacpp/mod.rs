@@ -235,6 +235,8 @@ impl LlamaCppSim {
                 match p {
                     "/v1/chat/completions" | "/chat/completions" => self.chat(req, inst).await,
                     "/v1/completions" => self.oai_completion(req, inst).await,
+                    "/v1/messages" => self.messages(req, inst).await,
+                    "/v1/responses" => self.responses(req, inst).await,
                     "/completion" | "/completions" => self.native_completion(req, inst).await,
                     "/v1/embeddings" => self.embeddings(req, inst, true).await,
                     "/embedding" | "/embeddings" => self.embeddings(req, inst, false).await,
@@ -285,6 +287,8 @@ fn is_model_route(path: &str) -> bool {
         "/v1/chat/completions"
             | "/chat/completions"
             | "/v1/completions"
+            | "/v1/messages"
+            | "/v1/responses"
             | "/completion"
             | "/completions"
             | "/v1/embeddings"

@@ -185,6 +185,8 @@ async fn handle(sim: Arc<LmStudioSim>, req: Request<Incoming>) -> Response<SimBo
         (&Method::POST, "/v1/completions") => sim.completions(&call, Api::OpenAi).await,
         (&Method::POST, "/api/v0/completions") => sim.completions(&call, Api::V0).await,
         (&Method::POST, "/v1/embeddings") => sim.embeddings(&call, Api::OpenAi).await,
+        (&Method::POST, "/v1/responses") => sim.responses(&call).await,
+        (&Method::POST, "/v1/messages") => sim.messages(&call).await,
         (&Method::POST, "/api/v0/embeddings") => sim.embeddings(&call, Api::V0).await,
         (&Method::GET, "/api/v0/models") => Ok(sim.v0_models()),
         (&Method::GET, p) if p.starts_with("/api/v0/models/") => {

@@ -2,6 +2,9 @@
 //! `stats`, `model_info` and `runtime`: chat completions, text completions and embeddings,
 //! answered whole or as a `data:` chunk stream that ends in `data: [DONE]`.
 
+/// `/v1/responses` and `/v1/messages`.
+mod compat;
+
 use std::sync::Arc;
 
 use bytes::Bytes;

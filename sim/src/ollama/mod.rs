@@ -6,6 +6,8 @@
 //! parallelism limits (a loaded model serves any number of requests at once).
 
 // OllamaConfig and the catalogue facts derived from a model.
+/// `/v1/messages` (Anthropic) and `/v1/responses` (OpenAI Responses).
+mod compat;
 mod config;
 // /api/embed, /api/embeddings and the core /v1/embeddings shares.
 mod embed;

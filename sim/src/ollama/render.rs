@@ -13,7 +13,7 @@ use super::wire::{
     OaiChatCompletion, OaiChoice, OaiChunkChoice, OaiCompletion, OaiCompletionChunk, OaiDelta,
     OaiErrorBody, OaiTextChoice, OutMessage, Usage,
 };
-use super::{OllamaSim, JSON, OAI_JSON, STREAM_FAILURE};
+use super::{compat, OllamaSim, JSON, OAI_JSON, STREAM_FAILURE};
 use crate::common;
 
 /// The wire format a generation is written in.
@@ -30,11 +30,28 @@ pub(super) enum Flavor {
         created: u64,
         include_usage: bool,
     },
+    /// `/v1/messages` (compat.rs); `estimate`: `message_start`'s `input_tokens`.
+    Messages {
+        id: String,
+        estimate: u32,
+    },
+    /// `/v1/responses` (compat.rs).
+    Responses {
+        id: String,
+        item: String,
+        created: u64,
+        instructions: Option<String>,
+    },
 }
 
 impl Flavor {
+    /// Whether it streams as SSE (every `/v1` layer does).
     pub(super) fn is_openai(&self) -> bool {
-        matches!(self, Flavor::OaiChat { .. } | Flavor::OaiCompletion { .. })
+        !matches!(self, Flavor::Chat | Flavor::Generate)
+    }
+
+    fn is_compat(&self) -> bool {
+        matches!(self, Flavor::Messages { .. } | Flavor::Responses { .. })
     }
 }
 
@@ -89,7 +106,9 @@ impl OllamaSim {
 
     /// The line a stream ends with when the runner fails mid-generation.
     pub(super) fn stream_error(&self, flavor: &Flavor) -> Bytes {
-        if flavor.is_openai() {
+        if flavor.is_compat() {
+            compat::stream_error(flavor, STREAM_FAILURE)
+        } else if flavor.is_openai() {
             sse(common::go_json(&OaiErrorBody::new(
                 STREAM_FAILURE,
                 "api_error",
@@ -105,6 +124,9 @@ impl OllamaSim {
     pub(super) fn chunk(&self, gen: &Gen, flavor: &Flavor, i: usize, piece: &str) -> Bytes {
         let model = gen.label.as_str();
         match flavor {
+            Flavor::Messages { .. } | Flavor::Responses { .. } => {
+                compat::chunk(flavor, model, i, piece)
+            }
             Flavor::Chat => line(common::go_json(&ChatResponse::new(
                 model,
                 self.created_at(),
@@ -158,6 +180,9 @@ impl OllamaSim {
         let m = self.metrics(gen);
         let usage = || Usage::new(m.prompt_eval_count, m.eval_count);
         match flavor {
+            Flavor::Messages { .. } | Flavor::Responses { .. } => {
+                compat::finals(flavor, gen, m.prompt_eval_count, m.eval_count)
+            }
             Flavor::Chat => vec![line(common::go_json(&ChatResponse::new(
                 model,
                 self.created_at(),
@@ -226,6 +251,10 @@ impl OllamaSim {
         let text = gen.text();
         let m = self.metrics(gen);
         match flavor {
+            Flavor::Messages { .. } | Flavor::Responses { .. } => (
+                OAI_JSON,
+                compat::whole(flavor, gen, m.prompt_eval_count, m.eval_count),
+            ),
             Flavor::Chat => (
                 JSON,
                 common::go_json(&ChatResponse::new(

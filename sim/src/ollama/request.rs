@@ -346,6 +346,15 @@ pub(super) struct ChatMsg {
 }
 
 impl ChatMsg {
+    /// A text message (the Anthropic and Responses layers' `system` / `instructions`).
+    pub(super) fn text(role: &str, content: String) -> Self {
+        ChatMsg {
+            role: role.to_string(),
+            content,
+            images: 0,
+        }
+    }
+
     pub(super) fn content(&self) -> &str {
         &self.content
     }

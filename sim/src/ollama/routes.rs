@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 use super::request::Handled;
 use super::wire::{ok_json, VersionResponse};
-use super::{embed, native, openai, OllamaSim, PLAIN, TEXT};
+use super::{compat, embed, native, openai, OllamaSim, PLAIN, TEXT};
 use crate::common::{self, Call, SimBody};
 
 /// `allowedHostsMiddleware`: loopback/private/unspecified IPs, `localhost` and local TLDs.
@@ -70,7 +70,9 @@ fn allowed_methods(path: &str) -> Option<&'static [Method]> {
         | "/api/pull"
         | "/v1/chat/completions"
         | "/v1/completions"
-        | "/v1/embeddings" => POST,
+        | "/v1/embeddings"
+        | "/v1/messages"
+        | "/v1/responses" => POST,
         "/api/delete" => DELETE,
         p if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => GET,
         _ => return None,
@@ -224,6 +226,10 @@ async fn route(sim: &Arc<OllamaSim>, call: &Call) -> Response<SimBody> {
         "/v1/completions" => openai(openai::completions(sim, call).await),
         "/v1/embeddings" => openai(openai::embeddings(sim, call).await),
         "/v1/models" => openai::models(sim),
+        "/v1/messages" => compat::messages(sim, call)
+            .await
+            .unwrap_or_else(|e| compat::anthropic_error(&e)),
+        "/v1/responses" => openai(compat::responses(sim, call).await),
         p => match p.strip_prefix("/v1/models/") {
             Some(id) => openai(openai::retrieve(sim, id)),
             None => not_found_path(),
