@@ -232,7 +232,7 @@ def critical(binary):
     print("== critical pressure")
     fake = Fake(default_ctx=4096)
     extra = ("[buffers.context]\ninitial = 1024\n"
-             "[memory_pressure]\nwarning = 0.01\ncritical = 0.02\nhysteresis = 0.005\n"
+             "[memory_pressure]\nwarning = 0.01\ncritical = 0.02\nhysteresis = 0.005\naction = \"compress\"\n"
              'sample_interval = "100ms"\ngpu = false\n')
     proc, server, port, admin, tmp = start(binary, fake, extra)
     try:

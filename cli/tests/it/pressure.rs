@@ -306,6 +306,11 @@ async fn loads_under_pressure_get_smaller_runners_that_later_requests_keep() {
     proxy.shutdown().await;
 }
 
+/// Critical pressure without its unloads (`action = "compress"`: the runner caps still apply,
+/// by level), so that an idle model stays loaded between a test's requests, and
+/// `buffers.context.initial` = 1024 (critical: 512). Appended inside `[memory_pressure]`.
+const COMPRESS_ONLY: &str = "action = \"compress\"\n[buffers.context]\ninitial = 1024\n";
+
 /// Issue 19: at critical the runner gets half of `buffers.context.initial` (512 here), which a
 /// 150-word chat asking for a 150-token reply does not fit even compacted (nothing older to
 /// summarize). It is served, at the least context that holds it, and the answer says which;
@@ -313,7 +318,7 @@ async fn loads_under_pressure_get_smaller_runners_that_later_requests_keep() {
 #[tokio::test]
 async fn at_critical_a_request_the_small_context_cannot_hold_gets_a_larger_one() {
     let sim = start_ollama(Default::default()).await;
-    let (proxy, machine) = start(&sim.url(), "[buffers.context]\ninitial = 1024\n").await;
+    let (proxy, machine) = start(&sim.url(), COMPRESS_ONLY).await;
     let c = client();
     let chat = format!("http://{}/api/chat", proxy.proxy_addr(0));
     machine.set_pressure(0.95);
@@ -393,12 +398,7 @@ async fn at_critical_a_request_the_small_context_cannot_hold_gets_a_larger_one()
 async fn at_critical_lm_studio_reloads_a_model_too_small_for_the_request() {
     use llm_warden_sim::lmstudio::LmStudioConfig;
     let sim = start_lmstudio(LmStudioConfig::default()).await;
-    let (proxy, machine) = start_kind(
-        "lmstudio",
-        &sim.url(),
-        "[buffers.context]\ninitial = 1024\n",
-    )
-    .await;
+    let (proxy, machine) = start_kind("lmstudio", &sim.url(), COMPRESS_ONLY).await;
     let c = client();
     machine.set_pressure(0.95);
     until(&c, &proxy, "critical", |s| {
