@@ -8,6 +8,7 @@
 //!                         │    → InFlight guard → lease from the lifecycle (load / queue)
 //!                         │    → forward → ObservedBody (usage, guard + lease) ──► client
 //!                         └─ everything else: forward as a stream, unparsed; upgrades spliced
+//!                            (with api_keys, an LM Studio SDK socket's key is read first: sdk.rs)
 //! ```
 //! No stage reaches back: the body is read at most once, parsed at most once, and the response
 //! is never buffered. Errors the proxy writes itself take the client's shape (`error.rs`).
@@ -27,6 +28,7 @@ mod fuzz_regressions;
 mod inbound;
 mod model;
 mod observe;
+mod sdk;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -163,6 +165,22 @@ pub async fn handle(
     // business and passes unchanged: the proxy adds none, so it never lends its credential
     // to a client the provider would refuse.
     if !p.config.api_keys.is_empty() {
+        // The LM Studio SDK sends its key in its socket's first frame, not a header (`sdk`).
+        if kind == ProviderKind::LmStudio
+            && sdk::keyless_sdk_request(&req, &routed_path(req.uri().path()))
+        {
+            if req.method() == Method::GET && routed_path(req.uri().path()) == sdk::GREETING {
+                let style = kind.error_style(sdk::GREETING);
+                req.headers_mut().remove(http::header::AUTHORIZATION);
+                p.config.upstream.authorize(req.headers_mut());
+                return passthrough(&state, p, style, req).await;
+            }
+            let style = kind.error_style(&routed_path(req.uri().path()));
+            return match sdk::accept(state.clone(), provider, req) {
+                Ok(r) => r,
+                Err(e) => local_error(p, &e, style),
+            };
+        }
         if let Err(e) = check_api_key(&p.config.api_keys, req.headers()) {
             return local_error(p, &e, kind.error_style(req.uri().path()));
         }

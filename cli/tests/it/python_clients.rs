@@ -2,7 +2,7 @@
 //! proxy: `cli/tests/python/clients.py` does the talking and asserts what the clients see; this
 //! test checks that the proxy counted exactly what the script sent. The official `lmstudio` SDK
 //! (`cli/tests/python/lmstudio_sdk.py`) runs against the LM Studio simulator's WebSocket
-//! protocol: directly, with an API token, and through a proxy without `api_keys`.
+//! protocol: directly, with an API token, and through a proxy without and with `api_keys`.
 //!
 //! The interpreter is `$LLM_WARDEN_PYTHON` when set, else `<repo>/.venv/bin/python`, which this
 //! test creates from `cli/tests/python/requirements.txt` when it is missing or stale (needs
@@ -423,5 +423,31 @@ async fn lmstudio_sdk_through_the_proxy() {
         sim.state.log.count("/llm") >= 1,
         "the SDK's socket reached the simulator"
     );
+    proxy.shutdown().await;
+}
+
+/// Through a proxy with `api_keys` and an `upstream_api_key`: the SDK connects with one of the
+/// proxy's keys (checked in its socket's first frame, then replaced by the upstream key the
+/// simulator requires), and a client without a key is refused (the script checks both).
+#[tokio::test]
+async fn lmstudio_sdk_through_the_proxy_with_api_keys() {
+    let client_key = "sk-lm-abcdefgh:ABCDEFGHIJKLMNOPQRST";
+    let upstream_key = "sk-lm-upstream:UPSTREAMUPSTREAMUPST";
+    let sim = start_lmstudio(LmStudioConfig {
+        api_key: Some(upstream_key.to_string()),
+        ..Default::default()
+    })
+    .await;
+    let proxy = start_proxy(
+        &[("lmstudio", sim.url())],
+        &format!("api_keys = [\"{client_key}\"]\nupstream_api_key = \"{upstream_key}\"\n"),
+    )
+    .await;
+    run_lmstudio_sdk(proxy.proxy_addr(0).to_string(), Some(client_key)).await;
+    assert!(
+        sim.state.loaded().is_empty(),
+        "the script unloaded its model"
+    );
+    assert_eq!(sim.state.load_count("qwen2.5-7b-instruct"), 2);
     proxy.shutdown().await;
 }
