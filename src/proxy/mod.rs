@@ -29,6 +29,7 @@ mod inbound;
 mod model;
 mod observe;
 mod sdk;
+mod sdk_watch;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -173,7 +174,7 @@ pub async fn handle(
                 let style = kind.error_style(sdk::GREETING);
                 req.headers_mut().remove(http::header::AUTHORIZATION);
                 p.config.upstream.authorize(req.headers_mut());
-                return passthrough(&state, p, style, req).await;
+                return passthrough(&state, p, style, req, None).await;
             }
             let style = kind.error_style(&routed_path(req.uri().path()));
             return match sdk::accept(state.clone(), provider, req) {
@@ -195,7 +196,27 @@ pub async fn handle(
         }
     }
     let style = kind.error_style(&routed_path(req.uri().path()));
-    passthrough(&state, p, style, req).await
+    let watch = watched_sdk_socket(&state, provider, &mut req);
+    passthrough(&state, p, style, req, watch).await
+}
+
+/// An LM Studio SDK socket on `/llm` is watched as it is spliced (`sdk_watch`): its upgrade
+/// offers upstream no extension, so the frames stay readable (the client is answered with
+/// the provider's `101`, which then names none).
+fn watched_sdk_socket(
+    state: &Arc<DataPlane>,
+    provider: usize,
+    req: &mut Request<RequestBody>,
+) -> Option<sdk_watch::Watch> {
+    let p = &state.providers[provider];
+    if p.config.kind != ProviderKind::LmStudio
+        || req.extensions().get::<server::ClientUpgrade>().is_none()
+        || routed_path(req.uri().path()) != sdk_watch::LLM_PATH
+    {
+        return None;
+    }
+    req.headers_mut().remove("sec-websocket-extensions");
+    Some(sdk_watch::Watch::new(state.clone(), provider))
 }
 
 /// The path as the provider routes it: percent-escapes decoded, as Go's `URL.Path` (gin
@@ -259,6 +280,7 @@ async fn passthrough(
     p: &ProviderState,
     style: ErrorStyle,
     mut req: Request<RequestBody>,
+    watch: Option<sdk_watch::Watch>,
 ) -> Response<ProxyBody> {
     // Only this proxy's own HTTP/1 server hands over upgraded connections (HTTP/2 has no
     // `Upgrade`).
@@ -299,7 +321,7 @@ async fn passthrough(
             if let Some(client_upgrade) = client_upgrade {
                 if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                    forward::splice_upgrade(client_upgrade, upstream_upgrade);
+                    forward::splice_upgrade(client_upgrade, upstream_upgrade, watch);
                 }
             }
             forward::downstream_headers(&mut resp);

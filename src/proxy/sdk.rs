@@ -131,6 +131,8 @@ pub(super) fn accept(
         ));
     };
     let accept = websocket::accept_key(key.as_bytes());
+    let watch = (super::routed_path(req.uri().path()) == super::sdk_watch::LLM_PATH)
+        .then(|| super::sdk_watch::Watch::new(state.clone(), provider));
     let (mut parts, _) = req.into_parts();
     // The client's offers are the proxy's to answer, and it answered none: the upstream
     // must not agree to an extension the client will not use.
@@ -219,6 +221,9 @@ pub(super) fn accept(
             Err(e) => return refuse_upstream(&mut io, &e.to_string()).await,
         };
         let mut upstream = TokioIo::new(upstream);
+        if let Some(watch) = watch {
+            return super::sdk_watch::splice(io, pending, upstream, watch).await;
+        }
         if upstream.write_all(&pending).await.is_err() {
             return;
         }
