@@ -8,7 +8,8 @@
 //!                         │    → InFlight guard → lease from the lifecycle (load / queue)
 //!                         │    → forward → ObservedBody (usage, guard + lease) ──► client
 //!                         └─ everything else: forward as a stream, unparsed; upgrades spliced
-//!                            (with api_keys, an LM Studio SDK socket's key is read first: sdk.rs)
+//!                            (LM Studio SDK sockets: the key checked in the first frame with
+//!                            api_keys, sdk.rs; /llm predictions counted and leased, sdk_watch.rs)
 //! ```
 //! No stage reaches back: the body is read at most once, parsed at most once, and the response
 //! is never buffered. Errors the proxy writes itself take the client's shape (`error.rs`).
