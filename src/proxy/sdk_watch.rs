@@ -48,47 +48,46 @@ impl FrameReader {
     /// Reads `chunk`; the payloads (unmasked) of the readable text frames it completes go to
     /// `out`.
     pub(super) fn feed(&mut self, mut chunk: &[u8], out: &mut Vec<Vec<u8>>) {
-        loop {
+        if self.skip > 0 {
+            let n = usize::try_from(self.skip)
+                .unwrap_or(usize::MAX)
+                .min(chunk.len());
+            self.skip -= n as u64;
+            chunk = &chunk[n..];
             if self.skip > 0 {
-                let n = usize::try_from(self.skip)
-                    .unwrap_or(usize::MAX)
-                    .min(chunk.len());
-                self.skip -= n as u64;
-                chunk = &chunk[n..];
-                if self.skip > 0 {
-                    return;
-                }
-            }
-            self.pending.extend_from_slice(chunk);
-            chunk = &[];
-            let Some(head) = Head::parse(&self.pending) else {
                 return;
-            };
+            }
+        }
+        self.pending.extend_from_slice(chunk);
+        // Frames are taken from `at` on; what they used goes in one move at the end.
+        let mut at = 0;
+        while let Some(head) = Head::parse(&self.pending[at..]) {
+            let have = (self.pending.len() - at) as u64;
             let readable = head.opcode == websocket::TEXT
                 && head.fin
                 && head.rsv == 0
                 && head.payload_len <= MAX_FRAME;
-            let have = self.pending.len() as u64;
             if !readable {
                 if have >= head.frame_len() {
-                    self.pending.drain(..head.frame_len() as usize);
-                } else {
-                    self.skip = head.frame_len() - have;
-                    self.pending.clear();
+                    at += head.frame_len() as usize;
+                    continue;
                 }
-                continue;
+                self.skip = head.frame_len() - have;
+                at = self.pending.len();
+                break;
             }
             if have < head.frame_len() {
-                return;
+                break;
             }
-            let end = head.frame_len() as usize;
-            let mut payload = self.pending[head.head_len..end].to_vec();
+            let end = at + head.frame_len() as usize;
+            let mut payload = self.pending[at + head.head_len..end].to_vec();
             if let Some(k) = head.mask {
                 websocket::apply_mask(&mut payload, k, 0);
             }
             out.push(payload);
-            self.pending.drain(..end);
+            at = end;
         }
+        self.pending.drain(..at);
     }
 }
 
