@@ -167,24 +167,22 @@ pub async fn handle(
     // business and passes unchanged: the proxy adds none, so it never lends its credential
     // to a client the provider would refuse.
     if !p.config.api_keys.is_empty() {
-        // The LM Studio SDK sends its key in its socket's first frame, not a header (`sdk`).
-        if kind == ProviderKind::LmStudio
-            && sdk::keyless_sdk_request(&req, &routed_path(req.uri().path()))
-        {
-            if req.method() == Method::GET && routed_path(req.uri().path()) == sdk::GREETING {
-                let style = kind.error_style(sdk::GREETING);
-                req.headers_mut().remove(http::header::AUTHORIZATION);
-                p.config.upstream.authorize(req.headers_mut());
-                return passthrough(&state, p, style, req, None).await;
-            }
-            let style = kind.error_style(&routed_path(req.uri().path()));
-            return match sdk::accept(state.clone(), provider, req) {
-                Ok(r) => r,
-                Err(e) => local_error(p, &e, style),
-            };
-        }
         if let Err(e) = check_api_key(&p.config.api_keys, req.headers()) {
-            return local_error(p, &e, kind.error_style(req.uri().path()));
+            // The LM Studio SDK sends no header: its greeting passes, and its socket's key is
+            // in the socket's first frame (`sdk`). An upgrade with a valid header passes on
+            // it, as any request.
+            let path = routed_path(req.uri().path());
+            let keyless = kind == ProviderKind::LmStudio && sdk::keyless_sdk_request(&req, &path);
+            let (greeting, style) = (path == sdk::GREETING, kind.error_style(&path));
+            if !keyless {
+                return local_error(p, &e, kind.error_style(req.uri().path()));
+            }
+            if !greeting {
+                return match sdk::accept(state.clone(), provider, req) {
+                    Ok(r) => r,
+                    Err(e) => local_error(p, &e, style),
+                };
+            }
         }
         req.headers_mut().remove(http::header::AUTHORIZATION);
         p.config.upstream.authorize(req.headers_mut());

@@ -172,3 +172,43 @@ async fn sdk_sockets_are_authenticated_in_band_with_api_keys() {
     );
     proxy.shutdown().await;
 }
+
+/// With `api_keys`, an upgrade that carries a valid `Authorization` header passes on it, as
+/// any request does: spliced, the header replaced by `upstream_api_key`'s, the frames the
+/// client's own business.
+#[tokio::test]
+async fn with_api_keys_an_upgrade_with_a_valid_header_passes_on_it() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let sim = start_lmstudio(Default::default()).await;
+    let proxy = start_proxy(
+        &[("lmstudio", sim.url())],
+        "api_keys = [\"header-key\"]\nupstream_api_key = \"upstream-key\"\n",
+    )
+    .await;
+    let addr = proxy.proxy_addr(0);
+    let mut req = format!("ws://{addr}/llm").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", "Bearer header-key".parse().unwrap());
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .expect("the upgrade is accepted");
+    let guest = r#"{"authVersion":1,"clientIdentifier":"guest:x","clientPasskey":"y"}"#;
+    ws.send(Message::text(guest)).await.unwrap();
+    // Not checked by the proxy: the simulator (no key of its own) accepts the guest.
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text(r#"{"success":true}"#)
+    );
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    let calls = sim.state.log.calls();
+    let llm = calls.iter().find(|c| c.path == "/llm").expect("spliced");
+    assert_eq!(
+        llm.headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap()),
+        Some("Bearer upstream-key")
+    );
+    proxy.shutdown().await;
+}
