@@ -28,7 +28,7 @@ pub const UNLISTED_MODEL: &str = "_unlisted";
 
 /// Every inspected endpoint's label (`providers::Endpoint::label`), and `other` for one added
 /// later and not listed here yet.
-pub const ENDPOINTS: [&str; 17] = [
+pub const ENDPOINTS: [&str; 18] = [
     "api_chat",
     "api_generate",
     "api_embed",
@@ -45,6 +45,8 @@ pub const ENDPOINTS: [&str; 17] = [
     "embedding",
     "v1_responses",
     "v1_messages",
+    // The LM Studio SDK's `predict` channel on its WebSocket (`proxy::sdk_watch`).
+    "sdk_predict",
     "other",
 ];
 

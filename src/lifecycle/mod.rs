@@ -382,6 +382,8 @@ enum Event {
     Catalog {
         sizes: Vec<(String, u64)>,
     },
+    /// Someone else loaded or unloaded a model on the provider (an SDK socket): re-read it.
+    ChangedOutside,
     /// The window a model runs with, learned outside a load or a list (llama-server's
     /// `/props`), for a model the actor may not manage.
     Window {
@@ -468,6 +470,7 @@ impl std::fmt::Debug for Event {
             Event::Kept { .. } => "Kept",
             Event::Report { .. } => "Report",
             Event::Catalog { .. } => "Catalog",
+            Event::ChangedOutside => "ChangedOutside",
             Event::Window { .. } => "Window",
             Event::Snapshot { .. } => "Snapshot",
             Event::Shed { .. } => "Shed",
@@ -674,6 +677,14 @@ impl LifecycleHandle {
                 tokens,
             });
         }
+    }
+
+    /// A client loaded or unloaded a model through a channel the proxy only watches (the
+    /// LM Studio SDK's socket): the actor has the provider polled now, and the poll's report
+    /// reconciles it, as it does every change made behind the proxy's back. (A report is the
+    /// provider's whole list; the watcher knows one model, so it asks for the list.)
+    pub fn changed_outside(&self) {
+        let _ = self.tx.send(Event::ChangedOutside);
     }
 
     /// Sizes of the provider's models on disk (`/api/tags`, LM Studio's model list), bytes.

@@ -95,7 +95,12 @@ pub fn upstream_request<B>(
 
 /// Splices an upgraded client connection to the upgraded upstream connection until either
 /// side closes.
-pub fn splice_upgrade(client: ClientUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// With `watch`, an LM Studio SDK socket's messages are read on the way (`sdk_watch`).
+pub(super) fn splice_upgrade(
+    client: ClientUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    watch: Option<super::sdk_watch::Watch>,
+) {
     tokio::spawn(async move {
         let Some(client) = client.take() else {
             return;
@@ -112,6 +117,10 @@ pub fn splice_upgrade(client: ClientUpgrade, upstream: hyper::upgrade::OnUpgrade
             }
         };
         let mut upstream = TokioIo::new(upstream);
+        if let Some(watch) = watch {
+            super::sdk_watch::splice(client.io, client.read.to_vec(), upstream, watch).await;
+            return;
+        }
         // What the client sent after its request, before the switch, goes first.
         if !client.read.is_empty() {
             if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut upstream, &client.read).await {

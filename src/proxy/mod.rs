@@ -8,6 +8,8 @@
 //!                         │    → InFlight guard → lease from the lifecycle (load / queue)
 //!                         │    → forward → ObservedBody (usage, guard + lease) ──► client
 //!                         └─ everything else: forward as a stream, unparsed; upgrades spliced
+//!                            (LM Studio SDK sockets: the key checked in the first frame with
+//!                            api_keys, sdk.rs; /llm predictions counted and leased, sdk_watch.rs)
 //! ```
 //! No stage reaches back: the body is read at most once, parsed at most once, and the response
 //! is never buffered. Errors the proxy writes itself take the client's shape (`error.rs`).
@@ -27,6 +29,8 @@ mod fuzz_regressions;
 mod inbound;
 mod model;
 mod observe;
+mod sdk;
+mod sdk_watch;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -164,7 +168,21 @@ pub async fn handle(
     // to a client the provider would refuse.
     if !p.config.api_keys.is_empty() {
         if let Err(e) = check_api_key(&p.config.api_keys, req.headers()) {
-            return local_error(p, &e, kind.error_style(req.uri().path()));
+            // The LM Studio SDK sends no header: its greeting passes, and its socket's key is
+            // in the socket's first frame (`sdk`). An upgrade with a valid header passes on
+            // it, as any request.
+            let path = routed_path(req.uri().path());
+            let keyless = kind == ProviderKind::LmStudio && sdk::keyless_sdk_request(&req, &path);
+            let (greeting, style) = (path == sdk::GREETING, kind.error_style(&path));
+            if !keyless {
+                return local_error(p, &e, kind.error_style(req.uri().path()));
+            }
+            if !greeting {
+                return match sdk::accept(state.clone(), provider, req) {
+                    Ok(r) => r,
+                    Err(e) => local_error(p, &e, style),
+                };
+            }
         }
         req.headers_mut().remove(http::header::AUTHORIZATION);
         p.config.upstream.authorize(req.headers_mut());
@@ -177,7 +195,27 @@ pub async fn handle(
         }
     }
     let style = kind.error_style(&routed_path(req.uri().path()));
-    passthrough(&state, p, style, req).await
+    let watch = watched_sdk_socket(&state, provider, &mut req);
+    passthrough(&state, p, style, req, watch).await
+}
+
+/// An LM Studio SDK socket on `/llm` is watched as it is spliced (`sdk_watch`): its upgrade
+/// offers upstream no extension, so the frames stay readable (the client is answered with
+/// the provider's `101`, which then names none).
+fn watched_sdk_socket(
+    state: &Arc<DataPlane>,
+    provider: usize,
+    req: &mut Request<RequestBody>,
+) -> Option<sdk_watch::Watch> {
+    let p = &state.providers[provider];
+    if p.config.kind != ProviderKind::LmStudio
+        || req.extensions().get::<server::ClientUpgrade>().is_none()
+        || routed_path(req.uri().path()) != sdk_watch::LLM_PATH
+    {
+        return None;
+    }
+    req.headers_mut().remove("sec-websocket-extensions");
+    Some(sdk_watch::Watch::new(state.clone(), provider))
 }
 
 /// The path as the provider routes it: percent-escapes decoded, as Go's `URL.Path` (gin
@@ -241,6 +279,7 @@ async fn passthrough(
     p: &ProviderState,
     style: ErrorStyle,
     mut req: Request<RequestBody>,
+    watch: Option<sdk_watch::Watch>,
 ) -> Response<ProxyBody> {
     // Only this proxy's own HTTP/1 server hands over upgraded connections (HTTP/2 has no
     // `Upgrade`).
@@ -281,7 +320,7 @@ async fn passthrough(
             if let Some(client_upgrade) = client_upgrade {
                 if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                     let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                    forward::splice_upgrade(client_upgrade, upstream_upgrade);
+                    forward::splice_upgrade(client_upgrade, upstream_upgrade, watch);
                 }
             }
             forward::downstream_headers(&mut resp);

@@ -7,6 +7,8 @@
 //! - [`client`]: the HTTP/1.1 exchange with a provider for a request whose body is in hand;
 //! - [`pool`]: the upstream connections, per provider and lane, of two kinds (this crate's
 //!   client for bodies in hand, hyper's client connection for streamed uploads and upgrades);
+//! - [`websocket`]: the pieces of the WebSocket wire format the proxy reads a spliced socket
+//!   with (a frame's head, unmasking, writing a frame, the handshake's accept key);
 //! - [`lanes`]: the data plane's threads (one single-threaded runtime per core; a
 //!   connection and the upstream connections it uses stay on one), and `lanes::deadline`,
 //!   the response timeout without a timer per request.
@@ -18,6 +20,7 @@ pub mod codec;
 pub mod lanes;
 pub mod pool;
 pub mod server;
+pub mod websocket;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};

@@ -82,3 +82,133 @@ async fn http2_clients_are_served_too() {
     );
     proxy.shutdown().await;
 }
+
+/// Opens `ws://addr/llm` and sends the SDK's auth packet; returns the socket and the answer.
+async fn sdk_auth(
+    addr: std::net::SocketAddr,
+    id: &str,
+    pass: &str,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    serde_json::Value,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{addr}/llm"), stream)
+        .await
+        .expect("the upgrade is accepted");
+    assert_eq!(resp.status(), 101);
+    let packet =
+        serde_json::json!({"authVersion": 1, "clientIdentifier": id, "clientPasskey": pass});
+    ws.send(Message::text(packet.to_string())).await.unwrap();
+    let answer = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+        other => panic!("no auth answer: {other:?}"),
+    };
+    (ws, answer)
+}
+
+/// With `api_keys`, the key of an SDK socket is read from its first frame: a client without
+/// one is refused by the proxy itself, the upstream socket never opened; one with a key gets
+/// through, its packet carrying `upstream_api_key`'s halves, and frames of any size pass.
+#[tokio::test]
+async fn sdk_sockets_are_authenticated_in_band_with_api_keys() {
+    let upstream_key = "sk-lm-upstream:UPSTREAMUPSTREAMUPST";
+    let sim = start_lmstudio(llm_warden_sim::lmstudio::LmStudioConfig {
+        api_key: Some(upstream_key.to_string()),
+        ..Default::default()
+    })
+    .await;
+    let proxy = start_proxy(
+        &[("lmstudio", sim.url())],
+        &format!(
+            "api_keys = [\"sk-lm-abcdefgh:ABCDEFGHIJKLMNOPQRST\"]\nupstream_api_key = \"{upstream_key}\"\n"
+        ),
+    )
+    .await;
+    let addr = proxy.proxy_addr(0);
+    // The greeting probe carries no key and passes.
+    let c = client();
+    let get = |path: &str| {
+        let url = format!("http://{addr}{path}");
+        let c = &c;
+        async move { send(c, http::Method::GET, &url, &[], bytes::Bytes::new()).await }
+    };
+    assert_eq!(get("/lmstudio-greeting").await.status, 200);
+    // Any other request still needs the header.
+    assert_eq!(get("/api/v0/models").await.status, 401);
+
+    for (id, pass) in [("guest:1234", "5678"), ("abcdefgh", "wrong")] {
+        let (mut ws, answer) = sdk_auth(addr, id, pass).await;
+        assert_eq!(answer["success"], false, "{answer}");
+        assert!(answer["error"].as_str().unwrap().contains("api_keys"));
+        // Then the proxy closes the socket.
+        let mut closed = false;
+        while let Some(m) = ws.next().await {
+            closed |= matches!(m, Ok(Message::Close(_)));
+        }
+        assert!(closed);
+    }
+    assert!(
+        !sim.state.log.calls().iter().any(|c| c.path == "/llm"),
+        "a refused socket never reaches the provider"
+    );
+
+    let (mut ws, answer) = sdk_auth(addr, "abcdefgh", "ABCDEFGHIJKLMNOPQRST").await;
+    // The simulator accepted the upstream key the proxy put in the packet.
+    assert_eq!(answer, serde_json::json!({"success": true}));
+    let big = vec![7u8; 200_000];
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(big));
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    let calls = sim.state.log.calls();
+    let llm = calls
+        .iter()
+        .find(|c| c.path == "/llm")
+        .expect("upstream socket");
+    assert!(
+        !llm.headers.contains_key("sec-websocket-extensions"),
+        "the proxy answered no extension, so it offers none upstream"
+    );
+    proxy.shutdown().await;
+}
+
+/// With `api_keys`, an upgrade that carries a valid `Authorization` header passes on it, as
+/// any request does: spliced, the header replaced by `upstream_api_key`'s, the frames the
+/// client's own business.
+#[tokio::test]
+async fn with_api_keys_an_upgrade_with_a_valid_header_passes_on_it() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let sim = start_lmstudio(Default::default()).await;
+    let proxy = start_proxy(
+        &[("lmstudio", sim.url())],
+        "api_keys = [\"header-key\"]\nupstream_api_key = \"upstream-key\"\n",
+    )
+    .await;
+    let addr = proxy.proxy_addr(0);
+    let mut req = format!("ws://{addr}/llm").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", "Bearer header-key".parse().unwrap());
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .expect("the upgrade is accepted");
+    let guest = r#"{"authVersion":1,"clientIdentifier":"guest:x","clientPasskey":"y"}"#;
+    ws.send(Message::text(guest)).await.unwrap();
+    // Not checked by the proxy: the simulator (no key of its own) accepts the guest.
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text(r#"{"success":true}"#)
+    );
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    let calls = sim.state.log.calls();
+    let llm = calls.iter().find(|c| c.path == "/llm").expect("spliced");
+    assert_eq!(
+        llm.headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap()),
+        Some("Bearer upstream-key")
+    );
+    proxy.shutdown().await;
+}

@@ -2,7 +2,7 @@
 //! proxy: `cli/tests/python/clients.py` does the talking and asserts what the clients see; this
 //! test checks that the proxy counted exactly what the script sent. The official `lmstudio` SDK
 //! (`cli/tests/python/lmstudio_sdk.py`) runs against the LM Studio simulator's WebSocket
-//! protocol: directly, with an API token, and through a proxy without `api_keys`.
+//! protocol: directly, with an API token, and through a proxy without and with `api_keys`.
 //!
 //! The interpreter is `$LLM_WARDEN_PYTHON` when set, else `<repo>/.venv/bin/python`, which this
 //! test creates from `cli/tests/python/requirements.txt` when it is missing or stale (needs
@@ -338,6 +338,11 @@ impl Drop for DirLock {
 /// Runs `cli/tests/python/lmstudio_sdk.py` (the official `lmstudio` SDK) against `host`
 /// (`host:port`) and checks its summary line.
 async fn run_lmstudio_sdk(host: String, token: Option<&str>) {
+    run_lmstudio_sdk_mode(host, token, "full").await;
+}
+
+/// As [`run_lmstudio_sdk`], in one of the script's modes (`WARDEN_LMS_MODE`).
+async fn run_lmstudio_sdk_mode(host: String, token: Option<&str>, mode: &str) {
     let python = tokio::task::spawn_blocking(python)
         .await
         .expect("venv setup did not panic");
@@ -346,6 +351,7 @@ async fn run_lmstudio_sdk(host: String, token: Option<&str>) {
         .env("WARDEN_LMS_HOST", &host)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1")
+        .env("WARDEN_LMS_MODE", mode)
         .env_remove("LMSTUDIO_API_TOKEN");
     if let Some(t) = token {
         cmd.env("WARDEN_LMS_TOKEN", t);
@@ -423,6 +429,195 @@ async fn lmstudio_sdk_through_the_proxy() {
         sim.state.log.count("/llm") >= 1,
         "the SDK's socket reached the simulator"
     );
+    // The proxy read the socket: both predictions (respond_stream with 5 tokens, respond)
+    // are counted with the tokens of their `success.stats`, and nothing is left in flight.
+    let s = status(&client(), &proxy).await;
+    let m = model_entry(&s, "lmstudio0", "qwen2.5-7b-instruct");
+    assert_eq!(m["total_requests"], 2, "{m}");
+    assert_eq!(m["active_requests"], 0, "{m}");
+    assert_eq!(m["errors"], 0, "{m}");
+    assert_eq!(m["cancelled"], 0, "{m}");
+    assert!(m["prompt_tokens"].as_u64().unwrap() > 0, "{m}");
+    assert!(m["completion_tokens"].as_u64().unwrap() >= 5, "{m}");
+    proxy.shutdown().await;
+}
+
+/// Through a proxy with `api_keys` and an `upstream_api_key`: the SDK connects with one of the
+/// proxy's keys (checked in its socket's first frame, then replaced by the upstream key the
+/// simulator requires), and a client without a key is refused (the script checks both).
+#[tokio::test]
+async fn lmstudio_sdk_through_the_proxy_with_api_keys() {
+    let client_key = "sk-lm-abcdefgh:ABCDEFGHIJKLMNOPQRST";
+    let upstream_key = "sk-lm-upstream:UPSTREAMUPSTREAMUPST";
+    let sim = start_lmstudio(LmStudioConfig {
+        api_key: Some(upstream_key.to_string()),
+        ..Default::default()
+    })
+    .await;
+    let proxy = start_proxy(
+        &[("lmstudio", sim.url())],
+        &format!("api_keys = [\"{client_key}\"]\nupstream_api_key = \"{upstream_key}\"\n"),
+    )
+    .await;
+    run_lmstudio_sdk(proxy.proxy_addr(0).to_string(), Some(client_key)).await;
+    assert!(
+        sim.state.loaded().is_empty(),
+        "the script unloaded its model"
+    );
+    assert_eq!(sim.state.load_count("qwen2.5-7b-instruct"), 2);
+    // The socket the proxy authenticated is watched too: both predictions counted.
+    let m = sdk_model_entry(&proxy).await.expect("the model's entry");
+    assert_eq!(m["total_requests"], 2, "{m}");
+    assert_eq!(m["active_requests"], 0, "{m}");
+    assert!(m["completion_tokens"].as_u64().unwrap() >= 5, "{m}");
+    proxy.shutdown().await;
+}
+
+const SDK_MODEL: &str = "qwen2.5-7b-instruct";
+
+/// The proxy's `/status` entry of the SDK's model on `lmstudio0`, if it has one.
+async fn sdk_model_entry(proxy: &llm_warden::app::Running) -> Option<serde_json::Value> {
+    let s = status(&client(), proxy).await;
+    s["models"]
+        .as_array()?
+        .iter()
+        .find(|m| m["provider"] == "lmstudio0" && m["model"] == SDK_MODEL)
+        .cloned()
+}
+
+/// An SDK prediction holds a lease on its model: an admin unload issued while it streams
+/// (seen in `/status` as in flight) waits for it, so the prediction ends normally, counted
+/// with its tokens, before the model goes.
+#[tokio::test]
+async fn lmstudio_sdk_prediction_through_the_proxy_holds_its_model() {
+    let sim = start_lmstudio(LmStudioConfig {
+        token_delay: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let proxy = start_proxy(&[("lmstudio", sim.url())], "").await;
+    let host = proxy.proxy_addr(0).to_string();
+    let script = tokio::spawn(async move { run_lmstudio_sdk_mode(host, None, "stream").await });
+    wait_for(
+        "the SDK prediction in flight",
+        Duration::from_secs(30),
+        || async {
+            sdk_model_entry(&proxy)
+                .await
+                .is_some_and(|m| m["active_requests"] == 1)
+        },
+    )
+    .await;
+    let unload = send(
+        &client(),
+        http::Method::POST,
+        &format!(
+            "http://{}/models/lmstudio0/{SDK_MODEL}/unload",
+            proxy.admin_addr
+        ),
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(unload.status, 200, "{}", unload.text());
+    // By the time the unload answered, the prediction had ended and been counted.
+    let m = sdk_model_entry(&proxy).await.expect("the model's entry");
+    assert_eq!(m["total_requests"], 1, "{m}");
+    assert_eq!(m["active_requests"], 0, "{m}");
+    assert!(m["completion_tokens"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(m["cancelled"], 0, "{m}");
+    assert!(m["prompt_tokens"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(
+        sim.state.cancelled(),
+        0,
+        "the simulator finished the prediction"
+    );
+    assert!(sim.state.loaded().is_empty(), "then the model was unloaded");
+    script.await.expect("the script passed");
+    proxy.shutdown().await;
+}
+
+/// A client that drops its socket mid-prediction leaves nothing behind: the prediction is
+/// counted cancelled, nothing stays in flight, and the lease is released (an unload goes
+/// through).
+#[tokio::test]
+async fn lmstudio_sdk_socket_dropped_mid_prediction_leaves_no_lease() {
+    let sim = start_lmstudio(LmStudioConfig {
+        token_delay: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let proxy = start_proxy(&[("lmstudio", sim.url())], "").await;
+    run_lmstudio_sdk_mode(proxy.proxy_addr(0).to_string(), None, "drop").await;
+    wait_for(
+        "the dropped prediction counted, nothing in flight",
+        Duration::from_secs(10),
+        || async {
+            sdk_model_entry(&proxy)
+                .await
+                .is_some_and(|m| m["active_requests"] == 0 && m["cancelled"] == 1)
+        },
+    )
+    .await;
+    let unload = send(
+        &client(),
+        http::Method::POST,
+        &format!(
+            "http://{}/models/lmstudio0/{SDK_MODEL}/unload",
+            proxy.admin_addr
+        ),
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(unload.status, 200, "{}", unload.text());
+    assert!(
+        sim.state.loaded().is_empty(),
+        "the lease was released: the model unloaded"
+    );
+    wait_for(
+        "the simulator saw the client go",
+        Duration::from_secs(10),
+        || async { sim.state.active_requests() == 0 },
+    )
+    .await;
+    proxy.shutdown().await;
+}
+
+/// The SDK's loads and unloads reach the lifecycle at once (the provider is polled right
+/// after the socket shows one), not at the next `poll_interval` (an hour here).
+#[tokio::test]
+async fn lmstudio_sdk_loads_and_unloads_reach_the_lifecycle_at_once() {
+    let sim = start_lmstudio(LmStudioConfig::default()).await;
+    let proxy = start_proxy(&[("lmstudio", sim.url())], "poll_interval = \"1h\"\n").await;
+    let host = proxy.proxy_addr(0).to_string();
+    // The proxy polled once at start (`app::start`), before the SDK loaded anything.
+    assert!(sdk_model_entry(&proxy)
+        .await
+        .is_none_or(|m| m["loaded"] != true));
+    run_lmstudio_sdk_mode(host.clone(), None, "load").await;
+    wait_for(
+        "the SDK's load in /status",
+        Duration::from_secs(10),
+        || async {
+            sdk_model_entry(&proxy)
+                .await
+                .is_some_and(|m| m["loaded"] == true)
+        },
+    )
+    .await;
+    assert_eq!(sim.state.load_count(SDK_MODEL), 1);
+    run_lmstudio_sdk_mode(host, None, "unload").await;
+    wait_for(
+        "the SDK's unload in /status",
+        Duration::from_secs(10),
+        || async {
+            sdk_model_entry(&proxy)
+                .await
+                .is_some_and(|m| m["loaded"] == false)
+        },
+    )
+    .await;
     proxy.shutdown().await;
 }
 

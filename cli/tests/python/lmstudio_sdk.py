@@ -7,6 +7,11 @@ Run by cli/tests/it/python_clients.rs. Environment:
   WARDEN_LMS_TOKEN  when set, the server requires this API token (`sk-lm-<id>:<passkey>`):
                     the script connects with it and checks that a client without one is refused
   WARDEN_LMS_MODEL  the model key to load (default qwen2.5-7b-instruct)
+  WARDEN_LMS_MODE   `full` (default: everything above); `stream`: get or load the model and
+                    stream one prediction of at most WARDEN_LMS_TOKENS (default 20) fragments, left
+                    loaded; `drop`: the same, but the process exits after two fragments,
+                    dropping its socket mid-prediction; `load` / `unload`: get or load the model, or
+                    unload it
 
 Prints one line per check and "lmstudio_sdk: N checks passed" at the end; exits non-zero on
 the first failure.
@@ -47,6 +52,37 @@ def rest(path):
 os.environ.pop("LMSTUDIO_API_TOKEN", None)
 
 check(lms.Client.is_valid_api_host(HOST), f"{HOST} answers the greeting probe")
+
+MODE = os.environ.get("WARDEN_LMS_MODE", "full")
+if MODE == "load":
+    with lms.Client(HOST, api_token=TOKEN) as client:
+        check(client.llm.model(MODEL).identifier == MODEL, "got or loaded through the SDK")
+    print(f"lmstudio_sdk: {checks} checks passed", flush=True)
+    sys.exit(0)
+if MODE == "unload":
+    with lms.Client(HOST, api_token=TOKEN) as client:
+        client.llm.model(MODEL).unload()
+        check(client.llm.list_loaded() == [], "unloaded through the SDK")
+    print(f"lmstudio_sdk: {checks} checks passed", flush=True)
+    sys.exit(0)
+if MODE in ("stream", "drop"):
+    n = int(os.environ.get("WARDEN_LMS_TOKENS", "20"))
+    with lms.Client(HOST, api_token=TOKEN) as client:
+        model = client.llm.model(MODEL)
+        stream = model.respond_stream("Count slowly.", config={"maxTokens": n})
+        got = 0
+        for fragment in stream:
+            got += 1
+            if MODE == "drop" and got == 2:
+                check(True, "two fragments in: dropping the socket mid-prediction")
+                print(f"lmstudio_sdk: {checks} checks passed", flush=True)
+                os._exit(0)
+        stats = stream.result().stats
+        check(got == stats.predicted_tokens_count, f"respond_stream streamed {got} fragments")
+        stop = stats.stop_reason
+        check(stop in ("maxPredictedTokensReached", "eosFound"), f"the prediction ended: {stop}")
+    print(f"lmstudio_sdk: {checks} checks passed", flush=True)
+    sys.exit(0)
 
 if TOKEN:
     refused = None

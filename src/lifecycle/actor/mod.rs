@@ -307,6 +307,7 @@ impl Actor {
             Event::Catalog { sizes } => {
                 self.catalog = sizes.into_iter().collect();
             }
+            Event::ChangedOutside => self.poll_now.notify_one(),
             Event::Shed { all, reply } => {
                 let _ = reply.send(self.shed(all));
             }
