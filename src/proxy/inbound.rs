@@ -112,6 +112,15 @@ pub struct ModelRequest<'a> {
     /// OpenAI reply limits, unparsed (a wrong type is the provider's to refuse).
     pub max_tokens: Option<&'a RawValue>,
     pub max_completion_tokens: Option<&'a RawValue>,
+    /// The Anthropic Messages API's top-level `system` (a string or text blocks): counted
+    /// against the window when `messages` are compacted, never changed.
+    pub system: Option<&'a RawValue>,
+    /// The Responses API's `input` (a string or an array of items) and `instructions`
+    /// (counted, never changed), and whether `previous_response_id` is set (then the
+    /// conversation lives on the provider and is not compacted).
+    pub input: Option<&'a RawValue>,
+    pub instructions: Option<&'a RawValue>,
+    pub previous_response_id: Option<&'a RawValue>,
 }
 
 /// What a request asks of the context: `num_ctx` (Ollama) and the most tokens of reply.
@@ -133,9 +142,13 @@ enum Field {
     Options,
     MaxTokens,
     MaxCompletionTokens,
+    System,
+    Input,
+    Instructions,
+    PreviousResponseId,
 }
 
-const FIELDS: [(&str, Field); 8] = [
+const FIELDS: [(&str, Field); 12] = [
     ("model", Field::Model),
     ("stream", Field::Stream),
     ("keep_alive", Field::KeepAlive),
@@ -144,6 +157,10 @@ const FIELDS: [(&str, Field); 8] = [
     ("options", Field::Options),
     ("max_tokens", Field::MaxTokens),
     ("max_completion_tokens", Field::MaxCompletionTokens),
+    ("system", Field::System),
+    ("input", Field::Input),
+    ("instructions", Field::Instructions),
+    ("previous_response_id", Field::PreviousResponseId),
 ];
 
 impl Dialect {
@@ -236,6 +253,10 @@ impl<'de> Visitor<'de> for TopLevel {
                 }
                 Field::MaxTokens => r.max_tokens = (!null).then_some(v),
                 Field::MaxCompletionTokens => r.max_completion_tokens = (!null).then_some(v),
+                Field::System => r.system = (!null).then_some(v),
+                Field::Input => r.input = (!null).then_some(v),
+                Field::Instructions => r.instructions = (!null).then_some(v),
+                Field::PreviousResponseId => r.previous_response_id = (!null).then_some(v),
             }
         }
         if let Some(raw) = model_raw {
