@@ -74,7 +74,7 @@ impl<'a> Api<'a> {
     /// The planner's role of each entry of the array.
     pub fn roles(&self, values: &[Value]) -> Vec<Role> {
         match self {
-            Api::Chat => values.iter().map(super::compact::role_of).collect(),
+            Api::Chat => values.iter().map(role_of).collect(),
             Api::Messages { .. } => messages_roles(values),
             Api::Responses { .. } => responses_roles(values),
         }
@@ -142,6 +142,22 @@ pub fn messages_roles(values: &[Value]) -> Vec<Role> {
             _ => Role::User,
         })
         .collect()
+}
+
+/// Chat roles: `system` and `developer` messages are system, `tool` a tool result, an
+/// assistant with `tool_calls` a caller.
+pub fn role_of(v: &Value) -> Role {
+    match v.get("role").and_then(Value::as_str) {
+        Some("system") | Some("developer") => Role::System,
+        Some("assistant") => Role::Assistant {
+            tool_calls: v
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty()),
+        },
+        Some("tool") => Role::Tool,
+        _ => Role::User,
+    }
 }
 
 /// What a Responses input item is to the planner.

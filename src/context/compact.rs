@@ -531,7 +531,14 @@ async fn fit_into(
         };
         let why = "previous_response_id: the earlier turns are stored by the provider, \
                    the proxy cannot compact them";
-        report.record("not_compacted", before, 0, None, Some(why.to_string()), None);
+        report.record(
+            "not_compacted",
+            before,
+            0,
+            None,
+            Some(why.to_string()),
+            None,
+        );
         return Ok(Fit::Unchanged {
             estimate: Some(before),
         });
@@ -612,14 +619,7 @@ async fn fit_into(
         }),
     };
     if changed && after_pruning <= budget {
-        return Ok(report.rewritten(
-            "pruned",
-            join(&raws[lead..]),
-            after_pruning,
-            0,
-            None,
-            None,
-        ));
+        return Ok(report.rewritten("pruned", join(&raws[lead..]), after_pruning, 0, None, None));
     }
     match policy {
         OverflowPolicy::Passthrough => Ok(Fit::Unchanged {
@@ -1045,20 +1045,6 @@ fn rewrite(
     Some(out)
 }
 
-pub(super) fn role_of(v: &Value) -> Role {
-    match v.get("role").and_then(Value::as_str) {
-        Some("system") | Some("developer") => Role::System,
-        Some("assistant") => Role::Assistant {
-            tool_calls: v
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .is_some_and(|a| !a.is_empty()),
-        },
-        Some("tool") => Role::Tool,
-        _ => Role::User,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1223,11 +1209,8 @@ mod tests {
 
     /// Fits `raw` (a conversation array) of `api` into `window` with the fixed summarizer.
     async fn fit_api(api: Api<'_>, raw: &str, window: u64) -> Fit {
-        let dir = std::env::temp_dir().join(format!(
-            "llm-warden-apis-{}-{}",
-            std::process::id(),
-            window
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("llm-warden-apis-{}-{}", std::process::id(), window));
         let mut config = Config::default();
         config.compaction.cache_dir = Some(dir.clone());
         let cx = Compactor::new(&config);
@@ -1260,12 +1243,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_messages_conversation_is_summarized_as_a_user_turn_kept_bytes_unchanged() {
-        let system =
-            RawValue::from_string(format!(r#""The system prompt. {}""#, words(30, 1))).expect("raw");
+        let system = RawValue::from_string(format!(r#""The system prompt. {}""#, words(30, 1)))
+            .expect("raw");
         // Odd spacing: kept messages must come back byte for byte.
         let mut msgs = Vec::new();
         for t in 0..6 {
-            msgs.push(format!(r#"{{"role":"user", "content":"{}"}}"#, words(150, t)));
+            msgs.push(format!(
+                r#"{{"role":"user", "content":"{}"}}"#,
+                words(150, t)
+            ));
             msgs.push(format!(
                 r#"{{"role":"assistant","content":[{{"type":"text","text":"{}"}},{{"type":"tool_use","id":"t{t}","name":"read","input":{{"path":"a"}}}}]}}"#,
                 words(20, t)
@@ -1274,7 +1260,10 @@ mod tests {
                 r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t{t}","content":"{}"}}]}}"#,
                 words(150, t + 2)
             ));
-            msgs.push(format!(r#"{{"role":"assistant",  "content":"{}"}}"#, words(30, t)));
+            msgs.push(format!(
+                r#"{{"role":"assistant",  "content":"{}"}}"#,
+                words(30, t)
+            ));
         }
         msgs.push(r#"{"role":"user","content":"and now?"}"#.to_string());
         let raw = format!("[{}]", msgs.join(","));
@@ -1285,11 +1274,15 @@ mod tests {
             panic!("not rewritten");
         };
         let out = entries(&messages);
-        assert!(!messages.contains("The system prompt."), "the system stays outside");
+        assert!(
+            !messages.contains("The system prompt."),
+            "the system stays outside"
+        );
         // [summary (user), ack (assistant) if the next is user, kept...]
         let summary: Value = serde_json::from_str(&out[0]).expect("json");
         assert_eq!(summary["role"], "user");
-        let ack = out[1] == json!({"role":"assistant","content":super::super::apis::ACK}).to_string();
+        let ack_raw = json!({"role": "assistant", "content": super::super::apis::ACK}).to_string();
+        let ack = out[1] == ack_raw;
         let kept = &out[1 + usize::from(ack)..];
         let evicted = msgs.len() - kept.len();
         assert!(evicted > 0 && kept.len() > 1, "{evicted}");
@@ -1314,7 +1307,10 @@ mod tests {
         let instructions = RawValue::from_string(format!(r#""{}""#, words(30, 1))).expect("raw");
         let mut items = Vec::new();
         for t in 0..6 {
-            items.push(format!(r#"{{"role":"user", "content":"{}"}}"#, words(150, t)));
+            items.push(format!(
+                r#"{{"role":"user", "content":"{}"}}"#,
+                words(150, t)
+            ));
             items.push(format!(
                 r#"{{"type":"function_call","call_id":"c{t}","name":"read","arguments":"{{}}"}}"#
             ));
