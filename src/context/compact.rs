@@ -1,4 +1,5 @@
-//! Fitting a chat request into its model's window, before it is forwarded.
+//! Fitting a conversation (chat `messages`, Messages `messages`, Responses `input`: see
+//! [`super::apis`]) into its model's window, before it is forwarded.
 //!
 //! ```text
 //!  window (request num_ctx → loaded context → config → load and ask) ─┐
