@@ -29,8 +29,11 @@
 //!   when its input alone is over the budget the `/status` event says `not_compacted` with
 //!   the reason (whatever `on_overflow` says: the provider's own window error applies).
 //!
-//! Pruning ([`super::prune`]) runs on chat messages only: its rules read chat's `content`,
-//! `tool` messages and `images`; Messages and Responses go straight to the plan.
+//! Pruning ([`super::prune`]) runs on chat and Messages conversations: in Messages it
+//! reads a `content` string and `text` blocks (duplicates); the text inside `tool_result`
+//! blocks and Anthropic `image` blocks are not pruned (yet). Responses items are not pruned
+//! (`input_text` / `output_text` parts, `function_call_output` strings): they go straight
+//! to the plan.
 
 use serde_json::value::RawValue;
 use serde_json::Value;

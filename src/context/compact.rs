@@ -569,7 +569,7 @@ async fn fit_into(
     let pruning = matches!(
         policy,
         OverflowPolicy::Summarize | OverflowPolicy::TruncateOldest
-    ) && matches!(req.api, Api::Chat)
+    ) && !matches!(req.api, Api::Responses { .. })
         && cx.prune(req.model);
     let pruned = if pruning {
         prune::prune(&raws, &values, &roles)
@@ -1301,6 +1301,36 @@ mod tests {
             .collect();
         assert!(roles.windows(2).all(|w| w[0] != w[1]), "{roles:?}");
         assert!(!msgs[evicted].contains("tool_result"));
+    }
+
+    #[tokio::test]
+    async fn a_repeated_messages_text_block_is_pruned_and_the_rest_kept_bytes() {
+        let big = words(400, 3);
+        let msgs = [
+            r#"{"role":"user","content":"look at this"}"#.to_string(),
+            format!(r#"{{"role":"assistant","content":[{{"type":"text","text":"{big}"}}]}}"#),
+            r#"{"role":"user","content":"again please"}"#.to_string(),
+            format!(r#"{{"role":"assistant","content":[{{"type":"text","text":"{big}"}}]}}"#),
+            r#"{"role":"user","content":"thanks"}"#.to_string(),
+        ];
+        let raw = format!("[{}]", msgs.join(","));
+        let system = RawValue::from_string(r#""be brief""#.to_string()).expect("raw");
+        let api = Api::Messages {
+            system: Some(&system),
+        };
+        let Fit::Rewritten {
+            messages, pruned, ..
+        } = fit_api(api, &raw, 768).await
+        else {
+            panic!("not rewritten");
+        };
+        assert_eq!(pruned.map(|p| p.duplicates), Some(1));
+        let marked = msgs[1].replace(&big, &prune::duplicate_marker(big.len()));
+        let want = [&msgs[0], &marked, &msgs[2], &msgs[3], &msgs[4]];
+        assert_eq!(
+            messages,
+            format!("[{}]", want.map(String::as_str).join(","))
+        );
     }
 
     #[tokio::test]
