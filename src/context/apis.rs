@@ -29,11 +29,11 @@
 //!   when its input alone is over the budget the `/status` event says `not_compacted` with
 //!   the reason (whatever `on_overflow` says: the provider's own window error applies).
 //!
-//! Pruning ([`super::prune`]) runs on chat and Messages conversations: in Messages it
-//! reads a `content` string and `text` blocks (duplicates); the text inside `tool_result`
-//! blocks and Anthropic `image` blocks are not pruned (yet). Responses items are not pruned
-//! (`input_text` / `output_text` parts, `function_call_output` strings): they go straight
-//! to the plan.
+//! Pruning ([`super::prune`]) runs on both, with the same rules: duplicates are looked for
+//! in `content` strings, `text` blocks and the string `content` of `tool_result` blocks
+//! (Messages), `input_text` / `output_text` parts and `function_call_output` `output`
+//! strings (Responses). Not pruned: a `tool_result` whose content is an array of blocks,
+//! and images in either API (Anthropic `image` blocks, Responses `input_image` parts).
 
 use serde_json::value::RawValue;
 use serde_json::Value;

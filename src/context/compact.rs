@@ -569,8 +569,7 @@ async fn fit_into(
     let pruning = matches!(
         policy,
         OverflowPolicy::Summarize | OverflowPolicy::TruncateOldest
-    ) && !matches!(req.api, Api::Responses { .. })
-        && cx.prune(req.model);
+    ) && cx.prune(req.model);
     let pruned = if pruning {
         prune::prune(&raws, &values, &roles)
     } else {
@@ -1209,11 +1208,12 @@ mod tests {
     }
 
     /// Fits `raw` (a conversation array) of `api` into `window` with the fixed summarizer.
-    async fn fit_api(api: Api<'_>, raw: &str, window: u64) -> Fit {
+    async fn fit_api(api: Api<'_>, raw: &str, window: u64, prune: bool) -> Fit {
         let dir =
             std::env::temp_dir().join(format!("llm-warden-apis-{}-{}", std::process::id(), window));
         let mut config = Config::default();
         config.compaction.cache_dir = Some(dir.clone());
+        config.compaction.prune = prune;
         let cx = Compactor::new(&config);
         let stage = Stage {
             compactor: &cx,
@@ -1271,7 +1271,7 @@ mod tests {
         let api = Api::Messages {
             system: Some(&system),
         };
-        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 2048).await else {
+        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 2048, false).await else {
             panic!("not rewritten");
         };
         let out = entries(&messages);
@@ -1304,7 +1304,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_repeated_messages_text_block_is_pruned_and_the_rest_kept_bytes() {
+    async fn repeated_messages_and_responses_content_is_pruned_the_rest_kept_bytes() {
         let big = words(400, 3);
         let msgs = [
             r#"{"role":"user","content":"look at this"}"#.to_string(),
@@ -1320,7 +1320,7 @@ mod tests {
         };
         let Fit::Rewritten {
             messages, pruned, ..
-        } = fit_api(api, &raw, 768).await
+        } = fit_api(api, &raw, 768, true).await
         else {
             panic!("not rewritten");
         };
@@ -1331,6 +1331,43 @@ mod tests {
             messages,
             format!("[{}]", want.map(String::as_str).join(","))
         );
+        // A tool_result's text, and in Responses a function_call_output's output.
+        let results = [
+            r#"{"role":"user","content":"read it"}"#.to_string(),
+            r#"{"role":"assistant","content":[{"type":"tool_use","id":"a","name":"read","input":{}}]}"#.to_string(),
+            format!(r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"a","content":"{big}"}}]}}"#),
+            r#"{"role":"assistant","content":[{"type":"tool_use","id":"b","name":"read","input":{}}]}"#.to_string(),
+            format!(r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"b","content":"{big}"}}]}}"#),
+            r#"{"role":"assistant","content":"same"}"#.to_string(),
+            r#"{"role":"user","content":"thanks"}"#.to_string(),
+        ];
+        let api = Api::Messages { system: None };
+        let raw = format!("[{}]", results.join(","));
+        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 768, true).await else {
+            panic!("not rewritten");
+        };
+        let mut want = results.clone();
+        want[2] = results[2].replace(&big, &prune::duplicate_marker(big.len()));
+        assert_eq!(messages, format!("[{}]", want.join(",")));
+        let items = [
+            r#"{"role":"user","content":"read it"}"#.to_string(),
+            r#"{"type":"function_call","call_id":"a","name":"read","arguments":"{}"}"#.to_string(),
+            format!(r#"{{"type":"function_call_output","call_id":"a","output":"{big}"}}"#),
+            r#"{"type":"function_call","call_id":"b","name":"read","arguments":"{}"}"#.to_string(),
+            format!(r#"{{"type":"function_call_output","call_id":"b","output":"{big}"}}"#),
+            r#"{"role":"user","content":"thanks"}"#.to_string(),
+        ];
+        let api = Api::Responses {
+            instructions: None,
+            previous_response_id: false,
+        };
+        let raw = format!("[{}]", items.join(","));
+        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 768, true).await else {
+            panic!("not rewritten");
+        };
+        let mut want = items.clone();
+        want[2] = items[2].replace(&big, &prune::duplicate_marker(big.len()));
+        assert_eq!(messages, format!("[{}]", want.join(",")));
     }
 
     #[tokio::test]
@@ -1360,7 +1397,7 @@ mod tests {
             instructions: Some(&instructions),
             previous_response_id: false,
         };
-        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 2048).await else {
+        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 2048, false).await else {
             panic!("not rewritten");
         };
         let out = entries(&messages);
@@ -1376,7 +1413,7 @@ mod tests {
             previous_response_id: true,
         };
         assert!(matches!(
-            fit_api(api, &raw, 2048).await,
+            fit_api(api, &raw, 2048, false).await,
             Fit::Unchanged { estimate: Some(_) }
         ));
     }
