@@ -173,7 +173,7 @@ pub struct ChatRequest<'a> {
     pub messages: Option<&'a RawValue>,
     /// Which API's conversation it is ([`super::apis`]).
     pub api: Api<'a>,
-    /// `options.num_predict` / `max_tokens` / `max_completion_tokens`.
+    /// `options.num_predict` / `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
     pub max_reply: Option<u64>,
     /// Memory pressure chose the window (smaller than the request's or the model's own):
     /// a request that cannot fit it even compacted is fitted into the least window that
