@@ -14,7 +14,10 @@
 //!   marked as the proxy's summary of earlier turns. Kept messages stay byte for byte, so
 //!   nothing is merged: when the first kept message is `user` too, a one-line `assistant`
 //!   acknowledgement follows the summary, keeping Anthropic's alternation (user first,
-//!   then alternating); when it is `assistant`, the summary alone does.
+//!   then alternating); when it is `assistant`, the summary alone does. Truncation
+//!   (`truncate_oldest`, or a failed summarizer) keeps this too: when the kept messages
+//!   would start with the assistant's, a `user` message saying how many were dropped goes
+//!   first ([`dropped_marker`]; room for it is kept in the plan).
 //!
 //! **Responses** (`instructions` + `input`):
 //! - `instructions` is counted and never changed; `input` as a string is one turn (nothing
@@ -111,6 +114,15 @@ impl<'a> Api<'a> {
 /// The assistant's side of the summary, in the Messages API, when the kept messages start
 /// with a user message (roles must alternate; the kept ones are not merged).
 pub const ACK: &str = "Understood: that is the summary of our earlier conversation.";
+
+/// Messages, when truncating leaves the assistant's message first: the `user` message put
+/// before it (the first message is a user's), saying what was dropped.
+pub fn dropped_marker(n: usize) -> String {
+    let content = format!(
+        "[llm-warden: the {n} earlier messages of this conversation were dropped to fit the model's context window]"
+    );
+    serde_json::json!({"role": "user", "content": content}).to_string()
+}
 
 /// The summary's text, marked as the proxy's.
 pub fn summary_text(text: &str, n: usize) -> String {

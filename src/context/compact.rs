@@ -943,10 +943,16 @@ fn truncate(
     budget: u64,
     failure: Option<String>,
 ) -> Result<Fit, Refused> {
+    // Messages: room for a user message saying what was dropped, needed when the kept
+    // messages would start with the assistant's (the first message is a user's).
+    let marker_room = match report.req.api {
+        Api::Messages { .. } => plan::MIN_SUMMARY,
+        _ => 0,
+    };
     let b = Budget {
         prompt: budget,
         tail: budget,
-        summary: 0,
+        summary: marker_room,
     };
     match plan::plan(roles, counts, b) {
         Plan::Fits => Ok(Fit::Unchanged {
@@ -964,14 +970,21 @@ fn truncate(
         }),
         Plan::Compact {
             evict, kept_tokens, ..
-        } => Ok(match rewrite(raws, lead, &evict, None) {
-            Some(messages) => {
-                report.rewritten("truncated", messages, kept_tokens, 0, None, failure)
-            }
-            None => Fit::Unchanged {
-                estimate: Some(report.before),
-            },
-        }),
+        } => {
+            let first_kept = evict
+                .first()
+                .and_then(|&e| (e..raws.len()).find(|i| evict.binary_search(i).is_err()));
+            let marker = first_kept
+                .filter(|&i| marker_room > 0 && matches!(roles[i], Role::Assistant { .. }))
+                .map(|_| super::apis::dropped_marker(evict.len()));
+            let after = kept_tokens + marker.as_ref().map_or(0, |_| marker_room);
+            Ok(match rewrite(raws, lead, &evict, marker.as_deref()) {
+                Some(messages) => report.rewritten("truncated", messages, after, 0, None, failure),
+                None => Fit::Unchanged {
+                    estimate: Some(report.before),
+                },
+            })
+        }
     }
 }
 
@@ -1209,11 +1222,22 @@ mod tests {
 
     /// Fits `raw` (a conversation array) of `api` into `window` with the fixed summarizer.
     async fn fit_api(api: Api<'_>, raw: &str, window: u64, prune: bool) -> Fit {
+        fit_api_with(api, raw, window, prune, OverflowPolicy::Summarize).await
+    }
+
+    async fn fit_api_with(
+        api: Api<'_>,
+        raw: &str,
+        window: u64,
+        prune: bool,
+        policy: OverflowPolicy,
+    ) -> Fit {
         let dir =
             std::env::temp_dir().join(format!("llm-warden-apis-{}-{}", std::process::id(), window));
         let mut config = Config::default();
         config.compaction.cache_dir = Some(dir.clone());
         config.compaction.prune = prune;
+        config.compaction.on_overflow = policy;
         let cx = Compactor::new(&config);
         let stage = Stage {
             compactor: &cx,
@@ -1368,6 +1392,50 @@ mod tests {
         let mut want = items.clone();
         want[2] = items[2].replace(&big, &prune::duplicate_marker(big.len()));
         assert_eq!(messages, format!("[{}]", want.join(",")));
+    }
+
+    #[tokio::test]
+    async fn truncated_messages_start_with_a_user_message() {
+        let mut msgs = Vec::new();
+        for t in 0..6 {
+            msgs.push(format!(
+                r#"{{"role":"user","content":"{}"}}"#,
+                words(150, t)
+            ));
+            msgs.push(format!(
+                r#"{{"role":"assistant","content":"{}"}}"#,
+                words(150, t + 1)
+            ));
+        }
+        msgs.push(r#"{"role":"user","content":"and now?"}"#.to_string());
+        let raw = format!("[{}]", msgs.join(","));
+        let mut markers = 0;
+        for window in [1024, 1280, 1536, 1792, 2048] {
+            let api = Api::Messages { system: None };
+            let policy = OverflowPolicy::TruncateOldest;
+            let Fit::Rewritten { messages, .. } =
+                fit_api_with(api, &raw, window, false, policy).await
+            else {
+                panic!("not rewritten");
+            };
+            let out = entries(&messages);
+            let first: Value = serde_json::from_str(&out[0]).expect("json");
+            assert_eq!(first["role"], "user", "{window}");
+            let marked = out[0].contains("were dropped");
+            let kept = &out[usize::from(marked)..];
+            let dropped = msgs.len() - kept.len();
+            assert_eq!(kept, &msgs[dropped..], "{window}: byte for byte");
+            if marked {
+                assert_eq!(out[0], super::super::apis::dropped_marker(dropped));
+                markers += 1;
+            } else {
+                assert_eq!(msgs[dropped], out[0]);
+            }
+        }
+        assert!(
+            markers > 0,
+            "a kept tail that starts with the assistant's happens"
+        );
     }
 
     #[tokio::test]
