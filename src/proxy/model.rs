@@ -11,7 +11,7 @@
 //!         not pin the target)
 //!  → acquire: the in-flight guard, a lease from the lifecycle (load / queue); the runner's
 //!         options, fixed while the lease is out, join the edits
-//!  → apply the edits (keep_alive, options.num_ctx / num_batch, messages) in one rewrite
+//!  → apply the edits (keep_alive, options.num_ctx / num_batch, messages / input) in one rewrite
 //!  → forward → ObservedBody (usage, guard + lease: finish once) → notes as headers
 //! ```
 //!
@@ -267,7 +267,8 @@ impl Call<'_> {
     }
 
     /// The fit phase: the model's window, `num_ctx` normalization and cap (Ollama), and the
-    /// compactor; only chats with messages. An error: the conversation cannot fit (400).
+    /// compactor; conversations only: chat and Messages `messages`, Responses `input`. An
+    /// error: the conversation cannot fit (400).
     async fn fit(&mut self) -> Result<(), ProxyError> {
         let parsed = self.parsed;
         let (messages, api) = match self.endpoint.operation {
