@@ -1,4 +1,5 @@
-//! Fitting a chat request into its model's window, before it is forwarded.
+//! Fitting a conversation (chat `messages`, Messages `messages`, Responses `input`: see
+//! [`super::apis`]) into its model's window, before it is forwarded.
 //!
 //! ```text
 //!  window (request num_ctx → loaded context → config → load and ask) ─┐
@@ -31,6 +32,7 @@ use futures_util::future::BoxFuture;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use super::apis::Api;
 use super::cache::{Summary, SummaryCache, SummaryKey};
 use super::events::{CompactionEvent, EventLog, PruneCounts};
 use super::plan::{self, Budget, Plan, Role};
@@ -167,8 +169,11 @@ pub enum Fit {
 pub struct ChatRequest<'a> {
     pub provider: usize,
     pub model: &'a str,
+    /// `messages` (chat, Messages) or `input` (Responses).
     pub messages: Option<&'a RawValue>,
-    /// `options.num_predict` / `max_tokens` / `max_completion_tokens`.
+    /// Which API's conversation it is ([`super::apis`]).
+    pub api: Api<'a>,
+    /// `options.num_predict` / `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
     pub max_reply: Option<u64>,
     /// Memory pressure chose the window (smaller than the request's or the model's own):
     /// a request that cannot fit it even compacted is fitted into the least window that
@@ -476,10 +481,11 @@ async fn fit_into(
         return Ok(Fit::Unchanged { estimate: None });
     }
     let budget = cx.budget(req, window, raised);
-    if tokens::upper_bound(messages_raw.get().len()) <= budget {
+    let fixed_len = req.api.fixed().map_or(0, |f| f.get().len());
+    if tokens::upper_bound(messages_raw.get().len() + fixed_len) <= budget {
         return Ok(Fit::Unchanged { estimate: None });
     }
-    let Ok(raws) = serde_json::from_str::<Vec<&RawValue>>(messages_raw.get()) else {
+    let Ok(mut raws) = serde_json::from_str::<Vec<&RawValue>>(messages_raw.get()) else {
         // Not an array of messages: the provider answers its own error.
         return Ok(Fit::Unchanged { estimate: None });
     };
@@ -489,6 +495,13 @@ async fn fit_into(
     // "yes" (issue 18): the body goes on unchanged, for the provider's own answer.
     if raws.iter().any(|r| !r.get().trim_start().starts_with('{')) {
         return Ok(Fit::Unchanged { estimate: None });
+    }
+    // Messages' `system`, Responses' `instructions`: counted as a first system message that
+    // the planner keeps, and left out of the rewrite (`lead`).
+    let fixed = req.api.fixed_message();
+    let lead = usize::from(fixed.is_some());
+    if let Some(f) = fixed.as_deref() {
+        raws.insert(0, f);
     }
     let provider_name = state.providers.name(req.provider);
     let enc = cx.encoding(req.model);
@@ -500,6 +513,33 @@ async fn fit_into(
         .collect();
     let before: u64 = counts.iter().sum();
     if before <= budget {
+        return Ok(Fit::Unchanged {
+            estimate: Some(before),
+        });
+    }
+    if let Api::Responses {
+        previous_response_id: true,
+        ..
+    } = req.api
+    {
+        // The conversation lives on the provider: the proxy sees only the new items.
+        let report = Report {
+            state,
+            req,
+            window,
+            before,
+            pruned: None,
+        };
+        let why = "previous_response_id: the earlier turns are stored by the provider, \
+                   the proxy cannot compact them";
+        report.record(
+            "not_compacted",
+            before,
+            0,
+            None,
+            Some(why.to_string()),
+            None,
+        );
         return Ok(Fit::Unchanged {
             estimate: Some(before),
         });
@@ -521,7 +561,9 @@ async fn fit_into(
             estimate: Some(before),
         });
     }
-    let roles: Vec<Role> = values.iter().map(role_of).collect();
+    let mut roles: Vec<Role> = Vec::with_capacity(values.len());
+    roles.extend(std::iter::repeat_n(Role::System, lead));
+    roles.extend(req.api.roles(&values[lead..]));
     // Prune first, for the policies that rewrite (it loses less than either): what is left
     // is counted again, and if it fits nothing more is done (no summarizer call).
     let pruning = matches!(
@@ -577,7 +619,7 @@ async fn fit_into(
         }),
     };
     if changed && after_pruning <= budget {
-        return Ok(report.rewritten("pruned", join(&raws), after_pruning, 0, None, None));
+        return Ok(report.rewritten("pruned", join(&raws[lead..]), after_pruning, 0, None, None));
     }
     match policy {
         OverflowPolicy::Passthrough => Ok(Fit::Unchanged {
@@ -589,7 +631,9 @@ async fn fit_into(
             why: "on_overflow = reject".to_string(),
             failure: None,
         }),
-        OverflowPolicy::TruncateOldest => truncate(&report, &raws, &roles, &counts, budget, None),
+        OverflowPolicy::TruncateOldest => {
+            truncate(&report, &raws, lead, &roles, &counts, budget, None)
+        }
         OverflowPolicy::Summarize => {
             let tail = (cx.live().settings.keep_recent_share * window as f64) as u64;
             let b = Budget {
@@ -618,6 +662,7 @@ async fn fit_into(
                 Plan::Compact { evict, summary, .. } => (evict, summary),
             };
             let input = Evicted {
+                lead,
                 raws: &raws,
                 values: &values,
                 roles: &roles,
@@ -630,7 +675,7 @@ async fn fit_into(
                 }
                 Err(why) => {
                     tracing::warn!(model = req.model, error = %why, "summarizer failed; dropping the oldest turns instead");
-                    truncate(&report, &raws, &roles, &counts, budget, Some(why))
+                    truncate(&report, &raws, lead, &roles, &counts, budget, Some(why))
                 }
             }
         }
@@ -750,6 +795,8 @@ impl Report<'_> {
 /// A conversation and the messages a plan evicts from it.
 #[derive(Clone, Copy)]
 struct Evicted<'a> {
+    /// Leading entries that are counted but not in the array (the fixed system prompt).
+    lead: usize,
     raws: &'a [&'a RawValue],
     values: &'a [Value],
     roles: &'a [Role],
@@ -774,6 +821,7 @@ async fn summarized(
     enc: Encoding,
 ) -> Result<(String, u64, u32, &'static str), String> {
     let Evicted {
+        lead,
         raws,
         values,
         roles,
@@ -787,9 +835,12 @@ async fn summarized(
     let total: u64 = counts.iter().sum();
     let evicted_tokens = |n: usize| evict[..n].iter().map(|&i| counts[i]).sum::<u64>();
     let finish = |text: &str, n: usize| -> Result<(String, u64), String> {
-        let message = summary_message(text, n);
+        let next = (evict[0]..raws.len())
+            .find(|i| !evict[..n].contains(i))
+            .map(|i| &values[i]);
+        let message = req.api.summary(text, n, next);
         let after = total - evicted_tokens(n) + cx.counter.count_text(enc, &message) + 4;
-        let messages = rewrite(raws, &evict[..n], Some(&message))
+        let messages = rewrite(raws, lead, &evict[..n], Some(&message))
             .ok_or_else(|| "nothing to summarize".to_string())?;
         Ok((messages, after))
     };
@@ -886,15 +937,22 @@ async fn summarized(
 fn truncate(
     report: &Report<'_>,
     raws: &[&RawValue],
+    lead: usize,
     roles: &[Role],
     counts: &[u64],
     budget: u64,
     failure: Option<String>,
 ) -> Result<Fit, Refused> {
+    // Messages: room for a user message saying what was dropped, needed when the kept
+    // messages would start with the assistant's (the first message is a user's).
+    let marker_room = match report.req.api {
+        Api::Messages { .. } => plan::MIN_SUMMARY,
+        _ => 0,
+    };
     let b = Budget {
         prompt: budget,
         tail: budget,
-        summary: 0,
+        summary: marker_room,
     };
     match plan::plan(roles, counts, b) {
         Plan::Fits => Ok(Fit::Unchanged {
@@ -912,14 +970,21 @@ fn truncate(
         }),
         Plan::Compact {
             evict, kept_tokens, ..
-        } => Ok(match rewrite(raws, &evict, None) {
-            Some(messages) => {
-                report.rewritten("truncated", messages, kept_tokens, 0, None, failure)
-            }
-            None => Fit::Unchanged {
-                estimate: Some(report.before),
-            },
-        }),
+        } => {
+            let first_kept = evict
+                .first()
+                .and_then(|&e| (e..raws.len()).find(|i| evict.binary_search(i).is_err()));
+            let marker = first_kept
+                .filter(|&i| marker_room > 0 && matches!(roles[i], Role::Assistant { .. }))
+                .map(|_| super::apis::dropped_marker(evict.len()));
+            let after = kept_tokens + marker.as_ref().map_or(0, |_| marker_room);
+            Ok(match rewrite(raws, lead, &evict, marker.as_deref()) {
+                Some(messages) => report.rewritten("truncated", messages, after, 0, None, failure),
+                None => Fit::Unchanged {
+                    estimate: Some(report.before),
+                },
+            })
+        }
     }
 }
 
@@ -956,24 +1021,21 @@ fn join(raws: &[&RawValue]) -> String {
     out
 }
 
-/// The message that stands for the summarized ones.
-fn summary_message(text: &str, n: usize) -> String {
-    let content = format!(
-        "Summary of the {n} earlier messages of this conversation (condensed by llm-warden to fit the model's context window):\n{}",
-        text.trim()
-    );
-    serde_json::json!({"role": "system", "content": content}).to_string()
-}
-
 /// The `messages` array with `evict` removed and `summary` (raw JSON) in their place; the
-/// kept messages byte for byte. The data plane puts it in the body, in its one rewrite.
-fn rewrite(raws: &[&RawValue], evict: &[usize], summary: Option<&str>) -> Option<String> {
+/// kept messages byte for byte; the first `lead` entries (the fixed system prompt, counted
+/// only) are left out. The data plane puts it in the body, in its one rewrite.
+fn rewrite(
+    raws: &[&RawValue],
+    lead: usize,
+    evict: &[usize],
+    summary: Option<&str>,
+) -> Option<String> {
     let first = *evict.first()?;
     let len: usize = raws.iter().map(|r| r.get().len() + 1).sum();
     let mut out = String::with_capacity(len + summary.map_or(0, str::len) + 2);
     out.push('[');
     let mut n = 0;
-    for (i, r) in raws.iter().enumerate() {
+    for (i, r) in raws.iter().enumerate().skip(lead) {
         if i == first {
             if let Some(s) = summary {
                 if n > 0 {
@@ -994,20 +1056,6 @@ fn rewrite(raws: &[&RawValue], evict: &[usize], summary: Option<&str>) -> Option
     }
     out.push(']');
     Some(out)
-}
-
-pub(super) fn role_of(v: &Value) -> Role {
-    match v.get("role").and_then(Value::as_str) {
-        Some("system") | Some("developer") => Role::System,
-        Some("assistant") => Role::Assistant {
-            tool_calls: v
-                .get("tool_calls")
-                .and_then(Value::as_array)
-                .is_some_and(|a| !a.is_empty()),
-        },
-        Some("tool") => Role::Tool,
-        _ => Role::User,
-    }
 }
 
 #[cfg(test)]
@@ -1114,6 +1162,7 @@ mod tests {
                                     provider: 0,
                                     model: "m",
                                     messages: Some(&raw),
+                                    api: Api::Chat,
                                     max_reply,
                                     raise_to,
                                 };
@@ -1169,6 +1218,272 @@ mod tests {
             served > 100 && raised > 20 && refused_both > 10,
             "{served} {raised} {refused_both}"
         );
+    }
+
+    /// Fits `raw` (a conversation array) of `api` into `window` with the fixed summarizer.
+    async fn fit_api(api: Api<'_>, raw: &str, window: u64, prune: bool) -> Fit {
+        fit_api_with(api, raw, window, prune, OverflowPolicy::Summarize).await
+    }
+
+    async fn fit_api_with(
+        api: Api<'_>,
+        raw: &str,
+        window: u64,
+        prune: bool,
+        policy: OverflowPolicy,
+    ) -> Fit {
+        let dir =
+            std::env::temp_dir().join(format!("llm-warden-apis-{}-{}", std::process::id(), window));
+        let mut config = Config::default();
+        config.compaction.cache_dir = Some(dir.clone());
+        config.compaction.prune = prune;
+        config.compaction.on_overflow = policy;
+        let cx = Compactor::new(&config);
+        let stage = Stage {
+            compactor: &cx,
+            providers: &OneOllama,
+        };
+        let raw = RawValue::from_string(raw.to_string()).expect("raw");
+        let req = ChatRequest {
+            provider: 0,
+            model: "m",
+            messages: Some(&raw),
+            api,
+            max_reply: Some(64),
+            raise_to: None,
+        };
+        let (fit, _) = fit(stage, &req, window).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        fit
+    }
+
+    /// The array's entries as raw text, in order.
+    fn entries(array: &str) -> Vec<String> {
+        serde_json::from_str::<Vec<&RawValue>>(array)
+            .expect("array")
+            .iter()
+            .map(|r| r.get().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_messages_conversation_is_summarized_as_a_user_turn_kept_bytes_unchanged() {
+        let system = RawValue::from_string(format!(r#""The system prompt. {}""#, words(30, 1)))
+            .expect("raw");
+        // Odd spacing: kept messages must come back byte for byte.
+        let mut msgs = Vec::new();
+        for t in 0..6 {
+            msgs.push(format!(
+                r#"{{"role":"user", "content":"{}"}}"#,
+                words(150, t)
+            ));
+            msgs.push(format!(
+                r#"{{"role":"assistant","content":[{{"type":"text","text":"{}"}},{{"type":"tool_use","id":"t{t}","name":"read","input":{{"path":"a"}}}}]}}"#,
+                words(20, t)
+            ));
+            msgs.push(format!(
+                r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t{t}","content":"{}"}}]}}"#,
+                words(150, t + 2)
+            ));
+            msgs.push(format!(
+                r#"{{"role":"assistant",  "content":"{}"}}"#,
+                words(30, t)
+            ));
+        }
+        msgs.push(r#"{"role":"user","content":"and now?"}"#.to_string());
+        let raw = format!("[{}]", msgs.join(","));
+        let api = Api::Messages {
+            system: Some(&system),
+        };
+        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 2048, false).await else {
+            panic!("not rewritten");
+        };
+        let out = entries(&messages);
+        assert!(
+            !messages.contains("The system prompt."),
+            "the system stays outside"
+        );
+        // [summary (user), ack (assistant) if the next is user, kept...]
+        let summary: Value = serde_json::from_str(&out[0]).expect("json");
+        assert_eq!(summary["role"], "user");
+        let ack_raw = json!({"role": "assistant", "content": super::super::apis::ACK}).to_string();
+        let ack = out[1] == ack_raw;
+        let kept = &out[1 + usize::from(ack)..];
+        let evicted = msgs.len() - kept.len();
+        assert!(evicted > 0 && kept.len() > 1, "{evicted}");
+        assert_eq!(kept, &msgs[evicted..], "kept byte for byte");
+        let want = Api::Messages { system: None }.summary(
+            "They talked.",
+            evicted,
+            serde_json::from_str::<Value>(&msgs[evicted]).ok().as_ref(),
+        );
+        assert_eq!(messages, format!("[{want},{}]", msgs[evicted..].join(",")));
+        // Roles alternate, and the first kept message is no orphan tool_result.
+        let roles: Vec<String> = out
+            .iter()
+            .map(|m| serde_json::from_str::<Value>(m).expect("json")["role"].to_string())
+            .collect();
+        assert!(roles.windows(2).all(|w| w[0] != w[1]), "{roles:?}");
+        assert!(!msgs[evicted].contains("tool_result"));
+    }
+
+    #[tokio::test]
+    async fn repeated_messages_and_responses_content_is_pruned_the_rest_kept_bytes() {
+        let big = words(400, 3);
+        let msgs = [
+            r#"{"role":"user","content":"look at this"}"#.to_string(),
+            format!(r#"{{"role":"assistant","content":[{{"type":"text","text":"{big}"}}]}}"#),
+            r#"{"role":"user","content":"again please"}"#.to_string(),
+            format!(r#"{{"role":"assistant","content":[{{"type":"text","text":"{big}"}}]}}"#),
+            r#"{"role":"user","content":"thanks"}"#.to_string(),
+        ];
+        let raw = format!("[{}]", msgs.join(","));
+        let system = RawValue::from_string(r#""be brief""#.to_string()).expect("raw");
+        let api = Api::Messages {
+            system: Some(&system),
+        };
+        let Fit::Rewritten {
+            messages, pruned, ..
+        } = fit_api(api, &raw, 768, true).await
+        else {
+            panic!("not rewritten");
+        };
+        assert_eq!(pruned.map(|p| p.duplicates), Some(1));
+        let marked = msgs[1].replace(&big, &prune::duplicate_marker(big.len()));
+        let want = [&msgs[0], &marked, &msgs[2], &msgs[3], &msgs[4]];
+        assert_eq!(
+            messages,
+            format!("[{}]", want.map(String::as_str).join(","))
+        );
+        // A tool_result's text, and in Responses a function_call_output's output.
+        let results = [
+            r#"{"role":"user","content":"read it"}"#.to_string(),
+            r#"{"role":"assistant","content":[{"type":"tool_use","id":"a","name":"read","input":{}}]}"#.to_string(),
+            format!(r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"a","content":"{big}"}}]}}"#),
+            r#"{"role":"assistant","content":[{"type":"tool_use","id":"b","name":"read","input":{}}]}"#.to_string(),
+            format!(r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"b","content":"{big}"}}]}}"#),
+            r#"{"role":"assistant","content":"same"}"#.to_string(),
+            r#"{"role":"user","content":"thanks"}"#.to_string(),
+        ];
+        let api = Api::Messages { system: None };
+        let raw = format!("[{}]", results.join(","));
+        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 768, true).await else {
+            panic!("not rewritten");
+        };
+        let mut want = results.clone();
+        want[2] = results[2].replace(&big, &prune::duplicate_marker(big.len()));
+        assert_eq!(messages, format!("[{}]", want.join(",")));
+        let items = [
+            r#"{"role":"user","content":"read it"}"#.to_string(),
+            r#"{"type":"function_call","call_id":"a","name":"read","arguments":"{}"}"#.to_string(),
+            format!(r#"{{"type":"function_call_output","call_id":"a","output":"{big}"}}"#),
+            r#"{"type":"function_call","call_id":"b","name":"read","arguments":"{}"}"#.to_string(),
+            format!(r#"{{"type":"function_call_output","call_id":"b","output":"{big}"}}"#),
+            r#"{"role":"user","content":"thanks"}"#.to_string(),
+        ];
+        let api = Api::Responses {
+            instructions: None,
+            previous_response_id: false,
+        };
+        let raw = format!("[{}]", items.join(","));
+        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 768, true).await else {
+            panic!("not rewritten");
+        };
+        let mut want = items.clone();
+        want[2] = items[2].replace(&big, &prune::duplicate_marker(big.len()));
+        assert_eq!(messages, format!("[{}]", want.join(",")));
+    }
+
+    #[tokio::test]
+    async fn truncated_messages_start_with_a_user_message() {
+        let mut msgs = Vec::new();
+        for t in 0..6 {
+            msgs.push(format!(
+                r#"{{"role":"user","content":"{}"}}"#,
+                words(150, t)
+            ));
+            msgs.push(format!(
+                r#"{{"role":"assistant","content":"{}"}}"#,
+                words(150, t + 1)
+            ));
+        }
+        msgs.push(r#"{"role":"user","content":"and now?"}"#.to_string());
+        let raw = format!("[{}]", msgs.join(","));
+        let mut markers = 0;
+        for window in [1024, 1280, 1536, 1792, 2048] {
+            let api = Api::Messages { system: None };
+            let policy = OverflowPolicy::TruncateOldest;
+            let Fit::Rewritten { messages, .. } =
+                fit_api_with(api, &raw, window, false, policy).await
+            else {
+                panic!("not rewritten");
+            };
+            let out = entries(&messages);
+            let first: Value = serde_json::from_str(&out[0]).expect("json");
+            assert_eq!(first["role"], "user", "{window}");
+            let marked = out[0].contains("were dropped");
+            let kept = &out[usize::from(marked)..];
+            let dropped = msgs.len() - kept.len();
+            assert_eq!(kept, &msgs[dropped..], "{window}: byte for byte");
+            if marked {
+                assert_eq!(out[0], super::super::apis::dropped_marker(dropped));
+                markers += 1;
+            } else {
+                assert_eq!(msgs[dropped], out[0]);
+            }
+        }
+        assert!(
+            markers > 0,
+            "a kept tail that starts with the assistant's happens"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_responses_input_is_summarized_as_a_system_item_calls_kept_with_outputs() {
+        let instructions = RawValue::from_string(format!(r#""{}""#, words(30, 1))).expect("raw");
+        let mut items = Vec::new();
+        for t in 0..6 {
+            items.push(format!(
+                r#"{{"role":"user", "content":"{}"}}"#,
+                words(150, t)
+            ));
+            items.push(format!(
+                r#"{{"type":"function_call","call_id":"c{t}","name":"read","arguments":"{{}}"}}"#
+            ));
+            items.push(format!(
+                r#"{{"type":"function_call_output","call_id":"c{t}","output":"{}"}}"#,
+                words(150, t + 2)
+            ));
+            items.push(format!(
+                r#"{{"type":"message","role":"assistant","content":[{{"type":"output_text","text":"{}"}}]}}"#,
+                words(30, t)
+            ));
+        }
+        items.push(r#"{"role":"user","content":"and now?"}"#.to_string());
+        let raw = format!("[{}]", items.join(","));
+        let api = Api::Responses {
+            instructions: Some(&instructions),
+            previous_response_id: false,
+        };
+        let Fit::Rewritten { messages, .. } = fit_api(api, &raw, 2048, false).await else {
+            panic!("not rewritten");
+        };
+        let out = entries(&messages);
+        let kept = &out[1..];
+        let evicted = items.len() - kept.len();
+        assert!(evicted > 0 && kept.len() > 1, "{evicted}");
+        let want = json!({"role":"system","content":super::super::apis::summary_text("They talked.", evicted)});
+        assert_eq!(messages, format!("[{want},{}]", items[evicted..].join(",")));
+        assert!(!items[evicted].contains("function_call_output"));
+        // With previous_response_id: unchanged, and said.
+        let api = Api::Responses {
+            instructions: Some(&instructions),
+            previous_response_id: true,
+        };
+        assert!(matches!(
+            fit_api(api, &raw, 2048, false).await,
+            Fit::Unchanged { estimate: Some(_) }
+        ));
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub struct CompactionEvent {
     pub at: String,
     pub provider: String,
     pub model: String,
-    /// `pruned`, `summarized`, `truncated` or `rejected`.
+    /// `pruned`, `summarized`, `truncated` or `rejected`; `not_compacted` for a Responses
+    /// request over the budget with `previous_response_id` (forwarded as sent; `failure`
+    /// says why).
     pub action: &'static str,
     pub tokens_before: u64,
     pub tokens_after: u64,
@@ -21,7 +23,8 @@ pub struct CompactionEvent {
     /// Where the summary came from: `cache`, `summarizer`, `summarizer, from a cached prefix`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<&'static str>,
-    /// Why the summarizer was not used (it failed), when truncation stood in.
+    /// Why the summarizer was not used (it failed), when truncation stood in; why a request
+    /// was `not_compacted`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
     /// What pruning took out first (`pruned`, and `summarized` / `truncated` after it).

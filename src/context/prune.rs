@@ -16,8 +16,10 @@
 //!   a file read three times in one loop keeps only its last read whole, as a summary
 //!   would evict those steps too. A copy in a protected message still counts as a *later
 //!   copy* of an older one.
-//! - **Duplicates.** A message's `content` string, or a text part (`{"type":"text","text":…}`)
-//!   of a content array, of at least [`MIN_BYTES`] bytes whose text appears again in a later
+//! - **Duplicates.** A message's `content` string, or a text part (`{"type":"text","text":…}`,
+//!   the Responses API's `input_text` / `output_text`) of a content array, the string
+//!   `content` of an Anthropic `tool_result` block, or a Responses `function_call_output`'s
+//!   `output` string, of at least [`MIN_BYTES`] bytes whose text appears again in a later
 //!   message (as a content string or text part, any role) is replaced by a marker (see
 //!   [`duplicate_marker`]): the latest copy stays whole. "Appears again" is near-exact:
 //!   compared after [`normalized`] (CRLF as LF, trailing spaces of each line and blank lines
@@ -123,25 +125,39 @@ pub fn normalized(text: &str) -> String {
 enum Place {
     /// The `content` string.
     Content,
-    /// The text part at this index of the `content` array.
+    /// The text part at this index of the `content` array (`text`, and the Responses API's
+    /// `input_text` / `output_text`).
     Part(usize),
+    /// The string `content` of the Anthropic `tool_result` block at this index.
+    ToolResult(usize),
+    /// A Responses `function_call_output`'s `output` string.
+    Output,
 }
 
 /// The large texts of a message, with their places.
 fn texts(v: &Value) -> Vec<(Place, &str)> {
-    match v.get("content") {
+    let mut found = match v.get("content") {
         Some(Value::String(s)) => vec![(Place::Content, s.as_str())],
         Some(Value::Array(parts)) => parts
             .iter()
             .enumerate()
-            .filter(|(_, p)| p.get("type").and_then(Value::as_str) == Some("text"))
-            .filter_map(|(k, p)| Some((Place::Part(k), p.get("text")?.as_str()?)))
+            .filter_map(|(k, p)| match p.get("type").and_then(Value::as_str)? {
+                "text" | "input_text" | "output_text" => {
+                    Some((Place::Part(k), p.get("text")?.as_str()?))
+                }
+                "tool_result" => Some((Place::ToolResult(k), p.get("content")?.as_str()?)),
+                _ => None,
+            })
             .collect(),
         _ => Vec::new(),
+    };
+    if let Some(Value::String(o)) = v.get("output") {
+        found.push((Place::Output, o.as_str()));
     }
-    .into_iter()
-    .filter(|(_, t)| t.len() >= MIN_BYTES)
-    .collect()
+    found
+        .into_iter()
+        .filter(|(_, t)| t.len() >= MIN_BYTES)
+        .collect()
 }
 
 /// Prunes the older messages of a conversation (see the module doc). `values` and `roles`
@@ -303,6 +319,10 @@ fn rewrite(
                     let (_, text) = Entries::parse(rp.get())?.find("text")?;
                     dups += 1;
                     edits.push((span(msg, text.get()), quoted(&duplicate_marker(n))));
+                } else if let Some(n) = dup_of(Place::ToolResult(k)) {
+                    let (_, text) = Entries::parse(rp.get())?.find("content")?;
+                    dups += 1;
+                    edits.push((span(msg, text.get()), quoted(&duplicate_marker(n))));
                 }
             }
         }
@@ -311,6 +331,11 @@ fn rewrite(
             edits.push((span(msg, raw.get()), quoted(&image_marker(ollama_images))));
         }
         _ => {}
+    }
+    if let Some(n) = dup_of(Place::Output) {
+        let (_, raw) = entries.find("output")?;
+        dups += 1;
+        edits.push((span(msg, raw.get()), quoted(&duplicate_marker(n))));
     }
     if strip && ollama_images > 0 {
         let (e, _) = entries.find("images")?;

@@ -3,7 +3,7 @@
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::super::compact::role_of;
+use super::super::apis::role_of;
 use super::*;
 
 /// Prunes raw messages; the result and every message as it would be forwarded.

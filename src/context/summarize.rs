@@ -32,7 +32,13 @@ pub fn transcript(previous: Option<&str>, messages: &[&Value]) -> String {
         out.push_str("\n\nWhat followed:\n");
     }
     for m in messages {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+        // Responses API items without a role: calls and their outputs.
+        let role = match m.get("type").and_then(Value::as_str) {
+            Some("function_call") => "assistant",
+            Some("function_call_output") => "tool",
+            Some("reasoning") => "assistant (reasoning)",
+            _ => m.get("role").and_then(Value::as_str).unwrap_or("user"),
+        };
         out.push_str(role);
         out.push_str(": ");
         out.push_str(&content_text(m));
@@ -48,9 +54,44 @@ pub fn transcript(previous: Option<&str>, messages: &[&Value]) -> String {
                 out.push_str(&format!(" [calls tool {name} with {args}]"));
             }
         }
+        if m.get("type").and_then(Value::as_str) == Some("function_call") {
+            let name = m.get("name").and_then(Value::as_str).unwrap_or("?");
+            let args = m.get("arguments").and_then(Value::as_str).unwrap_or("");
+            out.push_str(&format!("[calls tool {name} with {args}]"));
+        }
+        if let Some(Value::String(o)) = m.get("output") {
+            out.push_str(o);
+        }
         out.push('\n');
     }
     out
+}
+
+/// The text of content parts: text (also the Responses API's `input_text` / `output_text`),
+/// Anthropic's `tool_use` and `tool_result` blocks; images marked, not described.
+fn parts_text(parts: &[Value]) -> String {
+    parts
+        .iter()
+        .map(|p| match p.get("type").and_then(Value::as_str) {
+            Some("text" | "input_text" | "output_text") => p
+                .get("text")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            Some("tool_use") => format!(
+                "[calls tool {} with {}]",
+                p.get("name").and_then(Value::as_str).unwrap_or("?"),
+                p.get("input").map(Value::to_string).unwrap_or_default()
+            ),
+            Some("tool_result") => match p.get("content") {
+                Some(Value::String(t)) => format!("[tool result: {t}]"),
+                Some(Value::Array(inner)) => format!("[tool result: {}]", parts_text(inner)),
+                _ => "[tool result]".to_string(),
+            },
+            _ => "[image]".to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The text of a message's `content`: a string, or the text parts of an array; images are
@@ -58,18 +99,7 @@ pub fn transcript(previous: Option<&str>, messages: &[&Value]) -> String {
 fn content_text(m: &Value) -> String {
     let mut s = match m.get("content") {
         Some(Value::String(t)) => t.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("text") => p
-                    .get("text")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string(),
-                _ => "[image]".to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
+        Some(Value::Array(parts)) => parts_text(parts),
         _ => String::new(),
     };
     if let Some(images) = m.get("images").and_then(Value::as_array) {

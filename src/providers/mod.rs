@@ -226,10 +226,11 @@ pub enum Operation {
     Chat,
     Completion,
     Embedding,
-    /// The OpenAI Responses API (`instructions` + `input` items): not compacted.
+    /// The OpenAI Responses API (`instructions` + `input` items): `input` compacted
+    /// (`context::apis`).
     Responses,
-    /// The Anthropic Messages API (top-level `system` + `messages` of content blocks): not
-    /// compacted (the compactor reads OpenAI/Ollama messages).
+    /// The Anthropic Messages API (top-level `system` + `messages` of content blocks):
+    /// `messages` compacted (`context::apis`).
     Messages,
 }
 
@@ -336,7 +337,7 @@ mod tests {
 
     /// `/v1/responses` and `/v1/messages` on every kind: counted by `input_tokens` /
     /// `output_tokens`, errors in the OpenAI-compatible shape of the kind (Responses) or
-    /// Anthropic's (Messages), not compacted (their own operations).
+    /// Anthropic's (Messages), their own operations (compacted by `context::apis`).
     #[test]
     fn responses_and_messages_on_every_kind() {
         for (kind, responses_errors) in [

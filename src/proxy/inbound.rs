@@ -112,6 +112,17 @@ pub struct ModelRequest<'a> {
     /// OpenAI reply limits, unparsed (a wrong type is the provider's to refuse).
     pub max_tokens: Option<&'a RawValue>,
     pub max_completion_tokens: Option<&'a RawValue>,
+    /// The Responses API's reply limit.
+    pub max_output_tokens: Option<&'a RawValue>,
+    /// The Anthropic Messages API's top-level `system` (a string or text blocks): counted
+    /// against the window when `messages` are compacted, never changed.
+    pub system: Option<&'a RawValue>,
+    /// The Responses API's `input` (a string or an array of items) and `instructions`
+    /// (counted, never changed), and whether `previous_response_id` is set (then the
+    /// conversation lives on the provider and is not compacted).
+    pub input: Option<&'a RawValue>,
+    pub instructions: Option<&'a RawValue>,
+    pub previous_response_id: Option<&'a RawValue>,
 }
 
 /// What a request asks of the context: `num_ctx` (Ollama) and the most tokens of reply.
@@ -133,9 +144,14 @@ enum Field {
     Options,
     MaxTokens,
     MaxCompletionTokens,
+    System,
+    Input,
+    Instructions,
+    PreviousResponseId,
+    MaxOutputTokens,
 }
 
-const FIELDS: [(&str, Field); 8] = [
+const FIELDS: [(&str, Field); 13] = [
     ("model", Field::Model),
     ("stream", Field::Stream),
     ("keep_alive", Field::KeepAlive),
@@ -144,6 +160,11 @@ const FIELDS: [(&str, Field); 8] = [
     ("options", Field::Options),
     ("max_tokens", Field::MaxTokens),
     ("max_completion_tokens", Field::MaxCompletionTokens),
+    ("system", Field::System),
+    ("input", Field::Input),
+    ("instructions", Field::Instructions),
+    ("previous_response_id", Field::PreviousResponseId),
+    ("max_output_tokens", Field::MaxOutputTokens),
 ];
 
 impl Dialect {
@@ -236,6 +257,11 @@ impl<'de> Visitor<'de> for TopLevel {
                 }
                 Field::MaxTokens => r.max_tokens = (!null).then_some(v),
                 Field::MaxCompletionTokens => r.max_completion_tokens = (!null).then_some(v),
+                Field::System => r.system = (!null).then_some(v),
+                Field::Input => r.input = (!null).then_some(v),
+                Field::Instructions => r.instructions = (!null).then_some(v),
+                Field::PreviousResponseId => r.previous_response_id = (!null).then_some(v),
+                Field::MaxOutputTokens => r.max_output_tokens = (!null).then_some(v),
             }
         }
         if let Some(raw) = model_raw {
@@ -332,7 +358,7 @@ impl<'a> ModelRequest<'a> {
     }
 
     /// `options.num_ctx`, `options.num_batch` and the reply limit (`options.num_predict`,
-    /// `max_completion_tokens`, `max_tokens`), each when a positive number (Ollama's options
+    /// `max_completion_tokens`, `max_tokens`, the Responses API's `max_output_tokens`), each when a positive number (Ollama's options
     /// are a `map[string]any`: a number with a fraction is truncated to an integer, as its
     /// `Options.FromMap` does); `options` is read once.
     pub fn limits(&self) -> Limits {
@@ -355,7 +381,8 @@ impl<'a> ModelRequest<'a> {
             num_batch: positive(o.num_batch),
             max_reply: positive(o.num_predict)
                 .or_else(|| n(self.max_completion_tokens))
-                .or_else(|| n(self.max_tokens)),
+                .or_else(|| n(self.max_tokens))
+                .or_else(|| n(self.max_output_tokens)),
         }
     }
 
@@ -544,6 +571,27 @@ mod tests {
                 ),
                 "{d:?}"
             );
+        }
+    }
+
+    #[test]
+    fn messages_and_responses_fields_are_read_as_spans() {
+        for d in ALL {
+            let body = br#"{"model":"m","system":[{"type":"text","text":"s"}],"messages":[],"instructions":"i","input":[{"role":"user","content":"hi"}],"previous_response_id":"resp_1","max_output_tokens":77}"#;
+            let r = read(body, d);
+            assert_eq!(
+                r.system.map(RawValue::get),
+                Some(r#"[{"type":"text","text":"s"}]"#)
+            );
+            assert_eq!(r.instructions.map(RawValue::get), Some(r#""i""#));
+            assert_eq!(
+                r.input.map(RawValue::get),
+                Some(r#"[{"role":"user","content":"hi"}]"#)
+            );
+            assert!(r.previous_response_id.is_some());
+            assert_eq!(r.limits().max_reply, Some(77));
+            let r = read(br#"{"model":"m","previous_response_id":null}"#, d);
+            assert!(r.previous_response_id.is_none(), "null: none");
         }
     }
 

@@ -11,7 +11,7 @@
 //!         not pin the target)
 //!  → acquire: the in-flight guard, a lease from the lifecycle (load / queue); the runner's
 //!         options, fixed while the lease is out, join the edits
-//!  → apply the edits (keep_alive, options.num_ctx / num_batch, messages) in one rewrite
+//!  → apply the edits (keep_alive, options.num_ctx / num_batch, messages / input) in one rewrite
 //!  → forward → ObservedBody (usage, guard + lease: finish once) → notes as headers
 //! ```
 //!
@@ -267,16 +267,32 @@ impl Call<'_> {
     }
 
     /// The fit phase: the model's window, `num_ctx` normalization and cap (Ollama), and the
-    /// compactor; only chats with messages. An error: the conversation cannot fit (400).
+    /// compactor; conversations only: chat and Messages `messages`, Responses `input`. An
+    /// error: the conversation cannot fit (400).
     async fn fit(&mut self) -> Result<(), ProxyError> {
-        if self.endpoint.operation != Operation::Chat {
-            return Ok(());
-        }
-        let Some(messages) = self.parsed.messages else {
+        let parsed = self.parsed;
+        let (messages, api) = match self.endpoint.operation {
+            Operation::Chat => (parsed.messages, context::Api::Chat),
+            Operation::Messages => (
+                parsed.messages,
+                context::Api::Messages {
+                    system: parsed.system,
+                },
+            ),
+            Operation::Responses => (
+                parsed.input,
+                context::Api::Responses {
+                    instructions: parsed.instructions,
+                    previous_response_id: parsed.previous_response_id.is_some(),
+                },
+            ),
+            Operation::Completion | Operation::Embedding => return Ok(()),
+        };
+        let Some(messages) = messages else {
             return Ok(());
         };
         let cx = &*self.state.compactor;
-        let messages_len = messages.get().len();
+        let messages_len = messages.get().len() + api.fixed().map_or(0, |f| f.get().len());
         let sent_ctx = self.limits.num_ctx;
         // What the lifecycle published of the model, read once: the window it runs with
         // (the actor publishes it from its own loads at once, and from the provider's list
@@ -301,6 +317,7 @@ impl Call<'_> {
             provider: self.provider,
             model: &self.model,
             messages: Some(messages),
+            api,
             max_reply: self.limits.max_reply,
             raise_to: None,
         };
@@ -491,9 +508,14 @@ impl Call<'_> {
             };
             n += 1;
         }
-        if let (Some((m, _, _)), Some(at)) = (&e.messages, span(self.parsed.messages)) {
+        // The compacted array: `input` in the Responses API, `messages` elsewhere.
+        let (key, array) = match self.endpoint.operation {
+            Operation::Responses => ("input", self.parsed.input),
+            _ => ("messages", self.parsed.messages),
+        };
+        if let (Some((m, _, _)), Some(at)) = (&e.messages, span(array)) {
             splices[n] = Splice {
-                key: "messages",
+                key,
                 at: Some(at),
                 raw: m.as_bytes(),
             };

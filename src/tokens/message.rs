@@ -80,6 +80,21 @@ pub(super) fn visit<'a>(message: &'a Value, f: &mut impl FnMut(Piece<'a>)) {
     if let Some(call @ Value::Object(_)) = fields.get("function_call") {
         visit_call(call, f);
     }
+    // Responses API items: a `function_call` (`name` counted above, `arguments` here) and a
+    // `function_call_output` (`output`, a string or parts).
+    if let Some(Value::String(args)) = fields.get("arguments") {
+        f(Piece::Fixed(TOOL_CALL_OVERHEAD));
+        f(Piece::Text(Cow::Borrowed(args)));
+    }
+    match fields.get("output") {
+        Some(Value::String(text)) => f(Piece::Text(Cow::Borrowed(text))),
+        Some(Value::Array(parts)) => {
+            for part in parts {
+                visit_part(part, f);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// One OpenAI content part: text counted, images a fixed estimate, anything else (audio,
@@ -94,6 +109,30 @@ fn visit_part<'a>(part: &'a Value, f: &mut impl FnMut(Piece<'a>)) {
         Value::Object(_) => match part.get("type").and_then(Value::as_str) {
             Some("image_url" | "input_image" | "image") => Some(Piece::Fixed(IMAGE_TOKENS)),
             Some("refusal") => text_field("refusal"),
+            // Anthropic Messages: a `tool_use` block is a call (`name`, `input`); a
+            // `tool_result` block's `content` is a string or blocks.
+            Some("tool_use") => {
+                f(Piece::Fixed(TOOL_CALL_OVERHEAD));
+                if let Some(Value::String(name)) = part.get("name") {
+                    f(Piece::Text(Cow::Borrowed(name)));
+                }
+                if let Some(input) = part.get("input") {
+                    f(Piece::Text(Cow::Owned(input.to_string())));
+                }
+                None
+            }
+            Some("tool_result") => {
+                match part.get("content") {
+                    Some(Value::String(text)) => f(Piece::Text(Cow::Borrowed(text))),
+                    Some(Value::Array(parts)) => {
+                        for p in parts {
+                            visit_part(p, f);
+                        }
+                    }
+                    _ => {}
+                }
+                None
+            }
             _ => text_field("text"),
         },
         _ => None,

@@ -792,3 +792,203 @@ async fn with_prune_off_for_the_model_the_same_loop_is_summarized() {
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// The bodies that reached the simulator on `path`.
+fn upstream_raw(sim: &SimServer<OllamaSim>, path: &str) -> Vec<String> {
+    sim.state
+        .log
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == path)
+        .map(|c| String::from_utf8(c.body.to_vec()).unwrap())
+        .collect()
+}
+
+/// The raw value of a top-level field of a body.
+fn field_raw(body: &str, key: &str) -> String {
+    let v: std::collections::HashMap<String, &serde_json::value::RawValue> =
+        serde_json::from_str(body).unwrap();
+    v[key].get().to_string()
+}
+
+const FILLER: &str = "the quick brown fox jumps over the lazy dog while it rains ";
+
+/// An Anthropic Messages tool loop of `loops` rounds (user, tool_use, tool_result,
+/// assistant), ending with a user question; raw, with the client's own spacing.
+fn messages_loop(loops: usize) -> Vec<String> {
+    let filler = FILLER.repeat(7);
+    let mut m = Vec::new();
+    for i in 0..loops {
+        m.push(format!(
+            r#"{{"role":"user", "content":"turn {i}: {filler}"}}"#
+        ));
+        m.push(format!(
+            r#"{{"role":"assistant","content":[{{"type":"text","text":"reading {i}"}},{{"type":"tool_use","id":"toolu_{i}","name":"read","input":{{"path":"f{i}"}}}}]}}"#
+        ));
+        m.push(format!(
+            r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"toolu_{i}","content":"file {i}: {filler}"}}]}}"#
+        ));
+        m.push(format!(
+            r#"{{"role":"assistant", "content":"answer {i}: {filler}"}}"#
+        ));
+    }
+    m.push(r#"{"role":"user","content":"and finally, what did we read first?"}"#.into());
+    m
+}
+
+#[tokio::test]
+async fn a_long_messages_conversation_with_tool_use_is_summarized() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("messages", "").await;
+    let messages = messages_loop(12);
+    let system = format!(r#"[{{"type":"text","text":"{SYSTEM}"}}]"#);
+    let body = format!(
+        r#"{{"model":"llama3.2","max_tokens":64,"system":{system},"messages":[{}]}}"#,
+        messages.join(",")
+    );
+    let url = format!("http://{}/v1/messages", proxy.proxy_addr(0));
+    let r = post_json(&c, &url, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (header, before, after) = compacted(&r);
+    assert!(before > after, "{header}");
+    let forwarded = upstream_raw(&sim, "/v1/messages");
+    assert_eq!(forwarded.len(), 1);
+    let sent = &forwarded[0];
+    assert_eq!(
+        field_raw(sent, "system"),
+        system,
+        "the system, byte for byte"
+    );
+    let out: Vec<String> =
+        serde_json::from_str::<Vec<&serde_json::value::RawValue>>(&field_raw(sent, "messages"))
+            .unwrap()
+            .iter()
+            .map(|r| r.get().to_string())
+            .collect();
+    let values: Vec<Value> = out
+        .iter()
+        .map(|m| serde_json::from_str(m).unwrap())
+        .collect();
+    // The summary is the first message, a user one, then (the next kept being user) an
+    // assistant acknowledgement; roles alternate.
+    assert_eq!(values[0]["role"], "user");
+    assert!(values[0]["content"].as_str().unwrap().contains(SUMMARY));
+    // The acknowledgement only where the first kept message is a user's.
+    let ack = usize::from(values[1]["content"] == llm_warden::context::apis::ACK);
+    assert_eq!(
+        values[1 + ack]["role"],
+        if ack == 1 { "user" } else { "assistant" }
+    );
+    let roles: Vec<&str> = values.iter().map(|v| v["role"].as_str().unwrap()).collect();
+    assert!(roles.windows(2).all(|w| w[0] != w[1]), "{roles:?}");
+    // The kept messages are the newest, byte for byte; none is a tool_result whose
+    // tool_use was evicted.
+    let kept = &out[1 + ack..];
+    assert!(kept.len() > 1);
+    assert_eq!(kept, &messages[messages.len() - kept.len()..]);
+    for (i, v) in values.iter().enumerate() {
+        for b in v["content"].as_array().into_iter().flatten() {
+            if b["type"] == "tool_result" {
+                let id = b["tool_use_id"].as_str().unwrap();
+                assert!(out[..i]
+                    .iter()
+                    .any(|m| m.contains(&format!("\"id\":\"{id}\""))));
+            }
+        }
+    }
+    let s = status(&c, &proxy).await;
+    let e = &s["compaction"]["events"][0];
+    assert_eq!(e["action"], "summarized", "{e}");
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// A Responses API tool loop: user, function_call, function_call_output, assistant message.
+fn responses_loop(loops: usize) -> Vec<String> {
+    let filler = FILLER.repeat(7);
+    let mut m = Vec::new();
+    for i in 0..loops {
+        m.push(format!(
+            r#"{{"role":"user", "content":"turn {i}: {filler}"}}"#
+        ));
+        m.push(format!(
+            r#"{{"type":"function_call","call_id":"call_{i}","name":"read","arguments":"{{\"path\":\"f{i}\"}}"}}"#
+        ));
+        m.push(format!(
+            r#"{{"type":"function_call_output","call_id":"call_{i}","output":"file {i}: {filler}"}}"#
+        ));
+        m.push(format!(
+            r#"{{"type":"message","role":"assistant","content":[{{"type":"output_text","text":"answer {i}: {filler}"}}]}}"#
+        ));
+    }
+    m.push(r#"{"role":"user","content":"and finally, what did we read first?"}"#.into());
+    m
+}
+
+#[tokio::test]
+async fn a_long_responses_input_with_function_calls_is_summarized() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("responses", "").await;
+    let items = responses_loop(12);
+    let body = format!(
+        r#"{{"model":"llama3.2","instructions":"{SYSTEM}","input":[{}]}}"#,
+        items.join(",")
+    );
+    let url = format!("http://{}/v1/responses", proxy.proxy_addr(0));
+    let r = post_json(&c, &url, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (header, before, after) = compacted(&r);
+    assert!(before > after, "{header}");
+    let forwarded = upstream_raw(&sim, "/v1/responses");
+    assert_eq!(forwarded.len(), 1);
+    let sent = &forwarded[0];
+    assert_eq!(field_raw(sent, "instructions"), format!("\"{SYSTEM}\""));
+    let out: Vec<String> =
+        serde_json::from_str::<Vec<&serde_json::value::RawValue>>(&field_raw(sent, "input"))
+            .unwrap()
+            .iter()
+            .map(|r| r.get().to_string())
+            .collect();
+    let first: Value = serde_json::from_str(&out[0]).unwrap();
+    assert_eq!(first["role"], "system");
+    assert!(first["content"].as_str().unwrap().contains(SUMMARY));
+    let kept = &out[1..];
+    assert!(kept.len() > 1);
+    assert_eq!(kept, &items[items.len() - kept.len()..], "byte for byte");
+    for (i, m) in out.iter().enumerate() {
+        let v: Value = serde_json::from_str(m).unwrap();
+        if v["type"] == "function_call_output" {
+            let id = v["call_id"].as_str().unwrap();
+            let call = format!("\"type\":\"function_call\",\"call_id\":\"{id}\"");
+            assert!(out[..i].iter().any(|m| m.contains(&call)), "{id}");
+        }
+    }
+
+    // With previous_response_id: forwarded as sent, and /status says why (longer: the
+    // first reply calibrated the token ratio).
+    let body = format!(
+        r#"{{"model":"llama3.2","previous_response_id":"resp_1","input":[{}]}}"#,
+        responses_loop(24).join(",")
+    );
+    let r = post_json(&c, &url, &body).await;
+    assert!(r.headers.get("x-llm-warden-compacted").is_none());
+    let forwarded = upstream_raw(&sim, "/v1/responses");
+    assert_eq!(forwarded.last().unwrap(), &body, "unchanged");
+    let s = status(&c, &proxy).await;
+    let e = &s["compaction"]["events"][1];
+    assert_eq!(e["action"], "not_compacted", "{e}");
+    assert!(e["failure"]
+        .as_str()
+        .unwrap()
+        .contains("previous_response_id"));
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}

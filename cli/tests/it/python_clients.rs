@@ -2,7 +2,9 @@
 //! proxy: `cli/tests/python/clients.py` does the talking and asserts what the clients see; this
 //! test checks that the proxy counted exactly what the script sent. The official `lmstudio` SDK
 //! (`cli/tests/python/lmstudio_sdk.py`) runs against the LM Studio simulator's WebSocket
-//! protocol: directly, with an API token, and through a proxy without and with `api_keys`.
+//! protocol: directly, with an API token, and through a proxy without and with `api_keys`. The
+//! `anthropic` client also reads a reply whose over-window request the proxy compacted
+//! (`cli/tests/python/compacted_messages.py`).
 //!
 //! The interpreter is `$LLM_WARDEN_PYTHON` when set, else `<repo>/.venv/bin/python`, which this
 //! test creates from `cli/tests/python/requirements.txt` when it is missing or stale (needs
@@ -747,4 +749,48 @@ pub(crate) async fn run_compat_script(
     .expect("the report is JSON");
     let _ = fs::remove_file(&report_path);
     report
+}
+
+/// The official `anthropic` client sends an over-window Messages conversation with tool_use /
+/// tool_result pairs through the proxy (Ollama simulator, window 4096): the proxy compacts it
+/// and the client reads the reply (`cli/tests/python/compacted_messages.py`).
+#[tokio::test]
+async fn the_anthropic_client_reads_a_compacted_reply() {
+    let python = tokio::task::spawn_blocking(python)
+        .await
+        .expect("venv setup did not panic");
+    let ollama = start_ollama(OllamaConfig {
+        fixed_reply: Some("SUMMARY: they read files.".to_string()),
+        ..Default::default()
+    })
+    .await;
+    let cache =
+        std::env::temp_dir().join(format!("llm-warden-py-compacted-{}", std::process::id()));
+    let config = format!(
+        "[compaction]\ncache_dir = \"{}\"\nreply_reserve = 256\n",
+        cache.display()
+    );
+    let proxy = start_proxy(&[("ollama", ollama.url())], &config).await;
+    let mut cmd = Command::new(&python);
+    cmd.arg(repo().join("cli/tests/python/compacted_messages.py"))
+        .arg(format!("http://{}", proxy.proxy_addr(0)))
+        .arg("llama3.2")
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    for v in PROXY_VARS {
+        cmd.env_remove(v);
+    }
+    let out = tokio::task::spawn_blocking(move || output_within(cmd, SCRIPT_TIMEOUT))
+        .await
+        .expect("the script runner did not panic");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("compacted messages: ok"),
+        "{}\n--- stdout\n{stdout}--- stderr\n{stderr}",
+        out.status
+    );
+    let s = status(&client(), &proxy).await;
+    assert_eq!(s["compaction"]["events"][0]["action"], "summarized", "{s}");
+    proxy.shutdown().await;
+    let _ = fs::remove_dir_all(&cache);
 }
