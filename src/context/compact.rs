@@ -505,12 +505,14 @@ async fn fit_into(
     }
     let provider_name = state.providers.name(req.provider);
     let enc = cx.encoding(req.model);
-    let raw_counts = cx.count_messages(enc, &raws).await;
     let ratio = cx.counter.ratio(provider_name, req.model);
-    let counts: Vec<u64> = raw_counts
-        .iter()
-        .map(|&n| (n as f64 * ratio).ceil() as u64)
-        .collect();
+    // Each message's tokens, calibrated to the provider's count.
+    let calibrated = |raw: Vec<u64>| -> Vec<u64> {
+        raw.iter()
+            .map(|&n| (n as f64 * ratio).ceil() as u64)
+            .collect()
+    };
+    let counts = calibrated(cx.count_messages(enc, &raws).await);
     let before: u64 = counts.iter().sum();
     if before <= budget {
         return Ok(Fit::Unchanged {
@@ -596,13 +598,7 @@ async fn fit_into(
                 None => v,
             })
             .collect();
-        let counts: Vec<u64> = cx
-            .count_messages(enc, &raws)
-            .await
-            .iter()
-            .map(|&n| (n as f64 * ratio).ceil() as u64)
-            .collect();
-        (values, counts)
+        (values, calibrated(cx.count_messages(enc, &raws).await))
     } else {
         (values, counts)
     };

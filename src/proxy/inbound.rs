@@ -358,9 +358,10 @@ impl<'a> ModelRequest<'a> {
     }
 
     /// `options.num_ctx`, `options.num_batch` and the reply limit (`options.num_predict`,
-    /// `max_completion_tokens`, `max_tokens`, the Responses API's `max_output_tokens`), each when a positive number (Ollama's options
-    /// are a `map[string]any`: a number with a fraction is truncated to an integer, as its
-    /// `Options.FromMap` does); `options` is read once.
+    /// `max_completion_tokens`, `max_tokens`, the Responses API's `max_output_tokens`), each
+    /// when a positive number (Ollama's options are a `map[string]any`: a number with a
+    /// fraction is truncated to an integer, as its `Options.FromMap` does); `options` is
+    /// read once.
     pub fn limits(&self) -> Limits {
         let mut o = OptionValues::default();
         for raw in self.options_before.iter().chain(self.options.as_ref()) {

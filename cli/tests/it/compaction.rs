@@ -811,6 +811,34 @@ fn field_raw(body: &str, key: &str) -> String {
     v[key].get().to_string()
 }
 
+/// The raw items of a top-level array field of a body, each as written.
+fn items_raw(body: &str, key: &str) -> Vec<String> {
+    serde_json::from_str::<Vec<&serde_json::value::RawValue>>(&field_raw(body, key))
+        .unwrap()
+        .iter()
+        .map(|r| r.get().to_string())
+        .collect()
+}
+
+/// Posts `body` to `path` through the proxy, which must compact it; the one body the
+/// simulator received.
+async fn sent_compacted(
+    c: &TestClient,
+    proxy: &llm_warden::app::Running,
+    sim: &SimServer<OllamaSim>,
+    path: &str,
+    body: &str,
+) -> String {
+    let url = format!("http://{}{path}", proxy.proxy_addr(0));
+    let r = post_json(c, &url, body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (header, before, after) = compacted(&r);
+    assert!(before > after, "{header}");
+    let mut forwarded = upstream_raw(sim, path);
+    assert_eq!(forwarded.len(), 1);
+    forwarded.remove(0)
+}
+
 const FILLER: &str = "the quick brown fox jumps over the lazy dog while it rains ";
 
 /// An Anthropic Messages tool loop of `loops` rounds (user, tool_use, tool_result,
@@ -850,25 +878,13 @@ async fn a_long_messages_conversation_with_tool_use_is_summarized() {
         r#"{{"model":"llama3.2","max_tokens":64,"system":{system},"messages":[{}]}}"#,
         messages.join(",")
     );
-    let url = format!("http://{}/v1/messages", proxy.proxy_addr(0));
-    let r = post_json(&c, &url, &body).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let (header, before, after) = compacted(&r);
-    assert!(before > after, "{header}");
-    let forwarded = upstream_raw(&sim, "/v1/messages");
-    assert_eq!(forwarded.len(), 1);
-    let sent = &forwarded[0];
+    let sent = &sent_compacted(&c, &proxy, &sim, "/v1/messages", &body).await;
     assert_eq!(
         field_raw(sent, "system"),
         system,
         "the system, byte for byte"
     );
-    let out: Vec<String> =
-        serde_json::from_str::<Vec<&serde_json::value::RawValue>>(&field_raw(sent, "messages"))
-            .unwrap()
-            .iter()
-            .map(|r| r.get().to_string())
-            .collect();
+    let out = items_raw(sent, "messages");
     let values: Vec<Value> = out
         .iter()
         .map(|m| serde_json::from_str(m).unwrap())
@@ -942,21 +958,9 @@ async fn a_long_responses_input_with_function_calls_is_summarized() {
         r#"{{"model":"llama3.2","instructions":"{SYSTEM}","input":[{}]}}"#,
         items.join(",")
     );
-    let url = format!("http://{}/v1/responses", proxy.proxy_addr(0));
-    let r = post_json(&c, &url, &body).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    let (header, before, after) = compacted(&r);
-    assert!(before > after, "{header}");
-    let forwarded = upstream_raw(&sim, "/v1/responses");
-    assert_eq!(forwarded.len(), 1);
-    let sent = &forwarded[0];
+    let sent = &sent_compacted(&c, &proxy, &sim, "/v1/responses", &body).await;
     assert_eq!(field_raw(sent, "instructions"), format!("\"{SYSTEM}\""));
-    let out: Vec<String> =
-        serde_json::from_str::<Vec<&serde_json::value::RawValue>>(&field_raw(sent, "input"))
-            .unwrap()
-            .iter()
-            .map(|r| r.get().to_string())
-            .collect();
+    let out = items_raw(sent, "input");
     let first: Value = serde_json::from_str(&out[0]).unwrap();
     assert_eq!(first["role"], "system");
     assert!(first["content"].as_str().unwrap().contains(SUMMARY));
@@ -974,6 +978,7 @@ async fn a_long_responses_input_with_function_calls_is_summarized() {
 
     // With previous_response_id: forwarded as sent, and /status says why (longer: the
     // first reply calibrated the token ratio).
+    let url = format!("http://{}/v1/responses", proxy.proxy_addr(0));
     let body = format!(
         r#"{{"model":"llama3.2","previous_response_id":"resp_1","input":[{}]}}"#,
         responses_loop(24).join(",")

@@ -487,6 +487,21 @@ async fn sdk_model_entry(proxy: &llm_warden::app::Running) -> Option<serde_json:
         .cloned()
 }
 
+/// Asks the admin API to unload the SDK's model (answers once it is unloaded).
+async fn unload_sdk_model(proxy: &llm_warden::app::Running) -> Reply {
+    send(
+        &client(),
+        http::Method::POST,
+        &format!(
+            "http://{}/models/lmstudio0/{SDK_MODEL}/unload",
+            proxy.admin_addr
+        ),
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await
+}
+
 /// An SDK prediction holds a lease on its model: an admin unload issued while it streams
 /// (seen in `/status` as in flight) waits for it, so the prediction ends normally, counted
 /// with its tokens, before the model goes.
@@ -510,17 +525,7 @@ async fn lmstudio_sdk_prediction_through_the_proxy_holds_its_model() {
         },
     )
     .await;
-    let unload = send(
-        &client(),
-        http::Method::POST,
-        &format!(
-            "http://{}/models/lmstudio0/{SDK_MODEL}/unload",
-            proxy.admin_addr
-        ),
-        &[],
-        bytes::Bytes::new(),
-    )
-    .await;
+    let unload = unload_sdk_model(&proxy).await;
     assert_eq!(unload.status, 200, "{}", unload.text());
     // By the time the unload answered, the prediction had ended and been counted.
     let m = sdk_model_entry(&proxy).await.expect("the model's entry");
@@ -561,17 +566,7 @@ async fn lmstudio_sdk_socket_dropped_mid_prediction_leaves_no_lease() {
         },
     )
     .await;
-    let unload = send(
-        &client(),
-        http::Method::POST,
-        &format!(
-            "http://{}/models/lmstudio0/{SDK_MODEL}/unload",
-            proxy.admin_addr
-        ),
-        &[],
-        bytes::Bytes::new(),
-    )
-    .await;
+    let unload = unload_sdk_model(&proxy).await;
     assert_eq!(unload.status, 200, "{}", unload.text());
     assert!(
         sim.state.loaded().is_empty(),

@@ -230,7 +230,18 @@ impl LmStudioSim {
             tail.push(g.chunk(object, Vec::<()>::new(), Some(g.usage())));
         }
         tail.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        let error = stream_error(SIMULATED_FAILURE);
+        self.spawn_stream(g, tokens, tail, stream_error(SIMULATED_FAILURE))
+    }
+
+    /// Spawns a streamed generation of any of the OpenAI-compatible APIs: `tokens`, then
+    /// `tail`, or `error` where a simulated failure cuts the stream. Returns the response.
+    fn spawn_stream(
+        self: &Arc<Self>,
+        g: OaiGen,
+        tokens: Vec<Bytes>,
+        tail: Vec<Bytes>,
+        error: Bytes,
+    ) -> Response<SimBody> {
         let instance = g.r.instance;
         let (tx, body) = channel_body();
         let fail_after = self.take_stream_failure();

@@ -16,11 +16,9 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::super::request::{content_text, is_stream, message_tokens, Api, Fail};
-use super::super::wire::{json as json_response, sse_response};
+use super::super::wire::json as json_response;
 use super::super::{Handled, LmStudioSim};
-use super::OaiGen;
-use crate::common::{alnum_id, channel_body, Call, SimBody};
-use http::Response;
+use crate::common::{alnum_id, Call};
 
 fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
@@ -38,25 +36,6 @@ fn conversation(system: Option<&Value>, items: Vec<Value>) -> Vec<Value> {
 }
 
 impl LmStudioSim {
-    fn spawn_stream(
-        self: &Arc<Self>,
-        g: OaiGen,
-        tokens: Vec<Bytes>,
-        tail: Vec<Bytes>,
-        error: Bytes,
-    ) -> Response<SimBody> {
-        let instance = g.r.instance;
-        let (tx, body) = channel_body();
-        let fail_after = self.take_stream_failure();
-        let sim = self.clone();
-        tokio::spawn(async move {
-            sim.pump(&instance, &tx, tokens, tail, error, fail_after)
-                .await;
-            sim.touch(&instance);
-        });
-        sse_response(body)
-    }
-
     pub(in crate::lmstudio) async fn messages(self: &Arc<Self>, call: &Call) -> Handled {
         let api = Api::Native;
         let req = self
