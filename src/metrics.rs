@@ -28,7 +28,7 @@ pub const UNLISTED_MODEL: &str = "_unlisted";
 
 /// Every inspected endpoint's label (`providers::Endpoint::label`), and `other` for one added
 /// later and not listed here yet.
-pub const ENDPOINTS: [&str; 18] = [
+pub const ENDPOINTS: [&str; 19] = [
     "api_chat",
     "api_generate",
     "api_embed",
@@ -45,8 +45,10 @@ pub const ENDPOINTS: [&str; 18] = [
     "embedding",
     "v1_responses",
     "v1_messages",
-    // The LM Studio SDK's `predict` channel on its WebSocket (`proxy::sdk_watch`).
+    // The LM Studio SDK's `predict` channel and `embedString` call on its WebSocket
+    // (`proxy::sdk_watch`).
     "sdk_predict",
+    "sdk_embed",
     "other",
 ];
 

@@ -199,7 +199,8 @@ pub async fn handle(
     passthrough(&state, p, style, req, watch).await
 }
 
-/// An LM Studio SDK socket on `/llm` is watched as it is spliced (`sdk_watch`): its upgrade
+/// An LM Studio SDK socket on `/llm` or `/embedding` is watched as it is spliced
+/// (`sdk_watch`): its upgrade
 /// offers upstream no extension, so the frames stay readable (the client is answered with
 /// the provider's `101`, which then names none).
 fn watched_sdk_socket(
@@ -210,12 +211,12 @@ fn watched_sdk_socket(
     let p = &state.providers[provider];
     if p.config.kind != ProviderKind::LmStudio
         || req.extensions().get::<server::ClientUpgrade>().is_none()
-        || routed_path(req.uri().path()) != sdk_watch::LLM_PATH
     {
         return None;
     }
+    let watch = sdk_watch::Watch::for_path(state, provider, &routed_path(req.uri().path()))?;
     req.headers_mut().remove("sec-websocket-extensions");
-    Some(sdk_watch::Watch::new(state.clone(), provider))
+    Some(watch)
 }
 
 /// The path as the provider routes it: percent-escapes decoded, as Go's `URL.Path` (gin

@@ -131,8 +131,8 @@ pub(super) fn accept(
         ));
     };
     let accept = websocket::accept_key(key.as_bytes());
-    let watch = (super::routed_path(req.uri().path()) == super::sdk_watch::LLM_PATH)
-        .then(|| super::sdk_watch::Watch::new(state.clone(), provider));
+    let watch =
+        super::sdk_watch::Watch::for_path(&state, provider, &super::routed_path(req.uri().path()));
     let (mut parts, _) = req.into_parts();
     // The client's offers are the proxy's to answer, and it answered none: the upstream
     // must not agree to an extension the client will not use.

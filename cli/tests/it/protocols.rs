@@ -3,6 +3,7 @@
 
 use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
@@ -210,5 +211,90 @@ async fn with_api_keys_an_upgrade_with_a_valid_header_passes_on_it() {
             .map(|v| v.to_str().unwrap()),
         Some("Bearer upstream-key")
     );
+    proxy.shutdown().await;
+}
+
+/// A prediction the lifecycle refuses (the queue is full) is never sent upstream: the proxy
+/// answers the SDK's `channelCreate` itself with a `channelError` in the SDK's error shape,
+/// counts it failed, and withholds the client's later messages on that channel; the socket
+/// goes on serving other messages.
+#[tokio::test]
+async fn an_sdk_prediction_refused_a_lease_is_answered_by_the_proxy_not_forwarded() {
+    let sim = start_lmstudio(llm_warden_sim::lmstudio::LmStudioConfig {
+        load_latency: Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    let proxy = start_proxy(
+        &[("lmstudio", sim.url())],
+        "[queue]\nmax_waiting = 1\ntimeout = \"10s\"\n",
+    )
+    .await;
+    let addr = proxy.proxy_addr(0);
+    // A REST request waits for its model's load: the queue is full.
+    let c = client();
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), format!("http://{addr}/v1/chat/completions"));
+        async move {
+            post_json(
+                &c,
+                &url,
+                &serde_json::json!({"model": "qwen2.5-7b-instruct",
+            "messages": [{"role": "user", "content": "hi"}]})
+                .to_string(),
+            )
+            .await
+        }
+    });
+    wait_for("the load in progress", Duration::from_secs(10), || async {
+        sim.state
+            .log
+            .calls()
+            .iter()
+            .any(|c| c.path.ends_with("/models/load"))
+    })
+    .await;
+
+    let (mut ws, answer) = sdk_auth(addr, "guest:x", "y").await;
+    assert_eq!(answer["success"], true, "{answer}");
+    let predict = serde_json::json!({"type": "channelCreate", "endpoint": "predict", "channelId": 7,
+        "creationParameter": {"modelSpecifier": {"type": "query",
+            "query": {"identifier": "qwen2.5-7b-instruct"}},
+            "history": {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+            "predictionConfigStack": {"layers": []}}});
+    ws.send(Message::text(predict.to_string())).await.unwrap();
+    let reply: serde_json::Value = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+        other => panic!("no answer: {other:?}"),
+    };
+    assert_eq!(reply["type"], "channelError", "{reply}");
+    assert_eq!(reply["channelId"], 7, "{reply}");
+    let title = reply["error"]["title"].as_str().unwrap_or_default();
+    assert!(title.contains("queue.max_waiting"), "{reply}");
+    // Messages on the refused channel stay here; others pass.
+    let cancel = r#"{"type":"channelSend","channelId":7,"message":{"type":"cancel"}}"#;
+    ws.send(Message::text(cancel)).await.unwrap();
+    ws.send(Message::text(r#"{"type":"keepAlive"}"#))
+        .await
+        .unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), r#"{"type":"keepAliveAck"}"#),
+        other => panic!("no keepAliveAck: {other:?}"),
+    }
+    assert_eq!(
+        sim.state.sdk_messages(),
+        ["llm keepAlive "],
+        "the refused channel's messages never reached the provider"
+    );
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "lmstudio0", "qwen2.5-7b-instruct");
+    // The REST request still waits; the refused prediction is counted and over.
+    assert_eq!(
+        (&m["active_requests"], &m["total_requests"], &m["errors"]),
+        (&1.into(), &2.into(), &1.into()),
+        "{m}"
+    );
+    drop(ws);
+    assert_eq!(first.await.unwrap().status, 200);
     proxy.shutdown().await;
 }

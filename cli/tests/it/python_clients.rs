@@ -789,3 +789,44 @@ async fn the_anthropic_client_reads_a_compacted_reply() {
     proxy.shutdown().await;
     let _ = fs::remove_dir_all(&cache);
 }
+
+/// The SDK's embeddings (`embedString` calls on `/embedding`) are counted and leased like
+/// REST embeddings: two calls through the proxy, each in `/status` and `/metrics` (endpoint
+/// `sdk_embed`), the frames reaching the simulator as they were sent.
+#[tokio::test]
+async fn lmstudio_sdk_embeddings_through_the_proxy_are_counted() {
+    const EMBED: &str = "text-embedding-nomic-embed-text-v1.5";
+    let sim = start_lmstudio(LmStudioConfig::default()).await;
+    let proxy = start_proxy(&[("lmstudio", sim.url())], "").await;
+    run_lmstudio_sdk_mode(proxy.proxy_addr(0).to_string(), None, "embed").await;
+    let s = status(&client(), &proxy).await;
+    let m = s["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["provider"] == "lmstudio0" && m["model"] == EMBED)
+        .cloned()
+        .unwrap_or_else(|| panic!("no entry for {EMBED}: {s}"));
+    assert_eq!(m["total_requests"], 2, "{m}");
+    assert_eq!(m["active_requests"], 0, "{m}");
+    let metrics = get(&client(), &format!("http://{}/metrics", proxy.admin_addr))
+        .await
+        .text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("llm_warden_requests_total{")
+                && l.contains("endpoint=\"sdk_embed\"")
+                && l.ends_with(" 2")),
+        "{metrics}"
+    );
+    let seen = sim.state.sdk_messages();
+    assert_eq!(
+        seen.iter()
+            .filter(|m| *m == "embedding rpcCall embedString")
+            .count(),
+        2,
+        "{seen:?}"
+    );
+    proxy.shutdown().await;
+}

@@ -11,7 +11,8 @@ Run by cli/tests/it/python_clients.rs. Environment:
                     stream one prediction of at most WARDEN_LMS_TOKENS (default 20) fragments, left
                     loaded; `drop`: the same, but the process exits after two fragments,
                     dropping its socket mid-prediction; `load` / `unload`: get or load the model, or
-                    unload it
+                    unload it; `embed`: get or load WARDEN_LMS_EMBED (default
+                    text-embedding-nomic-embed-text-v1.5) on `/embedding` and embed two texts
 
 Prints one line per check and "lmstudio_sdk: N checks passed" at the end; exits non-zero on
 the first failure.
@@ -63,6 +64,19 @@ if MODE == "unload":
     with lms.Client(HOST, api_token=TOKEN) as client:
         client.llm.model(MODEL).unload()
         check(client.llm.list_loaded() == [], "unloaded through the SDK")
+    print(f"lmstudio_sdk: {checks} checks passed", flush=True)
+    sys.exit(0)
+if MODE == "embed":
+    embed_model = os.environ.get("WARDEN_LMS_EMBED", "text-embedding-nomic-embed-text-v1.5")
+    with lms.Client(HOST, api_token=TOKEN) as client:
+        model = client.embedding.model(embed_model)
+        check(model.identifier == embed_model, "got or loaded the embedding model")
+        for text in ("hello", "a second text"):
+            vector = model.embed(text)
+            check(
+                len(vector) > 0 and all(isinstance(x, float) for x in vector),
+                f"embed({text!r}): {len(vector)} floats",
+            )
     print(f"lmstudio_sdk: {checks} checks passed", flush=True)
     sys.exit(0)
 if MODE in ("stream", "drop"):

@@ -120,6 +120,12 @@ impl LmStudioSim {
         self.unloads_while_busy.load(Ordering::SeqCst)
     }
 
+    /// Every SDK message clients sent over WebSocket, as `<namespace> <type> <endpoint>`
+    /// (`llm channelCreate predict`, `embedding rpcCall embedString`), in order.
+    pub fn sdk_messages(&self) -> Vec<String> {
+        self.lock().sdk_messages.clone()
+    }
+
     /// The next load (JIT or manual) fails with `message`.
     pub fn fail_next_load(&self, message: &str) {
         self.lock().fail_next_load = Some(message.to_string());

@@ -64,6 +64,8 @@ pub(super) struct State {
     pub(super) busy: HashMap<String, usize>,
     pub(super) fail_next_load: Option<String>,
     pub(super) fail_stream_after: Option<usize>,
+    /// Every SDK message a client sent, as `<namespace> <type> <endpoint>`, in order.
+    pub(super) sdk_messages: Vec<String>,
 }
 
 impl LmStudioSim {

@@ -203,6 +203,9 @@ impl LmStudioSim {
         };
         let kind = msg.get("type").and_then(Value::as_str).unwrap_or("");
         let endpoint = msg.get("endpoint").and_then(Value::as_str).unwrap_or("");
+        self.lock()
+            .sdk_messages
+            .push(format!("{namespace} {kind} {endpoint}"));
         let model_ns = match namespace {
             "llm" => Some(false),
             "embedding" => Some(true),
@@ -293,6 +296,21 @@ impl LmStudioSim {
                     }
                     (_, None) => Err(NO_MODEL.to_string()),
                 }
+            }
+            // `EmbeddingRpcEmbedStringParameter` {modelSpecifier, inputString} →
+            // `{embedding}` (lmstudio-python `async_api.py` `_embed_text`).
+            "embedString" if embedding => {
+                let spec = spec_of(param.get("modelSpecifier").unwrap_or(&Value::Null));
+                let Some(inst) = self.find_instance(&spec, true) else {
+                    return Err(NO_MODEL.to_string());
+                };
+                self.touch(&inst.id);
+                let input = param
+                    .get("inputString")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let v = crate::common::embedding(input, self.cfg.embedding_dims);
+                Ok(Some(json!({ "embedding": v })))
             }
             "unloadModel" => {
                 let id = param
