@@ -166,15 +166,24 @@ async fn handle(sim: Arc<LmStudioSim>, req: Request<Incoming>) -> Response<SimBo
             .get(header::AUTHORIZATION)
             .is_some_and(|v| v.as_bytes() == expected.as_bytes());
         if !ok {
-            let body = OaiError {
-                error: OaiErrorBody {
-                    message: "Invalid or missing API token. Provide a valid token in the \
-                              Authorization header as 'Bearer <token>'.",
-                    kind: "invalid_request_error",
-                    param: None,
-                    code: Some("invalid_api_key"),
-                },
+            // LM Studio 0.4.18's answer to a request without a token, as its server log
+            // shows it (reported in github.com/agustif/opencode-lmstudio issue 41): an
+            // `error` object with `type`, `code` and `message`, no `param`. The message for
+            // a wrong token is not on record; the simulator says so in the same shape.
+            let message = if call.headers.contains_key(header::AUTHORIZATION) {
+                "The LM Studio API token provided using the Authorization header is not \
+                 valid. Learn more at: https://lmstudio.ai/docs/developer/core/authentication."
+            } else {
+                "An LM Studio API token is required to make requests to this server, but \
+                 none was provided using the Authorization header using the 'Bearer' scheme \
+                 (i.e., 'Authorization: Bearer $LM_API_TOKEN'). Learn more at: \
+                 https://lmstudio.ai/docs/developer/core/authentication."
             };
+            let body = serde_json::json!({"error": {
+                "type": "invalid_request",
+                "code": "invalid_api_key",
+                "message": message,
+            }});
             return json(StatusCode::UNAUTHORIZED, &body);
         }
     }

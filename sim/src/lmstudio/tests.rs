@@ -730,7 +730,16 @@ async fn auth_mode_requires_the_bearer_token() {
     .await;
     let r = get(&c, &s, "/v1/models").await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let e = &r.json()["error"];
+    assert_eq!(
+        (&e["type"], &e["code"]),
+        (&"invalid_request".into(), &"invalid_api_key".into())
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("none was provided"),
+        "{e}"
+    );
+    assert!(e.get("param").is_none(), "{e}");
     let r = send(
         &c,
         &s,
