@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 use super::common::{record, serve, CallLog, Clock, SimBody, SimServer};
-use request::{Api, OaiError, OaiErrorBody};
+use request::Api;
 use state::State;
 use websocket::{is_websocket_upgrade, websocket};
 use wire::{json, Greeting, UnknownEndpoint};
