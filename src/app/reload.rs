@@ -19,7 +19,8 @@
 //! from start, so a live change would reach some of the proxy's calls and not others, and a
 //! provider whose token was rotated is followed by restarting the proxy with the new one,
 //! its 401s showing in `/status` until then); `compaction.cache_dir` and
-//! `compaction.cache_entries`; `memory_pressure.sample_interval` and `gpu`.
+//! `compaction.cache_entries`; `memory_pressure.sample_interval` and `gpu`; `[[pools]]`
+//! (their listeners, nodes and pollers are set up once).
 //!
 //! A new config that does not validate is refused whole: the error, with each problem's key
 //! path, is logged, and the running config stays.
@@ -33,6 +34,30 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::lifecycle::Settings;
 use crate::state::AppState;
+
+/// What a reload compares of `[[pools]]` (all of it: a pool is fixed at start).
+fn pools_summary(c: &Config) -> Vec<String> {
+    c.pools
+        .iter()
+        .map(|p| {
+            let nodes: Vec<String> = p
+                .nodes
+                .iter()
+                .map(|n| {
+                    let token = n.token.as_ref().map(|t| t.expose());
+                    format!("{} {} {} {token:?}", n.name, n.url, n.admin)
+                })
+                .collect();
+            format!(
+                "{} {} {} {:?} {nodes:?}",
+                p.name,
+                p.kind.as_str(),
+                p.listen,
+                p.poll_interval
+            )
+        })
+        .collect()
+}
 
 /// How often the config file is checked for a change.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -63,6 +88,11 @@ pub fn apply(state: &AppState, new: Config) -> Vec<String> {
         "memory_pressure.sample_interval"
     );
     keep!(memory_pressure.gpu, "memory_pressure.gpu");
+    // The pools' listeners, nodes and pollers are set up once.
+    if pools_summary(&effective) != pools_summary(&old) {
+        kept.push("pools".to_string());
+        effective.pools = old.pools.clone();
+    }
     let same_providers = effective.providers.len() == old.providers.len()
         && effective
             .providers

@@ -118,6 +118,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub proxy: ProxyConfig,
     pub providers: Vec<ProviderConfig>,
+    /// Fronts over llm-warden nodes (`[[pools]]`, `crate::fleet`); fixed at start.
+    pub pools: Vec<PoolConfig>,
     pub limits: Limits,
     pub queue: QueueConfig,
     pub buffers: BufferConfig,
@@ -161,6 +163,34 @@ pub struct ProxyConfig {
     pub body_read_timeout: Duration,
     /// On shutdown, how long open requests (streams) may finish before they are cut.
     pub shutdown_grace: Duration,
+}
+
+/// A front over llm-warden nodes: clients speak `kind`'s API to `listen`, and each model
+/// request goes to the node the picker ranks first (`crate::fleet`).
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    pub name: String,
+    /// The API its clients speak (and its nodes' provider listeners serve).
+    pub kind: ProviderKind,
+    pub listen: SocketAddr,
+    /// How often each node's view is read (`GET <admin>/node`); a node that has not
+    /// answered for two intervals is out of rotation.
+    pub poll_interval: Duration,
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// One node of a pool.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// The front's name for it (`x-llm-warden-node`, metrics): `name`, else the host and
+    /// port of `url`.
+    pub name: String,
+    /// The node's provider listener, where requests go.
+    pub url: Upstream,
+    /// The node's admin API, where its view is read.
+    pub admin: Upstream,
+    /// The node's admin token, if its admin API asks one.
+    pub token: Option<Secret>,
 }
 
 #[derive(Clone, Debug)]

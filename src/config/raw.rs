@@ -17,6 +17,7 @@ pub(super) struct RawConfig {
     pub(super) admin: RawAdmin,
     pub(super) proxy: RawProxy,
     pub(super) providers: Option<Vec<RawProvider>>,
+    pub(super) pools: Option<Vec<RawPool>>,
     pub(super) limits: RawLimits,
     pub(super) queue: RawQueue,
     pub(super) buffers: RawBuffers,
@@ -62,6 +63,27 @@ pub(super) struct RawProvider {
     pub(super) allowed_hosts: Option<Vec<String>>,
     pub(super) num_parallel: Option<u32>,
     pub(super) kv_cache_type: Option<String>,
+}
+
+/// `[[pools]]`: a front over llm-warden nodes (`crate::fleet`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a table")]
+pub(super) struct RawPool {
+    pub(super) name: Option<String>,
+    pub(super) kind: Option<String>,
+    pub(super) listen: Option<String>,
+    pub(super) poll_interval: Option<String>,
+    pub(super) nodes: Option<Vec<RawNode>>,
+}
+
+/// One node of a pool: `{ url, admin, token }` (other tools rely on these names).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a table")]
+pub(super) struct RawNode {
+    pub(super) name: Option<String>,
+    pub(super) url: Option<String>,
+    pub(super) admin: Option<String>,
+    pub(super) token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -119,6 +119,36 @@ impl Config {
             })
             .collect();
         doc.insert("providers".into(), Value::Array(providers));
+        if !self.pools.is_empty() {
+            let pools = self
+                .pools
+                .iter()
+                .map(|p| {
+                    let nodes = p
+                        .nodes
+                        .iter()
+                        .map(|n| {
+                            let mut t = Table::new();
+                            t.insert("name".into(), s(n.name.clone()));
+                            t.insert("url".into(), s(n.url.to_string()));
+                            t.insert("admin".into(), s(n.admin.to_string()));
+                            if let Some(k) = n.token.as_ref().and_then(file_secret) {
+                                t.insert("token".into(), k);
+                            }
+                            Value::Table(t)
+                        })
+                        .collect();
+                    table([
+                        ("name", s(p.name.clone())),
+                        ("kind", s(p.kind.as_str())),
+                        ("listen", s(p.listen.to_string())),
+                        ("poll_interval", duration(p.poll_interval)),
+                        ("nodes", Value::Array(nodes)),
+                    ])
+                })
+                .collect();
+            doc.insert("pools".into(), Value::Array(pools));
+        }
         doc.insert(
             "limits".into(),
             table([

@@ -473,3 +473,68 @@ fn the_kv_cache_layout_is_ollamas_defaults_unless_set_and_checked() {
         ]
     );
 }
+
+#[test]
+fn a_pool_alone_is_a_front_without_default_providers() {
+    let c = load_str(
+        r#"
+        [[pools]]
+        name = "gpus"
+        kind = "ollama"
+        listen = "127.0.0.1:11434"
+        nodes = [
+          { url = "http://gpu1:11435", admin = "http://gpu1:11400", token = "t1" },
+          { name = "b", url = "http://gpu2:11435", admin = "http://gpu2:11400" },
+        ]
+        "#,
+    )
+    .unwrap();
+    assert!(c.providers.is_empty(), "a front only: no default providers");
+    let p = &c.pools[0];
+    assert_eq!((p.name.as_str(), p.kind), ("gpus", ProviderKind::Ollama));
+    assert_eq!(p.poll_interval, Duration::from_secs(1));
+    let names: Vec<_> = p.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["gpu1:11435", "b"]);
+    assert_eq!(p.nodes[0].admin.to_string(), "http://gpu1:11400");
+    assert!(p.nodes[0].token.as_ref().is_some_and(|t| t.matches(b"t1")));
+    assert!(p.nodes[1].token.is_none());
+    // Written back, it loads to the same pools.
+    let again = load_str(&c.to_toml()).unwrap();
+    assert_eq!(again.pools[0].nodes.len(), 2);
+    assert_eq!(again.pools[0].nodes[0].name, "gpu1:11435");
+}
+
+#[test]
+fn pool_problems_name_their_key_paths() {
+    let err = load_str(
+        r#"
+        [[pools]]
+        kind = "vllm"
+        listen = "127.0.0.1:11400"
+        nodes = [{ url = "http://a:1" }, { admin = "http://b:2" }]
+        [[pools]]
+        kind = "ollama"
+        listen = "127.0.0.1:9000"
+        [[pools]]
+        name = "pool1"
+        kind = "ollama"
+        listen = "127.0.0.1:9000"
+        nodes = [{ url = "http://a:1", admin = "http://a:2" }, { url = "http://a:1", admin = "http://a:3" }]
+        "#,
+    )
+    .unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "pools[0].kind",
+            "pools[0].listen",
+            "pools[0].nodes[0].admin",
+            "pools[0].nodes[1].url",
+            "pools[1].nodes",
+            "pools[2].name",
+            "pools[2].listen",
+            "pools[2].nodes[1].name",
+        ]
+    );
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawProvider};
+use super::raw::{RawConfig, RawPool, RawProvider};
 use super::*;
 use crate::providers::ProviderKind;
 
@@ -188,7 +188,13 @@ pub(super) fn validate(
         c.bad("limits.max_models_loaded", "must be at least 1");
     }
 
+    // A config with pools and no `[[providers]]` is a front only: no default providers.
+    let front_only = raw.providers.as_ref().is_none_or(Vec::is_empty)
+        && raw.pools.as_ref().is_some_and(|p| !p.is_empty());
     let raw_providers = raw.providers.unwrap_or_else(|| {
+        if front_only {
+            return Vec::new();
+        }
         [ProviderKind::Ollama, ProviderKind::LmStudio]
             .into_iter()
             .map(|k| RawProvider {
@@ -197,8 +203,11 @@ pub(super) fn validate(
             })
             .collect()
     });
-    if raw_providers.is_empty() {
-        c.bad("providers", "at least one provider is needed");
+    if raw_providers.is_empty() && !front_only {
+        c.bad(
+            "providers",
+            "at least one provider (or, for a front, one of `[[pools]]`) is needed",
+        );
     }
     let mut providers = Vec::new();
     // Each entry's index, name and listener, whatever else is wrong with it: a refused
@@ -375,6 +384,11 @@ pub(super) fn validate(
             }
         }
     }
+
+    // Every listener of this process: the admin's, the providers', the pools'.
+    let mut bound: Vec<SocketAddr> = vec![admin_listen];
+    bound.extend(seen.iter().filter_map(|(_, _, l)| *l));
+    let pools = pools(&mut c, raw.pools.unwrap_or_default(), bound);
 
     let queue = QueueConfig {
         max_waiting: raw.queue.max_waiting.unwrap_or(256),
@@ -590,6 +604,7 @@ pub(super) fn validate(
             shutdown_grace,
         },
         providers,
+        pools,
         limits,
         queue,
         buffers,
@@ -618,6 +633,130 @@ fn overflow_policy(c: &mut Checker, path: &str, s: &str) -> Option<OverflowPolic
 }
 
 /// `allowed_hosts`: host names (`*.suffix`, or `*` alone), without ports or schemes.
+/// The `[[pools]]` entries (`crate::fleet`): each needs a kind, a listen address and at
+/// least one node with `url` and `admin`.
+/// `bound`: the other listeners' addresses.
+fn pools(c: &mut Checker, raw: Vec<RawPool>, mut bound: Vec<SocketAddr>) -> Vec<PoolConfig> {
+    let mut out: Vec<PoolConfig> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for (i, p) in raw.into_iter().enumerate() {
+        let at = |k: &str| format!("pools[{i}].{k}");
+        let name = p.name.unwrap_or_else(|| format!("pool{i}"));
+        if names.contains(&name) {
+            c.bad(at("name"), format!("duplicate pool name `{name}`"));
+        }
+        names.push(name.clone());
+        if !valid_name(&name) {
+            c.bad(
+                at("name"),
+                format!("`{name}` must be non-empty and use only letters, digits, `-`, `_`, `.`"),
+            );
+        }
+        let kind = match p.kind.as_deref() {
+            None => {
+                c.bad(
+                    at("kind"),
+                    "missing: the API the pool's clients speak (ollama, lmstudio or llamacpp)",
+                );
+                None
+            }
+            Some(k) => ProviderKind::parse(k).or_else(|| {
+                c.bad(
+                    at("kind"),
+                    format!("unknown kind `{k}` (expected ollama, lmstudio or llamacpp)"),
+                );
+                None
+            }),
+        };
+        let listen = match p.listen.as_deref() {
+            Some(l) => c.addr(&at("listen"), l),
+            None => {
+                c.bad(
+                    at("listen"),
+                    "missing: the address the pool's clients connect to",
+                );
+                None
+            }
+        };
+        if let Some(l) = listen.filter(|l| l.port() != 0) {
+            if bound.contains(&l) {
+                c.bad(
+                    at("listen"),
+                    format!("address {l} is already used by another listener"),
+                );
+            }
+            bound.push(l);
+        }
+        let poll_interval = c.duration(
+            &at("poll_interval"),
+            p.poll_interval.as_deref(),
+            Duration::from_secs(1),
+        );
+        if poll_interval.is_zero() {
+            c.bad(at("poll_interval"), "must be greater than zero");
+        }
+        let raw_nodes = p.nodes.unwrap_or_default();
+        if raw_nodes.is_empty() {
+            c.bad(at("nodes"), "a pool needs at least one node");
+        }
+        let mut nodes: Vec<NodeConfig> = Vec::new();
+        for (j, n) in raw_nodes.into_iter().enumerate() {
+            let at = |k: &str| format!("pools[{i}].nodes[{j}].{k}");
+            let mut url_of = |key: &str, v: Option<String>| match v {
+                None => {
+                    c.bad(
+                        at(key),
+                        if key == "url" {
+                            "missing: the node's provider listener, e.g. `http://gpu1:11435`"
+                        } else {
+                            "missing: the node's admin API, e.g. `http://gpu1:11400`"
+                        },
+                    );
+                    None
+                }
+                Some(u) => parse_upstream(&u).map_err(|e| c.bad(at(key), e)).ok(),
+            };
+            let url = url_of("url", n.url);
+            let admin = url_of("admin", n.admin);
+            let token = n
+                .token
+                .filter(|t| !t.is_empty())
+                .and_then(|t| c.secret(&at("token"), t, false));
+            let Some(url) = url else { continue };
+            let name = n.name.unwrap_or_else(|| url.authority.to_string());
+            if nodes.iter().any(|m| m.name == name) {
+                c.bad(at("name"), format!("duplicate node `{name}` in this pool"));
+            }
+            if let Some(admin) = admin {
+                nodes.push(NodeConfig {
+                    name,
+                    url,
+                    admin,
+                    token,
+                });
+            }
+        }
+        if let (Some(kind), Some(listen)) = (kind, listen) {
+            out.push(PoolConfig {
+                name,
+                kind,
+                listen,
+                poll_interval,
+                nodes,
+            });
+        }
+    }
+    out
+}
+
+/// A name the proxy puts in headers, metrics and URLs.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.'))
+}
+
 fn host_list(c: &mut Checker, key: &str, list: Option<Vec<String>>) -> Vec<String> {
     let list = list.unwrap_or_default();
     for (j, h) in list.iter().enumerate() {
