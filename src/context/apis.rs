@@ -9,7 +9,9 @@
 //! - an `assistant` message with `tool_use` blocks owns the next `user` message(s) holding
 //!   `tool_result` blocks ([`Role::Tool`]: any `tool_result` block makes it one, since every
 //!   such block must follow its `tool_use`), so the planner's turns never part a call from
-//!   its result and the first kept message is never an orphan `tool_result`;
+//!   its result and the first kept message is never an orphan `tool_result`; a
+//!   `tool_result` further on than that (matched by `tool_use_id`) joins every message from
+//!   its call's turn to it into one turn (`join_pairs`);
 //! - the summary cannot be a `system` message: it is the first message, role `user`,
 //!   marked as the proxy's summary of earlier turns. Kept messages stay byte for byte, so
 //!   nothing is merged: when the first kept message is `user` too, a one-line `assistant`
@@ -25,18 +27,23 @@
 //!   kept like chat's system messages; a run of output items (assistant messages,
 //!   `reasoning`, `function_call`s) and the `function_call_output`s after it form one turn
 //!   (outputs pair with the calls of the run before them, as clients send them), so a call
-//!   never loses its output; the summary is a `system` message item in the first evicted
-//!   item's place (the Responses API accepts `system` and `developer` input messages);
+//!   never loses its output; an output sent further on (matched by `call_id`) joins every
+//!   item from its call's turn to it into one turn, so the two are kept or summarized
+//!   together however far apart they are; `*_call_output` items of other tools pair the
+//!   same way; the summary is a `system` message item in the first evicted item's place
+//!   (the Responses API accepts `system` and `developer` input messages);
 //! - with `previous_response_id` the conversation lives on the provider: the proxy sees
 //!   only the new items and cannot compact it. Such a request is forwarded unchanged, and
 //!   when its input alone is over the budget the `/status` event says `not_compacted` with
 //!   the reason (whatever `on_overflow` says: the provider's own window error applies).
 //!
 //! Pruning ([`super::prune`]) runs on both, with the same rules: duplicates are looked for
-//! in `content` strings, `text` blocks and the string `content` of `tool_result` blocks
-//! (Messages), `input_text` / `output_text` parts and `function_call_output` `output`
-//! strings (Responses). Not pruned: a `tool_result` whose content is an array of blocks,
-//! and images in either API (Anthropic `image` blocks, Responses `input_image` parts).
+//! in `content` strings, `text` blocks and the `content` of `tool_result` blocks, a string
+//! or the text blocks of an array (Messages), `input_text` / `output_text` parts and
+//! `function_call_output` `output`s, a string or the `input_text` parts of an array
+//! (Responses). Answered images become a part of the same array holding the marker:
+//! Anthropic `image` blocks (also inside a `tool_result`) a `text` block, Responses
+//! `input_image` parts (also in a `function_call_output`'s array) an `input_text` part.
 
 use std::collections::HashMap;
 
@@ -148,7 +155,7 @@ fn has_block(v: &Value, kind: &str) -> bool {
 
 /// Messages API roles: `assistant` (a caller when it has `tool_use` blocks), `user` holding
 /// `tool_result` blocks as a tool result, any other `user`; a `tool_result` that is not in
-/// the messages right after its `tool_use` joins them into one turn ([`join_pairs`]).
+/// the messages right after its `tool_use` joins them into one turn (`join_pairs`).
 pub fn messages_roles(values: &[Value]) -> Vec<Role> {
     let mut roles: Vec<Role> = values
         .iter()
@@ -188,7 +195,9 @@ pub fn messages_roles(values: &[Value]) -> Vec<Role> {
 /// planner, however far apart they are: every entry from the start of the call's turn to
 /// the result (system ones aside, which no turn holds) becomes part of it, the start a
 /// caller owning the rest. So a plan keeps or evicts a call and its result together, and
-/// pruning's protected last turn holds both. A result before its call is left alone.
+/// pruning's protected last turn holds both. A user message between them is then part of
+/// the call's turn (for pruning too: not "the last user message"). A result before its
+/// call is left alone.
 fn join_pairs(roles: &mut [Role], links: &[(usize, usize)]) {
     for &(call, result) in links {
         if call >= result || result >= roles.len() {
@@ -253,7 +262,7 @@ fn item(v: &Value) -> Item {
 /// Responses API roles: a run of output items and the call outputs after it is one turn
 /// (its first item a caller owning the rest), system and developer messages are system; an
 /// output sent further on than that run joins everything from its call's turn to it into
-/// one turn (matched by `call_id`, [`join_pairs`]).
+/// one turn (matched by `call_id`, `join_pairs`).
 pub fn responses_roles(values: &[Value]) -> Vec<Role> {
     let mut roles = responses_runs(values);
     let mut calls: HashMap<&str, usize> = HashMap::new();
@@ -429,7 +438,10 @@ mod tests {
         let roles = responses_roles(&items);
         let tokens = [10, 10, 10, 5, 10, 30, 10, 10];
         let all = plans(&roles, &tokens);
-        assert!(all.iter().any(|e| e.contains(&1)), "some plan evicts the call");
+        assert!(
+            all.iter().any(|e| e.contains(&1)),
+            "some plan evicts the call"
+        );
         for evict in all {
             assert_eq!(evict.contains(&1), evict.contains(&5), "{evict:?}");
             assert!(!evict.contains(&3), "the developer message stays");

@@ -17,10 +17,11 @@
 //!   would evict those steps too. A copy in a protected message still counts as a *later
 //!   copy* of an older one.
 //! - **Duplicates.** A message's `content` string, or a text part (`{"type":"text","text":…}`,
-//!   the Responses API's `input_text` / `output_text`) of a content array, the string
-//!   `content` of an Anthropic `tool_result` block, or a Responses `function_call_output`'s
-//!   `output` string, of at least [`MIN_BYTES`] bytes whose text appears again in a later
-//!   message (as a content string or text part, any role) is replaced by a marker (see
+//!   the Responses API's `input_text` / `output_text`) of a content array, the `content` of
+//!   an Anthropic `tool_result` block (a string, or a text block of its array), or a
+//!   Responses `function_call_output`'s `output` (a string, or an `input_text` part of its
+//!   array), of at least [`MIN_BYTES`] bytes whose text appears again in a later message
+//!   (in any of those places, any role) is replaced by a marker (see
 //!   [`duplicate_marker`]): the latest copy stays whole. "Appears again" is near-exact:
 //!   compared after [`normalized`] (CRLF as LF, trailing spaces of each line and blank lines
 //!   at either end dropped), so a tool that prints the same file with other line endings
@@ -28,17 +29,21 @@
 //! - **Answered images.** The images of a message before the last user message, when an
 //!   assistant message follows it (within the current tool loop the task's images stay):
 //!   Ollama's `images: [base64…]` key is dropped and a marker appended to its `content`;
-//!   an OpenAI `{"type":"image_url",…}` part becomes a text part holding the marker.
+//!   an image part becomes a text part of the same API holding the marker: OpenAI's
+//!   `{"type":"image_url",…}` and Anthropic's `{"type":"image",…}` (also in a `tool_result`
+//!   block's array) a `text` part, the Responses API's `input_image` (also in a
+//!   `function_call_output`'s `output` array) an `input_text` part.
 //! - **Byte-stable from turn to turn.** A marker depends only on the content it stands for
 //!   (its size in bytes, its number of images), never on where the later copy is; and a
 //!   conversation only grows, so once a message has a later copy it keeps one. The same old
 //!   message prunes to the same bytes on every later turn: the provider's prefix cache keeps
 //!   hitting, and the summary cache (keyed by the evicted messages' bytes) too. The one
 //!   change is the turn where a later copy first appears.
-//! - **Nothing else changes.** Only the content string, the one text part, or the images
-//!   are replaced; every other key (`role`, `tool_calls` and their arguments,
-//!   `tool_call_id`, `name`, …), its value and the order of keys stay byte for byte: the new
-//!   values are spliced into the message's own bytes.
+//! - **Nothing else changes.** Only the content string, the one text part (or
+//!   `tool_result` content, or `output`), or the images are replaced; every other key
+//!   (`role`, `tool_calls` and their arguments, `tool_call_id`, `name`, …), its value and
+//!   the order of keys stay byte for byte: the new values are spliced into the message's
+//!   own bytes.
 //! - **Not touched:** content below [`MIN_BYTES`] (short repeated phrases carry the
 //!   conversation's meaning and save little), `tool_calls` arguments (an edit's own text is
 //!   the record of what was changed), and a message the splice cannot read (left as it is).
@@ -148,7 +153,7 @@ fn kind(part: &Value) -> &str {
 }
 
 /// The text parts of a parts array, placed by `place`.
-fn part_texts<'v>(parts: &'v [Value], place: impl Fn(usize) -> Place) -> Vec<(Place, &'v str)> {
+fn part_texts(parts: &[Value], place: impl Fn(usize) -> Place) -> Vec<(Place, &str)> {
     parts
         .iter()
         .enumerate()

@@ -362,7 +362,9 @@ fn anthropic_image_blocks_answered_become_text_blocks_also_in_tool_results() {
     let text = format!(r#"{{"text":"{IMAGE_MARK}","type":"text"}}"#);
     assert_eq!(
         out[0],
-        format!(r#"{{"role":"user","content":[{{"type":"text","text":"what is this?"}}, {text}]}}"#)
+        format!(
+            r#"{{"role":"user","content":[{{"type":"text","text":"what is this?"}}, {text}]}}"#
+        )
     );
     assert_eq!(
         out[2],
@@ -378,7 +380,9 @@ fn anthropic_image_blocks_answered_become_text_blocks_also_in_tool_results() {
 
 #[test]
 fn responses_input_images_answered_become_input_text_parts_also_in_call_outputs() {
-    let image = format!(r#"{{"type":"input_image","image_url":"data:image/png;base64,{PNG}","detail":"auto"}}"#);
+    let image = format!(
+        r#"{{"type":"input_image","image_url":"data:image/png;base64,{PNG}","detail":"auto"}}"#
+    );
     let msgs = vec![
         format!(r#"{{"role":"user","content":[{{"type":"input_text","text":"what is this?"}},{image}]}}"#),
         r#"{"type":"function_call","call_id":"c1","name":"screenshot","arguments":"{}"}"#.to_string(),
@@ -392,7 +396,9 @@ fn responses_input_images_answered_become_input_text_parts_also_in_call_outputs(
     let text = format!(r#"{{"text":"{IMAGE_MARK}","type":"input_text"}}"#);
     assert_eq!(
         out[0],
-        format!(r#"{{"role":"user","content":[{{"type":"input_text","text":"what is this?"}},{text}]}}"#)
+        format!(
+            r#"{{"role":"user","content":[{{"type":"input_text","text":"what is this?"}},{text}]}}"#
+        )
     );
     assert_eq!(
         out[2],
