@@ -9,7 +9,9 @@
 //! - an `assistant` message with `tool_use` blocks owns the next `user` message(s) holding
 //!   `tool_result` blocks ([`Role::Tool`]: any `tool_result` block makes it one, since every
 //!   such block must follow its `tool_use`), so the planner's turns never part a call from
-//!   its result and the first kept message is never an orphan `tool_result`;
+//!   its result and the first kept message is never an orphan `tool_result`; a
+//!   `tool_result` further on than that (matched by `tool_use_id`) joins every message from
+//!   its call's turn to it into one turn (`join_pairs`);
 //! - the summary cannot be a `system` message: it is the first message, role `user`,
 //!   marked as the proxy's summary of earlier turns. Kept messages stay byte for byte, so
 //!   nothing is merged: when the first kept message is `user` too, a one-line `assistant`
@@ -25,18 +27,25 @@
 //!   kept like chat's system messages; a run of output items (assistant messages,
 //!   `reasoning`, `function_call`s) and the `function_call_output`s after it form one turn
 //!   (outputs pair with the calls of the run before them, as clients send them), so a call
-//!   never loses its output; the summary is a `system` message item in the first evicted
-//!   item's place (the Responses API accepts `system` and `developer` input messages);
+//!   never loses its output; an output sent further on (matched by `call_id`) joins every
+//!   item from its call's turn to it into one turn, so the two are kept or summarized
+//!   together however far apart they are; `*_call_output` items of other tools pair the
+//!   same way; the summary is a `system` message item in the first evicted item's place
+//!   (the Responses API accepts `system` and `developer` input messages);
 //! - with `previous_response_id` the conversation lives on the provider: the proxy sees
 //!   only the new items and cannot compact it. Such a request is forwarded unchanged, and
 //!   when its input alone is over the budget the `/status` event says `not_compacted` with
 //!   the reason (whatever `on_overflow` says: the provider's own window error applies).
 //!
 //! Pruning ([`super::prune`]) runs on both, with the same rules: duplicates are looked for
-//! in `content` strings, `text` blocks and the string `content` of `tool_result` blocks
-//! (Messages), `input_text` / `output_text` parts and `function_call_output` `output`
-//! strings (Responses). Not pruned: a `tool_result` whose content is an array of blocks,
-//! and images in either API (Anthropic `image` blocks, Responses `input_image` parts).
+//! in `content` strings, `text` blocks and the `content` of `tool_result` blocks, a string
+//! or the text blocks of an array (Messages), `input_text` / `output_text` parts and
+//! `function_call_output` `output`s, a string or the `input_text` parts of an array
+//! (Responses). Answered images become a part of the same array holding the marker:
+//! Anthropic `image` blocks (also inside a `tool_result`) a `text` block, Responses
+//! `input_image` parts (also in a `function_call_output`'s array) an `input_text` part.
+
+use std::collections::HashMap;
 
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -145,9 +154,10 @@ fn has_block(v: &Value, kind: &str) -> bool {
 }
 
 /// Messages API roles: `assistant` (a caller when it has `tool_use` blocks), `user` holding
-/// `tool_result` blocks as a tool result, any other `user`.
+/// `tool_result` blocks as a tool result, any other `user`; a `tool_result` that is not in
+/// the messages right after its `tool_use` joins them into one turn (`join_pairs`).
 pub fn messages_roles(values: &[Value]) -> Vec<Role> {
-    values
+    let mut roles: Vec<Role> = values
         .iter()
         .map(|v| match v.get("role").and_then(Value::as_str) {
             Some("assistant") => Role::Assistant {
@@ -156,7 +166,58 @@ pub fn messages_roles(values: &[Value]) -> Vec<Role> {
             _ if has_block(v, "tool_result") => Role::Tool,
             _ => Role::User,
         })
-        .collect()
+        .collect();
+    let mut calls: HashMap<&str, usize> = HashMap::new();
+    let mut links = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        for b in blocks(v) {
+            let id = |key| b.get(key).and_then(Value::as_str);
+            match b.get("type").and_then(Value::as_str) {
+                Some("tool_use") => {
+                    if let Some(id) = id("id") {
+                        calls.insert(id, i);
+                    }
+                }
+                Some("tool_result") => {
+                    if let Some(&c) = id("tool_use_id").and_then(|id| calls.get(id)) {
+                        links.push((c, i));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    join_pairs(&mut roles, &links);
+    roles
+}
+
+/// Makes each call and its result (`links`: the call's index, the result's) one turn of the
+/// planner, however far apart they are: every entry from the start of the call's turn to
+/// the result (system ones aside, which no turn holds) becomes part of it, the start a
+/// caller owning the rest. So a plan keeps or evicts a call and its result together, and
+/// pruning's protected last turn holds both. A user message between them is then part of
+/// the call's turn (for pruning too: not "the last user message"). A result before its
+/// call is left alone.
+fn join_pairs(roles: &mut [Role], links: &[(usize, usize)]) {
+    for &(call, result) in links {
+        if call >= result || result >= roles.len() {
+            continue;
+        }
+        // The turn's start: a call is an assistant message, or an output item after one in
+        // its run (`Tool` here), or inside a turn already joined (whose start is a caller).
+        let Some(start) = roles[..=call]
+            .iter()
+            .rposition(|r| matches!(r, Role::Assistant { .. } | Role::User))
+        else {
+            continue;
+        };
+        roles[start] = Role::Assistant { tool_calls: true };
+        for r in &mut roles[start + 1..=result] {
+            if *r != Role::System {
+                *r = Role::Tool;
+            }
+        }
+    }
 }
 
 /// Chat roles: `system` and `developer` messages are system, `tool` a tool result, an
@@ -187,7 +248,8 @@ enum Item {
 
 fn item(v: &Value) -> Item {
     match v.get("type").and_then(Value::as_str) {
-        Some("function_call_output") => Item::CallOutput,
+        // `function_call_output`, and the other tools' (`custom_tool_call_output`, …).
+        Some(t) if t.ends_with("_call_output") => Item::CallOutput,
         None | Some("message") => match v.get("role").and_then(Value::as_str) {
             Some("system" | "developer") => Item::System,
             Some("assistant") => Item::Output,
@@ -198,8 +260,32 @@ fn item(v: &Value) -> Item {
 }
 
 /// Responses API roles: a run of output items and the call outputs after it is one turn
-/// (its first item a caller owning the rest), system and developer messages are system.
+/// (its first item a caller owning the rest), system and developer messages are system; an
+/// output sent further on than that run joins everything from its call's turn to it into
+/// one turn (matched by `call_id`, `join_pairs`).
 pub fn responses_roles(values: &[Value]) -> Vec<Role> {
+    let mut roles = responses_runs(values);
+    let mut calls: HashMap<&str, usize> = HashMap::new();
+    let mut links = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        match (item(v), v.get("call_id").and_then(Value::as_str)) {
+            (Item::Output, Some(id)) => {
+                calls.insert(id, i);
+            }
+            (Item::CallOutput, Some(id)) => {
+                if let Some(&c) = calls.get(id) {
+                    links.push((c, i));
+                }
+            }
+            _ => {}
+        }
+    }
+    join_pairs(&mut roles, &links);
+    roles
+}
+
+/// The roles by position alone: each run of output items with the call outputs after it.
+fn responses_runs(values: &[Value]) -> Vec<Role> {
     let kinds: Vec<Item> = values.iter().map(item).collect();
     let mut roles = Vec::with_capacity(values.len());
     let mut i = 0;
@@ -301,6 +387,96 @@ mod tests {
                 Role::Tool
             ]
         );
+    }
+
+    /// Every plan over `roles` with these `tokens`, as the budget's prompt and tail shrink.
+    fn plans(roles: &[Role], tokens: &[u64]) -> Vec<Vec<usize>> {
+        let total: u64 = tokens.iter().sum();
+        (1..total)
+            .flat_map(|prompt| {
+                (1..=prompt).step_by(3).filter_map(move |tail| {
+                    let b = Budget {
+                        prompt,
+                        tail,
+                        summary: 2,
+                    };
+                    match plan::plan(roles, tokens, b) {
+                        Plan::Compact { evict, .. } => Some(evict),
+                        _ => None,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_responses_output_far_from_its_call_is_planned_with_it() {
+        let items = vec![
+            json!({"role":"user","content":"read both files"}),
+            json!({"type":"function_call","call_id":"c1","name":"read","arguments":"{}"}),
+            json!({"type":"message","role":"assistant","content":[{"type":"output_text","text":"reading"}]}),
+            json!({"role":"developer","content":"tools may be slow"}),
+            json!({"role":"user","content":"hurry"}),
+            json!({"type":"function_call_output","call_id":"c1","output":"file one"}),
+            json!({"type":"message","role":"assistant","content":[{"type":"output_text","text":"done"}]}),
+            json!({"role":"user","content":"thanks"}),
+        ];
+        // Before: 1 and 5 were separate turns (the output a stray one); now one turn.
+        assert_eq!(
+            responses_roles(&items),
+            vec![
+                Role::User,
+                CALL,
+                Role::Tool,
+                Role::System,
+                Role::Tool,
+                Role::Tool,
+                SAY,
+                Role::User
+            ]
+        );
+        let roles = responses_roles(&items);
+        let tokens = [10, 10, 10, 5, 10, 30, 10, 10];
+        let all = plans(&roles, &tokens);
+        assert!(
+            all.iter().any(|e| e.contains(&1)),
+            "some plan evicts the call"
+        );
+        for evict in all {
+            assert_eq!(evict.contains(&1), evict.contains(&5), "{evict:?}");
+            assert!(!evict.contains(&3), "the developer message stays");
+        }
+    }
+
+    #[test]
+    fn a_tool_result_far_from_its_tool_use_is_planned_with_it() {
+        let msgs = vec![
+            json!({"role":"user","content":"read it"}),
+            json!({"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"read","input":{}}]}),
+            json!({"role":"user","content":"still there?"}),
+            json!({"role":"assistant","content":"waiting for the tool"}),
+            json!({"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"data"}]}),
+            json!({"role":"assistant","content":"done"}),
+            json!({"role":"user","content":"next"}),
+        ];
+        assert_eq!(
+            messages_roles(&msgs),
+            vec![
+                Role::User,
+                CALL,
+                Role::Tool,
+                Role::Tool,
+                Role::Tool,
+                SAY,
+                Role::User
+            ]
+        );
+        let roles = messages_roles(&msgs);
+        let all = plans(&roles, &[10, 10, 10, 10, 30, 10, 10]);
+        assert!(all.iter().any(|e| e.contains(&1)));
+        for evict in all {
+            assert_eq!(evict.contains(&1), evict.contains(&4), "{evict:?}");
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! Rules:
 //! - every system message is kept, wherever it is;
 //! - the other messages form *turns*: an assistant message that calls tools takes the tool
-//!   results that follow it, so a call is never split from its results;
+//!   results that follow it, so a call is never split from its results (a result sent
+//!   further on is joined to its call by the API's roles, [`super::apis`]: the messages
+//!   between become part of the turn);
 //! - the most recent turns stay verbatim, as many as `tail` tokens allow, and always the last;
 //! - everything older (less system messages) is summarized; the summary goes where the first
 //!   summarized message was;

@@ -17,10 +17,11 @@
 //!   would evict those steps too. A copy in a protected message still counts as a *later
 //!   copy* of an older one.
 //! - **Duplicates.** A message's `content` string, or a text part (`{"type":"text","text":…}`,
-//!   the Responses API's `input_text` / `output_text`) of a content array, the string
-//!   `content` of an Anthropic `tool_result` block, or a Responses `function_call_output`'s
-//!   `output` string, of at least [`MIN_BYTES`] bytes whose text appears again in a later
-//!   message (as a content string or text part, any role) is replaced by a marker (see
+//!   the Responses API's `input_text` / `output_text`) of a content array, the `content` of
+//!   an Anthropic `tool_result` block (a string, or a text block of its array), or a
+//!   Responses `function_call_output`'s `output` (a string, or an `input_text` part of its
+//!   array), of at least [`MIN_BYTES`] bytes whose text appears again in a later message
+//!   (in any of those places, any role) is replaced by a marker (see
 //!   [`duplicate_marker`]): the latest copy stays whole. "Appears again" is near-exact:
 //!   compared after [`normalized`] (CRLF as LF, trailing spaces of each line and blank lines
 //!   at either end dropped), so a tool that prints the same file with other line endings
@@ -28,17 +29,21 @@
 //! - **Answered images.** The images of a message before the last user message, when an
 //!   assistant message follows it (within the current tool loop the task's images stay):
 //!   Ollama's `images: [base64…]` key is dropped and a marker appended to its `content`;
-//!   an OpenAI `{"type":"image_url",…}` part becomes a text part holding the marker.
+//!   an image part becomes a text part of the same API holding the marker: OpenAI's
+//!   `{"type":"image_url",…}` and Anthropic's `{"type":"image",…}` (also in a `tool_result`
+//!   block's array) a `text` part, the Responses API's `input_image` (also in a
+//!   `function_call_output`'s `output` array) an `input_text` part.
 //! - **Byte-stable from turn to turn.** A marker depends only on the content it stands for
 //!   (its size in bytes, its number of images), never on where the later copy is; and a
 //!   conversation only grows, so once a message has a later copy it keeps one. The same old
 //!   message prunes to the same bytes on every later turn: the provider's prefix cache keeps
 //!   hitting, and the summary cache (keyed by the evicted messages' bytes) too. The one
 //!   change is the turn where a later copy first appears.
-//! - **Nothing else changes.** Only the content string, the one text part, or the images
-//!   are replaced; every other key (`role`, `tool_calls` and their arguments,
-//!   `tool_call_id`, `name`, …), its value and the order of keys stay byte for byte: the new
-//!   values are spliced into the message's own bytes.
+//! - **Nothing else changes.** Only the content string, the one text part (or
+//!   `tool_result` content, or `output`), or the images are replaced; every other key
+//!   (`role`, `tool_calls` and their arguments, `tool_call_id`, `name`, …), its value and
+//!   the order of keys stay byte for byte: the new values are spliced into the message's
+//!   own bytes.
 //! - **Not touched:** content below [`MIN_BYTES`] (short repeated phrases carry the
 //!   conversation's meaning and save little), `tool_calls` arguments (an edit's own text is
 //!   the record of what was changed), and a message the splice cannot read (left as it is).
@@ -125,39 +130,91 @@ pub fn normalized(text: &str) -> String {
 enum Place {
     /// The `content` string.
     Content,
-    /// The text part at this index of the `content` array (`text`, and the Responses API's
-    /// `input_text` / `output_text`).
+    /// The part at this index of the `content` array: a text part (`text`, and the
+    /// Responses API's `input_text` / `output_text`) or an Anthropic `tool_result` block
+    /// whose `content` is a string.
     Part(usize),
-    /// The string `content` of the Anthropic `tool_result` block at this index.
-    ToolResult(usize),
+    /// The text block at index `.1` of the `content` array of the Anthropic `tool_result`
+    /// block at index `.0`.
+    Nested(usize, usize),
     /// A Responses `function_call_output`'s `output` string.
     Output,
+    /// The `input_text` part at this index of a `function_call_output`'s `output` array.
+    OutputPart(usize),
+}
+
+/// The part types that hold their text in `text`.
+fn is_text(kind: &str) -> bool {
+    matches!(kind, "text" | "input_text" | "output_text")
+}
+
+fn kind(part: &Value) -> &str {
+    part.get("type").and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The text parts of a parts array, placed by `place`.
+fn part_texts(parts: &[Value], place: impl Fn(usize) -> Place) -> Vec<(Place, &str)> {
+    parts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| is_text(kind(p)))
+        .filter_map(|(k, p)| Some((place(k), p.get("text")?.as_str()?)))
+        .collect()
 }
 
 /// The large texts of a message, with their places.
 fn texts(v: &Value) -> Vec<(Place, &str)> {
-    let mut found = match v.get("content") {
-        Some(Value::String(s)) => vec![(Place::Content, s.as_str())],
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .enumerate()
-            .filter_map(|(k, p)| match p.get("type").and_then(Value::as_str)? {
-                "text" | "input_text" | "output_text" => {
-                    Some((Place::Part(k), p.get("text")?.as_str()?))
+    let mut found = Vec::new();
+    match v.get("content") {
+        Some(Value::String(s)) => found.push((Place::Content, s.as_str())),
+        Some(Value::Array(parts)) => {
+            for (k, p) in parts.iter().enumerate() {
+                match (kind(p), p.get("content")) {
+                    ("tool_result", Some(Value::String(s))) => found.push((Place::Part(k), s)),
+                    ("tool_result", Some(Value::Array(inner))) => {
+                        found.extend(part_texts(inner, |m| Place::Nested(k, m)));
+                    }
+                    (t, _) if is_text(t) => {
+                        if let Some(text) = p.get("text").and_then(Value::as_str) {
+                            found.push((Place::Part(k), text));
+                        }
+                    }
+                    _ => {}
                 }
-                "tool_result" => Some((Place::ToolResult(k), p.get("content")?.as_str()?)),
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-    if let Some(Value::String(o)) = v.get("output") {
-        found.push((Place::Output, o.as_str()));
+            }
+        }
+        _ => {}
+    }
+    match v.get("output") {
+        Some(Value::String(o)) => found.push((Place::Output, o.as_str())),
+        Some(Value::Array(parts)) => found.extend(part_texts(parts, Place::OutputPart)),
+        _ => {}
     }
     found
         .into_iter()
         .filter(|(_, t)| t.len() >= MIN_BYTES)
         .collect()
+}
+
+/// The text part that stands for an image part of type `kind` in the same array (`None`:
+/// not an image): OpenAI chat's `image_url` and Anthropic's `image` become a `text` part,
+/// the Responses API's `input_image` an `input_text` part.
+fn stand_in(kind: &str) -> Option<&'static str> {
+    match kind {
+        "image_url" | "image" => Some("text"),
+        "input_image" => Some("input_text"),
+        _ => None,
+    }
+}
+
+/// Whether a parts array holds an image part, also inside a `tool_result` block.
+fn has_image_part(parts: Option<&Value>) -> bool {
+    parts.and_then(Value::as_array).is_some_and(|parts| {
+        parts.iter().any(|p| {
+            stand_in(kind(p)).is_some()
+                || (kind(p) == "tool_result" && has_image_part(p.get("content")))
+        })
+    })
 }
 
 /// Prunes the older messages of a conversation (see the module doc). `values` and `roles`
@@ -256,6 +313,72 @@ fn quoted(s: &str) -> String {
     Value::String(s.to_string()).to_string()
 }
 
+/// The edits to one message: byte ranges of its raw text and what replaces them.
+struct Edits<'m> {
+    msg: &'m str,
+    list: Vec<(Range<usize>, String)>,
+    repeated: &'m [(Place, usize)],
+    answered: bool,
+    dups: u32,
+    images: u32,
+}
+
+impl<'m> Edits<'m> {
+    /// Replaces `inner` (a slice of the message) by `text`.
+    fn replace(&mut self, inner: &str, text: String) {
+        self.list.push((span(self.msg, inner), text));
+    }
+
+    /// The size of the repeated text at `place`, if it is one.
+    fn dup_of(&self, place: Place) -> Option<usize> {
+        self.repeated
+            .iter()
+            .find(|(p, _)| *p == place)
+            .map(|(_, n)| *n)
+    }
+
+    /// Edits a parts array (`raw`, a slice of the message, and its value): an image part,
+    /// if answered, becomes a text part holding the marker; a repeated text (a text part's
+    /// `text`, a `tool_result` block's string `content`) becomes the duplicate marker; a
+    /// `tool_result` block's own parts array (`nested`: not inside one already) is edited
+    /// the same way. `None`: the array cannot be read for a splice.
+    fn parts(
+        &mut self,
+        raw: &'m RawValue,
+        parts: &[Value],
+        place: &dyn Fn(usize) -> Place,
+        nested: bool,
+    ) -> Option<()> {
+        let raw_parts: Vec<&'m RawValue> = serde_json::from_str(raw.get()).ok()?;
+        if raw_parts.len() != parts.len() {
+            return None;
+        }
+        for (k, (rp, p)) in raw_parts.into_iter().zip(parts).enumerate() {
+            let kind = kind(p);
+            if let Some(text_kind) = stand_in(kind).filter(|_| self.answered) {
+                self.images += 1;
+                let part = serde_json::json!({"type": text_kind, "text": image_marker(1)});
+                self.replace(rp.get(), part.to_string());
+            } else if let Some(n) = self.dup_of(place(k)) {
+                let key = if kind == "tool_result" {
+                    "content"
+                } else {
+                    "text"
+                };
+                let (_, text) = Entries::parse(rp.get())?.find(key)?;
+                self.dups += 1;
+                self.replace(text.get(), quoted(&duplicate_marker(n)));
+            } else if let (false, "tool_result", Some(Value::Array(inner))) =
+                (nested, kind, p.get("content"))
+            {
+                let (_, inner_raw) = Entries::parse(rp.get())?.find("content")?;
+                self.parts(inner_raw, inner, &|m| Place::Nested(k, m), true)?;
+            }
+        }
+        Some(())
+    }
+}
+
 /// Message `msg` (raw) with the texts at `repeated` replaced by markers and, if `answered`,
 /// its images removed: the new raw message, the duplicates and images it lost; `None` when
 /// nothing changes (or the message cannot be read for a splice).
@@ -269,75 +392,68 @@ fn rewrite(
         .get("images")
         .and_then(Value::as_array)
         .map_or(0, Vec::len);
-    let image_parts = match v.get("content") {
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
-            .count(),
-        _ => 0,
-    };
-    let strip = answered && (ollama_images > 0 || image_parts > 0);
-    if repeated.is_empty() && !strip {
+    let image_parts = has_image_part(v.get("content")) || has_image_part(v.get("output"));
+    let strip = answered && ollama_images > 0;
+    if repeated.is_empty() && !(answered && (ollama_images > 0 || image_parts)) {
         return None;
     }
     let entries = Entries::parse(msg)?;
     let content = entries.find("content");
-    let mut edits: Vec<(Range<usize>, String)> = Vec::new();
-    let (mut dups, mut images) = (0u32, 0u32);
-    let dup_of = |place: Place| repeated.iter().find(|(p, _)| *p == place).map(|(_, n)| *n);
+    let mut e = Edits {
+        msg,
+        list: Vec::new(),
+        repeated,
+        answered,
+        dups: 0,
+        images: 0,
+    };
     match (content, v.get("content")) {
         (Some((_, raw)), Some(Value::String(text))) => {
-            let mut new = match dup_of(Place::Content) {
+            let mut new = match e.dup_of(Place::Content) {
                 Some(n) => {
-                    dups += 1;
+                    e.dups += 1;
                     duplicate_marker(n)
                 }
                 None => text.clone(),
             };
-            if strip && ollama_images > 0 {
+            if strip {
                 if !new.is_empty() {
                     new.push('\n');
                 }
                 new.push_str(&image_marker(ollama_images));
             }
             if new != *text {
-                edits.push((span(msg, raw.get()), quoted(&new)));
+                e.replace(raw.get(), quoted(&new));
             }
         }
         (Some((_, raw)), Some(Value::Array(parts))) => {
-            let raw_parts: Vec<&RawValue> = serde_json::from_str(raw.get()).ok()?;
-            if raw_parts.len() != parts.len() {
-                return None;
-            }
-            for (k, (rp, p)) in raw_parts.iter().zip(parts).enumerate() {
-                let kind = p.get("type").and_then(Value::as_str);
-                if kind == Some("image_url") && answered {
-                    images += 1;
-                    let part = serde_json::json!({"type": "text", "text": image_marker(1)});
-                    edits.push((span(msg, rp.get()), part.to_string()));
-                } else if let Some(n) = dup_of(Place::Part(k)) {
-                    let (_, text) = Entries::parse(rp.get())?.find("text")?;
-                    dups += 1;
-                    edits.push((span(msg, text.get()), quoted(&duplicate_marker(n))));
-                } else if let Some(n) = dup_of(Place::ToolResult(k)) {
-                    let (_, text) = Entries::parse(rp.get())?.find("content")?;
-                    dups += 1;
-                    edits.push((span(msg, text.get()), quoted(&duplicate_marker(n))));
-                }
-            }
+            e.parts(raw, parts, &Place::Part, false)?;
         }
-        (Some((_, raw)), _) if strip && ollama_images > 0 => {
+        (Some((_, raw)), _) if strip => {
             // `"content": null` with images: the marker is the content.
-            edits.push((span(msg, raw.get()), quoted(&image_marker(ollama_images))));
+            e.replace(raw.get(), quoted(&image_marker(ollama_images)));
         }
         _ => {}
     }
-    if let Some(n) = dup_of(Place::Output) {
-        let (_, raw) = entries.find("output")?;
-        dups += 1;
-        edits.push((span(msg, raw.get()), quoted(&duplicate_marker(n))));
+    match (e.dup_of(Place::Output), v.get("output")) {
+        (Some(n), _) => {
+            let (_, raw) = entries.find("output")?;
+            e.dups += 1;
+            e.replace(raw.get(), quoted(&duplicate_marker(n)));
+        }
+        (None, Some(Value::Array(parts))) => {
+            let (_, raw) = entries.find("output")?;
+            e.parts(raw, parts, &Place::OutputPart, true)?;
+        }
+        _ => {}
     }
-    if strip && ollama_images > 0 {
+    let Edits {
+        mut list,
+        dups,
+        mut images,
+        ..
+    } = e;
+    if strip {
         let (e, _) = entries.find("images")?;
         let value = |i: usize| span(msg, entries.0[i].1.get());
         let has_content = content.is_some();
@@ -367,16 +483,16 @@ fn rewrite(
                 (open..end, added("", ""))
             }
         };
-        edits.push(range);
+        list.push(range);
         images += ollama_images as u32;
     }
-    if edits.is_empty() {
+    if list.is_empty() {
         return None;
     }
-    edits.sort_by_key(|(r, _)| r.start);
+    list.sort_by_key(|(r, _)| r.start);
     let mut new = String::with_capacity(msg.len());
     let mut at = 0;
-    for (r, text) in &edits {
+    for (r, text) in &list {
         if r.start < at {
             return None;
         }

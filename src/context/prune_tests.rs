@@ -3,11 +3,16 @@
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::super::apis::role_of;
+use super::super::apis::{messages_roles, responses_roles, role_of};
 use super::*;
 
-/// Prunes raw messages; the result and every message as it would be forwarded.
+/// Prunes raw chat messages; the result and every message as it would be forwarded.
 fn run(msgs: &[String]) -> (Pruned, Vec<String>) {
+    run_as(msgs, |values| values.iter().map(role_of).collect())
+}
+
+/// The same, with the roles one API's planner sees (`apis::messages_roles`, …).
+fn run_as(msgs: &[String], roles_of: fn(&[Value]) -> Vec<Role>) -> (Pruned, Vec<String>) {
     let raws: Vec<&RawValue> = msgs
         .iter()
         .map(|m| serde_json::from_str::<&RawValue>(m).expect("raw message"))
@@ -16,7 +21,7 @@ fn run(msgs: &[String]) -> (Pruned, Vec<String>) {
         .iter()
         .map(|m| serde_json::from_str(m).expect("message"))
         .collect();
-    let roles: Vec<Role> = values.iter().map(role_of).collect();
+    let roles = roles_of(&values);
     let p = prune(&raws, &values, &roles);
     let out: Vec<String> = msgs
         .iter()
@@ -333,4 +338,143 @@ fn in_one_tool_loop_the_earlier_reads_are_older_turns() {
         assert_eq!(out[i], msgs[i], "message {i}");
     }
     assert_eq!(p.duplicates, 2);
+}
+
+const IMAGE_MARK: &str = "[llm-warden: 1 image removed; already answered]";
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJ";
+
+#[test]
+fn anthropic_image_blocks_answered_become_text_blocks_also_in_tool_results() {
+    let image = format!(
+        r#"{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{PNG}"}}}}"#
+    );
+    let msgs = vec![
+        format!(r#"{{"role":"user","content":[{{"type":"text","text":"what is this?"}}, {image}]}}"#),
+        r#"{"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"screenshot","input":{}}]}"#.to_string(),
+        format!(
+            r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t1","content":[{{"type":"text","text":"the screen"}},{image}],"is_error":false}}]}}"#
+        ),
+        r#"{"role":"assistant","content":"A cat on a screen."}"#.to_string(),
+        // The last user message keeps its image: not answered yet.
+        format!(r#"{{"role":"user","content":[{{"type":"text","text":"and this?"}},{image}]}}"#),
+    ];
+    let (p, out) = run_as(&msgs, messages_roles);
+    let text = format!(r#"{{"text":"{IMAGE_MARK}","type":"text"}}"#);
+    assert_eq!(
+        out[0],
+        format!(
+            r#"{{"role":"user","content":[{{"type":"text","text":"what is this?"}}, {text}]}}"#
+        )
+    );
+    assert_eq!(
+        out[2],
+        format!(
+            r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t1","content":[{{"type":"text","text":"the screen"}},{text}],"is_error":false}}]}}"#
+        )
+    );
+    for i in [1, 3, 4] {
+        assert_eq!(out[i], msgs[i], "message {i}");
+    }
+    assert_eq!((p.duplicates, p.images), (0, 2));
+}
+
+#[test]
+fn responses_input_images_answered_become_input_text_parts_also_in_call_outputs() {
+    let image = format!(
+        r#"{{"type":"input_image","image_url":"data:image/png;base64,{PNG}","detail":"auto"}}"#
+    );
+    let msgs = vec![
+        format!(r#"{{"role":"user","content":[{{"type":"input_text","text":"what is this?"}},{image}]}}"#),
+        r#"{"type":"function_call","call_id":"c1","name":"screenshot","arguments":"{}"}"#.to_string(),
+        format!(
+            r#"{{"type":"function_call_output","call_id":"c1","output":[{{"type":"input_text","text":"the screen"}}, {image}]}}"#
+        ),
+        r#"{"type":"message","role":"assistant","content":[{"type":"output_text","text":"A cat."}]}"#.to_string(),
+        format!(r#"{{"type":"message","role":"user","content":[{image}]}}"#),
+    ];
+    let (p, out) = run_as(&msgs, responses_roles);
+    let text = format!(r#"{{"text":"{IMAGE_MARK}","type":"input_text"}}"#);
+    assert_eq!(
+        out[0],
+        format!(
+            r#"{{"role":"user","content":[{{"type":"input_text","text":"what is this?"}},{text}]}}"#
+        )
+    );
+    assert_eq!(
+        out[2],
+        format!(
+            r#"{{"type":"function_call_output","call_id":"c1","output":[{{"type":"input_text","text":"the screen"}}, {text}]}}"#
+        )
+    );
+    for i in [1, 3, 4] {
+        assert_eq!(out[i], msgs[i], "message {i}");
+    }
+    assert_eq!((p.duplicates, p.images), (0, 2));
+}
+
+#[test]
+fn a_tool_result_of_text_blocks_is_pruned_inside_its_block() {
+    let f = q(&file());
+    let read = |id: &str| {
+        format!(
+            r#"{{"role":"assistant","content":[{{"type":"tool_use","id":"{id}","name":"read","input":{{"path":"a.rs"}}}}]}}"#
+        )
+    };
+    let result = |id: &str, text: &str| {
+        format!(
+            r#"{{"role": "user", "content": [{{"type": "tool_result", "tool_use_id": "{id}", "content": [{{"type": "text", "text": {text}, "cache_control": {{"type": "ephemeral"}}}}]}}]}}"#
+        )
+    };
+    let msgs = vec![
+        r#"{"role":"user","content":"fix a.rs"}"#.to_string(),
+        read("t1"),
+        result("t1", &f),
+        read("t2"),
+        // A later copy as a string tool_result counts too.
+        format!(
+            r#"{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t2","content":{f}}}]}}"#
+        ),
+        r#"{"role":"assistant","content":"Fixed."}"#.to_string(),
+        r#"{"role":"user","content":"thanks"}"#.to_string(),
+    ];
+    let (p, out) = run_as(&msgs, messages_roles);
+    assert_eq!(out[2], result("t1", &q(MARK_660)));
+    for i in [0, 1, 3, 4, 5, 6] {
+        assert_eq!(out[i], msgs[i], "message {i}");
+    }
+    assert_eq!((p.duplicates, p.images), (1, 0));
+}
+
+#[test]
+fn function_call_outputs_are_pruned_as_strings_and_inside_input_text_parts() {
+    let f = q(&file());
+    let call = |id: &str| {
+        format!(r#"{{"type":"function_call","call_id":"{id}","name":"read","arguments":"{{}}"}}"#)
+    };
+    let parts = |id: &str, text: &str| {
+        format!(
+            r#"{{"type":"function_call_output", "call_id":"{id}", "output":[{{"type":"input_text","text":{text}}}], "status":"completed"}}"#
+        )
+    };
+    let string = |id: &str, text: &str| {
+        format!(r#"{{"call_id":"{id}","type":"function_call_output","output":{text}}}"#)
+    };
+    let msgs = vec![
+        r#"{"role":"user","content":"fix a.rs"}"#.to_string(),
+        call("c1"),
+        parts("c1", &f),
+        call("c2"),
+        string("c2", &f),
+        call("c3"),
+        parts("c3", &f),
+        r#"{"type":"message","role":"assistant","content":[{"type":"output_text","text":"Fixed."}]}"#.to_string(),
+        r#"{"role":"user","content":"thanks"}"#.to_string(),
+    ];
+    let (p, out) = run_as(&msgs, responses_roles);
+    assert_eq!(out[2], parts("c1", &q(MARK_660)));
+    assert_eq!(out[4], string("c2", &q(MARK_660)));
+    for i in [0, 1, 3, 5, 6, 7, 8] {
+        assert_eq!(out[i], msgs[i], "message {i}");
+    }
+    assert_eq!((p.duplicates, p.images), (2, 0));
 }

@@ -997,3 +997,299 @@ async fn a_long_responses_input_with_function_calls_is_summarized() {
     proxy.shutdown().await;
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// The usage a streamed `/v1/messages` or `/v1/responses` reply reported last (Anthropic's
+/// `message_delta`, the Responses API's `response.completed`): (input, output) tokens.
+fn stream_usage(text: &str) -> (u64, u64) {
+    let mut last = None;
+    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let v: Value = serde_json::from_str(data).unwrap();
+        for u in [&v["usage"], &v["message"]["usage"], &v["response"]["usage"]] {
+            if let (Some(i), Some(o)) = (u["input_tokens"].as_u64(), u["output_tokens"].as_u64()) {
+                last = Some((i, o));
+            }
+        }
+    }
+    last.unwrap_or_else(|| panic!("no usage in {text}"))
+}
+
+/// The time between tokens the simulator streams with, in the streamed tests below.
+const TOKEN_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A streamed reply arrived event by event: each `delta_event` in its own frame, the frames
+/// spread over the time the simulator took to write them (not gathered, then sent).
+fn arrived_frame_by_frame(r: &Reply, delta_event: &str) {
+    let deltas = r.text().matches(delta_event).count();
+    assert!(deltas >= 5, "{}", r.text());
+    let frames: Vec<&(std::time::Instant, bytes::Bytes)> = r
+        .frames
+        .iter()
+        .filter(|(_, b)| String::from_utf8_lossy(b).contains(delta_event))
+        .collect();
+    assert_eq!(frames.len(), deltas, "one delta per frame");
+    let spread = frames[deltas - 1].0 - frames[0].0;
+    assert!(
+        spread >= TOKEN_DELAY * (deltas as u32 - 1) / 2,
+        "{deltas} deltas within {spread:?}"
+    );
+}
+
+#[tokio::test]
+async fn streamed_messages_and_responses_are_compacted_and_relayed_frame_by_frame() {
+    let sim = start_ollama(OllamaConfig {
+        default_num_ctx: 4096,
+        fixed_reply: Some(SUMMARY.to_string()),
+        token_delay: TOKEN_DELAY,
+        ..Default::default()
+    })
+    .await;
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::with(sim, "streamed-apis", "").await;
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    let mut usage = (0, 0);
+
+    // Messages: the system and the last message byte for byte, the rest summarized.
+    let messages = messages_loop(12);
+    let system = format!(r#"[{{"type":"text","text":"{SYSTEM}"}}]"#);
+    let body = format!(
+        r#"{{"model":"llama3.2","max_tokens":64,"stream":true,"system":{system},"messages":[{}]}}"#,
+        messages.join(",")
+    );
+    let r = post_json(&c, &format!("{base}/v1/messages"), &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (header, before, after) = compacted(&r);
+    assert!(before > after, "{header}");
+    let text = r.text();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"message_start"), "{events:?}");
+    assert_eq!(events.last(), Some(&"message_stop"), "{events:?}");
+    arrived_frame_by_frame(&r, "event: content_block_delta");
+    let (i, o) = stream_usage(&text);
+    assert!(i > 0 && o > 0);
+    usage = (usage.0 + i, usage.1 + o);
+    let forwarded = upstream_raw(&sim, "/v1/messages");
+    assert_eq!(forwarded.len(), 1);
+    let sent = &forwarded[0];
+    assert!(sent.len() < body.len(), "{} !< {}", sent.len(), body.len());
+    assert_eq!(field_raw(sent, "system"), system);
+    assert_eq!(field_raw(sent, "stream"), "true");
+    let out = items_raw(sent, "messages");
+    assert_eq!(out.last(), messages.last());
+    assert!(out[0].contains(SUMMARY), "{}", out[0]);
+
+    // Responses: the instructions and the last item byte for byte (longer: the first
+    // reply calibrated the token ratio).
+    let items = responses_loop(24);
+    let body = format!(
+        r#"{{"model":"llama3.2","instructions":"{SYSTEM}","stream":true,"input":[{}]}}"#,
+        items.join(",")
+    );
+    let r = post_json(&c, &format!("{base}/v1/responses"), &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (header, before, after) = compacted(&r);
+    assert!(before > after, "{header}");
+    let text = r.text();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"response.created"), "{events:?}");
+    assert_eq!(events.last(), Some(&"response.completed"), "{events:?}");
+    arrived_frame_by_frame(&r, "event: response.output_text.delta");
+    let (i, o) = stream_usage(&text);
+    assert!(i > 0 && o > 0);
+    usage = (usage.0 + i, usage.1 + o);
+    let forwarded = upstream_raw(&sim, "/v1/responses");
+    assert_eq!(forwarded.len(), 1);
+    let sent = &forwarded[0];
+    assert!(sent.len() < body.len(), "{} !< {}", sent.len(), body.len());
+    assert_eq!(field_raw(sent, "instructions"), format!("\"{SYSTEM}\""));
+    assert_eq!(field_raw(sent, "stream"), "true");
+    let out = items_raw(sent, "input");
+    assert_eq!(out.last(), items.last());
+    assert!(out[0].contains(SUMMARY), "{}", out[0]);
+
+    // Both counted with the streams' own usage, as compactions.
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    assert_eq!(
+        (
+            m["total_requests"].as_u64(),
+            m["prompt_tokens"].as_u64(),
+            m["completion_tokens"].as_u64(),
+            m["errors"].as_u64(),
+            m["compactions"].as_u64(),
+        ),
+        (Some(2), Some(usage.0), Some(usage.1), Some(0), Some(2)),
+        "{m}"
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJ";
+
+/// The duplicate marker for `source_file()`.
+fn file_marker() -> String {
+    let n = source_file().len();
+    format!(
+        "[llm-warden: {},{:03} bytes pruned here; the same content appears again later in this conversation]",
+        n / 1000,
+        n % 1000
+    )
+}
+
+const IMAGE_MARKER: &str = "[llm-warden: 1 image removed; already answered]";
+
+/// An Anthropic tool loop: a screenshot in the task, the same file read three times as
+/// `tool_result`s of text blocks, then the user's next request.
+fn messages_prune_loop() -> Vec<String> {
+    let file = serde_json::to_string(&source_file()).unwrap();
+    let read = |id: &str| {
+        format!(
+            r#"{{"role":"assistant","content":[{{"type":"tool_use","id":"{id}","name":"read_file","input":{{"path":"src/parser.rs"}}}}]}}"#
+        )
+    };
+    let result = |id: &str, text: &str| {
+        format!(
+            r#"{{"role": "user", "content": [{{"type": "tool_result", "tool_use_id": "{id}", "content": [{{"type": "text", "text": {text}}}]}}]}}"#
+        )
+    };
+    vec![
+        format!(
+            r#"{{"role":"user","content":[{{"type":"text","text":"The parser fails on this input."}},{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{PNG}"}}}}]}}"#
+        ),
+        read("toolu_1"),
+        result("toolu_1", &file),
+        read("toolu_2"),
+        result("toolu_2", &file),
+        read("toolu_3"),
+        result("toolu_3", &file),
+        r#"{"role":"assistant","content":"Step 0 does not check for empty input."}"#.into(),
+        r#"{"role":"user","content":"Fix it."}"#.into(),
+    ]
+}
+
+/// The same loop in the Responses API: `function_call_output`s as `input_text` parts and
+/// as a string.
+fn responses_prune_loop() -> Vec<String> {
+    let file = serde_json::to_string(&source_file()).unwrap();
+    let call = |id: &str| {
+        format!(
+            r#"{{"type":"function_call","call_id":"{id}","name":"read_file","arguments":"{{\"path\":\"src/parser.rs\"}}"}}"#
+        )
+    };
+    let parts = |id: &str, text: &str| {
+        format!(
+            r#"{{"type": "function_call_output", "call_id": "{id}", "output": [{{"type": "input_text", "text": {text}}}]}}"#
+        )
+    };
+    vec![
+        format!(
+            r#"{{"role":"user","content":[{{"type":"input_text","text":"The parser fails on this input."}},{{"type":"input_image","image_url":"data:image/png;base64,{PNG}","detail":"auto"}}]}}"#
+        ),
+        call("call_1"),
+        parts("call_1", &file),
+        call("call_2"),
+        format!(r#"{{"type":"function_call_output","call_id":"call_2","output":{file}}}"#),
+        call("call_3"),
+        parts("call_3", &file),
+        r#"{"type":"message","role":"assistant","content":[{"type":"output_text","text":"Step 0 does not check for empty input."}]}"#.into(),
+        r#"{"role":"user","content":"Fix it."}"#.into(),
+    ]
+}
+
+#[tokio::test]
+async fn messages_and_responses_tool_loops_are_pruned_images_and_array_results_too() {
+    let Rig {
+        sim,
+        proxy,
+        cache,
+        c,
+    } = Rig::start("prune-apis", "").await;
+    let base = format!("http://{}", proxy.proxy_addr(0));
+    let file = serde_json::to_string(&source_file()).unwrap();
+    let marker = serde_json::to_string(&file_marker()).unwrap();
+
+    let messages = messages_prune_loop();
+    let body = format!(
+        r#"{{"model":"llama3.2","max_tokens":64,"messages":[{}]}}"#,
+        messages.join(",")
+    );
+    let r = post_json(&c, &format!("{base}/v1/messages"), &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    assert_eq!(r.headers["x-llm-warden-pruned"], "duplicates=2, images=1");
+    let mut want = messages.clone();
+    want[0] = want[0].replace(
+        &format!(
+            r#"{{"type":"image","source":{{"type":"base64","media_type":"image/png","data":"{PNG}"}}}}"#
+        ),
+        &format!(r#"{{"text":"{IMAGE_MARKER}","type":"text"}}"#),
+    );
+    want[2] = want[2].replace(&file, &marker);
+    want[4] = want[4].replace(&file, &marker);
+    assert_ne!(want[0], messages[0]);
+    assert_ne!(want[2], messages[2]);
+    let forwarded = upstream_raw(&sim, "/v1/messages");
+    assert_eq!(forwarded.len(), 1);
+    assert_eq!(items_raw(&forwarded[0], "messages"), want, "byte for byte");
+
+    let items = responses_prune_loop();
+    let body = format!(
+        r#"{{"model":"llama3.2","instructions":"{SYSTEM}","input":[{}]}}"#,
+        items.join(",")
+    );
+    let r = post_json(&c, &format!("{base}/v1/responses"), &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.headers.contains_key("x-llm-warden-compacted"));
+    assert_eq!(r.headers["x-llm-warden-pruned"], "duplicates=2, images=1");
+    let mut want = items.clone();
+    want[0] = want[0].replace(
+        &format!(
+            r#"{{"type":"input_image","image_url":"data:image/png;base64,{PNG}","detail":"auto"}}"#
+        ),
+        &format!(r#"{{"text":"{IMAGE_MARKER}","type":"input_text"}}"#),
+    );
+    want[2] = want[2].replace(&file, &marker);
+    want[4] = want[4].replace(&file, &marker);
+    assert_ne!(want[0], items[0]);
+    let forwarded = upstream_raw(&sim, "/v1/responses");
+    assert_eq!(forwarded.len(), 1);
+    assert_eq!(items_raw(&forwarded[0], "input"), want, "byte for byte");
+
+    // No summarizer call; /status, its events and the metrics count both as prunes.
+    let (summarizer, _) = upstream_chats(&sim);
+    assert!(summarizer.is_empty());
+    let s = status(&c, &proxy).await;
+    let m = model_entry(&s, "ollama0", "llama3.2:latest");
+    assert_eq!(
+        (m["compactions"].as_u64(), m["prunes"].as_u64()),
+        (Some(2), Some(2)),
+        "{m}"
+    );
+    for e in s["compaction"]["events"].as_array().unwrap() {
+        assert_eq!(e["action"], "pruned", "{e}");
+        assert_eq!(e["pruned"]["duplicates"], 2, "{e}");
+        assert_eq!(e["pruned"]["images"], 1, "{e}");
+    }
+    let page = get(&c, &format!("http://{}/metrics", proxy.admin_addr)).await;
+    let prunes = page
+        .text()
+        .lines()
+        .find(|l| l.starts_with("llm_warden_compaction_prunes_total{") && l.contains("llama3.2"))
+        .map(str::to_string);
+    assert!(
+        prunes.as_deref().is_some_and(|l| l.ends_with(" 2")),
+        "{prunes:?}"
+    );
+    proxy.shutdown().await;
+    let _ = std::fs::remove_dir_all(&cache);
+}
