@@ -170,11 +170,11 @@ fn boundary(content_type: Option<&[u8]>) -> Result<Vec<u8>, FormError> {
     }
 }
 
+/// Media-type parameters: lower-cased names and their values, in order.
+type Params<'a> = Vec<(Vec<u8>, Cow<'a, [u8]>)>;
+
 /// `params[key]`; a `key*` (RFC 2231, which Go decodes) is refused, not guessed.
-fn param<'p>(
-    params: &'p [(Vec<u8>, Cow<'p, [u8]>)],
-    key: &[u8],
-) -> Result<Option<Cow<'p, [u8]>>, FormError> {
+fn param<'p>(params: &'p Params<'p>, key: &[u8]) -> Result<Option<Cow<'p, [u8]>>, FormError> {
     let mut found = None;
     for (k, v) in params {
         if k.as_slice() == key {
@@ -218,8 +218,7 @@ fn token(s: &[u8]) -> (&[u8], &[u8]) {
 
 /// Go's `mime.ParseMediaType`: the lower-cased type and its parameters (lower-cased names);
 /// `None` where Go returns an error.
-#[allow(clippy::type_complexity)]
-fn media_type(v: &[u8]) -> Option<(Vec<u8>, Vec<(Vec<u8>, Cow<'_, [u8]>)>)> {
+fn media_type(v: &[u8]) -> Option<(Vec<u8>, Params<'_>)> {
     let end = memchr::memchr(b';', v).unwrap_or(v.len());
     let kind = v[..end].trim_ascii().to_ascii_lowercase();
     // `checkMediaTypeDisposition`: a token, optionally `/` and a token, nothing else.
@@ -235,7 +234,7 @@ fn media_type(v: &[u8]) -> Option<(Vec<u8>, Vec<(Vec<u8>, Cow<'_, [u8]>)>)> {
     } else if !rest.is_empty() {
         return None;
     }
-    let mut params: Vec<(Vec<u8>, Cow<'_, [u8]>)> = Vec::new();
+    let mut params: Params<'_> = Vec::new();
     let mut rest = &v[end..];
     loop {
         rest = trim_start(rest);
@@ -258,9 +257,11 @@ fn media_type(v: &[u8]) -> Option<(Vec<u8>, Vec<(Vec<u8>, Cow<'_, [u8]>)>)> {
     Some((kind, params))
 }
 
+/// One parameter (lower-cased name, value) and the input after it.
+type ParamAndRest<'a> = (Vec<u8>, Cow<'a, [u8]>, &'a [u8]);
+
 /// Go's `consumeMediaParam`: `; key = value`.
-#[allow(clippy::type_complexity)]
-fn media_param(v: &[u8]) -> Option<(Vec<u8>, Cow<'_, [u8]>, &[u8])> {
+fn media_param(v: &[u8]) -> Option<ParamAndRest<'_>> {
     let rest = trim_start(v).strip_prefix(b";")?;
     let (key, rest) = token(trim_start(rest));
     if key.is_empty() {

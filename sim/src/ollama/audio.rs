@@ -135,8 +135,11 @@ impl Form {
     }
 }
 
-/// The parts of a multipart body: (name, has a filename, content).
-fn parts<'b>(body: &'b [u8], boundary: &[u8]) -> Result<Vec<(String, bool, &'b [u8])>, String> {
+/// A form part: its name, whether it has a filename, its content.
+type Part<'b> = (String, bool, &'b [u8]);
+
+/// The parts of a multipart body.
+fn parts<'b>(body: &'b [u8], boundary: &[u8]) -> Result<Vec<Part<'b>>, String> {
     let dash: Vec<u8> = [b"--", boundary].concat();
     let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
     // The first delimiter, at a line's start.
