@@ -28,7 +28,7 @@ pub const UNLISTED_MODEL: &str = "_unlisted";
 
 /// Every inspected endpoint's label (`providers::Endpoint::label`), and `other` for one added
 /// later and not listed here yet.
-pub const ENDPOINTS: [&str; 19] = [
+pub const ENDPOINTS: [&str; 20] = [
     "api_chat",
     "api_generate",
     "api_embed",
@@ -45,6 +45,8 @@ pub const ENDPOINTS: [&str; 19] = [
     "embedding",
     "v1_responses",
     "v1_messages",
+    // Ollama's OpenAI audio transcription (`proxy::multipart`).
+    "v1_audio_transcriptions",
     // The LM Studio SDK's `predict` channel and `embedString` call on its WebSocket
     // (`proxy::sdk_watch`).
     "sdk_predict",

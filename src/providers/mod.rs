@@ -218,6 +218,9 @@ pub enum UsageKeys {
     /// `cache_read_input_tokens` + `cache_creation_input_tokens` (llama-server streams
     /// `input_tokens: 1, cache_read_input_tokens: 19` for a 20-token prompt).
     Anthropic,
+    /// No token counts: an answer without usage (Ollama's audio transcription,
+    /// `{"text":"..."}` or the bare text); nothing is scanned.
+    None,
 }
 
 /// What kind of work an inspected endpoint does.
@@ -232,6 +235,9 @@ pub enum Operation {
     /// The Anthropic Messages API (top-level `system` + `messages` of content blocks):
     /// `messages` compacted (`context::apis`).
     Messages,
+    /// An OpenAI audio transcription (`/v1/audio/transcriptions`): a `multipart/form-data`
+    /// body whose `model` field is read by `proxy::multipart`; forwarded unchanged.
+    Transcription,
 }
 
 /// An inspected model endpoint: its body names a model, its response carries usage.
@@ -373,6 +379,41 @@ mod tests {
             assert_eq!(kind.classify("/v1/messages/count_tokens"), None);
             assert_eq!(kind.classify("/v1/responses/resp_1"), None);
         }
+    }
+
+    /// Ollama's OpenAI transcription endpoint: its own operation (a multipart body), no usage
+    /// in the answer, OpenAI errors. LM Studio does not serve it; llama-server's is not read
+    /// yet: both pass it through.
+    #[test]
+    fn audio_transcriptions_are_inspected_on_ollama_only() {
+        let t = ProviderKind::Ollama
+            .classify("/v1/audio/transcriptions")
+            .expect("inspected");
+        assert_eq!(
+            (t.operation, t.usage, t.errors, t.label),
+            (
+                Operation::Transcription,
+                UsageKeys::None,
+                ErrorStyle::OpenAi,
+                "v1_audio_transcriptions"
+            )
+        );
+        assert_eq!(
+            ProviderKind::Ollama.classify("/v1/audio/translations"),
+            None
+        );
+        assert_eq!(
+            ProviderKind::LmStudio.classify("/v1/audio/transcriptions"),
+            None
+        );
+        assert_eq!(
+            ProviderKind::LlamaCpp.classify("/v1/audio/transcriptions"),
+            None
+        );
+        assert_eq!(
+            ProviderKind::LlamaCpp.classify("/audio/transcriptions"),
+            None
+        );
     }
 
     #[test]

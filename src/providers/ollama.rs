@@ -38,6 +38,14 @@ pub(super) fn classify(path: &str) -> Option<Endpoint> {
         "/v1/chat/completions" => openai(Operation::Chat, "v1_chat_completions"),
         "/v1/completions" => openai(Operation::Completion, "v1_completions"),
         "/v1/embeddings" => openai(Operation::Embedding, "v1_embeddings"),
+        // `TranscriptionMiddleware` → `ChatHandler` (server/routes.go): a chat under the
+        // hood, answered as `{"text":"..."}` without usage (proxy/multipart.rs).
+        "/v1/audio/transcriptions" => Some(Endpoint {
+            operation: Operation::Transcription,
+            usage: UsageKeys::None,
+            errors: ErrorStyle::OpenAi,
+            label: "v1_audio_transcriptions",
+        }),
         _ => super::responses_or_messages(path, ErrorStyle::OpenAi),
     }
 }

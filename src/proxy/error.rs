@@ -27,6 +27,10 @@ pub enum ProxyError {
     /// A model request's body the proxy cannot read as the provider would (inbound.rs).
     #[error("{0}")]
     BodyUnreadable(#[from] super::inbound::Unreadable),
+    /// An audio transcription's form that names no model the provider would read
+    /// (multipart.rs); Ollama's own words where it refuses the form too.
+    #[error("{0}")]
+    Form(#[from] super::multipart::FormError),
     #[error("the request body is sent with `Content-Encoding: {0}`, which the proxy does not decode; send it unencoded")]
     UnsupportedEncoding(String),
     #[error("the request body did not arrive within {after:?} (proxy.body_read_timeout, plus one second per MiB received)")]
@@ -66,6 +70,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyRead(_)
             | ProxyError::BodyUnreadable(_)
+            | ProxyError::Form(_)
             | ProxyError::InvalidTarget(_)
             | ProxyError::ContextOverflow { .. } => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -96,6 +101,7 @@ impl ProxyError {
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::BodyRead(_)
             | ProxyError::BodyUnreadable(_)
+            | ProxyError::Form(_)
             | ProxyError::UnsupportedEncoding(_)
             | ProxyError::BodyTimeout { .. }
             | ProxyError::InvalidTarget(_)
@@ -112,7 +118,7 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => "invalid_api_key",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BodyRead(_) => "body_read",
-            ProxyError::BodyUnreadable(_) => "invalid_body",
+            ProxyError::BodyUnreadable(_) | ProxyError::Form(_) => "invalid_body",
             ProxyError::UnsupportedEncoding(_) => "unsupported_content_encoding",
             ProxyError::BodyTimeout { .. } => "body_timeout",
             ProxyError::InvalidTarget(_) => "invalid_target",

@@ -28,6 +28,7 @@ mod forward;
 mod fuzz_regressions;
 mod inbound;
 mod model;
+mod multipart;
 mod observe;
 mod sdk;
 mod sdk_watch;

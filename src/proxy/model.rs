@@ -123,6 +123,9 @@ pub(super) async fn inspected(
     // The body goes upstream whole: the client sets its length from the bytes, so an edit
     // can never leave a stale Content-Length behind.
     parts.headers.remove(http::header::CONTENT_LENGTH);
+    if endpoint.operation == Operation::Transcription {
+        return transcription(state, provider, endpoint, parts, bytes, arrived).await;
+    }
     // Read as the provider reads it; what it cannot read that way is refused here, so no
     // model request reaches the provider outside a lease (inbound.rs).
     let parsed = match ModelRequest::parse(&bytes, dialect(kind)) {
@@ -189,6 +192,54 @@ pub(super) async fn inspected(
     let mut resp = forward(state, p, endpoint, parts, body, Some(guard)).await;
     notes.write(&mut resp);
     resp
+}
+
+/// An audio transcription: a `multipart/form-data` body, not JSON. Its model is read as the
+/// provider reads the form (multipart.rs); a form that names none, or that the provider
+/// refuses before it loads anything, is answered here (400, Ollama's words, nothing counted
+/// or leased). Otherwise counted and leased as any model request, and forwarded byte for
+/// byte: there is nothing to fit or edit.
+async fn transcription(
+    state: &DataPlane,
+    provider: usize,
+    endpoint: Endpoint,
+    parts: http::request::Parts,
+    bytes: Bytes,
+    arrived: Instant,
+) -> Response<ProxyBody> {
+    let p = &state.providers[provider];
+    let content_type = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .map(http::HeaderValue::as_bytes);
+    let read = super::multipart::transcription_model(content_type, parts.uri.query(), &bytes);
+    let model = match read {
+        Ok(m) => p.config.kind.canonical_model(&m).into_owned(),
+        Err(e) => return local_error(p, &ProxyError::from(e), endpoint.errors),
+    };
+    let parsed = ModelRequest::default();
+    let mut call = Call {
+        state,
+        provider,
+        p,
+        endpoint,
+        arrived,
+        bytes: &bytes,
+        parsed: &parsed,
+        limits: inbound::Limits::default(),
+        model,
+        keep_alive: KeepAlivePlan::default(),
+        native: false,
+        edits: Edits::default(),
+        estimate: None,
+        raised: None,
+    };
+    let guard = match call.acquire().await {
+        Ok(g) => g,
+        Err(resp) => return resp,
+    };
+    drop(call);
+    forward(state, p, endpoint, parts, bytes, Some(guard)).await
 }
 
 /// Whose JSON reading a provider's bodies get (inbound.rs).
@@ -286,7 +337,9 @@ impl Call<'_> {
                     previous_response_id: parsed.previous_response_id.is_some(),
                 },
             ),
-            Operation::Completion | Operation::Embedding => return Ok(()),
+            Operation::Completion | Operation::Embedding | Operation::Transcription => {
+                return Ok(())
+            }
         };
         let Some(messages) = messages else {
             return Ok(());

@@ -126,11 +126,18 @@ impl UsageScanner {
             UsageKeys::LmStudioV1 => &LMSTUDIO_V1,
             UsageKeys::LlamaCppNative => &LLAMACPP_NATIVE,
             UsageKeys::Responses | UsageKeys::Anthropic => &INPUT_OUTPUT,
+            // Never scanned (`feed` and `finish` return first).
+            UsageKeys::None => &OPENAI,
         }
     }
 
     /// Feeds one frame of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
+        // An answer without usage, and whose errors come with their status (a transcription:
+        // its text may hold anything, an error's look included).
+        if self.keys == UsageKeys::None {
+            return;
+        }
         if self.start_len < START && !chunk.is_empty() {
             // The body's first line has no newline before it.
             let n = (START - self.start_len).min(chunk.len());
@@ -171,6 +178,9 @@ impl UsageScanner {
 
     /// The body ended: a number at the very end is complete now.
     pub fn finish(&mut self) {
+        if self.keys == UsageKeys::None {
+            return;
+        }
         // Only a number that runs to the very end is new to this scan: every other match in
         // the tail (a suffix of what was fed) was seen, with the same outcome, when it was fed.
         if self.tail_len > 0 && self.tail[self.tail_len - 1].is_ascii_digit() {
@@ -539,6 +549,18 @@ mod tests {
             let s = scan_in_pieces(UsageKeys::OllamaNative, body, piece);
             assert!(!s.error, "piece {piece}");
             assert_eq!((s.prompt, s.completion), (Some(3), Some(4)));
+        }
+    }
+
+    /// An answer without usage (a transcription): nothing is read from it, and a text that
+    /// looks like usage or an error is the transcription's, not a count or a failure.
+    #[test]
+    fn an_answer_without_usage_is_not_scanned() {
+        for piece in [1, 5, 1000] {
+            let body = b"{\"error\": no, \"prompt_tokens\": 7,\n{\"error\":\"said aloud\"}\n\"completion_tokens\": 9";
+            let s = scan_in_pieces(UsageKeys::None, body, piece);
+            assert_eq!(s.usage(), (None, None), "{piece}");
+            assert!(!s.error, "{piece}");
         }
     }
 }

@@ -6,6 +6,7 @@
 
 mod support;
 
+mod audio;
 mod bad_input;
 mod cli;
 mod compaction;

@@ -622,7 +622,8 @@ async fn lmstudio_sdk_loads_and_unloads_reach_the_lifecycle_at_once() {
 /// `anthropic` client's Messages API (`messages.create`, `messages.stream`) through the proxy,
 /// against the Ollama, llama.cpp and LM Studio simulators (`cli/tests/python/compat_clients.py`): each
 /// request counted with the provider's tokens, `active_requests` 1 while `messages.stream`
-/// answers, and an admin unload issued then waits for the stream (issue 20 §1).
+/// answers, and an admin unload issued then waits for the stream (issue 20 §1). On Ollama,
+/// the `openai` client's `audio.transcriptions.create` (JSON and text) too, counted.
 #[tokio::test]
 async fn responses_and_messages_clients_through_the_proxy() {
     let python = tokio::task::spawn_blocking(python)
@@ -674,7 +675,12 @@ async fn responses_and_messages_clients_through_the_proxy() {
                 provider,
                 status_model,
             ],
-            &[],
+            // Ollama serves audio transcriptions: two more requests, without tokens.
+            if kind == "ollama" {
+                &[("WARDEN_TRANSCRIBE", "1")]
+            } else {
+                &[]
+            },
             SCRIPT_TIMEOUT,
         )
         .await;
@@ -682,8 +688,9 @@ async fn responses_and_messages_clients_through_the_proxy() {
         let s = status(&c, &proxy).await;
         let m = model_entry(&s, provider, status_model);
         let what = format!("{kind}: {m}\nscript: {report}");
-        assert_eq!(m["total_requests"], 4, "{what}");
-        assert_eq!(report["requests"], 4, "{what}");
+        let requests = if kind == "ollama" { 6 } else { 4 };
+        assert_eq!(m["total_requests"], requests, "{what}");
+        assert_eq!(report["requests"], requests, "{what}");
         assert_eq!(m["active_requests"], 0, "{what}");
         assert_eq!(m["errors"], 0, "{what}");
         assert_eq!(m["prompt_tokens"], report["prompt_tokens"], "{what}");

@@ -13,6 +13,9 @@ wait for the stream, which must end whole. When $WARDEN_PY_REPORT names a file, 
 prompt tokens: `input_tokens` + `cache_read_input_tokens` + `cache_creation_input_tokens`).
 Exits 1 naming the failed check; prints `compat clients: N checks passed` on success.
 
+With $WARDEN_TRANSCRIBE=1 (Ollama), also `client.audio.transcriptions.create` (JSON, then
+`response_format="text"`) between the two: two requests without tokens.
+
 $WARDEN_STREAM_MAX_TOKENS (default 64) and $WARDEN_STREAM_EXTRA (a JSON object sent as extra
 body fields, e.g. {"ignore_eos": true} for llama-server) shape the streamed requests, so that
 a fast real model streams several tokens and is still answering when the script looks at
@@ -119,6 +122,24 @@ def responses(c: Checks, url: str, model: str):
     c.sent(completed.usage.input_tokens, completed.usage.output_tokens)
 
 
+def transcriptions(c: Checks, url: str, model: str):
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+    # A WAV header and a little silence: the simulator does not listen.
+    wav = b"RIFF\x24\x10\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00" + bytes(4096)
+    c.section = "openai audio.transcriptions.create"
+    t = client.audio.transcriptions.create(
+        model=model, file=("hello.wav", wav, "audio/wav"), language="en"
+    )
+    c.check(t.text and t.text == t.text.strip(), "text is non-empty and trimmed", t)
+    c.sent(0, 0)
+    c.section = "openai audio.transcriptions.create text"
+    text = client.audio.transcriptions.create(
+        model=model, file=("hello.wav", wav, "audio/wav"), response_format="text"
+    )
+    c.check(isinstance(text, str) and text.strip(), "the bare text", text)
+    c.sent(0, 0)
+
+
 def messages(c: Checks, url: str, model: str, admin):
     client = anthropic.Anthropic(base_url=url, api_key="unused", timeout=TIMEOUT, max_retries=0)
     c.section = "anthropic messages.create"
@@ -185,6 +206,8 @@ def main(argv):
     c = Checks()
     try:
         responses(c, url, model)
+        if os.environ.get("WARDEN_TRANSCRIBE") == "1":
+            transcriptions(c, url, model)
         messages(c, url, model, admin)
     except CheckFailed as e:
         print(f"compat clients: FAILED after {c.passed} checks\n{e}", file=sys.stderr)

@@ -1,10 +1,12 @@
 //! Simulated Ollama server (API of 0.13, `docs/providers.md` §1 and §5.1): the native `/api/*`
-//! routes and the OpenAI `/v1/*` layer, byte-faithful framing, load latency, shared loads,
+//! routes and the OpenAI `/v1/*` layer (`/v1/audio/transcriptions` included: audio.rs), byte-faithful framing, load latency, shared loads,
 //! keep-alive expiry on a steppable clock, LRU eviction, reloads on `num_ctx` / `num_batch` changes and truncation.
 //! Not simulated: real inference, tool calls, thinking, images (only counted), the machine-hostname Host rule,
 //! `/api/push|create|blobs`, `/v1/responses|messages`, memory-based scheduling and per-model
 //! parallelism limits (a loaded model serves any number of requests at once).
 
+// /v1/audio/transcriptions: a multipart form over a chat.
+mod audio;
 // OllamaConfig and the catalogue facts derived from a model.
 /// `/v1/messages` (Anthropic) and `/v1/responses` (OpenAI Responses).
 mod compat;

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 use super::request::Handled;
 use super::wire::{ok_json, VersionResponse};
-use super::{compat, embed, native, openai, OllamaSim, PLAIN, TEXT};
+use super::{audio, compat, embed, native, openai, OllamaSim, PLAIN, TEXT};
 use crate::common::{self, Call, SimBody};
 
 /// `allowedHostsMiddleware`: loopback/private/unspecified IPs, `localhost` and local TLDs.
@@ -72,7 +72,8 @@ fn allowed_methods(path: &str) -> Option<&'static [Method]> {
         | "/v1/completions"
         | "/v1/embeddings"
         | "/v1/messages"
-        | "/v1/responses" => POST,
+        | "/v1/responses"
+        | "/v1/audio/transcriptions" => POST,
         "/api/delete" => DELETE,
         p if p.starts_with("/v1/models/") && p.len() > "/v1/models/".len() => GET,
         _ => return None,
@@ -230,6 +231,7 @@ async fn route(sim: &Arc<OllamaSim>, call: &Call) -> Response<SimBody> {
             .await
             .unwrap_or_else(|e| compat::anthropic_error(&e)),
         "/v1/responses" => openai(compat::responses(sim, call).await),
+        "/v1/audio/transcriptions" => openai(audio::transcriptions(sim, call).await),
         p => match p.strip_prefix("/v1/models/") {
             Some(id) => openai(openai::retrieve(sim, id)),
             None => not_found_path(),
