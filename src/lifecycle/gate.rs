@@ -56,11 +56,19 @@ pub(super) struct Shared {
     /// in tests applies).
     pub(super) epoch: Instant,
     pub(super) tx: mpsc::UnboundedSender<Event>,
+    /// Rung on each take and give-back: the node view shows leases (`fleet::view`).
+    pub(super) changes: Option<Arc<crate::changes::Changes>>,
 }
 
 impl Shared {
     pub(super) fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn ring(&self) {
+        if let Some(c) = &self.changes {
+            c.ring();
+        }
     }
 }
 
@@ -103,6 +111,7 @@ impl Gate {
                 Ok(_) => {
                     self.last_used
                         .store(self.shared.next_seq(), Ordering::Relaxed);
+                    self.shared.ring();
                     return true;
                 }
                 Err(now) => cur = now,
@@ -124,6 +133,7 @@ impl Gate {
             .store(self.shared.next_seq(), Ordering::Relaxed);
         // Release: the stores above are seen by whoever sees the smaller count.
         let before = self.word.fetch_sub(1, Ordering::AcqRel);
+        self.shared.ring();
         before & !FLAGS == 1 && (before & OPEN == 0 || before & WATCH != 0)
     }
 
@@ -198,6 +208,7 @@ mod tests {
             seq: AtomicU64::new(0),
             epoch: Instant::now(),
             tx,
+            changes: None,
         });
         (Gate::new("m".into(), shared), rx)
     }

@@ -168,7 +168,8 @@ pub enum IdleHint {
 }
 
 /// Where a model stands (docs/design.md: `ModelResourceMetrics.status`, plus `unloaded`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// Parsed back by a front reading a node's view (`fleet::view`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelStatus {
     Unloaded,
@@ -206,6 +207,10 @@ pub struct ModelView {
     /// `keep_alive` < 0).
     pub inactivity_timeout_s: Option<f64>,
     pub pinned: bool,
+    /// The use stamp of the last lease taken or given back: smaller = less recently used.
+    /// Comparable only among one provider's models (the eviction order); not in `/status`.
+    #[serde(skip)]
+    pub last_used: u64,
     /// Seconds until the idle unload, when the model is idle and will be unloaded.
     pub unloads_in_s: Option<f64>,
     /// `proxy` when the proxy loaded it, `provider` when it was found loaded.
@@ -301,6 +306,10 @@ pub struct Settings {
     pub pressure: Option<watch::Receiver<crate::monitor::Snapshot>>,
     /// Where load durations are recorded for `/metrics`, when anyone reads them.
     pub metrics: Option<Arc<crate::metrics::ProviderMetrics>>,
+    /// Rung when what the node view shows of this provider changes (a model's state,
+    /// leases, queue, options, size; see `fleet::view`): by the actor after an event that
+    /// changed one, and by the lease fast path on each take and give-back.
+    pub changes: Option<Arc<crate::changes::Changes>>,
 }
 
 impl Settings {
@@ -323,6 +332,7 @@ impl Settings {
             working_initial_mb: u64::from(config.buffers.working_initial),
             pressure: None,
             metrics: None,
+            changes: None,
         }
     }
 }

@@ -144,6 +144,7 @@ fn settings() -> Settings {
         working_initial_mb: 256,
         pressure: None,
         metrics: None,
+        changes: None,
     }
 }
 
@@ -1499,4 +1500,47 @@ async fn unloading_a_model_the_provider_lacks_is_not_found() {
         .expect("it has it, not loaded");
     assert_eq!(v.status, ModelStatus::Unloaded);
     assert!(rig.lc.snapshot().await.is_empty(), "neither left an entry");
+}
+
+// === the node view's change signal ===
+
+/// The actor rings `changes` when what the node view shows changes (a load, a lease through
+/// the actor or the gate, a release), and not for events that change none of it.
+#[tokio::test(start_paused = true)]
+async fn the_actor_and_the_gate_ring_changes_when_the_view_would_change() {
+    let changes = Arc::new(crate::changes::Changes::new());
+    let rig = start(Settings {
+        changes: Some(changes.clone()),
+        ..settings()
+    });
+    let before = changes.seq();
+    let first = rig.lease("a").await;
+    rig.settle().await;
+    let loaded = changes.seq();
+    assert!(loaded > before, "a load and a lease ring");
+    assert_eq!(rig.status("a").await, ModelStatus::Ready);
+    // A snapshot changes nothing: no ring.
+    let _ = rig.lc.snapshot().await;
+    assert_eq!(changes.seq(), loaded);
+    // The gate (fast path) rings on take and give-back, without the actor.
+    let second = rig.lease("a").await;
+    let taken = changes.seq();
+    assert!(taken > loaded, "a lease through the gate rings");
+    drop(second);
+    assert!(changes.seq() > taken, "its release rings");
+    drop(first);
+    rig.settle().await;
+    let idle = changes.seq();
+    assert_eq!(rig.view("a").await.leases, 0);
+    // A waiter sees the next change: an unload.
+    let waiter = tokio::spawn({
+        let changes = changes.clone();
+        async move { changes.changed(idle).await }
+    });
+    rig.lc.unload("a").await.expect("unloaded");
+    let seen = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken by the unload")
+        .expect("joined");
+    assert!(seen > idle);
 }
