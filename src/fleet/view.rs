@@ -221,7 +221,7 @@ pub fn provider_of(
     ProviderView {
         queued: models.iter().map(|m| m.queued).sum(),
         memory_budget_mb: (memory.total_mb > 0)
-            .then(|| (memory.total_mb as f64 * memory_threshold) as u64),
+            .then_some((memory.total_mb as f64 * memory_threshold) as u64),
         name: head.name,
         kind: head.kind,
         listen: head.listen,
@@ -488,5 +488,22 @@ mod tests {
         );
         assert_eq!(v.content().seq, 0);
         assert_eq!(v.content().providers, v.providers);
+    }
+
+    /// The example in docs/metrics.md is a view this module parses, field for field.
+    #[test]
+    fn the_documented_example_parses() {
+        let doc = include_str!("../../docs/metrics.md");
+        let start = doc.find("### `GET /node`").expect("the section");
+        let block = &doc[start..];
+        let json = block
+            .split("```json\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a json block");
+        let v: NodeView = serde_json::from_str(json).expect("the example parses");
+        let back = serde_json::to_value(&v).expect("serializes");
+        let doc_value: serde_json::Value = serde_json::from_str(json).expect("json");
+        assert_eq!(back, doc_value, "no field the types lack or add");
     }
 }

@@ -234,5 +234,15 @@ async fn the_node_view_takes_the_admin_token_as_status_does() {
     }
     let post = send(&c, Method::POST, &url, &[], Bytes::new()).await;
     assert_eq!(post.status, 405);
-    proxy.shutdown().await;
+    // An open stream does not hold up the shutdown: it ends when the node stops.
+    let mut events = Events::open(&c, &proxy).await;
+    events.next().await;
+    tokio::time::timeout(LIMIT, proxy.shutdown())
+        .await
+        .expect("the shutdown is not held up by the stream");
+    let end = tokio::time::timeout(LIMIT, events.body.frame()).await;
+    assert!(
+        matches!(end, Ok(None) | Ok(Some(Err(_)))),
+        "the stream ended"
+    );
 }

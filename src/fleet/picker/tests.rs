@@ -424,7 +424,7 @@ fn affinity_keys_follow_the_conversation_not_its_latest_turn() {
     assert_eq!(key(BodyShape::Generate, g1), key(BodyShape::Generate, g2));
     let c1 = r#"{"model":"m","prompt":"next","context":[1,2,3]}"#;
     let c2 = r#"{"model":"m","prompt":"other","context":[1,2,3,4,5]}"#;
-    assert_eq!(key(BodyShape::Generate, c1).is_some(), true);
+    assert!(key(BodyShape::Generate, c1).is_some());
     assert_ne!(
         key(BodyShape::Generate, c1),
         key(BodyShape::Generate, c2),
