@@ -1,13 +1,17 @@
 //! A change counter that owners bump when something they publish changes, and that readers
 //! wait on: the node view's sequence number and its change stream (`fleet::view`).
 //!
-//! Why not a `watch` channel: the lease fast path (`lifecycle::gate`) rings it on every
+//! Why not a `watch` channel: the lease fast path (`lifecycle::gate`) wakes it on every
 //! lease taken and given back, and `watch::Sender::send_modify` takes a write lock shared by
-//! every request. Ringing here is one atomic add, plus a wake-up only while someone listens
-//! (an SSE client of `/node`), so the data plane pays next to nothing when nobody watches.
+//! every request. Here the fast path only [`Changes::wake`]s: one load of a word that
+//! changes when an SSE client comes or goes, and a wake-up only while one listens. Its own
+//! count is the lifecycle's use sequence, which it bumps anyway, and which the node view
+//! adds to this counter ([`Changes::ring`]: the actors after a change of their table, the
+//! monitor's samples).
 //!
-//! The counter may rise without a visible change (a lease taken and given back between two
-//! reads): readers compare what they build, the counter only says "look again".
+//! The sum may rise without a visible change (a lease taken and given back between two
+//! reads, a poll that stamped models): readers compare what they build, the number only
+//! says "look again".
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 
@@ -26,9 +30,15 @@ impl Changes {
         Self::default()
     }
 
-    /// Something an owner publishes changed.
+    /// Something an owner publishes changed: count it and wake the listeners.
     pub fn ring(&self) {
         self.seq.fetch_add(1, SeqCst);
+        self.wake();
+    }
+
+    /// Wakes the listeners, for an owner that counts its changes itself (with a `SeqCst`
+    /// increment before this call, which a woken listener then sees).
+    pub fn wake(&self) {
         if self.listeners.load(SeqCst) > 0 {
             self.notify.notify_waiters();
         }
@@ -43,15 +53,21 @@ impl Changes {
     /// Waits until the counter differs from `seen` (at once if it already does), and
     /// answers the new value.
     pub async fn changed(&self, seen: u64) -> u64 {
+        self.wait_for(|| Some(self.seq()).filter(|now| *now != seen))
+            .await
+    }
+
+    /// Waits until `check` answers `Some` (asked at once, then after each ring or wake),
+    /// for a reader whose number adds other owners' counters to this one.
+    pub async fn wait_for<T>(&self, mut check: impl FnMut() -> Option<T>) -> T {
         let _listening = Listening::new(&self.listeners);
         loop {
             let notified = self.notify.notified();
             let mut notified = std::pin::pin!(notified);
-            // Registered before the counter is read: a ring after this read wakes it.
+            // Registered before the counters are read: a change after this read wakes it.
             notified.as_mut().enable();
-            let now = self.seq();
-            if now != seen {
-                return now;
+            if let Some(v) = check() {
+                return v;
             }
             notified.await;
         }

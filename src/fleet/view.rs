@@ -14,14 +14,15 @@
 //!   config in force and the upstream's health. Nothing here stores a model's state.
 //! - **The change signal comes from the owners.** [`crate::changes::Changes`] is rung by
 //!   each lifecycle actor when what it publishes for the view changed (a hash of its table's
-//!   routing facts after every event), by the lease fast path on every take and give-back
-//!   (in-flight counts change without the actor hearing of it), and by the monitor's new
-//!   samples (forwarded from its `watch` channel: [`ring_on_samples`]). `seq` is that
-//!   counter, read before the view is built, so the view is at least as new as its `seq`.
+//!   routing facts after every event) and by the monitor's new samples (forwarded from its
+//!   `watch` channel: [`ring_on_samples`]); the lease fast path, whose in-flight changes the
+//!   actor never hears of, only wakes it, and counts them in the lifecycle's use sequence,
+//!   which it bumps anyway (no second shared counter per request). `seq` is the sum
+//!   ([`seq`]), read before the view is built, so the view is at least as new as its `seq`.
 //!   Free memory changes only when the monitor samples (`memory_pressure.sample_interval`):
 //!   that fact is a poller's by nature.
 //! - **`seq` may rise without a visible change** (a lease taken and given back between two
-//!   reads). A poller that sees the same `seq` knows nothing changed; the SSE stream
+//!   reads; a provider poll stamps the models it lists; every memory sample). A poller that sees the same `seq` knows nothing changed; the SSE stream
 //!   compares what it built and sends an event only when the view differs.
 //! - **The stream coalesces**: after an event it waits [`MIN_EVENT_GAP`] before the next,
 //!   so a busy node sends at most ten events a second, each with the latest view; a
@@ -243,9 +244,17 @@ pub struct ProviderHead {
     pub max_models_loaded: u32,
 }
 
+/// The view's `seq`: the owners' change counter plus every provider's use sequence (the
+/// lease fast path's changes, which it counts there and does not ring).
+pub fn seq(state: &AppState) -> u64 {
+    state.providers.iter().fold(state.changes.seq(), |n, p| {
+        n.wrapping_add(p.lifecycle.uses())
+    })
+}
+
 /// The node's view now. `seq` is read first, so the view is at least as new as it.
 pub async fn build(state: &AppState) -> NodeView {
-    let seq = state.changes.seq();
+    let seq = seq(state);
     let memory = memory_of(&state.monitor.latest());
     let mut providers = Vec::with_capacity(state.providers.len());
     for p in state.providers.iter() {
@@ -323,7 +332,7 @@ pub async fn stream(
             }
         }
         tokio::select! {
-            _ = state.changes.changed(seen) => {}
+            _ = state.changes.wait_for(|| (seq(&state) != seen).then_some(())) => {}
             _ = tokio::time::sleep(KEEP_ALIVE) => {
                 if out.send(bytes::Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
                     return;

@@ -156,6 +156,8 @@ struct Published {
     facts: Facts,
     events: Arc<LifecycleLog>,
     gates: Gates,
+    /// The use sequence, the clock's epoch, the channel (see `gate`).
+    shared: Arc<gate::Shared>,
 }
 
 /// How long a model may stay idle, as a client asked (Ollama `keep_alive`).
@@ -417,10 +419,12 @@ enum Event {
 /// a model, read lock-free by every request.
 type Gates = Arc<arc_swap::ArcSwap<ByModel<Arc<gate::Gate>>>>;
 
-/// The front of one provider's actor. Cloning is five `Arc` bumps.
+/// The front of one provider's actor. Cloning is six `Arc` bumps.
 #[derive(Clone)]
 pub struct LifecycleHandle {
     tx: mpsc::UnboundedSender<Event>,
+    /// What the gates share with the actor: read for [`LifecycleHandle::uses`].
+    shared: Arc<gate::Shared>,
     gates: Gates,
     next_id: Arc<AtomicU64>,
     facts: Facts,
@@ -517,6 +521,12 @@ impl LifecycleHandle {
         let facts = Facts::default();
         let events = Arc::new(LifecycleLog::new(EVENTS_KEPT));
         let gates = Gates::default();
+        let shared = Arc::new(gate::Shared {
+            seq: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+            tx: tx.clone(),
+            changes: settings.changes.clone(),
+        });
         let actor = actor::Actor::new(
             settings,
             backend,
@@ -528,12 +538,14 @@ impl LifecycleHandle {
                 facts: facts.clone(),
                 events: events.clone(),
                 gates: gates.clone(),
+                shared: shared.clone(),
             },
         );
         let task = tokio::spawn(actor.run(stop));
         (
             LifecycleHandle {
                 tx,
+                shared,
                 gates,
                 next_id: Arc::new(AtomicU64::new(1)),
                 facts,
@@ -650,6 +662,13 @@ impl LifecycleHandle {
     /// What the actor last published about `model` (no round trip).
     pub fn facts(&self, model: &str) -> Option<ModelFacts> {
         self.facts.get(model)
+    }
+
+    /// How many leases were taken and given back (and other uses stamped) so far: rises
+    /// with every change of a model's leases, the fast path's included, which the actor
+    /// never hears of. The node view adds it to its `seq` (`fleet::view`).
+    pub fn uses(&self) -> u64 {
+        self.shared.uses()
     }
 
     /// The last [`EVENTS_KEPT`] loads and unloads, oldest first (no round trip to the actor).

@@ -1505,29 +1505,47 @@ async fn unloading_a_model_the_provider_lacks_is_not_found() {
 // === the node view's change signal ===
 
 /// The actor rings `changes` when what the node view shows changes (a load, a lease through
-/// the actor or the gate, a release), and not for events that change none of it.
+/// the actor, a release), and not for events that change none of it; the gate (fast path)
+/// counts its takes and give-backs in the use sequence and wakes listeners.
 #[tokio::test(start_paused = true)]
-async fn the_actor_and_the_gate_ring_changes_when_the_view_would_change() {
+async fn the_actor_rings_and_the_gate_counts_and_wakes_when_the_view_would_change() {
     let changes = Arc::new(crate::changes::Changes::new());
     let rig = start(Settings {
         changes: Some(changes.clone()),
         ..settings()
     });
+    let seq = || changes.seq() + rig.lc.uses();
     let before = changes.seq();
     let first = rig.lease("a").await;
     rig.settle().await;
-    let loaded = changes.seq();
-    assert!(loaded > before, "a load and a lease ring");
+    assert!(changes.seq() > before, "a load and a lease ring");
     assert_eq!(rig.status("a").await, ModelStatus::Ready);
     // A snapshot changes nothing: no ring.
+    let loaded = seq();
     let _ = rig.lc.snapshot().await;
-    assert_eq!(changes.seq(), loaded);
-    // The gate (fast path) rings on take and give-back, without the actor.
+    assert_eq!(seq(), loaded);
+    // The fast path: counted in the use sequence, the actor's counter untouched; a
+    // listener is woken.
+    let rung = changes.seq();
+    let waiter = tokio::spawn({
+        let (changes, lc) = (changes.clone(), rig.lc.clone());
+        async move {
+            changes
+                .wait_for(|| (changes.seq() + lc.uses() != loaded).then_some(()))
+                .await
+        }
+    });
+    tokio::task::yield_now().await;
     let second = rig.lease("a").await;
-    let taken = changes.seq();
-    assert!(taken > loaded, "a lease through the gate rings");
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken by the fast path")
+        .expect("joined");
+    let taken = seq();
+    assert!(taken > loaded, "a lease through the gate counts");
+    assert_eq!(changes.seq(), rung, "without the actor");
     drop(second);
-    assert!(changes.seq() > taken, "its release rings");
+    assert!(seq() > taken, "its release counts");
     drop(first);
     rig.settle().await;
     let idle = changes.seq();

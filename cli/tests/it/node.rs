@@ -99,11 +99,12 @@ async fn the_node_view_shows_loads_and_requests_and_streams_each_change() {
         ..Default::default()
     })
     .await;
-    // No memory sample during the test: every change must come from its owner's signal
-    // (a monitor sample would ring too, and mask a missing one).
+    // No memory sample and no periodic poll during the test: every change must come from
+    // its owner's signal (a sample, or the actor hearing a poll, would ring too and mask a
+    // missing one).
     let proxy = start_proxy(
         &[("ollama", sim.url())],
-        "[memory_pressure]\nsample_interval = \"1h\"\n",
+        "poll_interval = \"1h\"\n[memory_pressure]\nsample_interval = \"1h\"\n",
     )
     .await;
     let c = client();

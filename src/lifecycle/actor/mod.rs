@@ -168,20 +168,16 @@ impl Actor {
             facts,
             events,
             gates,
+            shared,
         }: Published,
     ) -> Self {
-        let epoch = Instant::now();
+        let epoch = shared.epoch;
         Actor {
             facts,
             observed: HashMap::new(),
             events,
             gates,
-            shared: Arc::new(Shared {
-                seq: Default::default(),
-                epoch,
-                tx: tx.clone(),
-                changes: settings.changes.clone(),
-            }),
+            shared,
             settings,
             backend,
             memory,
