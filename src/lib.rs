@@ -7,6 +7,7 @@
 //! who owns which fact):
 //! - wiring and fronts: [`app`] (listeners, shutdown, config reload), [`state`] (the shared
 //!   state and the narrow handles made from it), [`poller`], [`admin`];
+//! - [`fleet`] (many hosts: the node view the admin API serves, the picker a front uses);
 //! - data plane: [`proxy`] (pass-through, the model-request path);
 //! - per provider: [`upstream`] (health, the lifecycle handle, the pool);
 //! - [`context`] (fitting conversations), [`stats`] and [`metrics`] (accounting);
@@ -15,15 +16,17 @@
 //! - [`providers`] (what differs between upstreams, as data; operations; the control
 //!   plane's client), [`config`];
 //! - [`transport`] (the HTTP/1 codec, server, client, pool, lanes);
-//! - leaves: [`tokens`], [`rewrite`], [`recent`].
+//! - leaves: [`tokens`], [`rewrite`], [`recent`], [`changes`].
 //!
 //! The simulators are the `llm-warden-sim` crate (`sim/`), the binary is `cli/`.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod app;
+pub mod changes;
 pub mod config;
 pub mod context;
+pub mod fleet;
 pub mod hosts;
 pub mod lifecycle;
 pub mod memory;

@@ -40,6 +40,13 @@ pub struct AppState {
     pub pressure_events: PressureLog,
     /// How often it acted, by action (`/metrics`).
     pub pressure_counters: PressureCounters,
+    /// Rung by the owners of what the node view shows (the lifecycle actors, the lease fast
+    /// path, the monitor's samples): its `seq` and its change stream (`fleet::view`).
+    pub changes: Arc<crate::changes::Changes>,
+    /// When this process started serving (RFC 3339): the node view's `started_at`.
+    pub started_at: String,
+    /// Turns true when the proxy stops: long-lived admin streams (`/node?watch=1`) end.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {

@@ -1,18 +1,21 @@
 //! The admin listener: `GET /` (the dashboard, one embedded page that polls `/status`),
 //! `GET /status` (providers, and per model its counters and lifecycle state, as JSON),
+//! `GET /node` (the node view a front routes by: `fleet::view`; `GET /node?watch=1` streams it
+//! as server-sent events, one per change),
 //! `GET /metrics` (Prometheus), `GET /healthz`, and `POST /models/{provider}/{model}/load|unload`,
 //! which ask the provider's lifecycle actor (it decides; this module only reports and asks).
 //!
 //! With `[admin] token` set (required off loopback), the state-changing endpoints (`POST
 //! /models/...`) need `Authorization: Bearer <token>`; the read-only ones (`/`, `/status`,
-//! `/metrics`, `/healthz`) stay open, so a dashboard or Prometheus needs no secret, but a
+//! `/node`, `/metrics`, `/healthz`) stay open, so a dashboard or Prometheus needs no secret, but a
 //! wrong token is refused there too. A refusal is 401 with `WWW-Authenticate: Bearer`.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde::Serialize;
 
@@ -69,12 +72,59 @@ struct Compaction {
     summary_cache: crate::context::cache::CacheStats,
 }
 
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// What the admin listener answers with: a whole body, or a stream (`/node?watch=1`).
+pub type AdminBody = UnsyncBoxBody<Bytes, std::convert::Infallible>;
+
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<AdminBody> {
+    if req.uri().path() == "/node"
+        && matches!(*req.method(), Method::GET)
+        && watching(req.uri().query())
+    {
+        if let Some(refused) = refused(&state, &req) {
+            return refused.map(BodyExt::boxed_unsync);
+        }
+        return node_events(state);
+    }
+    respond(state, req).await.map(BodyExt::boxed_unsync)
+}
+
+/// Whether the query asks for the stream: `watch=1` (or `watch=true`, or a bare `watch`).
+fn watching(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "watch" | "watch=1" | "watch=true"))
+    })
+}
+
+/// `GET /node?watch=1`: the node view as server-sent events (`fleet::view::stream`).
+fn node_events(state: Arc<AppState>) -> Response<AdminBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stop = state.stop.clone();
+    tokio::spawn(crate::fleet::view::stream(state, tx, stop));
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk)),
+            rx,
+        ))
+    });
+    let mut r = Response::new(http_body_util::StreamBody::new(frames).boxed_unsync());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The host and token checks every admin request passes: `Some(answer)` when refused.
+fn refused(state: &AppState, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     let path = req.uri().path();
     let changes_state = path.starts_with("/models/");
     // DNS rebinding and cross-site requests from web pages (`crate::hosts`), before the
     // token: a browser may hold no token, but the page must not ride on a loopback default.
-    let named = crate::hosts::request_host(&req);
+    let named = crate::hosts::request_host(req);
     let allowed = crate::hosts::admin_host_allowed(named, &state.config.load().admin.allowed_hosts)
         .and_then(|()| match changes_state {
             true => crate::hosts::same_origin_write(named, req.headers()),
@@ -82,9 +132,17 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
         });
     if let Err(why) = allowed {
         tracing::debug!(path = %path, why = %why, "admin request refused");
-        return json(StatusCode::FORBIDDEN, &serde_json::json!({ "error": why }));
+        return Some(json(
+            StatusCode::FORBIDDEN,
+            &serde_json::json!({ "error": why }),
+        ));
     }
-    if let Some(refused) = authorize(&state, req.headers(), changes_state) {
+    authorize(state, req.headers(), changes_state)
+}
+
+async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if let Some(refused) = refused(&state, &req) {
         return refused;
     }
     if let Some(rest) = path.strip_prefix("/models/") {
@@ -92,6 +150,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
     }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &status(&state).await),
+        (&Method::GET | &Method::HEAD, "/node") => {
+            json(StatusCode::OK, &crate::fleet::view::build(&state).await)
+        }
         (&Method::GET | &Method::HEAD, "/" | "/dashboard") => dashboard(),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state).await,
         (&Method::GET | &Method::HEAD, "/healthz") => {
@@ -102,13 +163,13 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Fu
             );
             r
         }
-        (_, "/status" | "/healthz" | "/metrics" | "/" | "/dashboard") => json(
+        (_, "/status" | "/node" | "/healthz" | "/metrics" | "/" | "/dashboard") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             &serde_json::json!({"error": format!("method {} is not allowed here", req.method())}),
         ),
         (_, path) => json(
             StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": format!("no admin endpoint at {path}; try / (the dashboard), /status, /metrics, /healthz or POST /models/{{provider}}/{{model}}/load|unload")}),
+            &serde_json::json!({"error": format!("no admin endpoint at {path}; try / (the dashboard), /status, /node, /metrics, /healthz or POST /models/{{provider}}/{{model}}/load|unload")}),
         ),
     }
 }

@@ -194,6 +194,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         None => Arc::new(monitor.clone()),
     };
     let stats = StatsTable::new(config.providers.iter().map(|p| p.name.clone()));
+    let changes = Arc::new(crate::changes::Changes::new());
     let memory_table = Arc::new(crate::memory::MemoryTable::new(config.providers.len()));
     for (i, p) in config.providers.iter().enumerate() {
         let l = bind(p.listen, &format!("provider `{}`", p.name)).await?;
@@ -210,6 +211,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         let settings = Settings {
             pressure: Some(monitor.subscribe()),
             metrics: Some(stats.provider(i).clone()),
+            changes: Some(changes.clone()),
             ..Settings::from_config(&config, i)
         };
         let (lifecycle, actor) = LifecycleHandle::spawn(
@@ -245,6 +247,9 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         pressure_counters: Default::default(),
         monitor,
         config: Arc::new(arc_swap::ArcSwap::new(config.clone())),
+        changes,
+        started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        stop: stop_rx.clone(),
     });
     let pollers: Vec<Arc<Poller>> = wakes
         .into_iter()
@@ -297,6 +302,11 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         state.clone(),
         config.memory_pressure.action,
         state.monitor.subscribe(),
+        stop_rx.clone(),
+    ));
+    tasks.spawn(crate::fleet::view::ring_on_samples(
+        state.monitor.clone(),
+        state.changes.clone(),
         stop_rx.clone(),
     ));
     let st = state.clone();

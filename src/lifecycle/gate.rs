@@ -56,11 +56,30 @@ pub(super) struct Shared {
     /// in tests applies).
     pub(super) epoch: Instant,
     pub(super) tx: mpsc::UnboundedSender<Event>,
+    /// Woken on each take and give-back: the node view shows leases (`fleet::view`). Its
+    /// counter is not bumped here: `seq` above rises with every take and give-back
+    /// already, and the view adds it in, so the fast path pays no second shared counter.
+    pub(super) changes: Option<Arc<crate::changes::Changes>>,
 }
 
 impl Shared {
+    /// The next use stamp. `SeqCst` (the same `lock xadd` as `Relaxed` on x86): a waiter
+    /// of [`crate::changes::Changes`] that registered after [`Shared::wake`] looked must
+    /// see this increment when it reads the counter.
     pub(super) fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+        self.seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Stamps handed out so far.
+    pub(super) fn uses(&self) -> u64 {
+        self.seq.load(Ordering::SeqCst)
+    }
+
+    /// Wakes the node view's listeners, if any (a load of one shared word otherwise).
+    fn wake(&self) {
+        if let Some(c) = &self.changes {
+            c.wake();
+        }
     }
 }
 
@@ -103,6 +122,7 @@ impl Gate {
                 Ok(_) => {
                     self.last_used
                         .store(self.shared.next_seq(), Ordering::Relaxed);
+                    self.shared.wake();
                     return true;
                 }
                 Err(now) => cur = now,
@@ -124,6 +144,7 @@ impl Gate {
             .store(self.shared.next_seq(), Ordering::Relaxed);
         // Release: the stores above are seen by whoever sees the smaller count.
         let before = self.word.fetch_sub(1, Ordering::AcqRel);
+        self.shared.wake();
         before & !FLAGS == 1 && (before & OPEN == 0 || before & WATCH != 0)
     }
 
@@ -198,6 +219,7 @@ mod tests {
             seq: AtomicU64::new(0),
             epoch: Instant::now(),
             tx,
+            changes: None,
         });
         (Gate::new("m".into(), shared), rx)
     }

@@ -156,6 +156,8 @@ struct Published {
     facts: Facts,
     events: Arc<LifecycleLog>,
     gates: Gates,
+    /// The use sequence, the clock's epoch, the channel (see `gate`).
+    shared: Arc<gate::Shared>,
 }
 
 /// How long a model may stay idle, as a client asked (Ollama `keep_alive`).
@@ -168,7 +170,8 @@ pub enum IdleHint {
 }
 
 /// Where a model stands (docs/design.md: `ModelResourceMetrics.status`, plus `unloaded`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// Parsed back by a front reading a node's view (`fleet::view`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelStatus {
     Unloaded,
@@ -206,6 +209,10 @@ pub struct ModelView {
     /// `keep_alive` < 0).
     pub inactivity_timeout_s: Option<f64>,
     pub pinned: bool,
+    /// The use stamp of the last lease taken or given back: smaller = less recently used.
+    /// Comparable only among one provider's models (the eviction order); not in `/status`.
+    #[serde(skip)]
+    pub last_used: u64,
     /// Seconds until the idle unload, when the model is idle and will be unloaded.
     pub unloads_in_s: Option<f64>,
     /// `proxy` when the proxy loaded it, `provider` when it was found loaded.
@@ -301,6 +308,10 @@ pub struct Settings {
     pub pressure: Option<watch::Receiver<crate::monitor::Snapshot>>,
     /// Where load durations are recorded for `/metrics`, when anyone reads them.
     pub metrics: Option<Arc<crate::metrics::ProviderMetrics>>,
+    /// Rung when what the node view shows of this provider changes (a model's state,
+    /// leases, queue, options, size; see `fleet::view`): by the actor after an event that
+    /// changed one, and by the lease fast path on each take and give-back.
+    pub changes: Option<Arc<crate::changes::Changes>>,
 }
 
 impl Settings {
@@ -323,6 +334,7 @@ impl Settings {
             working_initial_mb: u64::from(config.buffers.working_initial),
             pressure: None,
             metrics: None,
+            changes: None,
         }
     }
 }
@@ -407,10 +419,12 @@ enum Event {
 /// a model, read lock-free by every request.
 type Gates = Arc<arc_swap::ArcSwap<ByModel<Arc<gate::Gate>>>>;
 
-/// The front of one provider's actor. Cloning is five `Arc` bumps.
+/// The front of one provider's actor. Cloning is six `Arc` bumps.
 #[derive(Clone)]
 pub struct LifecycleHandle {
     tx: mpsc::UnboundedSender<Event>,
+    /// What the gates share with the actor: read for [`LifecycleHandle::uses`].
+    shared: Arc<gate::Shared>,
     gates: Gates,
     next_id: Arc<AtomicU64>,
     facts: Facts,
@@ -507,6 +521,12 @@ impl LifecycleHandle {
         let facts = Facts::default();
         let events = Arc::new(LifecycleLog::new(EVENTS_KEPT));
         let gates = Gates::default();
+        let shared = Arc::new(gate::Shared {
+            seq: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+            tx: tx.clone(),
+            changes: settings.changes.clone(),
+        });
         let actor = actor::Actor::new(
             settings,
             backend,
@@ -518,12 +538,14 @@ impl LifecycleHandle {
                 facts: facts.clone(),
                 events: events.clone(),
                 gates: gates.clone(),
+                shared: shared.clone(),
             },
         );
         let task = tokio::spawn(actor.run(stop));
         (
             LifecycleHandle {
                 tx,
+                shared,
                 gates,
                 next_id: Arc::new(AtomicU64::new(1)),
                 facts,
@@ -640,6 +662,13 @@ impl LifecycleHandle {
     /// What the actor last published about `model` (no round trip).
     pub fn facts(&self, model: &str) -> Option<ModelFacts> {
         self.facts.get(model)
+    }
+
+    /// How many leases were taken and given back (and other uses stamped) so far: rises
+    /// with every change of a model's leases, the fast path's included, which the actor
+    /// never hears of. The node view adds it to its `seq` (`fleet::view`).
+    pub fn uses(&self) -> u64 {
+        self.shared.uses()
     }
 
     /// The last [`EVENTS_KEPT`] loads and unloads, oldest first (no round trip to the actor).

@@ -144,6 +144,7 @@ fn settings() -> Settings {
         working_initial_mb: 256,
         pressure: None,
         metrics: None,
+        changes: None,
     }
 }
 
@@ -1499,4 +1500,65 @@ async fn unloading_a_model_the_provider_lacks_is_not_found() {
         .expect("it has it, not loaded");
     assert_eq!(v.status, ModelStatus::Unloaded);
     assert!(rig.lc.snapshot().await.is_empty(), "neither left an entry");
+}
+
+// === the node view's change signal ===
+
+/// The actor rings `changes` when what the node view shows changes (a load, a lease through
+/// the actor, a release), and not for events that change none of it; the gate (fast path)
+/// counts its takes and give-backs in the use sequence and wakes listeners.
+#[tokio::test(start_paused = true)]
+async fn the_actor_rings_and_the_gate_counts_and_wakes_when_the_view_would_change() {
+    let changes = Arc::new(crate::changes::Changes::new());
+    let rig = start(Settings {
+        changes: Some(changes.clone()),
+        ..settings()
+    });
+    let seq = || changes.seq() + rig.lc.uses();
+    let before = changes.seq();
+    let first = rig.lease("a").await;
+    rig.settle().await;
+    assert!(changes.seq() > before, "a load and a lease ring");
+    assert_eq!(rig.status("a").await, ModelStatus::Ready);
+    // A snapshot changes nothing: no ring.
+    let loaded = seq();
+    let _ = rig.lc.snapshot().await;
+    assert_eq!(seq(), loaded);
+    // The fast path: counted in the use sequence, the actor's counter untouched; a
+    // listener is woken.
+    let rung = changes.seq();
+    let waiter = tokio::spawn({
+        let (changes, lc) = (changes.clone(), rig.lc.clone());
+        async move {
+            changes
+                .wait_for(|| (changes.seq() + lc.uses() != loaded).then_some(()))
+                .await
+        }
+    });
+    tokio::task::yield_now().await;
+    let second = rig.lease("a").await;
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken by the fast path")
+        .expect("joined");
+    let taken = seq();
+    assert!(taken > loaded, "a lease through the gate counts");
+    assert_eq!(changes.seq(), rung, "without the actor");
+    drop(second);
+    assert!(seq() > taken, "its release counts");
+    drop(first);
+    rig.settle().await;
+    let idle = changes.seq();
+    assert_eq!(rig.view("a").await.leases, 0);
+    // A waiter sees the next change: an unload.
+    let waiter = tokio::spawn({
+        let changes = changes.clone();
+        async move { changes.changed(idle).await }
+    });
+    rig.lc.unload("a").await.expect("unloaded");
+    let seen = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("woken by the unload")
+        .expect("joined");
+    assert!(seen > idle);
 }

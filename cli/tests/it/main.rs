@@ -21,6 +21,7 @@ mod lifecycle;
 mod llamacpp;
 mod llamacpp_real;
 mod metrics;
+mod node;
 mod pressure;
 mod protocols;
 mod python_clients;

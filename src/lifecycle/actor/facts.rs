@@ -139,6 +139,7 @@ impl Actor {
             memory_estimate_mb: self.size_of(m).map(|b| b.div_ceil(MIB)),
             inactivity_timeout_s: timeout.map(|t| t.as_secs_f64()),
             pinned: self.pinned(&m.name),
+            last_used: m.used(),
             unloads_in_s: unloads_in,
             loaded_by: match m.status {
                 ModelStatus::Ready | ModelStatus::Unloading => Some(if m.loaded_by_proxy {
@@ -167,6 +168,7 @@ impl Actor {
             memory_estimate_mb: self.catalog.get(model).map(|b| b.div_ceil(MIB)),
             inactivity_timeout_s: None,
             pinned: self.pinned(model),
+            last_used: 0,
             unloads_in_s: None,
             loaded_by: None,
             last_error: None,

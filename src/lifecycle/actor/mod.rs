@@ -152,6 +152,8 @@ pub(super) struct Actor {
     epoch: Instant,
     /// Bytes recent unloads freed, and when (see [`FREED_GRACE`]).
     freed: VecDeque<(Instant, u64)>,
+    /// [`Actor::routing_digest`] when `settings.changes` was last rung.
+    digest: u64,
 }
 
 impl Actor {
@@ -166,19 +168,16 @@ impl Actor {
             facts,
             events,
             gates,
+            shared,
         }: Published,
     ) -> Self {
-        let epoch = Instant::now();
+        let epoch = shared.epoch;
         Actor {
             facts,
             observed: HashMap::new(),
             events,
             gates,
-            shared: Arc::new(Shared {
-                seq: Default::default(),
-                epoch,
-                tx: tx.clone(),
-            }),
+            shared,
             settings,
             backend,
             memory,
@@ -190,6 +189,7 @@ impl Actor {
             catalog: HashMap::new(),
             epoch,
             freed: Default::default(),
+            digest: 0,
         }
     }
 
@@ -219,6 +219,7 @@ impl Actor {
             }
             self.sync_gates();
             self.publish_facts();
+            self.ring_if_changed();
         }
         for m in self.models.values() {
             m.gate.close();
@@ -360,6 +361,43 @@ impl Actor {
             });
         }
         self.facts.store(map);
+    }
+
+    /// A hash of what the node view shows of this provider (`fleet::view`): each model's
+    /// state, leases, queue, window, runner options, size and pin, and the limits. Summed
+    /// per model, so the table's order does not matter.
+    fn routing_digest(&self) -> u64 {
+        use std::hash::BuildHasher;
+        let h = foldhash::fast::FixedState::with_seed(21);
+        let models = self.models.values().fold(0u64, |acc, m| {
+            acc.wrapping_add(h.hash_one((
+                &*m.name,
+                m.status as u8,
+                m.leases(),
+                m.queued,
+                m.context_length,
+                (m.shape.num_ctx, m.shape.num_batch),
+                self.size_of(m),
+                self.pinned(&m.name),
+            )))
+        });
+        models.wrapping_add(h.hash_one((
+            self.settings.max_models_loaded,
+            self.settings.memory_threshold.to_bits(),
+            self.models.len(),
+        )))
+    }
+
+    /// Rings `settings.changes` when [`Actor::routing_digest`] moved (after every event).
+    fn ring_if_changed(&mut self) {
+        let Some(changes) = &self.settings.changes else {
+            return;
+        };
+        let digest = self.routing_digest();
+        if digest != self.digest {
+            self.digest = digest;
+            changes.ring();
+        }
     }
 
     /// The table entry for `model`, created `unloaded` on first mention.

@@ -418,6 +418,7 @@ impl Actor {
     pub(super) fn reconfigure(&mut self, mut settings: crate::lifecycle::Settings) {
         settings.pressure = self.settings.pressure.take();
         settings.metrics = self.settings.metrics.take();
+        settings.changes = self.settings.changes.take();
         self.settings = settings;
         let max = self.settings.max_models_loaded as usize;
         let resident = self
