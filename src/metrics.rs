@@ -59,7 +59,7 @@ pub const STATUS: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// Error kinds: `ProxyError::kind()` (errors the proxy wrote) and three for failures the
 /// provider reported (an error status, an error inside a 200 stream, a stream cut off).
-pub const ERROR_KINDS: [&str; 24] = [
+pub const ERROR_KINDS: [&str; 25] = [
     "invalid_api_key",
     "host_not_allowed",
     "body_too_large",
@@ -71,6 +71,7 @@ pub const ERROR_KINDS: [&str; 24] = [
     "upstream_unreachable",
     "upstream_failed",
     "upstream_timeout",
+    "no_node",
     "context_length_exceeded",
     "queue_full",
     "queue_timeout",

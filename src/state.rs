@@ -27,6 +27,8 @@ pub struct AppState {
     pub config: Arc<ArcSwap<Config>>,
     /// Indexed like `config.providers`.
     pub providers: Arc<[ProviderState]>,
+    /// The fronts, indexed like `config.pools` (`crate::fleet`).
+    pub pools: Arc<[crate::fleet::front::PoolState]>,
     pub stats: StatsTable,
     /// The control plane's client (polls, loads, `/api/show`, summaries).
     pub client: UpstreamClient,

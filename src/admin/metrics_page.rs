@@ -37,6 +37,18 @@ struct Scrape {
     models: BTreeMap<(usize, String), ModelRow>,
     system: crate::monitor::Snapshot,
     pressure_actions: [u64; PRESSURE_ACTIONS.len()],
+    /// The fronts' nodes: `(pool, node, up, routed by reason, retries, in flight)`.
+    nodes: Vec<NodeRow>,
+}
+
+#[derive(Debug)]
+struct NodeRow {
+    pool: String,
+    node: String,
+    up: bool,
+    routed: Vec<(&'static str, u64)>,
+    retries: u64,
+    in_flight: u64,
 }
 
 #[derive(Debug)]
@@ -133,7 +145,22 @@ async fn gather(state: &AppState) -> Scrape {
             }
         })
         .collect();
+    let nodes = state
+        .pools
+        .iter()
+        .flat_map(|pool| {
+            pool.nodes.iter().map(|n| NodeRow {
+                pool: pool.config.name.clone(),
+                node: n.config.name.clone(),
+                up: n.up(),
+                routed: n.routed_counts().collect(),
+                retries: n.retries.load(Relaxed),
+                in_flight: n.in_flight.load(Relaxed),
+            })
+        })
+        .collect();
     Scrape {
+        nodes,
         providers,
         models,
         system: state.monitor.latest(),
@@ -243,6 +270,64 @@ impl Collector for Scrape {
                 Ok(())
             },
         )?;
+        // --- pools (fronts) ---
+        if !self.nodes.is_empty() {
+            Self::family(
+                e,
+                "llm_warden_pool_node_up",
+                "Whether a pool's node is in rotation (1: its view answered) or not (0).",
+                Gauge,
+                |m| {
+                    for n in &self.nodes {
+                        gauge(m, &[("pool", &n.pool), ("node", &n.node)], u64::from(n.up))?;
+                    }
+                    Ok(())
+                },
+            )?;
+            Self::family(
+                e,
+                "llm_warden_pool_routed",
+                "Requests a front sent to a node, by why the picker chose it.",
+                Counter,
+                |m| {
+                    for n in &self.nodes {
+                        for (reason, v) in &n.routed {
+                            let labels = [
+                                ("pool", n.pool.as_str()),
+                                ("node", &n.node),
+                                ("reason", reason),
+                            ];
+                            counter(m, &labels, *v)?;
+                        }
+                    }
+                    Ok(())
+                },
+            )?;
+            Self::family(
+                e,
+                "llm_warden_pool_retries",
+                "Requests a node refused (503/429) or could not take, then tried on the next node.",
+                Counter,
+                |m| {
+                    for n in &self.nodes {
+                        counter(m, &[("pool", &n.pool), ("node", &n.node)], n.retries)?;
+                    }
+                    Ok(())
+                },
+            )?;
+            Self::family(
+                e,
+                "llm_warden_pool_in_flight",
+                "Answers a front is relaying from a node now.",
+                Gauge,
+                |m| {
+                    for n in &self.nodes {
+                        gauge(m, &[("pool", &n.pool), ("node", &n.node)], n.in_flight)?;
+                    }
+                    Ok(())
+                },
+            )?;
+        }
         // --- requests ---
         Self::family(
             e,

@@ -24,6 +24,7 @@ use crate::state::AppState;
 use crate::stats::ModelSnapshot;
 
 mod metrics_page;
+mod node;
 
 #[derive(Serialize)]
 struct ProviderStatus<'a> {
@@ -63,6 +64,39 @@ struct Status<'a> {
     pressure_events: Vec<crate::monitor::respond::PressureEvent>,
     /// Recent loads and unloads of every provider, oldest first.
     lifecycle_events: Vec<crate::lifecycle::LifecycleEvent>,
+    /// The fronts (`[[pools]]`) and their nodes; absent without pools.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pools: Vec<PoolStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct PoolStatus<'a> {
+    name: &'a str,
+    kind: &'static str,
+    listen: String,
+    nodes_up: usize,
+    /// Requests no node took, answered by the front itself.
+    refused: u64,
+    nodes: Vec<NodeStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct NodeStatus<'a> {
+    name: &'a str,
+    url: String,
+    admin: String,
+    up: bool,
+    last_error: Option<String>,
+    /// The node's provider its `url` reaches (from its view).
+    provider: Option<String>,
+    /// The latest view's `seq` (null before one came).
+    view_seq: Option<u64>,
+    /// The models its view shows ready on that provider.
+    ready: Vec<String>,
+    routed: u64,
+    routed_by_reason: std::collections::BTreeMap<&'static str, u64>,
+    retries: u64,
+    in_flight: u64,
 }
 
 /// Recent compactions (oldest first) and the summary cache's counters.
@@ -96,11 +130,11 @@ fn watching(query: Option<&str>) -> bool {
     })
 }
 
-/// `GET /node?watch=1`: the node view as server-sent events (`fleet::view::stream`).
+/// `GET /node?watch=1`: the node view as server-sent events (`node::stream`).
 fn node_events(state: Arc<AppState>) -> Response<AdminBody> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let stop = state.stop.clone();
-    tokio::spawn(crate::fleet::view::stream(state, tx, stop));
+    tokio::spawn(node::stream(state, tx, stop));
     let frames = futures_util::stream::unfold(rx, |mut rx| async move {
         let chunk = rx.recv().await?;
         Some((
@@ -150,9 +184,7 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Full<
     }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &status(&state).await),
-        (&Method::GET | &Method::HEAD, "/node") => {
-            json(StatusCode::OK, &crate::fleet::view::build(&state).await)
-        }
+        (&Method::GET | &Method::HEAD, "/node") => json(StatusCode::OK, &node::build(&state).await),
         (&Method::GET | &Method::HEAD, "/" | "/dashboard") => dashboard(),
         (&Method::GET | &Method::HEAD, "/metrics") => metrics(&state).await,
         (&Method::GET | &Method::HEAD, "/healthz") => {
@@ -409,6 +441,35 @@ async fn status(state: &AppState) -> Status<'_> {
             })
             .collect(),
         models,
+        pools: state
+            .pools
+            .iter()
+            .map(|pool| PoolStatus {
+                name: &pool.config.name,
+                kind: pool.config.kind.as_str(),
+                listen: pool.listen.to_string(),
+                nodes_up: pool.nodes_up(),
+                refused: pool.refused.load(std::sync::atomic::Ordering::Relaxed),
+                nodes: pool
+                    .nodes
+                    .iter()
+                    .map(|n| NodeStatus {
+                        name: &n.config.name,
+                        url: n.config.url.to_string(),
+                        admin: n.config.admin.to_string(),
+                        up: n.up(),
+                        last_error: n.last_error(),
+                        provider: n.provider(),
+                        view_seq: n.view().map(|v| v.seq),
+                        ready: n.ready_models(),
+                        routed: n.routed_total(),
+                        routed_by_reason: n.routed_counts().filter(|(_, v)| *v > 0).collect(),
+                        retries: n.retries.load(std::sync::atomic::Ordering::Relaxed),
+                        in_flight: n.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+                    })
+                    .collect(),
+            })
+            .collect(),
         compaction: Compaction {
             events: state.compactor.events.list(),
             summary_cache: state.compactor.cache_stats(),

@@ -85,6 +85,11 @@ impl Running {
         self.pollers[i].poll().await;
     }
 
+    /// The bound address of pool `i`'s listener (`[[pools]]`).
+    pub fn pool_addr(&self, i: usize) -> SocketAddr {
+        self.state.pools[i].listen
+    }
+
     /// The bound address of provider `i`'s proxy listener.
     pub fn proxy_addr(&self, i: usize) -> SocketAddr {
         self.state.providers[i].listen
@@ -237,7 +242,32 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         wakes.push(poll_now);
         listeners.push(l);
     }
+    // The fronts: each pool's listener and nodes (`crate::fleet`).
+    let mut pool_listeners = Vec::new();
+    let mut pools = Vec::new();
+    for pool in &config.pools {
+        let l = bind(pool.listen, &format!("pool `{}`", pool.name)).await?;
+        let nodes = pool
+            .nodes
+            .iter()
+            .map(|n| {
+                let conns = crate::transport::pool::Pool::new(
+                    &n.url.authority,
+                    config.proxy.connect_timeout,
+                    lanes.len(),
+                );
+                Arc::new(crate::fleet::nodes::NodeState::new(n.clone(), conns))
+            })
+            .collect();
+        pools.push(crate::fleet::front::PoolState::new(
+            pool.clone(),
+            l.local_addr().unwrap_or(pool.listen),
+            nodes,
+        ));
+        pool_listeners.push(l);
+    }
     let state = Arc::new(AppState {
+        pools: pools.into(),
         stats,
         client,
         providers: providers.into(),
@@ -258,8 +288,19 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         .collect();
 
     // One poll of every provider before serving, so /status is right from the first call
-    // and an unreachable provider is reported at once (not fatal).
-    futures_util::future::join_all(pollers.iter().map(|p| p.poll())).await;
+    // and an unreachable provider is reported at once (not fatal); the same for the pools'
+    // nodes, so a front routes from its first request.
+    let node_client = crate::providers::build_client(config.proxy.connect_timeout);
+    let node_polls = state.pools.iter().flat_map(|pool| {
+        let interval = pool.config.poll_interval;
+        let client = &node_client;
+        pool.nodes.iter().map(move |n| n.poll(client, interval))
+    });
+    futures_util::future::join(
+        futures_util::future::join_all(pollers.iter().map(|p| p.poll())),
+        futures_util::future::join_all(node_polls),
+    )
+    .await;
 
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin.listen);
     let limits = ConnLimits::from(&config.proxy);
@@ -297,6 +338,43 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     }
     for poller in &pollers {
         tasks.spawn(poller.clone().run(stop_rx.clone()));
+    }
+    let front = Arc::new(crate::fleet::front::FrontPlane {
+        config: state.config.clone(),
+        pools: state.pools.clone(),
+    });
+    for (i, listener) in pool_listeners.into_iter().enumerate() {
+        let pool = &state.pools[i];
+        tracing::info!(
+            pool = %pool.config.name,
+            listen = %pool.listen,
+            nodes = pool.nodes.len(),
+            "front listening"
+        );
+        for node in &pool.nodes {
+            tasks.spawn(node.clone().run(
+                node_client.clone(),
+                pool.config.poll_interval,
+                stop_rx.clone(),
+            ));
+        }
+        let settings = server::Settings {
+            header_read_timeout: limits.header_read_timeout,
+            body_read_timeout: limits.body_read_timeout,
+        };
+        let front = front.clone();
+        tasks.spawn(accept_loop(
+            listener,
+            Some(lanes.clone()),
+            limits,
+            state.config.clone(),
+            stop_rx.clone(),
+            move |stream, h2, stop| {
+                let front = front.clone();
+                let handler = move |req| crate::fleet::front::handle(front.clone(), i, req);
+                serve_data_plane(stream, h2, stop, settings, handler)
+            },
+        ));
     }
     tasks.spawn(crate::monitor::respond::run(
         state.clone(),

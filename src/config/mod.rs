@@ -118,7 +118,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub proxy: ProxyConfig,
     pub providers: Vec<ProviderConfig>,
-    /// Fronts over llm-warden nodes (`[[pools]]`, `crate::fleet`); fixed at start.
+    /// Fronts over llm-warden nodes (`[[pools]]`, the `fleet` module); fixed at start.
     pub pools: Vec<PoolConfig>,
     pub limits: Limits,
     pub queue: QueueConfig,
@@ -166,7 +166,7 @@ pub struct ProxyConfig {
 }
 
 /// A front over llm-warden nodes: clients speak `kind`'s API to `listen`, and each model
-/// request goes to the node the picker ranks first (`crate::fleet`).
+/// request goes to the node the picker ranks first (the `fleet` module).
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
     pub name: String,

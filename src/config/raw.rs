@@ -65,7 +65,7 @@ pub(super) struct RawProvider {
     pub(super) kv_cache_type: Option<String>,
 }
 
-/// `[[pools]]`: a front over llm-warden nodes (`crate::fleet`).
+/// `[[pools]]`: a front over llm-warden nodes (the `fleet` module).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "a table")]
 pub(super) struct RawPool {

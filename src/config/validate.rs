@@ -633,7 +633,7 @@ fn overflow_policy(c: &mut Checker, path: &str, s: &str) -> Option<OverflowPolic
 }
 
 /// `allowed_hosts`: host names (`*.suffix`, or `*` alone), without ports or schemes.
-/// The `[[pools]]` entries (`crate::fleet`): each needs a kind, a listen address and at
+/// The `[[pools]]` entries (the `fleet` module): each needs a kind, a listen address and at
 /// least one node with `url` and `admin`.
 /// `bound`: the other listeners' addresses.
 fn pools(c: &mut Checker, raw: Vec<RawPool>, mut bound: Vec<SocketAddr>) -> Vec<PoolConfig> {

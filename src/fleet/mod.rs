@@ -12,8 +12,16 @@
 //! - [`picker`]: the ranking, the conversation affinity key, and the fleet single-flight
 //!   ([`picker::Pending`], state the front owns and passes in).
 //!
-//! Layering: `fleet` reads `lifecycle`, `monitor`, `state`; nothing below reads `fleet`
-//! (the admin API above serves the view).
+//! - [`nodes`]: a pool's nodes as a front knows them (their latest views, in rotation or
+//!   not, what it sent them), polled from their admin APIs;
+//! - [`front`]: the pool listener's handler (`[[pools]]`): picks, forwards, retries, merges
+//!   model lists.
+//!
+//! Layering: `fleet` reads `proxy`, `transport`, `lifecycle`, `monitor`, `config`; `state`
+//! holds the pools, `admin` builds this node's view (`admin/node.rs`) and shows the pools,
+//! `app` wires the listeners.
 
+pub mod front;
+pub mod nodes;
 pub mod picker;
 pub mod view;

@@ -54,6 +54,9 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    /// A front (the `fleet` module) has no node that can take the request.
+    #[error("no node of pool `{pool}` can take the request: {reason}")]
+    NoNode { pool: String, reason: String },
     #[error("this model's maximum context length is {window} tokens, but the request needs {tokens} tokens (prompt and room for the reply) and cannot be compacted: {why} (model `{model}`)")]
     ContextOverflow {
         model: String,
@@ -78,6 +81,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::NoNode { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Lifecycle(e) => match e {
                 LifecycleError::NotFound { .. } => StatusCode::NOT_FOUND,
                 LifecycleError::Unmanaged { .. } => StatusCode::CONFLICT,
@@ -125,6 +129,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::NoNode { .. } => "no_node",
             ProxyError::Lifecycle(e) => e.kind(),
             ProxyError::ContextOverflow { .. } => "context_length_exceeded",
         }
@@ -234,6 +239,10 @@ impl ProxyError {
                 http::header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer"),
             );
+        }
+        if let ProxyError::NoNode { .. } = self {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if let ProxyError::Lifecycle(e) = self {
             if let Some(after) = e.retry_after() {

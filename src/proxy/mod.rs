@@ -30,6 +30,7 @@ mod inbound;
 mod model;
 mod multipart;
 mod observe;
+mod relay;
 mod sdk;
 mod sdk_watch;
 
@@ -54,9 +55,12 @@ use crate::transport::pool::{self, PoolError, PooledBody};
 use crate::transport::server::{self, RequestBody};
 use crate::upstream::ProviderState;
 pub use error::{Fault, ProxyError};
+pub use forward::{downstream_headers, upstream_request};
+pub use inbound::read_body;
 pub use inbound::{Dialect, ModelRequest, Unreadable};
 pub use model::{COMPACTED_HEADER, NUM_BATCH_HEADER, NUM_CTX_HEADER, PRUNED_HEADER};
 pub use observe::UsageScanner;
+pub use relay::RelayBody;
 
 /// What the data plane reads: every provider listener shares one, built by `app` from the
 /// proxy's state (`AppState::data_plane`), holding the same components, not copies.
@@ -84,6 +88,8 @@ pub enum ProxyBody {
     Upstream(PooledBody),
     Observed(Box<observe::ObservedBody<PooledBody>>),
     Local(Full<Bytes>),
+    /// A node's answer relayed by a front (the `fleet` module).
+    Relayed(Box<RelayBody>),
 }
 
 impl server::WireHead for ProxyBody {
@@ -92,6 +98,7 @@ impl server::WireHead for ProxyBody {
             ProxyBody::Upstream(b) => b.raw_headers(),
             ProxyBody::Observed(b) => b.inner().raw_headers(),
             ProxyBody::Local(_) => None,
+            ProxyBody::Relayed(b) => server::WireHead::raw_headers(&**b),
         }
     }
 }
@@ -116,6 +123,7 @@ impl Body for ProxyBody {
             ProxyBody::Local(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map_err(|never: Infallible| match never {}),
+            ProxyBody::Relayed(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -124,6 +132,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b) => b.is_end_stream(),
             ProxyBody::Observed(b) => b.is_end_stream(),
             ProxyBody::Local(b) => b.is_end_stream(),
+            ProxyBody::Relayed(b) => b.is_end_stream(),
         }
     }
 
@@ -132,6 +141,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(b) => b.size_hint(),
             ProxyBody::Observed(b) => b.size_hint(),
             ProxyBody::Local(b) => b.size_hint(),
+            ProxyBody::Relayed(b) => b.size_hint(),
         }
     }
 }
@@ -330,6 +340,12 @@ async fn passthrough(
         }
         Err(e) => local_error(p, &e, style),
     }
+}
+
+/// Splices an upgraded client connection (a WebSocket) to an upgraded upstream one, unread
+/// (a front relaying to a node, which reads it itself).
+pub fn splice_upgrade(client: server::ClientUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    forward::splice_upgrade(client, upstream, None);
 }
 
 /// Sends `up`, within `proxy.response_timeout` for the response to begin.

@@ -15,6 +15,7 @@ mod config;
 mod dashboard;
 mod errors;
 mod faults;
+mod fleet;
 mod hostile;
 mod inflight;
 mod lifecycle;
