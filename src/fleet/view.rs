@@ -315,6 +315,9 @@ pub async fn stream(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut sent: Option<NodeView> = None;
+    // When the last bytes went out: the keep-alive counts from there, however often the
+    // stream wakes without a change to send.
+    let mut last_out = tokio::time::Instant::now();
     loop {
         let view = build(&state).await;
         let seen = view.seq;
@@ -323,6 +326,7 @@ pub async fn stream(
             if out.send(sse_event(&view)).await.is_err() {
                 return;
             }
+            last_out = tokio::time::Instant::now();
             sent = Some(content);
             // Coalesce: whatever changes meanwhile goes in the next event.
             tokio::select! {
@@ -333,10 +337,11 @@ pub async fn stream(
         }
         tokio::select! {
             _ = state.changes.wait_for(|| (seq(&state) != seen).then_some(())) => {}
-            _ = tokio::time::sleep(KEEP_ALIVE) => {
+            _ = tokio::time::sleep_until(last_out + KEEP_ALIVE) => {
                 if out.send(bytes::Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
                     return;
                 }
+                last_out = tokio::time::Instant::now();
             }
             _ = out.closed() => return,
             _ = stopped(&mut stop) => return,
