@@ -62,6 +62,9 @@ pub async fn stream(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut sent: Option<NodeView> = None;
+    // When the last bytes went out: the keep-alive counts from there, however often the
+    // stream wakes without a change to send.
+    let mut last_out = tokio::time::Instant::now();
     loop {
         let view = build(&state).await;
         let seen = view.seq;
@@ -70,6 +73,7 @@ pub async fn stream(
             if out.send(sse_event(&view)).await.is_err() {
                 return;
             }
+            last_out = tokio::time::Instant::now();
             sent = Some(content);
             // Coalesce: whatever changes meanwhile goes in the next event.
             tokio::select! {
@@ -80,10 +84,11 @@ pub async fn stream(
         }
         tokio::select! {
             _ = state.changes.wait_for(|| (seq(&state) != seen).then_some(())) => {}
-            _ = tokio::time::sleep(KEEP_ALIVE) => {
+            _ = tokio::time::sleep_until(last_out + KEEP_ALIVE) => {
                 if out.send(bytes::Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
                     return;
                 }
+                last_out = tokio::time::Instant::now();
             }
             _ = out.closed() => return,
             _ = stopped(&mut stop) => return,
@@ -95,3 +100,4 @@ pub async fn stream(
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
+

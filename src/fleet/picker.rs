@@ -34,7 +34,8 @@
 //! once, on one node. The views lag (a node shows `loading` only once its actor started
 //! it), and the first forwarded request changes the chosen node's queue, which could make
 //! the next pick another node. So the front keeps a [`Pending`]: when the best pick is
-//! `load`, it records model → node with an expiry; later picks of that model rank that node
+//! `load` (or `queued`: that node loads it once room frees), it records model → node with
+//! an expiry; later picks of that model rank that node
 //! `pending` (above `load`) until a view shows the model loading or ready somewhere
 //! (then those tiers rank it) or the entry expires (a load that never showed: pick again).
 
@@ -139,15 +140,16 @@ impl Pending {
             .map(|(node, _)| node.as_str())
     }
 
-    /// After a pick the front acts on: the best node was chosen to `load` → remember it
-    /// (the expiry runs from the first choice: a repeat `pending` does not extend it);
-    /// `ready` or `loading` → the load shows, forget the choice.
+    /// After a pick the front acts on: the best node will load the model (`load` now, or
+    /// `queued`: once room frees there) → remember it (the expiry runs from the first
+    /// choice: a repeat `pending` does not extend it); `ready` or `loading` → the load
+    /// shows, forget the choice.
     pub fn record(&mut self, model: &str, picks: &[Pick], nodes: &[Node<'_>], now: Instant) {
         let Some(best) = picks.first() else {
             return;
         };
         match best.reason {
-            Reason::Load => {
+            Reason::Load | Reason::Queued => {
                 if let Some(n) = nodes.get(best.node) {
                     self.chosen
                         .insert(model.to_string(), (n.name.to_string(), now + self.ttl));
@@ -156,7 +158,7 @@ impl Pending {
             Reason::Ready | Reason::Loading => {
                 self.chosen.remove(model);
             }
-            Reason::Pending | Reason::Queued | Reason::Unfit => {}
+            Reason::Pending | Reason::Unfit => {}
         }
     }
 

@@ -477,3 +477,35 @@ fn keys_are_fixed_across_builds() {
 }
 
 const PINNED_KEY: u64 = 2_573_616_424_033_706_670;
+
+/// Every node busy: the burst queues on one node (which loads the model when room frees),
+/// not one waiting load per node.
+#[test]
+fn a_burst_that_must_wait_waits_on_one_node() {
+    let mut pending = Pending::new(Duration::from_secs(5));
+    let start = t0();
+    let mut views = vec![
+        node(1, 40, vec![m("x", Ready, 1, 0, 4)]),
+        node(1, 40, vec![m("y", Ready, 1, 0, 4)]),
+    ];
+    let ns = nodes(&views);
+    let picks = pick("q", None, &ns, &pending, start);
+    assert_eq!(picks[0].reason, Reason::Queued);
+    let chosen = name_of(&ns[picks[0].node]);
+    pending.record("q", &picks, &ns, start);
+    drop(ns);
+    // Its queue grows: least-queued alone would now pick the other node.
+    let i = NAMES.iter().position(|n| *n == chosen).expect("a node");
+    views[i].providers[0].models[0].queued = 5;
+    views[i].providers[0].queued = 5;
+    let ns = nodes(&views);
+    assert_ne!(
+        name_of(&ns[pick("q", None, &ns, &Pending::new(Duration::from_secs(5)), start)[0].node]),
+        chosen
+    );
+    let p = pick("q", None, &ns, &pending, start + Duration::from_secs(1));
+    assert_eq!(
+        (name_of(&ns[p[0].node]), p[0].reason),
+        (chosen, Reason::Pending)
+    );
+}
