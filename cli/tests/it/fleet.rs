@@ -250,6 +250,7 @@ async fn a_killed_node_is_routed_around_and_comes_back() {
     let first = r.headers["x-llm-warden-node"].to_str().unwrap().to_string();
     let k = ["a", "b", "c"].iter().position(|n| *n == first).unwrap();
     let killed = hosts[k].node.take().expect("running");
+    let (listen, admin) = (killed.proxy_addr(0), killed.admin_addr);
     drop(killed);
     // Every request still succeeds, on the other nodes.
     for _ in 0..10 {
@@ -267,5 +268,221 @@ async fn a_killed_node_is_routed_around_and_comes_back() {
         s["pools"][0]["nodes"][k]["up"] == false && s["pools"][0]["nodes_up"] == 2
     })
     .await;
+    // Started again on the same addresses, it is back in rotation by itself.
+    let toml = format!(
+        "[admin]\nlisten = \"{admin}\"\n[[providers]]\nname = \"ollama0\"\nkind = \"ollama\"\n\
+         listen = \"{listen}\"\nupstream = \"{}\"\n",
+        hosts[k].sim.url()
+    );
+    let again = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
+        .await
+        .expect("the node starts again");
+    wait_for("the node back in rotation", LIMIT, || async {
+        status(&c, &front).await["pools"][0]["nodes_up"] == 3
+    })
+    .await;
+    again.shutdown().await;
+    front.shutdown().await;
+}
+
+/// A stand-in node: its view says `llama3.2:latest` is ready, and its provider listener
+/// answers every model request with Ollama's 503 for a full queue. Returns its address
+/// (the view and the requests on one listener).
+async fn refusing_node() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = listener().await;
+    let addr = l.local_addr().unwrap();
+    let view = serde_json::json!({"format": 1, "seq": 1, "started_at": "2026-12-06T00:00:00Z",
+        "version": "test", "memory": {"total_mb": 65536, "available_mb": 60000,
+            "ram_total_mb": 65536, "ram_available_mb": 60000, "pressure_level": "normal",
+            "sampled_at": ""},
+        "providers": [{"name": "ollama0", "kind": "ollama", "listen": addr.to_string(),
+            "reachable": true, "managed": true, "max_models_loaded": 2,
+            "memory_budget_mb": 50000, "queued": 0,
+            "models": [{"model": "llama3.2:latest", "state": "ready", "in_flight": 0,
+                "queued": 0, "memory_mb": 2000, "pinned": false, "last_used": 1}]}]})
+    .to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let view = view.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request per connection: its head, then its declared body.
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap_or(0));
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let (status, body) = if head.starts_with("get /node") {
+                        ("200 OK", view.clone())
+                    } else {
+                        (
+                            "503 Service Unavailable",
+                            r#"{"error":"server busy, please try again.  maximum pending requests exceeded"}"#
+                                .to_string(),
+                        )
+                    };
+                    let reply = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                    return;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A node that answers 503 (its queue is full) is skipped for the next ranked node before
+/// any byte reaches the client; the retry is counted.
+#[tokio::test]
+async fn a_node_that_refuses_is_skipped_for_the_next() {
+    let fake = refusing_node().await;
+    let real = Host::start(OllamaConfig::default()).await;
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[pools]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\npoll_interval = \"100ms\"\n\
+         nodes = [{{ name = \"busy\", url = \"http://{fake}\", admin = \"http://{fake}\" }}, {}]\n",
+        real.entry("real")
+    );
+    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
+        .await
+        .expect("the front starts");
+    seen_ready(&front, "busy").await;
+    seen_ready(&front, "real").await;
+    let c = client();
+    let r = post_json(
+        &c,
+        &front_url(&front, "/api/chat"),
+        &chat("llama3.2", false),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["x-llm-warden-node"], "real");
+    let s = status(&c, &front).await;
+    let nodes = &s["pools"][0]["nodes"];
+    assert_eq!(nodes[0]["retries"], 1, "{nodes}");
+    assert_eq!(nodes[0]["routed"], 0, "{nodes}");
+    assert_eq!(nodes[1]["routed"], 1, "{nodes}");
+    front.shutdown().await;
+}
+
+/// With no node up, the front answers 503 itself, with `retry-after`, in each API's shape.
+#[tokio::test]
+async fn with_every_node_down_the_front_answers_in_the_clients_format() {
+    let dead = listener().await.local_addr().unwrap();
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[pools]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\n\
+         nodes = [{{ url = \"http://{dead}\", admin = \"http://{dead}\" }}]\n"
+    );
+    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
+        .await
+        .expect("the front starts with its node down");
+    let c = client();
+    let r = post_json(
+        &c,
+        &front_url(&front, "/api/chat"),
+        &chat("llama3.2", false),
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("no node"),
+        "{}",
+        r.text()
+    );
+    let openai = serde_json::json!({"model": "llama3.2",
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let r = post_json(&c, &front_url(&front, "/v1/chat/completions"), &openai).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["error"]["code"], "no_node", "{}", r.text());
+    let messages = serde_json::json!({"model": "llama3.2", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let r = post_json(&c, &front_url(&front, "/v1/messages"), &messages).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(
+        r.json()["error"]["type"],
+        "overloaded_error",
+        "{}",
+        r.text()
+    );
+    // Bad input is the front's to refuse, in the same shapes.
+    let r = post_json(&c, &front_url(&front, "/api/chat"), "{\"model\":").await;
+    assert_eq!(
+        r.status, 503,
+        "a body without a model goes to a node: none is up"
+    );
+    let s = status(&c, &front).await;
+    assert_eq!(s["pools"][0]["nodes_up"], 0);
+    assert_eq!(s["pools"][0]["refused"], 4);
+    front.shutdown().await;
+}
+
+/// A node killed while it streams: the client's NDJSON stream ends with an `{"error"}`
+/// line naming the node (as Ollama ends a stream that failed), not a cut connection.
+#[tokio::test]
+async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_line() {
+    let mut host = Host::start(OllamaConfig {
+        token_delay: Duration::from_millis(100),
+        reply_tokens: 50,
+        ..Default::default()
+    })
+    .await;
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[pools]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\npoll_interval = \"100ms\"\n\
+         nodes = [{}]\n",
+        host.entry("a")
+    );
+    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
+        .await
+        .expect("the front starts");
+    seen_ready(&front, "a").await;
+    let c = client();
+    let url = front_url(&front, "/api/chat");
+    let streaming = tokio::spawn(async move { post_json(&c, &url, &chat("llama3.2", true)).await });
+    wait_for("the stream under way", LIMIT, || async {
+        host.sim.state.active_requests() == 1
+    })
+    .await;
+    drop(host.node.take());
+    let r = streaming.await.unwrap();
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    let last = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).expect(last);
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("node `a`"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("\"done\":true"),
+        "cut before its end: {text}"
+    );
     front.shutdown().await;
 }
