@@ -486,3 +486,217 @@ async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_line() {
     );
     front.shutdown().await;
 }
+
+/// Processes killed when the test ends, however it ends.
+struct Procs(Vec<std::process::Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The release or debug binary's process, its output to a file in `dir`.
+fn spawn(dir: &std::path::Path, name: &str, args: &[&str]) -> std::process::Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("log file");
+    std::process::Command::new(env!("CARGO_BIN_EXE_llm-warden"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("the binary starts")
+}
+
+/// The issue's setup as users run it: three hosts, each `llm-warden simulate` and
+/// `llm-warden serve` as processes, and a front (`llm-warden serve` with `[[pools]]`). A
+/// burst for an unloaded model loads it once; a host's node killed mid-run (SIGKILL) is
+/// routed around with every request answered; the front's routed total equals the nodes'
+/// counts; streams arrive in pieces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_hosts_and_a_front() {
+    let dir = std::env::temp_dir().join(format!("llm-warden-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut procs = Procs(Vec::new());
+    let mut admins = Vec::new();
+    let mut entries = Vec::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let (sim, node, admin) = (free_port(), free_port(), free_port());
+        procs.0.push(spawn(
+            &dir,
+            &format!("sim-{name}"),
+            &[
+                "simulate",
+                "ollama",
+                "--listen",
+                &format!("127.0.0.1:{sim}"),
+                "--load-latency",
+                "300ms",
+                "--token-delay",
+                "30ms",
+            ],
+        ));
+        let cfg = dir.join(format!("node-{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[[providers]]\nname = \"ollama\"\n\
+                 kind = \"ollama\"\nlisten = \"127.0.0.1:{node}\"\nupstream = \"http://127.0.0.1:{sim}\"\n\
+                 max_models_loaded = 2\npoll_interval = \"200ms\"\n"
+            ),
+        )
+        .unwrap();
+        procs.0.push(spawn(
+            &dir,
+            &format!("node-{name}"),
+            &["serve", "--config", cfg.to_str().unwrap()],
+        ));
+        admins.push(format!("http://127.0.0.1:{admin}"));
+        entries.push(format!(
+            "{{ name = \"{name}\", url = \"http://127.0.0.1:{node}\", admin = \"http://127.0.0.1:{admin}\" }}"
+        ));
+        let _ = i;
+    }
+    let (front_port, front_admin) = (free_port(), free_port());
+    let cfg = dir.join("front.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:{front_admin}\"\n[[pools]]\nname = \"gpus\"\n\
+             kind = \"ollama\"\nlisten = \"127.0.0.1:{front_port}\"\npoll_interval = \"200ms\"\n\
+             nodes = [{}]\n",
+            entries.join(", ")
+        ),
+    )
+    .unwrap();
+    procs.0.push(spawn(
+        &dir,
+        "front",
+        &["serve", "--config", cfg.to_str().unwrap()],
+    ));
+    let c = client();
+    let front_status = format!("http://127.0.0.1:{front_admin}/status");
+    wait_for(
+        "the front sees three nodes up",
+        Duration::from_secs(60),
+        || async {
+            // Not listening yet: `send` would panic.
+            if tokio::net::TcpStream::connect(("127.0.0.1", front_admin))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            let r = send(
+                &c,
+                http::Method::GET,
+                &front_status,
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await;
+            r.status == 200 && r.json()["pools"][0]["nodes_up"] == 3
+        },
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{front_port}/api/chat");
+
+    // A burst for a model no node has: one load in the fleet.
+    let burst = (0..20).map(|_| {
+        let (c, url) = (c.clone(), url.clone());
+        async move { post_json(&c, &url, &chat("qwen2.5:7b", false)).await }
+    });
+    for r in futures_util::future::join_all(burst).await {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let loads = |admin: String| {
+        let c = c.clone();
+        async move {
+            let r = send(
+                &c,
+                http::Method::GET,
+                &format!("{admin}/status"),
+                &[],
+                bytes::Bytes::new(),
+            )
+            .await;
+            r.json()["models"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["model"] == "qwen2.5:7b")
+                .map(|m| m["loads"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        }
+    };
+    let mut total_loads = 0;
+    for a in &admins {
+        total_loads += loads(a.clone()).await;
+    }
+    assert_eq!(total_loads, 1, "one load of qwen2.5:7b in the fleet");
+
+    // A stream through the front, in pieces.
+    let r = post_json(&c, &url, &chat("qwen2.5:7b", true)).await;
+    assert_eq!(r.status, 200);
+    assert!(r.frames.len() >= 4, "{} frames", r.frames.len());
+
+    // Kill the node serving qwen (its process, SIGKILL) mid-run: every request is answered.
+    let serving = r.headers["x-llm-warden-node"].to_str().unwrap().to_string();
+    let k = ["a", "b", "c"].iter().position(|n| *n == serving).unwrap();
+    let mut answered = 0;
+    for i in 0..30 {
+        if i == 10 {
+            // Procs: sim, node per host; the node of host k is at 2k + 1.
+            procs.0[2 * k + 1].kill().expect("kill");
+        }
+        let r = post_json(&c, &url, &chat("qwen2.5:7b", false)).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        answered += 1;
+    }
+    assert_eq!(answered, 30);
+    // The front's routed total is what the live nodes counted, plus what the killed one
+    // had counted before it died (read from the front's own routed counter for it).
+    let s = send(
+        &c,
+        http::Method::GET,
+        &front_status,
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await
+    .json();
+    let nodes = s["pools"][0]["nodes"].as_array().unwrap();
+    let routed: u64 = nodes.iter().map(|n| n["routed"].as_u64().unwrap()).sum();
+    assert_eq!(routed, 20 + 1 + 30);
+    let mut counted = nodes[k]["routed"].as_u64().unwrap();
+    for (i, a) in admins.iter().enumerate().filter(|(i, _)| *i != k) {
+        let r = send(
+            &c,
+            http::Method::GET,
+            &format!("{a}/status"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
+        let n: u64 = r.json()["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["total_requests"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(n, nodes[i]["routed"].as_u64().unwrap(), "node {i}");
+        counted += n;
+    }
+    assert_eq!(counted, routed);
+    let _ = std::fs::remove_dir_all(&dir);
+}
