@@ -77,6 +77,8 @@ struct PoolStatus<'a> {
     nodes_up: usize,
     /// Requests no node took, answered by the front itself.
     refused: u64,
+    /// Loads the front chose that no node's view shows yet.
+    pending_loads: usize,
     nodes: Vec<NodeStatus<'a>>,
 }
 
@@ -450,6 +452,7 @@ async fn status(state: &AppState) -> Status<'_> {
                 listen: pool.listen.to_string(),
                 nodes_up: pool.nodes_up(),
                 refused: pool.refused.load(std::sync::atomic::Ordering::Relaxed),
+                pending_loads: pool.pending_loads(),
                 nodes: pool
                     .nodes
                     .iter()

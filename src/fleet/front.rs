@@ -83,6 +83,13 @@ impl PoolState {
         }
     }
 
+    /// Loads the front chose that no view shows yet (the fleet single-flight's entries).
+    pub fn pending_loads(&self) -> usize {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.prune(Instant::now());
+        pending.len()
+    }
+
     /// Nodes in rotation.
     pub fn nodes_up(&self) -> usize {
         self.nodes.iter().filter(|n| n.up()).count()
@@ -154,6 +161,17 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let p = &plane.pools[pool];
     let kind = p.config.kind;
+    // The nodes see the front's `Host`, so an Ollama front on a loopback address applies
+    // Ollama's DNS rebinding rule itself, with Ollama's bare 403 (`crate::hosts`).
+    if kind == ProviderKind::Ollama
+        && p.listen.ip().is_loopback()
+        && !crate::hosts::ollama_host_allowed(crate::hosts::request_host(&req), &[])
+    {
+        p.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut r = Response::new(ProxyBody::Local(Full::new(Bytes::new())));
+        *r.status_mut() = StatusCode::FORBIDDEN;
+        return r;
+    }
     let path = proxy::routed_path(req.uri().path()).into_owned();
     let style = kind.error_style(&path);
     if req.method() == Method::POST && kind.classify(&path).is_some() {
@@ -272,6 +290,18 @@ async fn send_in_order(
                         .collect()
                         .await;
                     continue;
+                }
+                if !status.is_success() {
+                    // The node did not take the load it was picked for (an unknown model,
+                    // a refusal): the next request picks again.
+                    if let Some((model, picks)) = picked {
+                        if matches!(
+                            picks.get(at).map(|k| k.reason),
+                            Some(Reason::Load | Reason::Pending)
+                        ) {
+                            p.forget_pending(model);
+                        }
+                    }
                 }
                 node.routed(label);
                 return relay(node, style, resp);

@@ -700,3 +700,57 @@ async fn three_processes_hosts_and_a_front() {
     assert_eq!(counted, routed);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What a careless or hostile client sends a front: a foreign `Host` (DNS rebinding), a body
+/// over the limit, and a flood of invented model names. Each gets the answer a provider
+/// listener gives; invented names load nothing and leave no choice behind.
+#[tokio::test]
+async fn the_front_refuses_what_a_provider_listener_refuses() {
+    let hosts = vec![
+        Host::start(OllamaConfig::default()).await,
+        Host::start(OllamaConfig::default()).await,
+    ];
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nmax_request_body = \"4KiB\"\n\
+         [[pools]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\npoll_interval = \"100ms\"\n\
+         nodes = [{}, {}]\n",
+        hosts[0].entry("a"),
+        hosts[1].entry("b")
+    );
+    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
+        .await
+        .expect("the front starts");
+    seen_ready(&front, "a").await;
+    seen_ready(&front, "b").await;
+    let c = client();
+    let url = front_url(&front, "/api/chat");
+    let r = send(
+        &c,
+        http::Method::POST,
+        &url,
+        &[("host", "evil.example:11434")],
+        chat("llama3.2", false),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let big = serde_json::json!({"model": "llama3.2",
+        "messages": [{"role": "user", "content": "x".repeat(10_000)}]})
+    .to_string();
+    let r = post_json(&c, &url, &big).await;
+    assert_eq!(r.status, 413);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("max_request_body"));
+    for i in 0..50 {
+        let r = post_json(&c, &url, &chat(&format!("invented-{i}"), false)).await;
+        assert_eq!(r.status, 404, "{}", r.text());
+        assert_eq!(r.json()["error"], format!("model 'invented-{i}' not found"));
+    }
+    let s = status(&c, &front).await;
+    assert_eq!(s["pools"][0]["pending_loads"], 0, "{}", s["pools"]);
+    for h in &hosts {
+        assert!(h.sim.state.loaded().is_empty(), "nothing loaded");
+    }
+    front.shutdown().await;
+}
