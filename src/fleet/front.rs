@@ -267,7 +267,7 @@ async fn send_in_order(
         let answered = crate::transport::lanes::deadline::within(response_timeout, sent).await;
         let label = picked
             .and_then(|(_, picks)| picks.get(at))
-            .map_or("queued", Pick::label);
+            .map_or("other", Pick::label);
         match answered {
             Ok(Ok(resp)) => {
                 let status = resp.status();
@@ -456,7 +456,7 @@ async fn passthrough(
     let sent = node.pool.send(up, raw_ok).await;
     match sent {
         Ok(mut resp) => {
-            node.routed("queued");
+            node.routed("other");
             if let Some(client_upgrade) = client_upgrade {
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     let upstream = hyper::upgrade::on(&mut resp);
@@ -563,11 +563,13 @@ async fn list(
 }
 
 /// Merges JSON lists: the first document, its list (`models` or `data`) extended with the
-/// entries of the others' that it lacks (by `id`, `name`, `model` or `key`). `None` when no
+/// entries of the others' that it lacks (by `id`, `name`, `model` or `key`). Of two entries
+/// for one model, one that shows it loaded wins (LM Studio's `state: "loaded"` and
+/// `loaded_instances`, llama-server's `status.value`), else the first node's. `None` when no
 /// document parses.
 pub(crate) fn merge_lists<'a>(docs: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
     let mut merged: Option<serde_json::Value> = None;
-    let mut seen = std::collections::HashSet::new();
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for doc in docs {
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(doc) else {
             continue;
@@ -595,12 +597,31 @@ pub(crate) fn merge_lists<'a>(docs: impl Iterator<Item = &'a [u8]>) -> Option<Ve
             let id = ["id", "name", "model", "key"]
                 .into_iter()
                 .find_map(|k| e.get(k).and_then(|x| x.as_str()).map(str::to_string));
-            if id.is_none_or(|id| seen.insert(id)) {
-                list.push(e);
+            let known = id.as_ref().and_then(|id| at.get(id).copied());
+            match (known, id) {
+                (Some(i), _) => {
+                    if loaded(&e) && !list.get(i).is_some_and(loaded) {
+                        list[i] = e;
+                    }
+                }
+                (None, Some(id)) => {
+                    at.insert(id, list.len());
+                    list.push(e);
+                }
+                (None, None) => list.push(e),
             }
         }
     }
     merged.map(|m| m.to_string().into_bytes())
+}
+
+/// Whether a list entry shows its model loaded (LM Studio v0 and v1, llama-server router).
+fn loaded(e: &serde_json::Value) -> bool {
+    e.get("state").and_then(|s| s.as_str()) == Some("loaded")
+        || e.get("loaded_instances")
+            .and_then(|l| l.as_array())
+            .is_some_and(|l| !l.is_empty())
+        || e.pointer("/status/value").and_then(|s| s.as_str()) == Some("loaded")
 }
 
 /// The model a request's body names, as the nodes' views name it.
@@ -673,5 +694,16 @@ mod tests {
         assert_eq!(m["object"], "list");
         assert_eq!(m["data"].as_array().unwrap().len(), 2);
         assert_eq!(merge_lists([&b"{}"[..]].into_iter()), None);
+        // An entry that shows the model loaded wins over the first node's.
+        let a = br#"{"data":[{"id":"q","state":"not-loaded"}]}"#;
+        let b = br#"{"data":[{"id":"q","state":"loaded"}]}"#;
+        let m: serde_json::Value =
+            serde_json::from_slice(&merge_lists([&a[..], &b[..]].into_iter()).unwrap()).unwrap();
+        assert_eq!(m["data"][0]["state"], "loaded");
+        let a = br#"{"models":[{"key":"q","loaded_instances":[]}]}"#;
+        let b = br#"{"models":[{"key":"q","loaded_instances":[{"id":"q"}]}]}"#;
+        let m: serde_json::Value =
+            serde_json::from_slice(&merge_lists([&a[..], &b[..]].into_iter()).unwrap()).unwrap();
+        assert_eq!(m["models"][0]["loaded_instances"][0]["id"], "q");
     }
 }

@@ -19,7 +19,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::watch;
 
-use super::picker::Reason;
 use super::view::{NodeView, FORMAT};
 use crate::config::NodeConfig;
 use crate::providers::UpstreamClient;
@@ -31,9 +30,11 @@ const MAX_VIEW: usize = 4 << 20;
 /// Polls in a row that failed before a node is out of rotation.
 const MISSES_OUT: u32 = 2;
 
-/// The labels of [`Reason`], in its order, for the routed counters.
-pub const REASONS: [&str; 7] = [
-    "ready", "loading", "pending", "load", "queued", "unfit", "affinity",
+/// The labels of the routed counters: `picker::Reason`'s, in its order, `affinity` (the hash
+/// chose among equals) and `other` (a request that names no model: lists aside, pass-through
+/// requests and sockets, which go to the least busy node).
+pub const REASONS: [&str; 8] = [
+    "ready", "loading", "pending", "load", "queued", "unfit", "affinity", "other",
 ];
 
 /// One node of a pool.
@@ -239,9 +240,4 @@ fn provider_for(view: &NodeView, url: &http::uri::Authority) -> Option<String> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A [`Reason`]'s label.
-pub fn label(reason: Reason) -> &'static str {
-    reason.as_str()
 }
