@@ -58,6 +58,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{Barrier, Semaphore};
 
+mod fleet;
+
 #[derive(Parser, Debug)]
 #[command(about = "Proxy overhead benchmark: direct vs through llm-warden, alternating")]
 struct Args {
@@ -161,6 +163,13 @@ struct Args {
     /// Load generator worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Fleet mode (issue 21): simulated hosts, each a simulator and a node, compared under
+    /// the picker (a front), round-robin and least-request. Replaces the scenarios; see
+    /// `fleet.rs` and the `--fleet-*` flags.
+    #[arg(long)]
+    fleet: bool,
+    #[command(flatten)]
+    fleet_args: fleet::FleetArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -1367,6 +1376,9 @@ fn api_paths(api: Api) -> (&'static str, &'static str, Expect) {
 // === main flow ===
 
 async fn run(args: Args) -> Res<()> {
+    if args.fleet {
+        return fleet::run(&args).await;
+    }
     if let Some(n) = args.hold {
         return hold(&args, n).await;
     }
