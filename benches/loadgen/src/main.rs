@@ -32,7 +32,9 @@
 //!   one short question;
 //! - `--hold N`: instead of the scenarios, opens N concurrent streams through the proxy,
 //!   each on its own connection, against a slow simulator, and reports the proxy's RSS
-//!   before, while all are open, and after.
+//!   before, while all are open, and after;
+//! - `--fleet`: instead of the scenarios, the fleet benchmark (issue 21): simulated hosts
+//!   behind the picker (a front), round-robin and least-request (`fleet.rs`).
 //!
 //! A progress bar (stderr, only when it is a terminal; `--no-progress` turns it off) shows
 //! each run's scenario, round, target, elapsed time, live req/s and errors.
