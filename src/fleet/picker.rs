@@ -8,7 +8,9 @@
 //!    then the provider's queue;
 //! 2. `loading`: a load of it is under way there: fewest waiting + in flight;
 //! 3. `pending`: the front already sent a load of it there ([`Pending`]) and the views do
-//!    not show it yet (fleet single-flight, below);
+//!    not show it yet, or the node's view shows requests for it waiting there (the node
+//!    loads it for them: a load elsewhere would be a second one); the front's own choice
+//!    first (fleet single-flight, below);
 //! 4. `load`: the node's admission would load it now: the eviction policy the node itself
 //!    runs ([`crate::lifecycle::policy::plan_load`]) on the view's table, so the picker
 //!    never counts on evicting a pinned model or one with requests in flight or waiting,
@@ -259,6 +261,13 @@ fn place(
         match m.state {
             ModelStatus::Ready => return (Reason::Ready, [busy, provider_queued, 0], vec![]),
             ModelStatus::Loading => return (Reason::Loading, [busy, provider_queued, 0], vec![]),
+            // Requests for it wait there (for room): the node loads it for them whatever
+            // the front does next, so a load elsewhere would be a second one. Joining them
+            // is single-flight that outlives `Pending`'s expiry (a wait for room can last
+            // up to the node's `queue.aging`). Ranked after the front's own choice.
+            ModelStatus::Unloaded | ModelStatus::Unloading if m.queued > 0 => {
+                return (Reason::Pending, [1, provider_queued, 0], vec![]);
+            }
             ModelStatus::Unloaded | ModelStatus::Unloading | ModelStatus::Error => {}
         }
     }

@@ -32,7 +32,9 @@
 //!   one short question;
 //! - `--hold N`: instead of the scenarios, opens N concurrent streams through the proxy,
 //!   each on its own connection, against a slow simulator, and reports the proxy's RSS
-//!   before, while all are open, and after.
+//!   before, while all are open, and after;
+//! - `--fleet`: instead of the scenarios, the fleet benchmark (issue 21): simulated hosts
+//!   behind the picker (a front), round-robin and least-request (`fleet.rs`).
 //!
 //! A progress bar (stderr, only when it is a terminal; `--no-progress` turns it off) shows
 //! each run's scenario, round, target, elapsed time, live req/s and errors.
@@ -57,6 +59,8 @@ use llm_warden::tokens::{Encoding, TokenCounter};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{Barrier, Semaphore};
+
+mod fleet;
 
 #[derive(Parser, Debug)]
 #[command(about = "Proxy overhead benchmark: direct vs through llm-warden, alternating")]
@@ -161,6 +165,13 @@ struct Args {
     /// Load generator worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Fleet mode (issue 21): simulated hosts, each a simulator and a node, compared under
+    /// the picker (a front), round-robin and least-request. Replaces the scenarios; see
+    /// `fleet.rs` and the `--fleet-*` flags.
+    #[arg(long)]
+    fleet: bool,
+    #[command(flatten)]
+    fleet_args: fleet::FleetArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -1367,6 +1378,9 @@ fn api_paths(api: Api) -> (&'static str, &'static str, Expect) {
 // === main flow ===
 
 async fn run(args: Args) -> Res<()> {
+    if args.fleet {
+        return fleet::run(&args).await;
+    }
     if let Some(n) = args.hold {
         return hold(&args, n).await;
     }

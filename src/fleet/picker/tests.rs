@@ -509,3 +509,44 @@ fn a_burst_that_must_wait_waits_on_one_node() {
         (chosen, Reason::Pending)
     );
 }
+
+#[test]
+fn requests_waiting_on_a_node_keep_the_load_there_after_the_pending_choice_expired() {
+    // a: `q` waits there for room (both residents busy); b could load it now (an idle
+    // resident to evict). The front's own choice of a has expired (or never was).
+    let views = [
+        node(
+            2,
+            40,
+            vec![
+                m("x", Ready, 1, 0, 4),
+                m("y", Ready, 1, 0, 4),
+                m("q", Unloaded, 0, 3, 4),
+            ],
+        ),
+        node(2, 40, vec![m("z", Ready, 0, 0, 4), m("w", Ready, 1, 0, 4)]),
+    ];
+    assert_eq!(
+        rank("q", &views),
+        vec![("a", "pending"), ("b", "load")],
+        "a loads q for its waiters anyway: a load on b would be a second one"
+    );
+    // Once the waiters are gone (served, or timed out), a is an ordinary full node again.
+    let mut views = views;
+    views[0].providers[0].models[2].queued = 0;
+    views[0].providers[0].queued = 0;
+    assert_eq!(rank("q", &views), vec![("b", "load"), ("a", "queued")]);
+    // The front's own pending choice still ranks first.
+    let ns = nodes(&views);
+    let mut pending = Pending::new(Duration::from_secs(5));
+    let start = t0();
+    pending
+        .chosen
+        .insert("q".into(), ("b".into(), start + Duration::from_secs(5)));
+    let mut with_waiters = views.clone();
+    with_waiters[0].providers[0].models[2].queued = 2;
+    let ws = nodes(&with_waiters);
+    let p = pick("q", None, &ws, &pending, start);
+    assert_eq!(ranking(&p, &ws), vec![("b", "pending"), ("a", "pending")]);
+    drop(ns);
+}
