@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates or updates <repo>/.venv with the Python clients pinned in cli/tests/python/requirements.txt,
+# Creates or updates <repo>/.venv with the Python clients and the Kubernetes manifest validators
+# (cli/tests/python/k8s_manifests.py) pinned in cli/tests/python/requirements.txt,
 # for cli/tests (python_clients). Idempotent: safe to run again; a no-op when nothing changed.
 #
 #   PYTHON=python3.12 .ci/python-env.sh    # base interpreter (default: python3)
