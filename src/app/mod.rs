@@ -52,6 +52,8 @@ pub enum StartError {
 pub struct Running {
     pub state: Arc<AppState>,
     pub admin_addr: SocketAddr,
+    /// The endpoint picker's bound address (`[epp]`), if it runs.
+    pub epp_addr: Option<SocketAddr>,
     /// Stops the listeners (which then drain) and the background loops.
     stop: watch::Sender<bool>,
     /// Stops the lifecycle actors and the monitor: only after the listeners drained (and the
@@ -266,6 +268,11 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         ));
         pool_listeners.push(l);
     }
+    let epp_listener = match &config.epp {
+        Some(e) => Some(bind(e.listen, "epp").await?),
+        None => None,
+    };
+    let epp_addr = epp_listener.as_ref().and_then(|l| l.local_addr().ok());
     let state = Arc::new(AppState {
         pools: pools.into(),
         stats,
@@ -339,6 +346,20 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     for poller in &pollers {
         tasks.spawn(poller.clone().run(stop_rx.clone()));
     }
+    if let (Some(listener), Some(e)) = (epp_listener, &config.epp) {
+        let index = state
+            .pools
+            .iter()
+            .position(|p| p.config.name == e.pool)
+            .unwrap_or(0);
+        let epp = Arc::new(crate::fleet::epp::Epp {
+            pools: state.pools.clone(),
+            index,
+            max_body: usize::try_from(config.proxy.max_request_body).unwrap_or(usize::MAX),
+        });
+        tracing::info!(listen = %e.listen, pool = %e.pool, "endpoint picker listening");
+        tasks.spawn(crate::fleet::epp::serve(epp, listener, stop_rx.clone()));
+    }
     let front = Arc::new(crate::fleet::front::FrontPlane {
         config: state.config.clone(),
         pools: state.pools.clone(),
@@ -404,6 +425,7 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
         },
     ));
     Ok(Running {
+        epp_addr,
         state,
         admin_addr,
         stop,

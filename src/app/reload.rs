@@ -93,6 +93,7 @@ pub fn apply(state: &AppState, new: Config) -> Vec<String> {
         kept.push("pools".to_string());
         effective.pools = old.pools.clone();
     }
+    keep!(epp, "epp");
     let same_providers = effective.providers.len() == old.providers.len()
         && effective
             .providers

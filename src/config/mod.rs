@@ -120,6 +120,8 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     /// Fronts over llm-warden nodes (`[[pools]]`, the `fleet` module); fixed at start.
     pub pools: Vec<PoolConfig>,
+    /// The endpoint picker Envoy asks (`[epp]`), over one of `pools`; fixed at start.
+    pub epp: Option<EppConfig>,
     pub limits: Limits,
     pub queue: QueueConfig,
     pub buffers: BufferConfig,
@@ -177,6 +179,14 @@ pub struct PoolConfig {
     /// answered for two intervals is out of rotation.
     pub poll_interval: Duration,
     pub nodes: Vec<NodeConfig>,
+}
+
+/// The endpoint picker: a gRPC `ext_proc` server on `listen` picking among the nodes of the
+/// pool named `pool` (the `fleet` module).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EppConfig {
+    pub listen: SocketAddr,
+    pub pool: String,
 }
 
 /// One node of a pool.

@@ -18,6 +18,7 @@ pub(super) struct RawConfig {
     pub(super) proxy: RawProxy,
     pub(super) providers: Option<Vec<RawProvider>>,
     pub(super) pools: Option<Vec<RawPool>>,
+    pub(super) epp: Option<RawEpp>,
     pub(super) limits: RawLimits,
     pub(super) queue: RawQueue,
     pub(super) buffers: RawBuffers,
@@ -74,6 +75,14 @@ pub(super) struct RawPool {
     pub(super) listen: Option<String>,
     pub(super) poll_interval: Option<String>,
     pub(super) nodes: Option<Vec<RawNode>>,
+}
+
+/// `[epp]`: the endpoint picker for Envoy (the `fleet` module).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a table")]
+pub(super) struct RawEpp {
+    pub(super) listen: Option<String>,
+    pub(super) pool: Option<String>,
 }
 
 /// One node of a pool: `{ url, admin, token }` (other tools rely on these names).

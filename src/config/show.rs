@@ -149,6 +149,15 @@ impl Config {
                 .collect();
             doc.insert("pools".into(), Value::Array(pools));
         }
+        if let Some(e) = &self.epp {
+            doc.insert(
+                "epp".into(),
+                table([
+                    ("listen", s(e.listen.to_string())),
+                    ("pool", s(e.pool.clone())),
+                ]),
+            );
+        }
         doc.insert(
             "limits".into(),
             table([

@@ -538,3 +538,32 @@ fn pool_problems_name_their_key_paths() {
         ]
     );
 }
+
+#[test]
+fn the_endpoint_picker_names_a_pool() {
+    let pool = "[[pools]]\nname = \"gpus\"\nkind = \"ollama\"\nlisten = \"127.0.0.1:9100\"\n\
+                nodes = [{ url = \"http://10.0.0.1:11435\", admin = \"http://10.0.0.1:11400\" }]\n";
+    let c = load_str(&format!(
+        "{pool}[epp]\nlisten = \"0.0.0.0:9002\"\npool = \"gpus\"\n"
+    ))
+    .unwrap();
+    let e = c.epp.as_ref().unwrap();
+    assert_eq!(
+        (e.listen.to_string().as_str(), e.pool.as_str()),
+        ("0.0.0.0:9002", "gpus")
+    );
+    assert_eq!(
+        load_str(&c.to_toml()).unwrap().epp,
+        c.epp,
+        "written back the same"
+    );
+    let err = load_str(&format!(
+        "{pool}[epp]\nlisten = \"127.0.0.1:9100\"\npool = \"gpu\"\n"
+    ))
+    .unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(paths, ["epp.listen", "epp.pool"]);
+    let err = load_str("[epp]\nlisten = \"127.0.0.1:9002\"\n").unwrap_err();
+    let paths: Vec<_> = err.problems().iter().map(|p| p.path.as_str()).collect();
+    assert!(paths.contains(&"epp.pool"), "{paths:?}");
+}

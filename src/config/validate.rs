@@ -388,7 +388,45 @@ pub(super) fn validate(
     // Every listener of this process: the admin's, the providers', the pools'.
     let mut bound: Vec<SocketAddr> = vec![admin_listen];
     bound.extend(seen.iter().filter_map(|(_, _, l)| *l));
-    let pools = pools(&mut c, raw.pools.unwrap_or_default(), bound);
+    let pools = pools(&mut c, raw.pools.unwrap_or_default(), bound.clone());
+    let epp = raw.epp.and_then(|e| {
+        let listen = match e.listen.as_deref() {
+            Some(l) => c.addr("epp.listen", l),
+            None => {
+                c.bad(
+                    "epp.listen",
+                    "missing: the gRPC address Envoy's ext_proc filter calls, e.g. `0.0.0.0:9002`",
+                );
+                None
+            }
+        };
+        if let Some(l) = listen.filter(|l| l.port() != 0) {
+            if bound.contains(&l) || pools.iter().any(|p| p.listen == l) {
+                c.bad(
+                    "epp.listen",
+                    format!("address {l} is already used by another listener"),
+                );
+            }
+        }
+        let pool = match e.pool {
+            Some(p) if pools.iter().any(|q| q.name == p) => Some(p),
+            Some(p) => {
+                c.bad("epp.pool", format!("no `[[pools]]` entry is named `{p}`"));
+                None
+            }
+            None => {
+                c.bad(
+                    "epp.pool",
+                    "missing: the name of the `[[pools]]` entry whose nodes it picks from",
+                );
+                None
+            }
+        };
+        Some(EppConfig {
+            listen: listen?,
+            pool: pool?,
+        })
+    });
 
     let queue = QueueConfig {
         max_waiting: raw.queue.max_waiting.unwrap_or(256),
@@ -605,6 +643,7 @@ pub(super) fn validate(
         },
         providers,
         pools,
+        epp,
         limits,
         queue,
         buffers,

@@ -96,7 +96,7 @@ impl PoolState {
     }
 
     /// Ranks the nodes for `model` (and records a load it chooses, for single-flight).
-    fn rank(&self, model: &str, affinity: Option<u64>) -> Vec<Pick> {
+    pub(crate) fn rank(&self, model: &str, affinity: Option<u64>) -> Vec<Pick> {
         let views: Vec<_> = self
             .nodes
             .iter()
@@ -130,7 +130,7 @@ impl PoolState {
     }
 
     /// The nodes up, least busy first (for requests that name no model).
-    fn least_busy(&self) -> Vec<usize> {
+    pub(crate) fn least_busy(&self) -> Vec<usize> {
         let mut up: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].up())
             .collect();
@@ -394,10 +394,10 @@ fn relay(
 }
 
 /// A node's in-flight count, held by a relayed answer.
-struct InFlight(Arc<NodeState>);
+pub(crate) struct InFlight(Arc<NodeState>);
 
 impl InFlight {
-    fn new(node: Arc<NodeState>) -> Self {
+    pub(crate) fn new(node: Arc<NodeState>) -> Self {
         node.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         InFlight(node)

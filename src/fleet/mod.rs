@@ -21,7 +21,9 @@
 //! holds the pools, `admin` builds this node's view (`admin/node.rs`) and shows the pools,
 //! `app` wires the listeners.
 
+pub mod epp;
 pub mod front;
 pub mod nodes;
 pub mod picker;
+pub mod scan;
 pub mod view;

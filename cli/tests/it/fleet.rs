@@ -10,13 +10,13 @@ use llm_warden_sim::ollama::OllamaConfig;
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// One host: a simulator and the node in front of it.
-struct Host {
-    sim: llm_warden_sim::SimServer<llm_warden_sim::ollama::OllamaSim>,
-    node: Option<llm_warden::app::Running>,
+pub(crate) struct Host {
+    pub(crate) sim: llm_warden_sim::SimServer<llm_warden_sim::ollama::OllamaSim>,
+    pub(crate) node: Option<llm_warden::app::Running>,
 }
 
 impl Host {
-    async fn start(cfg: OllamaConfig) -> Host {
+    pub(crate) async fn start(cfg: OllamaConfig) -> Host {
         let sim = start_ollama(cfg).await;
         let node = start_proxy(&[("ollama", sim.url())], "").await;
         Host {
@@ -25,12 +25,12 @@ impl Host {
         }
     }
 
-    fn node(&self) -> &llm_warden::app::Running {
+    pub(crate) fn node(&self) -> &llm_warden::app::Running {
         self.node.as_ref().expect("the node runs")
     }
 
     /// `url` and `admin` for the front's config.
-    fn entry(&self, name: &str) -> String {
+    pub(crate) fn entry(&self, name: &str) -> String {
         let n = self.node();
         format!(
             "{{ name = \"{name}\", url = \"http://{}\", admin = \"http://{}\" }}",
@@ -79,14 +79,14 @@ fn front_url(front: &llm_warden::app::Running, path: &str) -> String {
     format!("http://{}{path}", front.pool_addr(0))
 }
 
-fn chat(model: &str, stream: bool) -> String {
+pub(crate) fn chat(model: &str, stream: bool) -> String {
     serde_json::json!({"model": model, "stream": stream,
         "messages": [{"role": "user", "content": "hello there"}]})
     .to_string()
 }
 
 /// Waits until the front sees `model` ready on the node named `node`.
-async fn seen_ready(front: &llm_warden::app::Running, node: &str) {
+pub(crate) async fn seen_ready(front: &llm_warden::app::Running, node: &str) {
     wait_for("the front sees the load", LIMIT, || async {
         let s = status(&client(), front).await;
         s["pools"][0]["nodes"]
