@@ -13,6 +13,7 @@ mod compaction;
 mod compat_apis;
 mod config;
 mod dashboard;
+mod deploy;
 mod epp;
 mod errors;
 mod faults;

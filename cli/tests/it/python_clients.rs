@@ -192,7 +192,7 @@ fn repo() -> &'static Path {
 }
 
 /// The interpreter to run `clients.py` with; creates or updates `<repo>/.venv` when needed.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("LLM_WARDEN_PYTHON") {
         return p.into();
     }

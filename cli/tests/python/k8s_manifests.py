@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import os
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -459,6 +460,16 @@ def main(argv: list[str]) -> int:
     docs = load(root, report)
     validate_schemas(docs, root / "schemas", report)
     cross_checks(docs, report)
+    # For the Rust test: every llm-warden config embedded in a ConfigMap, written out so that
+    # the proxy's own loader can check it (WARDEN_DUMP_CONFIGS=<dir>).
+    dump = os.environ.get("WARDEN_DUMP_CONFIGS")
+    if dump:
+        for d in docs:
+            if d.kind != "ConfigMap":
+                continue
+            for key, text in (d.body.get("data") or {}).items():
+                if key.endswith(".toml"):
+                    Path(dump, f"{d.name}--{key}").write_text(text)
     print(f"{report.passed} passed, {report.failed} failed")
     return 1 if report.failed else 0
 
