@@ -432,5 +432,113 @@ async fn through_the_real_envoy() {
             .sum::<u64>();
     }
     assert_eq!(counted, sent, "the nodes counted every request Envoy sent");
+
+    // Node a killed: once its polls fail (two intervals), every request goes to b.
+    let mut hosts = hosts;
+    drop(hosts[0].node.take());
+    wait_for("a out of rotation", LIMIT, || async {
+        status(&c, &epp).await["pools"][0]["nodes"][0]["up"] == false
+    })
+    .await;
+    for model in ["qwen2.5:7b", "llama3.2", "nomic-embed-text"] {
+        let r = post_json(&c, &url, &chat(model, false)).await;
+        assert!(
+            r.status == 200 || (model == "nomic-embed-text" && r.status == 400),
+            "{model}: {} {}",
+            r.status,
+            r.text()
+        );
+    }
+    epp.shutdown().await;
+}
+
+/// Buffered mode (no full duplex): the headers are let through at once, and the answer to the
+/// whole body carries the pick.
+#[tokio::test]
+async fn in_buffered_mode_the_body_answer_carries_the_pick() {
+    let hosts = vec![Host::start(OllamaConfig::default()).await];
+    let epp = epp_over(&hosts).await;
+    seen_ready(&epp, "a").await;
+    let mut h = headers(
+        &[(":method", "POST"), (":path", "/v1/chat/completions")],
+        false,
+    );
+    h.protocol_config = None;
+    let text = chat("llama3.2", false);
+    let answers = exchange(
+        epp.epp_addr.unwrap(),
+        vec![h, body(text.as_bytes(), true)],
+        2,
+    )
+    .await;
+    assert!(
+        matches!(
+            &answers[0].response,
+            Some(ep::processing_response::Response::RequestHeaders(r)) if r.response.is_none()
+        ),
+        "{:?}",
+        answers[0]
+    );
+    let Some(ep::processing_response::Response::RequestBody(b)) = &answers[1].response else {
+        panic!("{:?}", answers[1]);
+    };
+    let set = &b
+        .response
+        .as_ref()
+        .unwrap()
+        .header_mutation
+        .as_ref()
+        .unwrap()
+        .set_headers;
+    let endpoint = set[0].header.as_ref().unwrap();
+    assert_eq!(endpoint.key, "x-gateway-destination-endpoint");
+    assert_eq!(
+        String::from_utf8_lossy(&endpoint.raw_value),
+        hosts[0].node().proxy_addr(0).to_string()
+    );
+    assert!(answers[1].dynamic_metadata.is_some());
+    epp.shutdown().await;
+}
+
+/// A client that goes away leaves nothing held: a stream dropped after the pick gives the
+/// node's in-flight count back, one dropped before it holds none; a body with no model, larger
+/// than the limit, is not held to its end.
+#[tokio::test]
+async fn streams_that_end_early_hold_nothing() {
+    let hosts = vec![Host::start(OllamaConfig::default()).await];
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nmax_request_body = \"1KiB\"\n\
+         [[pools]]\nname = \"gpus\"\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\n\
+         poll_interval = \"100ms\"\nnodes = [{}]\n\
+         [epp]\nlisten = \"127.0.0.1:0\"\npool = \"gpus\"\n",
+        hosts[0].entry("a")
+    );
+    let epp = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
+        .await
+        .expect("the picker starts");
+    seen_ready(&epp, "a").await;
+    let addr = epp.epp_addr.unwrap();
+    // A long body that names no model in its first KiB: picked without one, not held.
+    let long = format!("{{\"messages\":[{{\"content\":\"{}\"}}]", "x".repeat(2000));
+    let (one, two) = long.as_bytes().split_at(1500);
+    let answers = exchange(
+        addr,
+        vec![
+            headers(&[(":method", "POST"), (":path", "/api/chat")], false),
+            body(one, false),
+            body(two, false),
+        ],
+        3,
+    )
+    .await;
+    picked(&answers[0]);
+    assert_eq!(echoed(&answers[1]).0, one.to_vec());
+    assert_eq!(echoed(&answers[2]).0, two.to_vec());
+    // Every stream above is over: nothing is in flight on the node.
+    let c = client();
+    wait_for("nothing in flight", LIMIT, || async {
+        status(&c, &epp).await["pools"][0]["nodes"][0]["in_flight"] == 0
+    })
+    .await;
     epp.shutdown().await;
 }
