@@ -402,10 +402,23 @@ async fn through_the_real_envoy() {
         }
     };
     assert_eq!((on(0).await, on(1).await), (0, 5), "all five on b");
-    // A stream arrives in pieces.
+    // A stream arrives in pieces: NDJSON, and SSE from the OpenAI API.
     let r = post_json(&c, &url, &chat("llama3.2", true)).await;
     assert_eq!(r.status, 200);
     assert!(r.frames.len() >= 5, "{} frames", r.frames.len());
+    sent += 1;
+    let sse = serde_json::json!({"model": "llama3.2", "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let r = post_json(
+        &c,
+        &format!("http://127.0.0.1:{port}/v1/chat/completions"),
+        &sse,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().ends_with("data: [DONE]\n\n"), "{}", r.text());
+    assert!(r.frames.len() >= 5, "{} SSE frames", r.frames.len());
     sent += 1;
     // A burst for a model no node has: one load in the fleet.
     let burst = (0..12).map(|_| {
