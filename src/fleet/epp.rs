@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::front::PoolState;
-use super::picker::Pick;
+use super::picker::{Pick, Reason};
 use super::scan::{scan, Scan};
 use crate::providers::{ErrorStyle, ProviderKind};
 use crate::proxy::ProxyError;
@@ -117,6 +117,9 @@ struct Exchange {
     picked: bool,
     /// The node's in-flight count, held while the request lasts.
     hold: Option<super::front::InFlight>,
+    /// The model, when the pick chose a node to load it (single-flight): a node that then
+    /// answers with an error did not take the load, and the choice is forgotten.
+    loading: Option<String>,
 }
 
 impl Epp {
@@ -142,7 +145,7 @@ impl Epp {
                 Some(ep::processing_request::Request::RequestHeaders(h)) => {
                     ex.path = header(&h, ":path").unwrap_or_default();
                     if h.end_of_stream {
-                        let pick = self.pick(&ex, None).await;
+                        let pick = self.pick(&mut ex, None).await;
                         vec![self.headers_answer(&mut ex, pick)]
                     } else if ex.duplex {
                         // Answered once the model is known.
@@ -164,7 +167,7 @@ impl Epp {
                     let mut out = Vec::new();
                     if !ex.picked {
                         // The body ended without a model: pick for none.
-                        let pick = self.pick(&ex, None).await;
+                        let pick = self.pick(&mut ex, None).await;
                         out.push(self.headers_answer(&mut ex, pick));
                         out.extend(flush(&mut ex, false));
                     }
@@ -176,7 +179,13 @@ impl Epp {
                     });
                     out
                 }
-                Some(ep::processing_request::Request::ResponseHeaders(_)) => {
+                Some(ep::processing_request::Request::ResponseHeaders(h)) => {
+                    let status = header(&h, ":status").unwrap_or_default();
+                    if let Some(model) = ex.loading.take() {
+                        if !status.starts_with('2') {
+                            self.pool().forget_pending(&model);
+                        }
+                    }
                     vec![ep::ProcessingResponse {
                         response: Some(ep::processing_response::Response::ResponseHeaders(
                             ep::HeadersResponse::default(),
@@ -246,26 +255,34 @@ impl Epp {
     /// Picks the node for `model` (none: the least busy node up), within the subset hint.
     async fn pick(
         &self,
-        ex: &Exchange,
+        ex: &mut Exchange,
         model: Option<&str>,
     ) -> Result<(usize, String, &'static str), ProxyError> {
         let p = self.pool();
-        let picks: Vec<(usize, &'static str)> = match model {
-            Some(m) => {
-                let affinity = None;
-                p.rank(m, affinity)
-                    .iter()
-                    .map(|k: &Pick| (k.node, k.label()))
-                    .collect()
-            }
-            None => p.least_busy().into_iter().map(|i| (i, "other")).collect(),
+        let picks: Vec<(usize, &'static str, bool)> = match model {
+            Some(m) => p
+                .rank(m, None)
+                .iter()
+                .map(|k: &Pick| {
+                    let loads = matches!(k.reason, Reason::Load | Reason::Pending);
+                    (k.node, k.label(), loads)
+                })
+                .collect(),
+            None => p
+                .least_busy()
+                .into_iter()
+                .map(|i| (i, "other", false))
+                .collect(),
         };
-        for (i, label) in picks {
+        for (i, label, loads) in picks {
             let Some(endpoint) = endpoint_of(&p.nodes[i].config.url.authority).await else {
                 continue;
             };
             if ex.subset.as_ref().is_some_and(|s| !s.contains(&endpoint)) {
                 continue;
+            }
+            if loads {
+                ex.loading = model.map(str::to_string);
             }
             return Ok((i, endpoint, label));
         }

@@ -122,7 +122,7 @@ impl PoolState {
     }
 
     /// The node chose not to load `model` after all (it refused): pick again next time.
-    fn forget_pending(&self, model: &str) {
+    pub(crate) fn forget_pending(&self, model: &str) {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -555,3 +555,50 @@ async fn streams_that_end_early_hold_nothing() {
     .await;
     epp.shutdown().await;
 }
+
+/// A node that answers an error for the model it was picked to load (an invented name)
+/// did not take the load: the picker forgets the choice when Envoy passes it that answer's
+/// headers, so a flood of invented names leaves nothing behind.
+#[tokio::test]
+async fn a_failed_load_is_forgotten_when_the_answer_comes_back() {
+    let hosts = vec![
+        Host::start(OllamaConfig::default()).await,
+        Host::start(OllamaConfig::default()).await,
+    ];
+    let epp = epp_over(&hosts).await;
+    seen_ready(&epp, "a").await;
+    seen_ready(&epp, "b").await;
+    let c = client();
+    for i in 0..20 {
+        let text = chat(&format!("invented-{i}"), false);
+        let answer = ep::ProcessingRequest {
+            request: Some(ep::processing_request::Request::ResponseHeaders(
+                ep::HttpHeaders {
+                    headers: Some(HeaderMap {
+                        headers: vec![HeaderValue {
+                            key: ":status".into(),
+                            raw_value: b"404".to_vec(),
+                            ..Default::default()
+                        }],
+                    }),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        let answers = exchange(
+            epp.epp_addr.unwrap(),
+            vec![
+                headers(&[(":method", "POST"), (":path", "/api/chat")], false),
+                body(text.as_bytes(), true),
+                answer,
+            ],
+            3,
+        )
+        .await;
+        picked(&answers[0]);
+    }
+    let s = status(&c, &epp).await;
+    assert_eq!(s["pools"][0]["pending_loads"], 0, "{}", s["pools"]);
+    epp.shutdown().await;
+}
