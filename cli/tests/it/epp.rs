@@ -469,7 +469,7 @@ async fn through_the_real_envoy() {
 /// whole body carries the pick.
 #[tokio::test]
 async fn in_buffered_mode_the_body_answer_carries_the_pick() {
-    let hosts = vec![Host::start(OllamaConfig::default()).await];
+    let hosts = [Host::start(OllamaConfig::default()).await];
     let epp = epp_over(&hosts).await;
     seen_ready(&epp, "a").await;
     let mut h = headers(
@@ -518,7 +518,7 @@ async fn in_buffered_mode_the_body_answer_carries_the_pick() {
 /// than the limit, is not held to its end.
 #[tokio::test]
 async fn streams_that_end_early_hold_nothing() {
-    let hosts = vec![Host::start(OllamaConfig::default()).await];
+    let hosts = [Host::start(OllamaConfig::default()).await];
     let toml = format!(
         "[admin]\nlisten = \"127.0.0.1:0\"\n[proxy]\nmax_request_body = \"1KiB\"\n\
          [[pools]]\nname = \"gpus\"\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\n\
