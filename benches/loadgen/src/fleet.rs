@@ -4,14 +4,21 @@
 //! `--load-latency`, room for every model so that only the node decides what is resident)
 //! with a node in front of it (`llm-warden serve`, `[limits] max_models_loaded` slots);
 //! M models with Zipf popularity; C clients sending non-streamed `POST /api/chat` in a
-//! closed loop. Three strategies, one phase each, each on freshly started hosts:
+//! closed loop. Six strategies, one phase each, each on freshly started hosts:
 //!
 //! - `picker`: the clients send to a front (`llm-warden serve` with a `[[pools]]` config
 //!   over the N nodes), which picks the node per request;
+//! - `envoy+epp` (issue 22): the clients send to the real Envoy running the shipped
+//!   `deploy/envoy/envoy.yaml` (rewritten to loopback ports), which asks the endpoint picker
+//!   (the same `llm-warden serve` config plus `[epp]`) over ext_proc for each request;
 //! - `round-robin`: the benchmark itself sends each request straight to a node's provider
 //!   listener, the next node each time (what a plain load balancer does);
 //! - `least-request`: straight to the node with the fewest requests this benchmark has in
-//!   flight to it (ties: round-robin).
+//!   flight to it (ties: round-robin);
+//! - `envoy-rr`, `envoy-lr`: a plain Envoy, no ext_proc: a generated static config (a
+//!   STATIC cluster of the nodes' provider listeners, `lb_policy` ROUND_ROBIN resp.
+//!   LEAST_REQUEST, the shipped config's route timeouts, circuit breakers and access log),
+//!   checked with `envoy --mode validate` before it starts.
 //!
 //! A phase runs `--fleet-warmup` seconds unmeasured, then `--fleet-duration` seconds
 //! measured: requests started in that window count (latency, errors), and the loads are
@@ -20,6 +27,11 @@
 //! and once its last request has ended. Duplicate residency: every node's `/node` view is
 //! read every `--fleet-sample-ms`; a sample counts the models ready or loading on two hosts
 //! or more at once.
+//!
+//! Then (`--fleet-epp-latency`, on by default) the EPP's added latency per request: one
+//! host, one client, small non-streamed chats straight to the node, through the built-in
+//! front, through Envoy with a static cluster, and through Envoy with the shipped config and
+//! the EPP (`epp_latency`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
@@ -64,19 +76,34 @@ pub(crate) struct FleetArgs {
     /// Fleet: how often every node's `/node` view is sampled for duplicate residency (ms).
     #[arg(long, default_value_t = 250)]
     fleet_sample: u64,
-    /// Fleet: strategies to run, in this order (picker, round-robin, least-request).
+    /// Fleet: strategies to run, in this order (picker, envoy+epp, round-robin,
+    /// least-request, envoy-rr, envoy-lr).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "picker,round-robin,least-request"
+        default_value = "picker,envoy+epp,round-robin,least-request,envoy-rr,envoy-lr"
     )]
     fleet_strategies: Vec<String>,
+    /// Fleet: also measure the endpoint picker's added latency per request (one host, one
+    /// client, small non-streamed chats: straight to the node, the built-in front, Envoy
+    /// with a static cluster, Envoy with the shipped config and the EPP).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    fleet_epp_latency: bool,
+    /// Fleet: measured seconds per path of the EPP latency measurement (in 5 rounds, the
+    /// paths taking turns).
+    #[arg(long, default_value_t = 5.0)]
+    fleet_epp_latency_secs: f64,
+    /// Fleet: the Envoy binary (default `$ENVOY`, else `.envoy/bin/envoy` as
+    /// `.ci/envoy-env.sh` installs it).
+    #[arg(long)]
+    envoy: Option<PathBuf>,
     /// Fleet: seed of the clients' model draws (the same sequence for every strategy).
     #[arg(long, default_value_t = 1)]
     fleet_seed: u64,
     /// Fleet: write every node's `/status` (its lifecycle events: loads, evictions) and the
-    /// front's at the end of each phase into this directory (`<strategy>-node-<i>.json`,
-    /// `picker-front.json`), to see why the loads happened.
+    /// front's (or the EPP's process's) at the end of each phase into this directory
+    /// (`<strategy>-node-<i>.json`, `<strategy>-front.json`), and Envoy's logs with its
+    /// access log (`<strategy>-envoy.log`), to see why the loads happened.
     #[arg(long)]
     fleet_dump: Option<PathBuf>,
 }
@@ -84,18 +111,25 @@ pub(crate) struct FleetArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Strategy {
     Picker,
+    EnvoyEpp,
     RoundRobin,
     LeastRequest,
+    EnvoyRr,
+    EnvoyLr,
 }
 
 impl Strategy {
     fn parse(s: &str) -> Res<Strategy> {
         match s {
             "picker" => Ok(Strategy::Picker),
+            "envoy+epp" | "envoy-epp" | "epp" => Ok(Strategy::EnvoyEpp),
             "round-robin" | "rr" => Ok(Strategy::RoundRobin),
             "least-request" | "lr" => Ok(Strategy::LeastRequest),
+            "envoy-rr" => Ok(Strategy::EnvoyRr),
+            "envoy-lr" => Ok(Strategy::EnvoyLr),
             other => Err(format!(
-                "unknown strategy `{other}` (picker, round-robin, least-request)"
+                "unknown strategy `{other}` (picker, envoy+epp, round-robin, least-request, \
+                 envoy-rr, envoy-lr)"
             )),
         }
     }
@@ -103,9 +137,19 @@ impl Strategy {
     fn name(self) -> &'static str {
         match self {
             Strategy::Picker => "picker",
+            Strategy::EnvoyEpp => "envoy+epp",
             Strategy::RoundRobin => "round-robin",
             Strategy::LeastRequest => "least-request",
+            Strategy::EnvoyRr => "envoy-rr",
+            Strategy::EnvoyLr => "envoy-lr",
         }
+    }
+
+    fn envoy(self) -> bool {
+        matches!(
+            self,
+            Strategy::EnvoyEpp | Strategy::EnvoyRr | Strategy::EnvoyLr
+        )
     }
 }
 
@@ -165,6 +209,11 @@ pub(crate) async fn run(args: &Args) -> Res<()> {
         .iter()
         .map(|s| Strategy::parse(s))
         .collect::<Res<_>>()?;
+    let envoy = if strategies.iter().any(|s| s.envoy()) || f.fleet_epp_latency {
+        Some(envoy_path(f)?)
+    } else {
+        None
+    };
     // Its Drop removes the temp directory (the phases' logs are in subdirectories).
     let (bin, base) = own_setup(args)?;
     println!(
@@ -202,7 +251,7 @@ pub(crate) async fn run(args: &Args) -> Res<()> {
             cmds: Vec::new(),
             dir,
         };
-        let r = phase(args, &bin, &mut procs, s, &weights).await;
+        let r = phase(args, &bin, envoy.as_deref(), &mut procs, s, &weights).await;
         match r {
             Ok(st) => {
                 println!(
@@ -227,7 +276,133 @@ pub(crate) async fn run(args: &Args) -> Res<()> {
         // `procs` drops here: every process of the phase is killed before the next starts.
     }
     print_fleet(f, &results);
+    if let (true, Some(envoy)) = (f.fleet_epp_latency, envoy.as_deref()) {
+        let dir = base.dir.join("epp-latency");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut procs = Procs {
+            children: Vec::new(),
+            cmds: Vec::new(),
+            dir,
+        };
+        match epp_latency(args, &bin, envoy, &mut procs).await {
+            Ok(rows) => {
+                if let Some(dir) = &f.fleet_dump {
+                    keep_envoy_log(&procs, dir, "epp-latency");
+                }
+                print_latency(f, &rows);
+            }
+            Err(e) => {
+                print_logs(&mut procs);
+                return Err(format!("EPP latency: {e}"));
+            }
+        }
+    }
     Ok(())
+}
+
+/// The EPP's added latency per request: one host (its simulator without token delay, m0
+/// loaded), one client sending small non-streamed chats one at a time through each path:
+/// straight to the node, the built-in front, Envoy with a static cluster of that node (no
+/// ext_proc), Envoy with the shipped config and the EPP. The paths take turns in 5 rounds
+/// (a busy machine's drift falls on all of them), after 20 unmeasured requests each.
+async fn epp_latency(
+    args: &Args,
+    bin: &Path,
+    envoy: &Path,
+    procs: &mut Procs,
+) -> Res<Vec<(&'static str, Vec<u32>)>> {
+    let f = &args.fleet_args;
+    let models = format!("m0@{}", f.fleet_model_mb);
+    let hosts = start_hosts(args, bin, procs, 1, &models, 0).await?;
+    let node = hosts[0].node;
+    let epp = free_port()?;
+    let (front, _) = start_front(args, bin, procs, &hosts, Some(epp)).await?;
+    let plain = start_envoy(procs, envoy, "envoy-static", |l, a| {
+        Ok(static_envoy(l, a, &[node], "ROUND_ROBIN"))
+    })
+    .await?;
+    let with_epp = start_envoy(procs, envoy, "envoy", |l, a| shipped_envoy(l, epp, a)).await?;
+    let paths = [
+        ("node (direct)", node),
+        ("built-in front", front),
+        ("envoy, static cluster", plain),
+        ("envoy + EPP (shipped config)", with_epp),
+    ];
+    let targets: Vec<Target> = paths
+        .iter()
+        .map(|&(_, p)| url_target(p))
+        .collect::<Res<_>>()?;
+    let mut conns: Vec<Option<Conn>> = targets.iter().map(|_| None).collect();
+    let body = chat_body(
+        "m0",
+        &[json!({"role": "user", "content": "Why is the sky blue?"})],
+        false,
+        json!({}),
+    );
+    // The first request loads m0; then 20 unmeasured requests per path.
+    for (i, t) in targets.iter().enumerate() {
+        for _ in 0..20 {
+            send(&mut conns[i], t, body.clone()).await?;
+        }
+    }
+    let rounds = 5;
+    let per = Duration::from_secs_f64(f.fleet_epp_latency_secs.max(0.1) / rounds as f64);
+    let mut lat: Vec<Vec<u32>> = targets.iter().map(|_| Vec::new()).collect();
+    for _ in 0..rounds {
+        for (i, t) in targets.iter().enumerate() {
+            let end = Instant::now() + per;
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                send(&mut conns[i], t, body.clone()).await?;
+                lat[i].push(us(t0.elapsed()));
+            }
+        }
+    }
+    Ok(paths
+        .iter()
+        .zip(lat)
+        .map(|(&(name, _), mut l)| {
+            l.sort_unstable();
+            (name, l)
+        })
+        .collect())
+}
+
+fn print_latency(f: &FleetArgs, rows: &[(&'static str, Vec<u32>)]) {
+    println!();
+    println!(
+        "EPP latency: 1 host (m0 loaded, no token delay), 1 client, non-streamed chats, \
+         {} s per path in 5 rounds",
+        f.fleet_epp_latency_secs
+    );
+    println!();
+    println!("| path | requests | p50 | p90 | p99 | mean |");
+    println!("|---|---|---|---|---|---|");
+    let mean = |l: &[u32]| l.iter().map(|&x| x as f64).sum::<f64>() / l.len().max(1) as f64;
+    for (name, l) in rows {
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            l.len(),
+            fmt_lat(pct(l, 0.50)),
+            fmt_lat(pct(l, 0.90)),
+            fmt_lat(pct(l, 0.99)),
+            fmt_lat(mean(l))
+        );
+    }
+    println!();
+    let diff = |what: &str, a: usize, b: usize| {
+        if let (Some((_, la)), Some((_, lb))) = (rows.get(a), rows.get(b)) {
+            println!(
+                "{what}: p50 {}, p99 {}, mean {}",
+                fmt_delta(pct(la, 0.50) - pct(lb, 0.50)),
+                fmt_delta(pct(la, 0.99) - pct(lb, 0.99)),
+                fmt_delta(mean(la) - mean(lb))
+            );
+        }
+    };
+    diff("the EPP's cost (envoy + EPP - envoy static)", 3, 2);
+    diff("Envoy's own (envoy static - node)", 2, 0);
+    diff("the built-in front's (front - node)", 1, 0);
 }
 
 /// Model k's weight: 1 / (k+1)^s.
@@ -284,21 +459,27 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-/// Starts the hosts (and the front for the picker): returns the hosts, and the front's
-/// (pool listener, admin) ports.
-async fn start_phase(
+/// A phase's processes, started: the hosts, where the clients send, and the admin port of
+/// the llm-warden process that picks (the front, or the EPP's process), if any.
+struct Started {
+    hosts: Vec<Host>,
+    targets: Vec<u16>,
+    front_admin: Option<u16>,
+}
+
+/// Starts `n` hosts: a simulator and a node each, `models` (`m0@512,...`), the simulator's
+/// delay per token `token_ms`.
+async fn start_hosts(
     args: &Args,
     bin: &Path,
     procs: &mut Procs,
-    with_front: bool,
-) -> Res<(Vec<Host>, Option<(u16, u16)>)> {
+    n: usize,
+    models: &str,
+    token_ms: u64,
+) -> Res<Vec<Host>> {
     let f = &args.fleet_args;
-    let models: Vec<String> = (0..f.fleet_models)
-        .map(|k| format!("m{k}@{}", f.fleet_model_mb))
-        .collect();
-    let models = models.join(",");
     let mut hosts = Vec::new();
-    for i in 0..f.fleet_hosts {
+    for i in 0..n {
         let h = Host {
             sim: free_port()?,
             node: free_port()?,
@@ -314,13 +495,13 @@ async fn start_phase(
                 "--listen",
                 &format!("127.0.0.1:{}", h.sim),
                 "--models",
-                &models,
+                models,
                 "--max-loaded",
                 &(f.fleet_models + 1).to_string(),
                 "--load-latency",
                 &format!("{}ms", f.fleet_load_latency),
                 "--token-delay",
-                &format!("{}ms", f.fleet_token_delay),
+                &format!("{token_ms}ms"),
             ],
         )?;
         let cache = Value::String(
@@ -354,9 +535,20 @@ async fn start_phase(
         })
         .await?;
     }
-    if !with_front {
-        return Ok((hosts, None));
-    }
+    Ok(hosts)
+}
+
+/// Starts the front over `hosts` (`llm-warden serve` with one `[[pools]]` entry), with the
+/// endpoint picker on `epp` if given; returns its (pool listener, admin) ports once every
+/// node is up in its view.
+async fn start_front(
+    args: &Args,
+    bin: &Path,
+    procs: &mut Procs,
+    hosts: &[Host],
+    epp: Option<u16>,
+) -> Res<(u16, u16)> {
+    let f = &args.fleet_args;
     let (listen, admin) = (free_port()?, free_port()?);
     let nodes: Vec<String> = hosts
         .iter()
@@ -369,13 +561,19 @@ async fn start_phase(
         })
         .collect();
     let cache = Value::String(procs.dir.join("cache-front").to_string_lossy().into_owned());
-    let toml = format!(
+    let mut toml = format!(
         "[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n[compaction]\ncache_dir = {cache}\n\n\
          [[pools]]\nname = \"gpus\"\nkind = \"ollama\"\nlisten = \"127.0.0.1:{listen}\"\n\
          poll_interval = \"{}ms\"\nnodes = [\n  {}\n]\n",
         f.fleet_poll,
         nodes.join(",\n  ")
     );
+    if let Some(epp) = epp {
+        let _ = write!(
+            toml,
+            "\n[epp]\nlisten = \"127.0.0.1:{epp}\"\npool = \"gpus\"\n"
+        );
+    }
     let cfg = procs.dir.join("front.toml");
     std::fs::write(&cfg, toml).map_err(|e| format!("{}: {e}", cfg.display()))?;
     spawn(
@@ -390,7 +588,255 @@ async fn start_phase(
     })
     .await?;
     wait_ready(&url_target(listen)?, procs).await?;
-    Ok((hosts, Some((listen, admin))))
+    Ok((listen, admin))
+}
+
+/// Starts a phase's processes: the hosts, then what `strategy` sends through.
+async fn start_phase(
+    args: &Args,
+    bin: &Path,
+    envoy: Option<&Path>,
+    procs: &mut Procs,
+    strategy: Strategy,
+) -> Res<Started> {
+    let f = &args.fleet_args;
+    let models: Vec<String> = (0..f.fleet_models)
+        .map(|k| format!("m{k}@{}", f.fleet_model_mb))
+        .collect();
+    let hosts = start_hosts(
+        args,
+        bin,
+        procs,
+        f.fleet_hosts,
+        &models.join(","),
+        f.fleet_token_delay,
+    )
+    .await?;
+    let envoy_bin = || envoy.ok_or_else(|| "no Envoy binary".to_string());
+    let (targets, front_admin) = match strategy {
+        Strategy::RoundRobin | Strategy::LeastRequest => {
+            (hosts.iter().map(|h| h.node).collect(), None)
+        }
+        Strategy::Picker => {
+            let (listen, admin) = start_front(args, bin, procs, &hosts, None).await?;
+            (vec![listen], Some(admin))
+        }
+        Strategy::EnvoyEpp => {
+            let epp = free_port()?;
+            let (_, admin) = start_front(args, bin, procs, &hosts, Some(epp)).await?;
+            let listen = start_envoy(procs, envoy_bin()?, "envoy", |l, a| {
+                shipped_envoy(l, epp, a)
+            })
+            .await?;
+            (vec![listen], Some(admin))
+        }
+        Strategy::EnvoyRr | Strategy::EnvoyLr => {
+            let lb = if strategy == Strategy::EnvoyRr {
+                "ROUND_ROBIN"
+            } else {
+                "LEAST_REQUEST"
+            };
+            let nodes: Vec<u16> = hosts.iter().map(|h| h.node).collect();
+            let listen = start_envoy(procs, envoy_bin()?, "envoy", |l, a| {
+                Ok(static_envoy(l, a, &nodes, lb))
+            })
+            .await?;
+            (vec![listen], None)
+        }
+    };
+    Ok(Started {
+        hosts,
+        targets,
+        front_admin,
+    })
+}
+
+// === Envoy ===
+
+/// The Envoy binary: `--envoy`, else `$ENVOY`, else `<repo>/.envoy/bin/envoy`.
+fn envoy_path(f: &FleetArgs) -> Res<PathBuf> {
+    let p = match (&f.envoy, std::env::var_os("ENVOY")) {
+        (Some(p), _) => p.clone(),
+        (None, Some(p)) => PathBuf::from(p),
+        (None, None) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.envoy/bin/envoy"),
+    };
+    if !p.is_file() {
+        return Err(format!(
+            "Envoy not found at {}: run `bash .ci/envoy-env.sh`, or pass --envoy PATH",
+            p.display()
+        ));
+    }
+    Ok(p)
+}
+
+/// The shipped `deploy/envoy/envoy.yaml` on loopback: its listener on 127.0.0.1:`listen`,
+/// the EPP at 127.0.0.1:`epp`, its admin on `admin` (the rewrite the tests make).
+fn shipped_envoy(listen: u16, epp: u16, admin: u16) -> Res<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/envoy/envoy.yaml");
+    let shipped = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = shipped;
+    for (from, to) in [
+        ("address: 0.0.0.0", "address: 127.0.0.1".to_string()),
+        ("port_value: 8080", format!("port_value: {listen}")),
+        ("port_value: 9002", format!("port_value: {epp}")),
+        ("port_value: 9901", format!("port_value: {admin}")),
+    ] {
+        if !out.contains(from) {
+            return Err(format!("{}: no `{from}` to rewrite", path.display()));
+        }
+        out = out.replace(from, &to);
+    }
+    Ok(out)
+}
+
+/// What a plain Envoy does: a listener, the router, and a STATIC cluster of the nodes'
+/// provider listeners with `lb_policy` (ROUND_ROBIN or LEAST_REQUEST, Envoy's defaults
+/// otherwise); the shipped config's access log, route timeouts and raised circuit breakers,
+/// no ext_proc. JSON (Envoy reads a `.json` config as JSON).
+fn static_envoy(listen: u16, admin: u16, nodes: &[u16], lb_policy: &str) -> String {
+    let addr = |port: u16| json!({"socket_address": {"address": "127.0.0.1", "port_value": port}});
+    let endpoints: Vec<Value> = nodes
+        .iter()
+        .map(|&p| json!({"endpoint": {"address": addr(p)}}))
+        .collect();
+    let log_format = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% \
+        %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% \
+        %BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_HOST% \
+        node=%RESP(X-LLM-WARDEN-NODE)%\n";
+    let hcm = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "inference",
+        "codec_type": "AUTO",
+        "access_log": [{
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                "log_format": {"text_format_source": {"inline_string": log_format}}
+            }
+        }],
+        "route_config": {
+            "name": "inference",
+            "virtual_hosts": [{
+                "name": "inference",
+                "domains": ["*"],
+                "routes": [{
+                    "match": {"prefix": "/"},
+                    "route": {"cluster": "models", "timeout": "0s", "idle_timeout": "900s"}
+                }]
+            }]
+        },
+        "http_filters": [{
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            }
+        }]
+    });
+    let config = json!({
+        "admin": {"address": addr(admin)},
+        "static_resources": {
+            "listeners": [{
+                "name": "inference",
+                "address": addr(listen),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": hcm
+                }]}]
+            }],
+            "clusters": [{
+                "name": "models",
+                "type": "STATIC",
+                "lb_policy": lb_policy,
+                "connect_timeout": "5s",
+                "circuit_breakers": {"thresholds": [{
+                    "max_connections": 100000,
+                    "max_pending_requests": 100000,
+                    "max_requests": 100000
+                }]},
+                "load_assignment": {
+                    "cluster_name": "models",
+                    "endpoints": [{"lb_endpoints": endpoints}]
+                }
+            }]
+        }
+    });
+    serde_json::to_string_pretty(&config).unwrap_or_default()
+}
+
+/// Writes the config `make(listen, admin)` gives, has Envoy validate it (`--mode
+/// validate`), starts Envoy on it (`--base-id` its listener's port, so that several can
+/// run; access log and errors into `<name>.log`) and waits until a request through it is
+/// answered (`GET /api/version`, which a node answers). Returns the listener's port.
+async fn start_envoy(
+    procs: &mut Procs,
+    envoy: &Path,
+    name: &'static str,
+    make: impl FnOnce(u16, u16) -> Res<String>,
+) -> Res<u16> {
+    let (listen, admin) = (free_port()?, free_port()?);
+    let config = make(listen, admin)?;
+    let ext = if config.trim_start().starts_with('{') {
+        "json"
+    } else {
+        "yaml"
+    };
+    let path = procs.dir.join(format!("{name}.{ext}"));
+    std::fs::write(&path, config).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (bin, p) = (envoy.to_owned(), path.clone());
+    let check = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args(["--mode", "validate", "-l", "warn", "-c"])
+            .arg(p)
+            .stdin(Stdio::null())
+            .output()
+    })
+    .await
+    .map_err(|e| format!("envoy --mode validate: {e}"))?
+    .map_err(|e| format!("cannot start {}: {e}", envoy.display()))?;
+    if !check.status.success() {
+        return Err(format!(
+            "envoy --mode validate rejects {}: {}{}",
+            path.display(),
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        ));
+    }
+    let log = std::fs::File::create(procs.dir.join(format!("{name}.log")))
+        .map_err(|e| format!("log file: {e}"))?;
+    let args: Vec<String> = vec![
+        "-c".into(),
+        path.to_string_lossy().into_owned(),
+        "--base-id".into(),
+        listen.to_string(),
+        "-l".into(),
+        "warn".into(),
+    ];
+    let child = Command::new(envoy)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| format!("log file: {e}"))?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", envoy.display()))?;
+    procs.children.push((name, child));
+    procs.cmds.push((envoy.to_owned(), args));
+    wait_ready(&url_target(listen)?, procs).await?;
+    Ok(listen)
+}
+
+/// Copies the phase's Envoy logs (`envoy*.log`: the access log, one line per request) to
+/// `dir` as `<prefix>-envoy*.log`.
+fn keep_envoy_log(procs: &Procs, dir: &Path, prefix: &str) {
+    let _ = std::fs::create_dir_all(dir);
+    let Ok(rd) = std::fs::read_dir(&procs.dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("envoy") && name.ends_with(".log") {
+            let _ = std::fs::copy(e.path(), dir.join(format!("{prefix}-{name}")));
+        }
+    }
 }
 
 fn url_target(port: u16) -> Res<Target> {
@@ -507,7 +953,7 @@ async fn client(sh: Arc<Shared>, id: usize, seed: u64) -> ClientOut {
     while Instant::now() < sh.end {
         let model = rng.draw(&sh.cdf);
         let t = match sh.strategy {
-            Strategy::Picker => 0,
+            Strategy::Picker | Strategy::EnvoyEpp | Strategy::EnvoyRr | Strategy::EnvoyLr => 0,
             Strategy::RoundRobin => (sh.rr.fetch_add(1, Ordering::Relaxed) as usize) % n,
             Strategy::LeastRequest => {
                 let start = (sh.rr.fetch_add(1, Ordering::Relaxed) as usize) % n;
@@ -567,19 +1013,18 @@ async fn send(conn: &mut Option<Conn>, t: &Target, body: Bytes) -> Res<()> {
 async fn phase(
     args: &Args,
     bin: &Path,
+    envoy: Option<&Path>,
     procs: &mut Procs,
     strategy: Strategy,
     weights: &[f64],
 ) -> Res<PhaseStats> {
     let f = &args.fleet_args;
-    let (hosts, front) = start_phase(args, bin, procs, strategy == Strategy::Picker).await?;
-    let targets: Vec<Target> = match front {
-        Some((listen, _)) => vec![url_target(listen)?],
-        None => hosts
-            .iter()
-            .map(|h| url_target(h.node))
-            .collect::<Res<_>>()?,
-    };
+    let Started {
+        hosts,
+        targets,
+        front_admin,
+    } = start_phase(args, bin, envoy, procs, strategy).await?;
+    let targets: Vec<Target> = targets.into_iter().map(url_target).collect::<Res<_>>()?;
     // A few distinct conversations per model (the front's affinity key is the
     // conversation's first messages: distinct ones spread its ties as real users would).
     let bodies: Vec<Vec<Bytes>> = (0..f.fleet_models)
@@ -721,9 +1166,10 @@ async fn phase(
             .enumerate()
             .map(|(i, h)| (format!("{}-node-{i}.json", strategy.name()), h.admin))
             .collect();
-        if let Some((_, admin)) = front {
-            admins.push(("picker-front.json".into(), admin));
+        if let Some(admin) = front_admin {
+            admins.push((format!("{}-front.json", strategy.name()), admin));
         }
+        keep_envoy_log(procs, dir, strategy.name());
         for (name, port) in admins {
             let v = get_json(port, "/status").await?;
             let path = dir.join(name);
@@ -733,7 +1179,7 @@ async fn phase(
     }
     let mut routed = Vec::new();
     let mut retries = 0;
-    if let Some((_, admin)) = front {
+    if let Some(admin) = front_admin {
         let v = get_json(admin, "/status").await?;
         for n in v["pools"][0]["nodes"].as_array().into_iter().flatten() {
             let mut m = BTreeMap::new();
@@ -826,6 +1272,25 @@ fn print_fleet(f: &FleetArgs, results: &[(Strategy, PhaseStats)]) {
                 if p.p99 <= rr.p99 { "met" } else { "NOT met" },
                 f.fleet_duration,
                 ratio(rr.total_loads() as f64, p.total_loads() as f64),
+            );
+        }
+    }
+    // Through Envoy: its own policies against the EPP's, and the EPP against the front.
+    for (other, base) in [
+        (Strategy::EnvoyRr, Strategy::EnvoyEpp),
+        (Strategy::EnvoyLr, Strategy::EnvoyEpp),
+        (Strategy::EnvoyEpp, Strategy::Picker),
+    ] {
+        if let (Some(o), Some(b)) = (get(other), get(base)) {
+            let per_k = |st: &PhaseStats| st.total_loads() as f64 / st.requests.max(1) as f64;
+            println!(
+                "{} / {}: loads per request {}, p50 {}, p99 {}, req/s {}",
+                other.name(),
+                base.name(),
+                ratio(per_k(o), per_k(b)),
+                ratio(o.p50, b.p50),
+                ratio(o.p99, b.p99),
+                ratio(o.rps, b.rps),
             );
         }
     }
