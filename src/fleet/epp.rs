@@ -20,8 +20,17 @@
 //!    plane (`envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`, a list of
 //!    `ip:port`) restricts the candidates. Nothing can serve: an `ImmediateResponse` 503 with
 //!    a body in the client's error shape (by the request's path, as the front answers).
-//! 4. **Response headers**: passed unchanged; the node that answered (`x-llm-warden-node`)
-//!    is the served endpoint, counted for the node as the front counts.
+//! 4. **Response headers**: passed unchanged. The request is counted for its node at the pick
+//!    (routed by reason, in flight until the stream ends): with the shipped `ORIGINAL_DST`
+//!    cluster Envoy sends it to exactly the picked endpoint, so the pick is the served
+//!    endpoint (plain Envoy sets no `x-gateway-destination-endpoint-served`; nodes add no
+//!    header of their own). Their `:status` is read: a node that answers an error for a
+//!    model it was picked to load did not take the load, and the single-flight choice is
+//!    forgotten.
+//!
+//! The conversation's affinity key (ties between equal nodes) is read when the whole body is
+//! in hand at the pick (the model came after the messages, or the body ended); a body whose
+//! model comes first is picked on the model alone rather than held for the key.
 //!
 //! Decision (issue 22 §2, lazy loads under Envoy's timeouts): answer at once with the node
 //! that will load the model (its own queue holds the request), instead of holding the answer
@@ -48,7 +57,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::front::PoolState;
-use super::picker::{Pick, Reason};
+use super::picker::{affinity_key, BodyShape, Pick, Reason};
 use super::scan::{scan, Scan};
 use crate::providers::{ErrorStyle, ProviderKind};
 use crate::proxy::ProxyError;
@@ -120,6 +129,8 @@ struct Exchange {
     /// The model, when the pick chose a node to load it (single-flight): a node that then
     /// answers with an error did not take the load, and the choice is forgotten.
     loading: Option<String>,
+    /// The conversation's affinity key, when the whole body was in hand at the pick.
+    affinity: Option<u64>,
 }
 
 impl Epp {
@@ -241,6 +252,10 @@ impl Epp {
         };
         let kind = self.pool().config.kind;
         let model = model.map(|m| kind.canonical_model(&m).into_owned());
+        if end {
+            let path = ex.path.split('?').next().unwrap_or_default();
+            ex.affinity = BodyShape::of_path(path).and_then(|s| affinity_key(s, &ex.seen));
+        }
         let pick = self.pick(ex, model.as_deref()).await;
         let mut out = Vec::new();
         if ex.duplex {
@@ -261,7 +276,7 @@ impl Epp {
         let p = self.pool();
         let picks: Vec<(usize, &'static str, bool)> = match model {
             Some(m) => p
-                .rank(m, None)
+                .rank(m, ex.affinity)
                 .iter()
                 .map(|k: &Pick| {
                     let loads = matches!(k.reason, Reason::Load | Reason::Pending);

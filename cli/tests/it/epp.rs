@@ -602,3 +602,66 @@ async fn a_failed_load_is_forgotten_when_the_answer_comes_back() {
     assert_eq!(s["pools"][0]["pending_loads"], 0, "{}", s["pools"]);
     epp.shutdown().await;
 }
+
+/// Between equal nodes, a conversation keeps its node (its prompt cache is there) and
+/// different conversations spread over them: the affinity key is read from a body that is
+/// whole at the pick.
+#[tokio::test]
+async fn conversations_keep_their_node_among_equals() {
+    let hosts = vec![
+        Host::start(OllamaConfig::default()).await,
+        Host::start(OllamaConfig::default()).await,
+    ];
+    let c = client();
+    for h in &hosts {
+        let url = format!(
+            "http://{}/models/ollama0/llama3.2:latest/load",
+            h.node().admin_addr
+        );
+        assert_eq!(
+            send(&c, http::Method::POST, &url, &[], bytes::Bytes::new())
+                .await
+                .status,
+            200
+        );
+    }
+    let epp = epp_over(&hosts).await;
+    for n in [0, 1] {
+        wait_for("llama3.2 ready on both", LIMIT, || async {
+            status(&c, &epp).await["pools"][0]["nodes"][n]["ready"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|m| m == "llama3.2:latest"))
+        })
+        .await;
+    }
+    let pick_for = |i: usize| {
+        let text = serde_json::json!({"model": "llama3.2", "messages": [
+            {"role": "user", "content": format!("conversation number {i}")}]})
+        .to_string();
+        let addr = epp.epp_addr.unwrap();
+        async move {
+            let answers = exchange(
+                addr,
+                vec![
+                    headers(&[(":method", "POST"), (":path", "/api/chat")], false),
+                    body(text.as_bytes(), true),
+                ],
+                2,
+            )
+            .await;
+            picked(&answers[0])
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..16 {
+        let first = pick_for(i).await;
+        assert_eq!(pick_for(i).await, first, "conversation {i} keeps its node");
+        seen.insert(first);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "16 conversations spread over both nodes: {seen:?}"
+    );
+    epp.shutdown().await;
+}
