@@ -462,6 +462,35 @@ async fn through_the_real_envoy() {
             r.text()
         );
     }
+    // No node left: Envoy answers the picker's 503, in each API's shape.
+    drop(hosts[1].node.take());
+    wait_for("b out of rotation", LIMIT, || async {
+        status(&c, &epp).await["pools"][0]["nodes_up"] == 0
+    })
+    .await;
+    let r = post_json(&c, &url, &chat("llama3.2", false)).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("no node"),
+        "{}",
+        r.text()
+    );
+    let messages = serde_json::json!({"model": "llama3.2", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let r = post_json(
+        &c,
+        &format!("http://127.0.0.1:{port}/v1/messages"),
+        &messages,
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        r.json()["error"]["type"],
+        "overloaded_error",
+        "{}",
+        r.text()
+    );
     epp.shutdown().await;
 }
 
