@@ -313,6 +313,11 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
     let limits = ConnLimits::from(&config.proxy);
     let mut tasks = JoinSet::new();
     let plane = Arc::new(state.data_plane());
+    // What every data-plane connection (providers' and pools' listeners) enforces.
+    let settings = server::Settings {
+        header_read_timeout: limits.header_read_timeout,
+        body_read_timeout: limits.body_read_timeout,
+    };
     for (i, listener) in listeners.into_iter().enumerate() {
         let plane = plane.clone();
         tracing::info!(
@@ -321,10 +326,6 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
             upstream = %state.providers[i].config.upstream,
             "proxy listening"
         );
-        let settings = server::Settings {
-            header_read_timeout: limits.header_read_timeout,
-            body_read_timeout: limits.body_read_timeout,
-        };
         tasks.spawn(accept_loop(
             listener,
             Some(lanes.clone()),
@@ -379,10 +380,6 @@ pub async fn start_with(config: Config, probes: Probes) -> Result<Running, Start
                 stop_rx.clone(),
             ));
         }
-        let settings = server::Settings {
-            header_read_timeout: limits.header_read_timeout,
-            body_read_timeout: limits.body_read_timeout,
-        };
         let front = front.clone();
         tasks.spawn(accept_loop(
             listener,

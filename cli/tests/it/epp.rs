@@ -152,18 +152,7 @@ async fn the_picker_answers_envoy_with_the_node_that_has_the_model() {
         Host::start(OllamaConfig::default()).await,
     ];
     let c = client();
-    let r = send(
-        &c,
-        http::Method::POST,
-        &format!(
-            "http://{}/models/ollama0/llama3.2:latest/load",
-            hosts[1].node().admin_addr
-        ),
-        &[],
-        bytes::Bytes::new(),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    hosts[1].load("llama3.2:latest").await;
     let epp = epp_over(&hosts).await;
     wait_for("the picker sees llama3.2 ready on b", LIMIT, || async {
         status(&c, &epp).await["pools"][0]["nodes"][1]["ready"]
@@ -351,18 +340,7 @@ async fn through_the_real_envoy() {
         .await,
     ];
     let c = client();
-    let r = send(
-        &c,
-        http::Method::POST,
-        &format!(
-            "http://{}/models/ollama0/llama3.2:latest/load",
-            hosts[1].node().admin_addr
-        ),
-        &[],
-        bytes::Bytes::new(),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    hosts[1].load("llama3.2:latest").await;
     let epp = epp_over(&hosts).await;
     seen_ready(&epp, "a").await;
     wait_for("llama3.2 ready on b", LIMIT, || async {
@@ -643,16 +621,7 @@ async fn conversations_keep_their_node_among_equals() {
     ];
     let c = client();
     for h in &hosts {
-        let url = format!(
-            "http://{}/models/ollama0/llama3.2:latest/load",
-            h.node().admin_addr
-        );
-        assert_eq!(
-            send(&c, http::Method::POST, &url, &[], bytes::Bytes::new())
-                .await
-                .status,
-            200
-        );
+        h.load("llama3.2:latest").await;
     }
     let epp = epp_over(&hosts).await;
     for n in [0, 1] {

@@ -39,6 +39,23 @@ impl Host {
         )
     }
 
+    /// Loads `model` on this host through its node's admin API.
+    pub(crate) async fn load(&self, model: &str) {
+        let url = format!(
+            "http://{}/models/ollama0/{model}/load",
+            self.node().admin_addr
+        );
+        let r = send(
+            &client(),
+            http::Method::POST,
+            &url,
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
     /// Requests the node counted for `model`.
     async fn total(&self, model: &str) -> u64 {
         let s = status(&client(), self.node()).await;
@@ -103,18 +120,7 @@ async fn a_request_goes_to_the_node_that_has_its_model() {
     let (hosts, front) = fleet(OllamaConfig::default()).await;
     let c = client();
     // Load llama3.2 on b only, through b's own admin API.
-    let r = send(
-        &c,
-        http::Method::POST,
-        &format!(
-            "http://{}/models/ollama0/llama3.2:latest/load",
-            hosts[1].node().admin_addr
-        ),
-        &[],
-        bytes::Bytes::new(),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    hosts[1].load("llama3.2:latest").await;
     wait_for("the front sees llama3.2 ready on b", LIMIT, || async {
         let s = status(&c, &front).await;
         s["pools"][0]["nodes"][1]["ready"]
