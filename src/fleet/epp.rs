@@ -131,6 +131,8 @@ struct Exchange {
     loading: Option<String>,
     /// The conversation's affinity key, when the whole body was in hand at the pick.
     affinity: Option<u64>,
+    /// The body's length at which the model is looked for again.
+    next_scan: usize,
 }
 
 impl Epp {
@@ -238,12 +240,20 @@ impl Epp {
         let end = b.end_of_stream;
         ex.seen.extend_from_slice(&b.body);
         ex.held.push(Bytes::from(b.body));
+        let over = ex.seen.len() > self.max_body;
+        if !end && !over && ex.seen.len() < ex.next_scan {
+            // A scan resumes at the start of the member it stopped in: rescanning a long
+            // member (a large `messages`) on every small chunk would cost the square of its
+            // length. Scanning again only once the body doubled keeps the total linear.
+            return vec![];
+        }
         let found = match scan(&ex.seen, ex.resume) {
             Scan::Found(m) => Some(Some(m)),
             Scan::None => Some(None),
             Scan::More(_) if end || ex.seen.len() > self.max_body => Some(None),
             Scan::More(r) => {
                 ex.resume = r;
+                ex.next_scan = next_scan(ex.seen.len(), r);
                 None
             }
         };
@@ -380,6 +390,13 @@ impl Epp {
 
 fn kind_str(k: ProviderKind) -> &'static str {
     k.as_str()
+}
+
+/// When to scan again after a scan of `len` bytes stopped in the member at `resume`: once
+/// what arrived since is as long as the part of that member already scanned (at least
+/// 4 KiB more), so each byte is scanned a bounded number of times.
+fn next_scan(len: usize, resume: usize) -> usize {
+    len + (len - resume.min(len)).max(4096)
 }
 
 /// The held chunks, sent back in order (full duplex).
@@ -623,4 +640,33 @@ fn tokio_stream_of(
         });
         Some((accepted, l))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_member_is_rescanned_only_as_the_body_doubles() {
+        // A body of one 8 MiB member before `model`, in 1 KiB chunks: scans counted, and the
+        // bytes they cover, as `body` would do them.
+        let member = 8usize << 20;
+        let (mut len, mut next, mut scans, mut scanned) = (0usize, 0usize, 0u32, 0usize);
+        while len < member {
+            len += 1024;
+            if len < next {
+                continue;
+            }
+            scans += 1;
+            scanned += len; // the member starts at offset 1: all of it, again
+            next = next_scan(len, 1);
+        }
+        assert!(scans <= 14, "{scans} scans");
+        assert!(
+            scanned <= 3 * member,
+            "{scanned} bytes scanned for {member}"
+        );
+        // A short body is scanned at its first chunk, and again within 4 KiB.
+        assert_eq!(next_scan(100, 10), 100 + 4096);
+    }
 }
