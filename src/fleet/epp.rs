@@ -45,7 +45,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::service::ext_proc::v3 as ep;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
@@ -59,7 +58,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::front::PoolState;
 use super::picker::{affinity_key, BodyShape, Pick, Reason};
 use super::scan::{scan, Scan};
-use crate::providers::{ErrorStyle, ProviderKind};
+use crate::providers::ErrorStyle;
 use crate::proxy::ProxyError;
 
 /// The request header (and `envoy.lb` metadata key) naming the picked endpoint.
@@ -119,7 +118,7 @@ struct Exchange {
     /// Whether the body streams both ways (`FULL_DUPLEX_STREAMED`).
     duplex: bool,
     /// The body held while the model is looked for, and where the scan resumes.
-    held: Vec<Bytes>,
+    held: Vec<Vec<u8>>,
     seen: Vec<u8>,
     resume: usize,
     /// The pick is made (the headers were answered).
@@ -239,7 +238,7 @@ impl Epp {
         }
         let end = b.end_of_stream;
         ex.seen.extend_from_slice(&b.body);
-        ex.held.push(Bytes::from(b.body));
+        ex.held.push(b.body);
         let over = ex.seen.len() > self.max_body;
         if !end && !over && ex.seen.len() < ex.next_scan {
             // A scan resumes at the start of the member it stopped in: rescanning a long
@@ -318,7 +317,7 @@ impl Epp {
                 (Some(m), None) if p.nodes_up() > 0 => {
                     format!(
                         "no node up serves `{m}` through its `{}` listener",
-                        kind_str(p.config.kind)
+                        p.config.kind.as_str()
                     )
                 }
                 _ => "no node is up".to_string(),
@@ -388,10 +387,6 @@ impl Epp {
     }
 }
 
-fn kind_str(k: ProviderKind) -> &'static str {
-    k.as_str()
-}
-
 /// When to scan again after a scan of `len` bytes stopped in the member at `resume`: once
 /// what arrived since is as long as the part of that member already scanned (at least
 /// 4 KiB more), so each byte is scanned a bounded number of times.
@@ -406,7 +401,7 @@ fn flush(ex: &mut Exchange, end: bool) -> Vec<ep::ProcessingResponse> {
         .held
         .drain(..)
         .enumerate()
-        .map(|(k, b)| streamed_body(b.to_vec(), end && k + 1 == n, false))
+        .map(|(k, b)| streamed_body(b, end && k + 1 == n, false))
         .collect();
     ex.seen = Vec::new();
     out
@@ -453,17 +448,22 @@ fn body_continue() -> ep::ProcessingResponse {
 fn routed(endpoint: &str) -> ep::CommonResponse {
     ep::CommonResponse {
         header_mutation: Some(ep::HeaderMutation {
-            set_headers: vec![HeaderValueOption {
-                header: Some(HeaderValue {
-                    key: DESTINATION.to_string(),
-                    raw_value: endpoint.as_bytes().to_vec(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
+            set_headers: vec![set_header(DESTINATION, endpoint.as_bytes())],
             ..Default::default()
         }),
         clear_route_cache: true,
+        ..Default::default()
+    }
+}
+
+/// A header for a `HeaderMutation`'s `set_headers`.
+fn set_header(key: &str, value: &[u8]) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            raw_value: value.to_vec(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -495,22 +495,10 @@ fn metadata(endpoint: &str) -> Struct {
 /// The immediate answer when nothing can serve, in the client's shape.
 fn immediate(e: &ProxyError, style: ErrorStyle) -> ep::ProcessingResponse {
     let (status, content_type, body) = e.to_parts(style);
-    let mut headers = vec![HeaderValueOption {
-        header: Some(HeaderValue {
-            key: "content-type".to_string(),
-            raw_value: content_type.as_bytes().to_vec(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }];
-    headers.push(HeaderValueOption {
-        header: Some(HeaderValue {
-            key: "retry-after".to_string(),
-            raw_value: b"1".to_vec(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let headers = vec![
+        set_header("content-type", content_type.as_bytes()),
+        set_header("retry-after", b"1"),
+    ];
     ep::ProcessingResponse {
         response: Some(ep::processing_response::Response::ImmediateResponse(
             ep::ImmediateResponse {

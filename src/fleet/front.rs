@@ -195,7 +195,7 @@ async fn model_request(
     let limit = plane.config.load().proxy.max_request_body;
     let (parts, body) = req.into_parts();
     if let Some(e) = body.failed() {
-        return refuse(p, &client_body_error(e), style);
+        return refuse(p, &proxy::client_body_error(e), style);
     }
     let read = proxy::read_body(&parts.headers, body, limit).await;
     let body = match read {
@@ -425,7 +425,7 @@ async fn passthrough(
     let upgrade = client_upgrade.is_some();
     let (parts, body) = req.into_parts();
     if let Some(e) = body.failed() {
-        return refuse(p, &client_body_error(e), style);
+        return refuse(p, &proxy::client_body_error(e), style);
     }
     let small = http_body::Body::size_hint(&body)
         .exact()
@@ -626,12 +626,7 @@ fn loaded(e: &serde_json::Value) -> bool {
 
 /// The model a request's body names, as the nodes' views name it.
 fn model_of(kind: ProviderKind, body: &[u8]) -> Option<String> {
-    let dialect = match kind {
-        ProviderKind::Ollama => proxy::Dialect::Go,
-        ProviderKind::LmStudio => proxy::Dialect::JavaScript,
-        ProviderKind::LlamaCpp => proxy::Dialect::Nlohmann,
-    };
-    let parsed = proxy::ModelRequest::parse(body, dialect).ok()?;
+    let parsed = proxy::ModelRequest::parse(body, proxy::dialect(kind)).ok()?;
     let model = parsed.model()?;
     (!model.is_empty()).then(|| kind.canonical_model(model).into_owned())
 }
@@ -646,13 +641,6 @@ fn refuse(p: &PoolState, e: &ProxyError, style: ErrorStyle) -> Response<ProxyBod
         }
     }
     e.into_response(style)
-}
-
-fn client_body_error(e: &server::ClientBodyError) -> ProxyError {
-    match e {
-        server::ClientBodyError::TimedOut(after) => ProxyError::BodyTimeout { after: *after },
-        e => ProxyError::BodyRead(e.to_string()),
-    }
 }
 
 fn pool_error_text(e: &PoolError) -> String {

@@ -58,7 +58,7 @@ pub use error::{Fault, ProxyError};
 pub use forward::{downstream_headers, upstream_request};
 pub use inbound::read_body;
 pub use inbound::{Dialect, ModelRequest, Unreadable};
-pub use model::{COMPACTED_HEADER, NUM_BATCH_HEADER, NUM_CTX_HEADER, PRUNED_HEADER};
+pub use model::{dialect, COMPACTED_HEADER, NUM_BATCH_HEADER, NUM_CTX_HEADER, PRUNED_HEADER};
 pub use observe::UsageScanner;
 pub use relay::RelayBody;
 
@@ -414,7 +414,7 @@ fn pool_error(p: &ProviderState, e: &PoolError) -> ProxyError {
 
 /// A request body the client failed to send, as the client reads it: 408 for a stall, 400
 /// otherwise.
-pub(super) fn client_body_error(e: &server::ClientBodyError) -> ProxyError {
+pub fn client_body_error(e: &server::ClientBodyError) -> ProxyError {
     match e {
         server::ClientBodyError::TimedOut(after) => ProxyError::BodyTimeout { after: *after },
         e => ProxyError::BodyRead(e.to_string()),

@@ -243,7 +243,7 @@ async fn transcription(
 }
 
 /// Whose JSON reading a provider's bodies get (inbound.rs).
-fn dialect(kind: ProviderKind) -> inbound::Dialect {
+pub fn dialect(kind: ProviderKind) -> inbound::Dialect {
     match kind {
         ProviderKind::Ollama => inbound::Dialect::Go,
         ProviderKind::LmStudio => inbound::Dialect::JavaScript,

@@ -448,6 +448,16 @@ fn learn_refs(v: &Value, refs: &mut HashMap<String, String>, depth: usize) {
     }
 }
 
+/// Adds `bytes` to what is to be written: taken as it is when nothing is waiting (the usual
+/// case, one piece per read), so a chunk is not copied twice.
+fn append(out: &mut Vec<u8>, bytes: Vec<u8>) {
+    if out.is_empty() {
+        *out = bytes;
+    } else {
+        out.extend_from_slice(&bytes);
+    }
+}
+
 /// The client's side of a splice: its chunks cut into pieces, read, and sent on.
 #[derive(Default)]
 struct Sending {
@@ -469,7 +479,7 @@ impl Sending {
         let out = &mut self.out;
         for piece in self.pieces.drain(..) {
             match piece {
-                Piece::Pass(bytes) => out.extend_from_slice(&bytes),
+                Piece::Pass(bytes) => append(out, bytes),
                 Piece::Text { raw, payload } => {
                     // What came before goes first: a lease may take a while.
                     if !out.is_empty() && upstream.write_all(out).await.is_err() {
@@ -477,7 +487,7 @@ impl Sending {
                     }
                     out.clear();
                     match watch.client_message(&payload).await {
-                        Verdict::Forward => out.extend_from_slice(&raw),
+                        Verdict::Forward => append(out, raw),
                         Verdict::Answer(frame) => {
                             let _ = answers.send(frame);
                         }
@@ -548,10 +558,10 @@ where
                     reader.feed(&buf[..n], &mut pieces);
                     for piece in pieces.drain(..) {
                         match piece {
-                            Piece::Pass(bytes) => out.extend_from_slice(&bytes),
+                            Piece::Pass(bytes) => append(&mut out, bytes),
                             Piece::Text { raw, payload } => {
                                 watch.server_message(&payload);
-                                out.extend_from_slice(&raw);
+                                append(&mut out, raw);
                             }
                         }
                     }

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::Ex
 use envoy_types::pb::google::protobuf::value::Kind;
 use llm_warden_sim::ollama::OllamaConfig;
 
-use crate::fleet::{chat, seen_ready, Host};
+use crate::fleet::{chat, seen_ready, start_config, Host};
 use crate::support::*;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -30,9 +30,7 @@ async fn epp_over(hosts: &[Host]) -> llm_warden::app::Running {
          [epp]\nlisten = \"127.0.0.1:0\"\npool = \"gpus\"\n",
         nodes.join(", ")
     );
-    llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the picker starts")
+    start_config(&toml).await
 }
 
 fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> ep::ProcessingRequest {
@@ -211,9 +209,7 @@ async fn with_no_node_the_picker_answers_503_in_the_clients_shape() {
          nodes = [{{ url = \"http://{dead}\", admin = \"http://{dead}\" }}]\n\
          [epp]\nlisten = \"127.0.0.1:0\"\npool = \"gpus\"\n"
     );
-    let epp = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the picker starts");
+    let epp = start_config(&toml).await;
     let addr = epp.epp_addr.unwrap();
     for (path, check) in [
         ("/api/chat", "\"error\":\"no node"),
@@ -533,9 +529,7 @@ async fn streams_that_end_early_hold_nothing() {
          [epp]\nlisten = \"127.0.0.1:0\"\npool = \"gpus\"\n",
         hosts[0].entry("a")
     );
-    let epp = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the picker starts");
+    let epp = start_config(&toml).await;
     seen_ready(&epp, "a").await;
     let addr = epp.epp_addr.unwrap();
     // A long body that names no model in its first KiB: picked without one, not held.

@@ -86,10 +86,15 @@ async fn fleet(cfg: OllamaConfig) -> (Vec<Host>, llm_warden::app::Running) {
          poll_interval = \"100ms\"\nnodes = [{}]\n",
         nodes.join(", ")
     );
-    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the front starts");
+    let front = start_config(&toml).await;
     (hosts, front)
+}
+
+/// A process started from `toml` (a front, a node or an EPP).
+pub(crate) async fn start_config(toml: &str) -> llm_warden::app::Running {
+    llm_warden::app::start(llm_warden::config::load_str(toml).expect("config"))
+        .await
+        .expect("it starts")
 }
 
 fn front_url(front: &llm_warden::app::Running, path: &str) -> String {
@@ -280,9 +285,7 @@ async fn a_killed_node_is_routed_around_and_comes_back() {
          listen = \"{listen}\"\nupstream = \"{}\"\n",
         hosts[k].sim.url()
     );
-    let again = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the node starts again");
+    let again = start_config(&toml).await;
     wait_for("the node back in rotation", LIMIT, || async {
         status(&c, &front).await["pools"][0]["nodes_up"] == 3
     })
@@ -371,9 +374,7 @@ async fn a_node_that_refuses_is_skipped_for_the_next() {
          nodes = [{{ name = \"busy\", url = \"http://{fake}\", admin = \"http://{fake}\" }}, {}]\n",
         real.entry("real")
     );
-    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the front starts");
+    let front = start_config(&toml).await;
     seen_ready(&front, "busy").await;
     seen_ready(&front, "real").await;
     let c = client();
@@ -402,9 +403,7 @@ async fn with_every_node_down_the_front_answers_in_the_clients_format() {
          [[pools]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\n\
          nodes = [{{ url = \"http://{dead}\", admin = \"http://{dead}\" }}]\n"
     );
-    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the front starts with its node down");
+    let front = start_config(&toml).await;
     let c = client();
     let r = post_json(
         &c,
@@ -465,9 +464,7 @@ async fn a_node_killed_mid_stream_ends_the_stream_with_an_error_line() {
          nodes = [{}]\n",
         host.entry("a")
     );
-    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the front starts");
+    let front = start_config(&toml).await;
     seen_ready(&front, "a").await;
     let c = client();
     let url = front_url(&front, "/api/chat");
@@ -723,9 +720,7 @@ async fn the_front_refuses_what_a_provider_listener_refuses() {
         hosts[0].entry("a"),
         hosts[1].entry("b")
     );
-    let front = llm_warden::app::start(llm_warden::config::load_str(&toml).expect("config"))
-        .await
-        .expect("the front starts");
+    let front = start_config(&toml).await;
     seen_ready(&front, "a").await;
     seen_ready(&front, "b").await;
     let c = client();
