@@ -430,8 +430,11 @@ async fn passthrough(
     let small = http_body::Body::size_hint(&body)
         .exact()
         .is_some_and(|n| n <= 64 * 1024);
-    if !upgrade && (small || body.in_hand().is_some()) {
-        let read = proxy::read_body(&parts.headers, body, 64 * 1024).await;
+    // A body the server already read with the head is in memory whatever its size: no limit.
+    let in_hand = body.in_hand().is_some();
+    if !upgrade && (small || in_hand) {
+        let limit = if in_hand { u64::MAX } else { 64 * 1024 };
+        let read = proxy::read_body(&parts.headers, body, limit).await;
         return match read {
             Ok(bytes) => send_in_order(plane, p, style, &parts, bytes, order, None).await,
             Err(e) => refuse(p, &e, style),

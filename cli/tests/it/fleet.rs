@@ -755,3 +755,34 @@ async fn the_front_refuses_what_a_provider_listener_refuses() {
     }
     front.shutdown().await;
 }
+
+/// A pass-through request with a large body reaches a node as it would the node itself,
+/// whether the front's server read the body with the head or streams it.
+#[tokio::test]
+async fn a_large_pass_through_body_is_forwarded_not_refused() {
+    let host = Host::start(OllamaConfig::default()).await;
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[pools]]\nkind = \"ollama\"\nlisten = \"127.0.0.1:0\"\npoll_interval = \"100ms\"\n\
+         nodes = [{}]\n",
+        host.entry("a")
+    );
+    let front = start_config(&toml).await;
+    seen_ready(&front, "a").await;
+    let c = client();
+    for size in [10_000, 200_000, 2_000_000] {
+        let body =
+            serde_json::json!({"model": "llama3.2", "padding": "x".repeat(size)}).to_string();
+        let direct = post_json(
+            &c,
+            &format!("http://{}/api/show", host.node().proxy_addr(0)),
+            &body,
+        )
+        .await;
+        let through = post_json(&c, &front_url(&front, "/api/show"), &body).await;
+        assert_ne!(through.status, 413, "{size}: {}", through.text());
+        assert_eq!(through.status, direct.status, "{size}: {}", through.text());
+        assert_eq!(through.body, direct.body, "{size}");
+    }
+    front.shutdown().await;
+}
